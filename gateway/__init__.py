@@ -1,0 +1,1 @@
+"""Mail gateway: legacy POP3/SMTP devices in front of modern mail providers."""

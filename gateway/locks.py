@@ -1,0 +1,25 @@
+"""One POP3 session per account at a time, across all devices.
+
+RFC 1939 gives a session an exclusive maildrop. The gateway enforces that
+itself rather than trusting every upstream to lock (IMAP does not lock at
+all, and Dovecot's POP3 lock is off by default).
+"""
+
+from __future__ import annotations
+
+
+class AccountLocks:
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+
+    def acquire(self, account: str, holder: str) -> bool:
+        if account in self._held:
+            return False
+        self._held[account] = holder
+        return True
+
+    def release(self, account: str) -> None:
+        self._held.pop(account, None)
+
+    def holder(self, account: str) -> str | None:
+        return self._held.get(account)

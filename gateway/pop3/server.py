@@ -1,0 +1,621 @@
+"""The device-facing POP3 server: RFC 1939 phases, RFC 2449 CAPA and response
+codes, RFC 2595 STLS and RFC 5034 AUTH PLAIN.
+
+The command table below is the state machine: which verbs each phase accepts
+and which method answers them. Commands are executed strictly one after the
+other (RFC 2449 PIPELINING): a command that waits on the upstream holds the
+queue until its answer is complete. Everything that touches the upstream goes
+through a `Maildrop`, whose inside this module does not know.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.devices import AuthFailed, DeviceAuthenticator
+from gateway.locks import AccountLocks
+from gateway.maildrop import Maildrop, MaildropError, UpstreamLost, UpstreamRejected
+from gateway.model import Account, Listener
+from gateway.pop3.parser import (
+    BadCommand,
+    Command,
+    Line,
+    LineReader,
+    Overlong,
+    parse_command,
+    parse_line_count,
+    parse_message_number,
+)
+from gateway.tls import describe
+
+log = Logger(namespace="gateway.pop3")
+
+MaildropOpener = Callable[[Account], Awaitable[Maildrop]]
+_Handler = Callable[["POP3Server", Command], Coroutine[Any, Any, None] | None]
+
+# Refuse further logins on a connection after this many failures.
+MAX_AUTH_FAILURES = 3
+# Stop reading from a device that pipelines more than this many commands.
+MAX_QUEUED_COMMANDS = 64
+
+
+class Phase(Enum):
+    AUTHORIZATION = "authorization"
+    TRANSACTION = "transaction"
+    UPDATE = "update"
+
+
+@dataclass
+class SessionRecord:
+    """What the one log line per session says."""
+
+    peer: str
+    started: float
+    device: str = "-"
+    account: str = "-"
+    tls_version: str = "none"
+    tls_cipher: str = "none"
+    listed: int = 0
+    retrieved: int = 0
+    deleted: int = 0
+    bytes_out: int = 0
+    outcome: str = "dropped"
+    auth_failures: list[str] = field(default_factory=list)
+
+
+@implementer(IConsumer)
+class _MessageSink:
+    """Where a maildrop streams one message: the device transport, plus the
+    status line sent just before the first byte, byte counting, and the
+    guarantee that the terminating "." starts a line of its own."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.started = False
+        self.octets = 0
+        self._tail = b"\r\n"
+
+    def _start(self) -> None:
+        if not self.started:
+            self.started = True
+            self._transport.write(b"+OK message follows\r\n")
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._start()
+        self.octets += len(data)
+        self._tail = (self._tail + data)[-2:] if len(data) < 2 else data[-2:]
+        self._transport.write(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._transport.unregisterProducer()
+
+    def finish(self) -> None:
+        self._start()
+        self._transport.write(b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n")
+
+
+class POP3Server(Protocol, TimeoutMixin):
+    factory: POP3ServerFactory
+
+    def __init__(self) -> None:
+        self.phase = Phase.AUTHORIZATION
+        self._reader = LineReader()
+        self._pending: deque[Line | Overlong] = deque()
+        self._busy = False
+        self._draining = False
+        self._connected = False
+        self._reading_paused = False
+        self._tls = False
+        self._tls_described = False
+        self._user: str | None = None
+        self._sasl_pending = False
+        self._maildrop: Maildrop | None = None
+        self._locked_account: str | None = None
+        self._deleted: set[int] = set()
+        self.record = SessionRecord(peer="-", started=0.0)
+
+    # -- Twisted glue ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.callLater = self.factory.clock.callLater
+        self.record = SessionRecord(peer=_peer_host(self.transport), started=time.monotonic())
+        self._tls = self.factory.listener.tls == "implicit"
+        _set_no_delay(self.transport)
+        self.setTimeout(self.factory.idle_timeout)
+        self._write_line(b"+OK POP3 gateway ready")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        if self._tls and not self._tls_described:
+            self._describe_tls()
+        self._pending.extend(self._reader.feed(data))
+        if len(self._pending) > MAX_QUEUED_COMMANDS and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        self._drain()
+
+    def timeoutConnection(self) -> None:
+        self.record.outcome = "idle timeout"
+        self._write_line(b"-ERR idle timeout, closing connection")
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._connected = False
+        self.setTimeout(None)
+        if self.phase is not Phase.UPDATE:
+            # RFC 1939: a session that ends without QUIT never enters UPDATE;
+            # the upstream is dropped without QUIT so nothing is deleted.
+            self._release_maildrop(abort=True)
+        self._log_session()
+
+    # -- command queue ---------------------------------------------------
+
+    def _drain(self) -> None:
+        """Run queued commands in order; an async one holds the queue."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._pending and not self._busy and self._connected:
+                work = self._handle(self._pending.popleft())
+                if work is not None:
+                    self._busy = True
+                    self.setTimeout(None)
+                    d = Deferred.fromCoroutine(work)
+                    d.addErrback(self._unexpected_error)
+                    d.addBoth(self._command_done)
+            if self._reading_paused and len(self._pending) < MAX_QUEUED_COMMANDS // 2:
+                self._reading_paused = False
+                self.transport.resumeProducing()
+        finally:
+            self._draining = False
+
+    def _command_done(self, _: object) -> None:
+        self._busy = False
+        if self._connected:
+            self.setTimeout(self.factory.idle_timeout)
+            self._drain()
+
+    def _unexpected_error(self, failure: Failure) -> None:
+        log.failure("pop3 internal error for device {device}", failure, device=self.record.device)
+        self.record.outcome = "internal error"
+        if self._connected:
+            self._write_line(b"-ERR [SYS/TEMP] internal error, closing connection")
+            self.transport.loseConnection()
+
+    def _handle(self, event: Line | Overlong) -> Coroutine[Any, Any, None] | None:
+        if self._sasl_pending:
+            self._sasl_pending = False
+            if isinstance(event, Overlong):
+                return self._err("authentication response too long")
+            return self._sasl_plain_response(event.data)
+        if isinstance(event, Overlong):
+            return self._err("command line too long")
+        command = parse_command(event.data)
+        if isinstance(command, BadCommand):
+            return self._err(command.reason)
+        handler = _COMMANDS[self.phase].get(command.verb)
+        if handler is None:
+            known = any(command.verb in table for table in _COMMANDS.values())
+            return self._err("command not valid in this state" if known else "unknown command")
+        return handler(self, command)
+
+    # -- replies ---------------------------------------------------------
+
+    def _write_line(self, line: bytes) -> None:
+        self.transport.write(line + b"\r\n")
+
+    def _ok(self, text: str = "") -> None:
+        self._write_line(b"+OK " + text.encode() if text else b"+OK")
+
+    def _err(self, text: str, code: str | None = None) -> None:
+        prefix = f"[{code}] " if code else ""
+        self._write_line(f"-ERR {prefix}{text}".encode())
+
+    def _multiline(self, status: str, lines: list[str]) -> None:
+        body = "".join(f"{line}\r\n" for line in lines)
+        self.transport.write(f"+OK {status}\r\n{body}.\r\n".encode())
+
+    # -- AUTHORIZATION ---------------------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self._tls or self.factory.listener.allow_plaintext_auth
+
+    def do_capa(self, command: Command) -> None:
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.phase is Phase.AUTHORIZATION:
+            if self._auth_allowed():
+                caps += ["USER", "SASL PLAIN"]
+            if not self._tls and self.factory.tls_options is not None:
+                caps.append("STLS")
+        caps.append("IMPLEMENTATION mail-gateway")
+        self._multiline("capability list follows", caps)
+
+    def do_stls(self, command: Command) -> None:
+        if self._tls:
+            return self._err("TLS already active")
+        if self.factory.tls_options is None:
+            return self._err("STLS not available on this port")
+        self._ok("begin TLS negotiation")
+        # RFC 2595: nothing the client sent in clear after STLS may be run
+        # inside the TLS session (command injection).
+        self._reader.discard()
+        self._pending.clear()
+        self._user = None
+        self.transport.startTLS(self.factory.tls_options)
+        self._tls = True
+
+    def do_user(self, command: Command) -> None:
+        if not self._auth_allowed():
+            return self._err("log in only after STLS")
+        if len(command.args) != 1:
+            return self._err("USER takes exactly one argument, the device name")
+        self._user = command.args[0]
+        self._ok("send PASS")
+
+    def do_pass(self, command: Command) -> Coroutine[Any, Any, None] | None:
+        if not self._auth_allowed():
+            return self._err("log in only after STLS")
+        if self._user is None:
+            return self._err("send USER first")
+        if not command.rest:
+            return self._err("PASS needs a password")
+        user, self._user = self._user, None
+        return self._login(user, command.rest.encode())
+
+    def do_auth(self, command: Command) -> Coroutine[Any, Any, None] | None:
+        if not self._auth_allowed():
+            return self._err("log in only after STLS")
+        if not command.args:
+            return self._multiline("methods follow", ["PLAIN"])
+        if command.args[0].upper() != "PLAIN" or len(command.args) > 2:
+            return self._err("unsupported authentication mechanism, use PLAIN")
+        if len(command.args) == 2:
+            return self._sasl_plain_response(command.args[1].encode())
+        self._sasl_pending = True
+        self._write_line(b"+ ")
+        return None
+
+    def _sasl_plain_response(self, response: bytes) -> Coroutine[Any, Any, None] | None:
+        if response == b"*":
+            return self._err("authentication cancelled")
+        try:
+            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
+            authzid, authcid, password = decoded.split(b"\0")
+            user = authcid.decode("utf-8")
+        except (binascii.Error, ValueError):
+            return self._err("malformed AUTH PLAIN response")
+        if authzid and authzid != authcid:
+            return self._err("authorization identity must match the user", "AUTH")
+        return self._login(user, password)
+
+    async def _login(self, user: str, password: bytes) -> None:
+        factory = self.factory
+        try:
+            device = await factory.authenticator.authenticate(
+                user, password, self.record.peer, "pop3"
+            )
+        except AuthFailed as refusal:
+            await self._refuse_login(user, refusal)
+            return
+        if not self._connected:
+            return
+        account = factory.accounts[device.account]
+        self.record.device, self.record.account = device.name, account.name
+        if not factory.locks.acquire(account.name, device.name):
+            log.info(
+                "pop3 device {device} from {peer}: account {account} is in use by {holder}",
+                device=device.name,
+                peer=self.record.peer,
+                account=account.name,
+                holder=factory.locks.holder(account.name),
+            )
+            return self._err("mailbox in use by another session", "IN-USE")
+        self._locked_account = account.name
+        try:
+            maildrop = await factory.open_maildrop(account)
+        except MaildropError as e:
+            self._release_maildrop(abort=False)
+            self._log_upstream_error(e, "login")
+            if self._connected:
+                self._err(str(e), e.code)
+            return
+        if not self._connected:
+            self._maildrop = maildrop
+            self._release_maildrop(abort=True)
+            return
+        self._maildrop = maildrop
+        self.phase = Phase.TRANSACTION
+        count, octets = self._totals()
+        self._ok(f"maildrop has {count} messages ({octets} octets)")
+
+    async def _refuse_login(self, user: str, refusal: AuthFailed) -> None:
+        self.record.auth_failures.append(refusal.reason)
+        log.warn(
+            "pop3 login refused for device {device} from {peer}: {reason}",
+            device=refusal.device or user,
+            peer=self.record.peer,
+            reason=refusal.reason,
+        )
+        # A pause before each refusal makes guessing slow without holding
+        # a worker: the delay is a timer, not a sleeping thread.
+        await deferLater(self.factory.clock, self.factory.auth_failure_delay, lambda: None)
+        if not self._connected:
+            return
+        self._err("invalid user name or password", "AUTH")
+        if len(self.record.auth_failures) >= MAX_AUTH_FAILURES:
+            self.record.outcome = "too many login failures"
+            self.transport.loseConnection()
+
+    def do_quit_authorization(self, command: Command) -> None:
+        self.record.outcome = "quit before login"
+        self._ok("bye")
+        self.transport.loseConnection()
+
+    # -- TRANSACTION -----------------------------------------------------
+
+    @property
+    def _drop(self) -> Maildrop:
+        assert self._maildrop is not None
+        return self._maildrop
+
+    def _totals(self) -> tuple[int, int]:
+        sizes = self._drop.sizes
+        live = [size for n, size in enumerate(sizes, 1) if n not in self._deleted]
+        return len(live), sum(live)
+
+    def _message(self, arg: str) -> int | None:
+        """The message number `arg` names, or None after replying -ERR."""
+        parsed = parse_message_number(arg, len(self._drop.sizes))
+        if isinstance(parsed, str):
+            self._err(parsed)
+            return None
+        if parsed in self._deleted:
+            self._err(f"message {parsed} already deleted")
+            return None
+        return parsed
+
+    def do_stat(self, command: Command) -> None:
+        count, octets = self._totals()
+        self._ok(f"{count} {octets}")
+
+    def do_noop(self, command: Command) -> None:
+        self._ok()
+
+    def do_list(self, command: Command) -> None:
+        sizes = self._drop.sizes
+        if command.args:
+            if (msg := self._message(command.args[0])) is not None:
+                self._ok(f"{msg} {sizes[msg - 1]}")
+            return
+        count, octets = self._totals()
+        self.record.listed = max(self.record.listed, count)
+        lines = [f"{n} {size}" for n, size in enumerate(sizes, 1) if n not in self._deleted]
+        self._multiline(f"{count} messages ({octets} octets)", lines)
+
+    async def do_uidl(self, command: Command) -> None:
+        msg = None
+        if command.args and (msg := self._message(command.args[0])) is None:
+            return
+        try:
+            uids = await self._drop.unique_ids()
+        except MaildropError as e:
+            return self._upstream_failed(e, "UIDL", started=False)
+        if msg is not None:
+            return self._ok(f"{msg} {uids[msg - 1]}")
+        lines = [f"{n} {uid}" for n, uid in enumerate(uids, 1) if n not in self._deleted]
+        self._multiline("unique-id listing follows", lines)
+
+    def do_retr(self, command: Command) -> Coroutine[Any, Any, None] | None:
+        if len(command.args) != 1:
+            return self._err("RETR takes one message number")
+        msg = self._message(command.args[0])
+        return None if msg is None else self._send(msg, None)
+
+    def do_top(self, command: Command) -> Coroutine[Any, Any, None] | None:
+        if len(command.args) != 2:
+            return self._err("TOP takes a message number and a line count")
+        lines = parse_line_count(command.args[1])
+        if isinstance(lines, str):
+            return self._err(lines)
+        msg = self._message(command.args[0])
+        return None if msg is None else self._send(msg, lines)
+
+    async def _send(self, msg: int, lines: int | None) -> None:
+        sink = _MessageSink(self.transport)
+        try:
+            await self._drop.retrieve(msg, sink, lines)
+        except MaildropError as e:
+            return self._upstream_failed(e, "TOP" if lines is not None else "RETR", sink.started)
+        if not self._connected:
+            return
+        sink.finish()
+        self.record.bytes_out += sink.octets
+        if lines is None:
+            self.record.retrieved += 1
+
+    def do_dele(self, command: Command) -> None:
+        if len(command.args) != 1:
+            return self._err("DELE takes one message number")
+        if (msg := self._message(command.args[0])) is not None:
+            self._deleted.add(msg)
+            self._ok(f"message {msg} deleted")
+
+    def do_rset(self, command: Command) -> None:
+        self._deleted.clear()
+        count, octets = self._totals()
+        self._ok(f"maildrop has {count} messages ({octets} octets)")
+
+    async def do_quit_transaction(self, command: Command) -> None:
+        self.phase = Phase.UPDATE
+        deleted = sorted(self._deleted)
+        try:
+            await self._drop.commit(deleted)
+        except MaildropError as e:
+            self._log_upstream_error(e, "QUIT")
+            self.record.outcome = "quit, upstream commit failed"
+            self._release_maildrop(abort=True)
+            if self._connected:
+                self._err("some deleted messages were not removed", "SYS/TEMP")
+                self.transport.loseConnection()
+            return
+        self.record.deleted = len(deleted)
+        self.record.outcome = "quit"
+        self._release_maildrop(abort=False)
+        if self._connected:
+            self._ok(f"bye, {len(deleted)} messages deleted")
+            self.transport.loseConnection()
+
+    # -- upstream trouble and cleanup -----------------------------------
+
+    def _upstream_failed(self, error: MaildropError, step: str, started: bool) -> None:
+        self._log_upstream_error(error, step)
+        if not self._connected:
+            return
+        if started:
+            # Part of the message is already on the wire: ending it with "."
+            # would hand the device a truncated message as if it were whole.
+            self.record.outcome = f"upstream failed during {step}, connection dropped"
+            self.transport.abortConnection()
+            return
+        self._err(str(error), error.code)
+        if isinstance(error, UpstreamLost):
+            self.record.outcome = f"upstream lost during {step}"
+            self.transport.loseConnection()
+
+    def _log_upstream_error(self, error: MaildropError, step: str) -> None:
+        emit = log.error if isinstance(error, UpstreamRejected) else log.warn
+        emit(
+            "pop3 upstream {step} failed for account {account} (device {device}): {kind}: {detail}",
+            step=step,
+            account=self.record.account,
+            device=self.record.device,
+            kind=type(error).__name__,
+            detail=error.detail or str(error),
+        )
+
+    def _release_maildrop(self, abort: bool) -> None:
+        if self._maildrop is not None and abort:
+            self._maildrop.abort()
+        self._maildrop = None
+        if self._locked_account is not None:
+            self.factory.locks.release(self._locked_account)
+            self._locked_account = None
+
+    def _describe_tls(self) -> None:
+        self._tls_described = True
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        version, cipher = describe(handle if hasattr(handle, "get_cipher_name") else None)
+        self.record.tls_version, self.record.tls_cipher = version, cipher
+
+    def _log_session(self) -> None:
+        r = self.record
+        log.info(
+            "pop3 session device={device} peer={peer} account={account} tls={tls_version} "
+            "cipher={tls_cipher} listed={listed} retrieved={retrieved} deleted={deleted} "
+            "bytes={bytes_out} duration={duration:.3f}s outcome={outcome}",
+            device=r.device,
+            peer=r.peer,
+            account=r.account,
+            tls_version=r.tls_version,
+            tls_cipher=r.tls_cipher,
+            listed=r.listed,
+            retrieved=r.retrieved,
+            deleted=r.deleted,
+            bytes_out=r.bytes_out,
+            duration=time.monotonic() - r.started,
+            outcome=r.outcome,
+        )
+
+
+_COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
+    Phase.AUTHORIZATION: {
+        "CAPA": POP3Server.do_capa,
+        "STLS": POP3Server.do_stls,
+        "USER": POP3Server.do_user,
+        "PASS": POP3Server.do_pass,
+        "AUTH": POP3Server.do_auth,
+        "QUIT": POP3Server.do_quit_authorization,
+    },
+    Phase.TRANSACTION: {
+        "CAPA": POP3Server.do_capa,
+        "STAT": POP3Server.do_stat,
+        "LIST": POP3Server.do_list,
+        "RETR": POP3Server.do_retr,
+        "DELE": POP3Server.do_dele,
+        "NOOP": POP3Server.do_noop,
+        "RSET": POP3Server.do_rset,
+        "TOP": POP3Server.do_top,
+        "UIDL": POP3Server.do_uidl,
+        "QUIT": POP3Server.do_quit_transaction,
+    },
+    Phase.UPDATE: {},
+}
+
+
+class POP3ServerFactory(Factory):
+    """Everything a device session needs, injected: tests pass a clock, a
+    fake-free in-memory maildrop opener and a synchronous authenticator."""
+
+    protocol = POP3Server
+
+    def __init__(
+        self,
+        *,
+        listener: Listener,
+        tls_options: IOpenSSLServerConnectionCreator | None,
+        authenticator: DeviceAuthenticator,
+        accounts: Mapping[str, Account],
+        open_maildrop: MaildropOpener,
+        locks: AccountLocks,
+        clock: IReactorTime,
+        idle_timeout: float = 600.0,
+        auth_failure_delay: float = 1.0,
+    ) -> None:
+        self.listener = listener
+        self.tls_options = tls_options
+        self.authenticator = authenticator
+        self.accounts = accounts
+        self.open_maildrop = open_maildrop
+        self.locks = locks
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.auth_failure_delay = auth_failure_delay
+
+
+def _peer_host(transport: Any) -> str:
+    peer = transport.getPeer()
+    return getattr(peer, "host", str(peer))
+
+
+def _set_no_delay(transport: Any) -> None:
+    """Nagle plus the peer's delayed ACK costs ~40 ms per reply: turn it off."""
+    tcp = getattr(transport, "transport", transport)
+    setter = getattr(tcp, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
