@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -90,11 +91,19 @@ class Problem:
 
 
 class ConfigError(Exception):
-    """The file cannot be used; `problems` lists every reason found, in file order."""
+    """The file cannot be used; `problems` lists every reason found.
 
-    def __init__(self, source: Path, problems: list[Problem]) -> None:
+    They come section by section in the order of the example file (state_dir,
+    tls, pop3, providers, accounts, devices), then entry by entry in file order.
+
+    `unreadable` says the file itself could not be opened: then the admin most
+    needs to know how that file was chosen, and a command should say so.
+    """
+
+    def __init__(self, source: Path, problems: list[Problem], *, unreadable: bool = False) -> None:
         self.source = source
         self.problems = list(problems)
+        self.unreadable = unreadable
         count = len(self.problems)
         lines = [f"{count} problem{'' if count == 1 else 's'} in {source}:"]
         lines += [f"  {problem}" for problem in self.problems]
@@ -156,7 +165,13 @@ def _kind(value: object) -> str:
     """Name a value's type as the TOML spec does: the admin never wrote Python."""
     if isinstance(value, bool):
         return "a boolean"
-    names = {int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+    names = {
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
     return names.get(type(value), "a date/time")
 
 
@@ -202,9 +217,12 @@ class _Table:
         self.reader.add(self.at(key) if key is not None else self.path, message)
 
     def has(self, key: str) -> bool:
+        """Whether the key is present; asking makes it a known key, so that a
+        misspelling of it is not just unknown but gets a "did you mean"."""
+        self._seen.add(key)
         return key in self.data
 
-    def _take(self, key: str, default: object, wanted: type, expected: str) -> Any:
+    def _take(self, key: str, default: object, wanted: tuple[type, ...], expected: str) -> Any:
         """The raw value, `default` if absent, `_INVALID` once reported as wrong."""
         self._seen.add(key)
         if key not in self.data:
@@ -215,7 +233,7 @@ class _Table:
             return _INVALID
         value = self.data[key]
         # bool is an int to Python, but `port = true` is not a port to anyone.
-        if not isinstance(value, wanted) or (isinstance(value, bool) and wanted is not bool):
+        if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
             self.problem(key, f"expected {expected}, got {_kind(value)}")
             return _INVALID
         return value
@@ -223,9 +241,15 @@ class _Table:
     def string(
         self, key: str, default: object = REQUIRED, *, choices: tuple[str, ...] | None = None
     ) -> Any:
-        value = self._take(key, default, str, "a string")
-        if value is _INVALID or not self.has(key):
-            return None if value is _INVALID else value
+        expected = "a string"
+        if choices is not None:
+            # min_tls = 1.2 parses as a float: show that quotes are needed.
+            expected = "one of " + ", ".join(f'"{choice}"' for choice in choices)
+        value = self._take(key, default, (str,), expected)
+        if value is _INVALID:
+            return None
+        if not self.has(key):
+            return value  # the default, taken as given
         if choices is not None and value not in choices:
             self.problem(key, f"must be one of {', '.join(choices)} (got {value!r})")
             return None
@@ -236,16 +260,18 @@ class _Table:
 
     def secret(self, key: str, default: object = REQUIRED) -> Any:
         """A string whose value must not appear in any message."""
-        value = self._take(key, default, str, "a string")
+        value = self._take(key, default, (str,), "a string")
         if value == "":
             self.problem(key, "is empty")
             return None
         return None if value is _INVALID else value
 
     def integer(self, key: str, default: object = REQUIRED, *, low: int, high: int) -> Any:
-        value = self._take(key, default, int, "an integer")
-        if value is _INVALID or not self.has(key):
-            return None if value is _INVALID else value
+        value = self._take(key, default, (int,), "an integer")
+        if value is _INVALID:
+            return None
+        if not self.has(key):
+            return value  # the default, taken as given
         if not low <= value <= high:
             self.problem(key, f"must be between {low} and {high} (got {value})")
             return None
@@ -253,19 +279,16 @@ class _Table:
 
     def seconds(self, key: str, default: float) -> float | None:
         """A positive duration; `30` and `30.0` both mean thirty seconds."""
-        value = self._take(key, default, int, "a number of seconds")
-        if value is _INVALID and isinstance(self.data.get(key), float):
-            self.reader.problems.pop()  # a float is as good as an integer here
-            value = self.data[key]
+        value = self._take(key, default, (int, float), "a number of seconds")
         if value is _INVALID:
             return None
-        if not value > 0:
-            self.problem(key, f"must be greater than 0 (got {value})")
+        if not (value > 0 and math.isfinite(value)):
+            self.problem(key, f"must be a finite number greater than 0 (got {value})")
             return None
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool | None:
-        value = self._take(key, default, bool, "true or false")
+        value = self._take(key, default, (bool,), "true or false")
         return None if value is _INVALID else value
 
     def file(self, key: str, default: object = REQUIRED) -> Path | None:
@@ -280,8 +303,8 @@ class _Table:
         """A path that must name a regular file. Checked here so the message is
         the same plain "file not found" whichever loader opens it later."""
         path = self.file(key, default)
-        if path is None or path is default:
-            return path
+        if path is None:
+            return None
         if not path.exists():
             self.problem(key, f"{path}: file not found")
             return None
@@ -290,41 +313,38 @@ class _Table:
             return None
         return path
 
-    def strings(self, key: str) -> list[tuple[str, str]] | None:
-        """An optional array of strings as (item path, value) pairs, so each
-        item is blamed by its own index; None if absent or any item is wrong."""
-        value = self._take(key, None, list, "an array of strings")
-        if not isinstance(value, list):
-            return None
-        items = []
+    def strings(self, key: str) -> Iterator[tuple[str, str]]:
+        """An array of strings as (item path, value) pairs, so that each item
+        is blamed by its own index. Lazy, so problems come out in item order;
+        items that are not strings are reported and skipped."""
+        value = self._take(key, [], (list,), "an array of strings")
+        if value is _INVALID:
+            return
         for index, item in enumerate(value):
             path = f"{self.at(key)}[{index}]"
             if isinstance(item, str):
-                items.append((path, item))
+                yield path, item
             else:
                 self.reader.add(path, f"expected a string, got {_kind(item)}")
-        return items if len(items) == len(value) else None
 
     def table(self, key: str) -> _Table:
         """A sub-table; an absent one reads as empty so that its defaults apply."""
-        value = self._take(key, {}, dict, "a table")
+        value = self._take(key, {}, (dict,), "a table")
         if value is _INVALID:
             return _Table({}, self.at(key), self.reader, valid=False)
         return _Table(value, self.at(key), self.reader)
 
-    def tables(self, key: str) -> list[_Table]:
+    def tables(self, key: str) -> Iterator[_Table]:
         """An array of tables (`[[pop3.listen]]`), each named by its index."""
-        value = self._take(key, [], list, f"an array of tables, written [[{self.at(key)}]]")
+        value = self._take(key, [], (list,), f"an array of tables, written [[{self.at(key)}]]")
         if value is _INVALID:
-            return []
-        result = []
+            return
         for index, item in enumerate(value):
             path = f"{self.at(key)}[{index}]"
             if isinstance(item, dict):
-                result.append(_Table(item, path, self.reader))
+                yield _Table(item, path, self.reader)
             else:
                 self.reader.add(path, f"expected a table, got {_kind(item)}")
-        return result
 
     def entries(self) -> Iterator[tuple[str, _Table]]:
         """Each entry of a table of named things (`[devices.NAME]`)."""
@@ -358,8 +378,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     root = _Table(data, "", reader)
 
     state_dir = root.file("state_dir", DEFAULT_STATE_DIR)
-    pop3 = _pop3_section(root.table("pop3"))
     tls = _tls_section(root, wanted_by=_listener_count(data))
+    pop3 = _pop3_section(root.table("pop3"))
     providers, provider_names = _named_section(root.table("providers"), _provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: _account(name, table, provider_names)
@@ -388,7 +408,7 @@ def _parse(source: Path) -> dict[str, Any]:
         with source.open("rb") as f:
             return tomllib.load(f)
     except OSError as e:
-        problem = _os_error(e)
+        raise ConfigError(source, [Problem("", _os_error(e))], unreadable=True) from None
     except UnicodeDecodeError:
         problem = "not UTF-8 text"
     except tomllib.TOMLDecodeError as e:
@@ -529,10 +549,15 @@ def _check_listener_overlap(table: _Table, listeners: list[Listener | None]) -> 
 
 
 def _addresses_overlap(a: str, b: str) -> bool:
+    """Whether two listeners on one port would fight over it. "::" counts as
+    every IPv4 address too: Twisted listens dual-stack there on Linux."""
     ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
     if ip_a == ip_b:
         return True
-    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+    for wildcard, other in ((ip_a, ip_b), (ip_b, ip_a)):
+        if wildcard.is_unspecified and (wildcard.version == 6 or other.version == 4):
+            return True
+    return False
 
 
 def _provider(name: str, table: _Table) -> Provider | None:
@@ -567,6 +592,8 @@ def _check_ca_file(table: _Table, ca_file: Path) -> None:
 
 
 def _endpoint(table: _Table, protocol: str) -> Endpoint | None:
+    if not table.valid:
+        return None
     mark = table.reader.mark()
     host = table.string("host")
     if host is not None and not _TOKEN.fullmatch(host):
@@ -659,17 +686,14 @@ def _parses_as_argon2(value: str) -> bool:
     return True
 
 
-def _allow_from(table: _Table) -> tuple[IPNetwork, ...] | None:
-    items = table.strings("allow_from")
+def _allow_from(table: _Table) -> tuple[IPNetwork, ...]:
+    """Partial after a reported problem; `_device` then builds nothing."""
     if not table.has("allow_from"):
         return ANY_ADDRESS
-    if items is None:
-        return None
-    if not items:
+    networks = [_network(path, text, table.reader) for path, text in table.strings("allow_from")]
+    if table.data["allow_from"] == []:
         table.problem("allow_from", "is empty, so the device could never connect")
-        return None
-    networks = [_network(path, text, table.reader) for path, text in items]
-    return None if None in networks else tuple(n for n in networks if n is not None)
+    return tuple(network for network in networks if network is not None)
 
 
 def _network(path: str, text: str, reader: _Reader) -> IPNetwork | None:
@@ -693,19 +717,20 @@ def _network(path: str, text: str, reader: _Reader) -> IPNetwork | None:
     return None
 
 
-def _protocols(table: _Table) -> frozenset[str] | None:
-    items = table.strings("protocols")
+def _protocols(table: _Table) -> frozenset[str]:
+    """Partial after a reported problem; `_device` then builds nothing."""
     if not table.has("protocols"):
         return frozenset(DEVICE_PROTOCOLS)
-    if items is None:
-        return None
-    if not items:
-        table.problem("protocols", f"is empty: name at least one of {', '.join(DEVICE_PROTOCOLS)}")
-        return None
-    wrong = [(path, text) for path, text in items if text not in DEVICE_PROTOCOLS]
-    for path, text in wrong:
-        table.reader.add(path, f"must be one of {', '.join(DEVICE_PROTOCOLS)} (got {text!r})")
-    return None if wrong else frozenset(text for _, text in items)
+    names = ", ".join(DEVICE_PROTOCOLS)
+    protocols = set()
+    for path, text in table.strings("protocols"):
+        if text in DEVICE_PROTOCOLS:
+            protocols.add(text)
+        else:
+            table.reader.add(path, f"must be one of {names} (got {text!r})")
+    if table.data["protocols"] == []:
+        table.problem("protocols", f"is empty: name at least one of {names}")
+    return frozenset(protocols)
 
 
 def _check_pop3_upstreams(

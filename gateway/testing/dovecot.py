@@ -19,6 +19,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -52,6 +53,9 @@ _CHROOTED_SERVICES = (
     "pop3-login",
     "submission-login",
 )
+
+# DOVEADM_EX_NOTFOUND (sysexits EX_NOHOST): doveadm kick found no session.
+_DOVEADM_EX_NOTFOUND = 68
 
 _GREETINGS = {"pop3": b"+OK", "imap": b"* OK", "smtp": b"220"}
 
@@ -119,12 +123,15 @@ _sequence = iter(range(1, 1 << 62))
 class Dovecot:
     """One Dovecot instance under ``base_dir``; ports are chosen by ``start()``.
 
+    Dovecot treats a client whose address equals the listening address as
+    "secured" and then allows USER/PASS before STLS. Clients on loopback come
+    from 127.0.0.1, so listening on ``host="127.0.0.2"`` (with a certificate for
+    that name) makes Dovecot refuse plaintext logins like a real provider.
+
     ``real_auth_delays=False`` (the default) removes Dovecot's failure delays so
     a test with a wrong password costs milliseconds rather than seconds; keep at
     least one test with ``True`` so the gateway is proven against the real ones.
     """
-
-    host = "127.0.0.1"
 
     def __init__(
         self,
@@ -137,10 +144,12 @@ class Dovecot:
         oauth2_introspection_url: str | None = None,
         submission_relay_port: int | None = None,
         startup_timeout: float = 10.0,
+        host: str = "127.0.0.1",
     ) -> None:
         for name, password in users.items():
             _check_passwd_field(name)
             _check_passwd_field(password)
+        self.host = host
         self.base_dir = Path(base_dir).absolute()
         self.users = dict(users)
         self.tls = tls
@@ -201,17 +210,16 @@ class Dovecot:
         raise AssertionError("unreachable")
 
     def stop(self) -> None:
-        """Terminate Dovecot (and through it every session); safe to call twice."""
+        """Terminate Dovecot and every session; safe to call twice.
+
+        SIGTERM goes to the whole process group (Dovecot runs in its own
+        session): every process then shuts down gracefully at once, where the
+        master alone takes about a second to reap its children.
+        """
         process, self._process = self._process, None
         if process is not None:
             atexit.unregister(self.stop)
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            _terminate_group(process)
         if self._own_run_dir and self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self._own_run_dir = False
@@ -247,7 +255,7 @@ class Dovecot:
             f"state_dir = {self.base_dir / 'state'}",
             f"log_path = {self.log_file}",
             f"info_log_path = {self.log_file}",
-            "listen = 127.0.0.1",
+            f"listen = {self.host}",
             f"protocols = {protocols}",
             "hostname = localhost",
             "login_trusted_networks =",
@@ -318,10 +326,14 @@ class Dovecot:
     def _service_blocks(self) -> list[str]:
         assert self.pop3_port and self.pop3s_port and self.imap_port and self.imaps_port
         blocks = [
-            *_service("pop3-login", _listener("pop3", self.pop3_port)),
-            *_service("pop3-login", _listener("pop3s", self.pop3s_port, tls=True)),
-            *_service("imap-login", _listener("imap", self.imap_port)),
-            *_service("imap-login", _listener("imaps", self.imaps_port, tls=True)),
+            *_service(
+                "pop3-login",
+                _listener("pop3", self.pop3_port) + _listener("pop3s", self.pop3s_port, tls=True),
+            ),
+            *_service(
+                "imap-login",
+                _listener("imap", self.imap_port) + _listener("imaps", self.imaps_port, tls=True),
+            ),
         ]
         if self.submission_relay_port:
             assert self.submission_port
@@ -400,7 +412,7 @@ class Dovecot:
         path.chmod(mode)
 
     def _choose_ports(self) -> None:
-        ports = _free_ports(5)
+        ports = _free_ports(self.host, 5)
         self.pop3_port, self.pop3s_port, self.imap_port, self.imaps_port = ports[:4]
         self.submission_port = ports[4] if self.submission_relay_port else None
 
@@ -488,21 +500,24 @@ class Dovecot:
         microseconds, then the rest of the name), just as it will assign them.
         """
         maildir = self.maildir(user)
-        files = {
-            path.name.split(":", 1)[0]: path
-            for sub in ("cur", "new")
-            if (maildir / sub).is_dir()
-            for path in (maildir / sub).iterdir()
-            if path.is_file()
-        }
+        files = _list_maildir(maildir)
         uids = _read_uidlist(maildir / "dovecot-uidlist")
         known = sorted((base for base in files if base in uids), key=uids.__getitem__)
         unseen = sorted((base for base in files if base not in uids), key=_arrival_key)
         return [files[base] for base in known + unseen]
 
     def messages(self, user: str) -> list[bytes]:
-        """Stored message contents (LF line endings), in POP3 LIST order."""
-        return [path.read_bytes() for path in self.message_files(user)]
+        """Stored message contents (LF line endings), in POP3 LIST order.
+
+        A session that just ended may still be moving files from new/ to cur/,
+        so a file that vanishes between listing and reading restarts the read.
+        """
+        for _ in range(50):
+            try:
+                return [path.read_bytes() for path in self.message_files(user)]
+            except FileNotFoundError:
+                time.sleep(0.01)
+        raise DovecotError(f"{user}'s maildir kept changing while being read")
 
     def clear(self, user: str) -> None:
         """Remove the user's whole maildir, indexes and UID list included, so the
@@ -510,11 +525,14 @@ class Dovecot:
         self._check_user(user)
         shutil.rmtree(self.maildir(user), ignore_errors=True)
 
-    def kick(self, user: str) -> str:
-        """Drop the user's live sessions, as a provider's maintenance would."""
-        return self.doveadm("kick", user)
+    def kick(self, user: str) -> bool:
+        """Drop the user's live sessions, as a provider's maintenance would.
 
-    def doveadm(self, *args: str) -> str:
+        Returns False when the user had no session (doveadm exits 68 then).
+        """
+        return self.doveadm("kick", user, ok_codes=(0, _DOVEADM_EX_NOTFOUND)) != ""
+
+    def doveadm(self, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
         """Run doveadm against this instance (never the system one); return its output."""
         result = subprocess.run(
             [DOVEADM, "-c", str(self.config_file), *args],
@@ -523,7 +541,9 @@ class Dovecot:
             timeout=30,
             check=False,
         )
-        if result.returncode != 0:
+        if result.returncode == _DOVEADM_EX_NOTFOUND and result.returncode in ok_codes:
+            return ""
+        if result.returncode not in ok_codes:
             raise DovecotError(
                 f"doveadm {' '.join(args)} exited {result.returncode}: "
                 f"{result.stderr.strip() or result.stdout.strip()}"
@@ -550,6 +570,17 @@ class Dovecot:
         return maildir
 
 
+def _terminate_group(process: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _service(name: str, body: list[str]) -> list[str]:
     return [f"service {name} {{", *(f"  {line}" for line in body), "}"]
 
@@ -557,7 +588,6 @@ def _service(name: str, body: list[str]) -> list[str]:
 def _listener(name: str, port: int, *, tls: bool = False) -> list[str]:
     return [
         f"inet_listener {name} {{",
-        "  address = 127.0.0.1",
         f"  port = {port}",
         f"  ssl = {'yes' if tls else 'no'}",
         "}",
@@ -569,12 +599,12 @@ def _check_passwd_field(value: str) -> None:
         raise ValueError(f"cannot store {value!r} in a passwd-file")
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(host: str, count: int) -> list[int]:
     """Distinct free ports: all sockets stay bound until every port is known."""
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
         for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in sockets]
 
 
@@ -617,6 +647,20 @@ def _arrival_key(name: str) -> tuple[int, int, str]:
         usecs = int(digits or 0)
     secs = int(secs_text) if secs_text.isdigit() else 0
     return (secs, usecs, rest)
+
+
+def _list_maildir(maildir: Path) -> dict[str, Path]:
+    """Base name (without the ``:2,FLAGS`` part) -> current path of each message.
+
+    new/ is listed before cur/ so a file Dovecot moves in between is seen
+    twice rather than missed; the cur/ entry wins.
+    """
+    files: dict[str, Path] = {}
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(maildir / sub):
+                files[entry.name.split(":", 1)[0]] = Path(entry.path)
+    return files
 
 
 def _read_uidlist(path: Path) -> dict[str, int]:

@@ -42,7 +42,7 @@ class GatewayServiceMaker:
         except ConfigError as e:
             print(f"gateway: configuration {path} has problems:", file=sys.stderr)
             for problem in e.problems:
-                print(f"  {problem.path}: {problem.message}", file=sys.stderr)
+                print(f"  {problem}", file=sys.stderr)
         except (TLSSetupError, OSError) as e:
             print(f"gateway: cannot start with {path}: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -1,0 +1,193 @@
+"""A maildrop backed by an upstream POP3 account.
+
+The device's session maps one-to-one onto an upstream POP3 session: the
+snapshot is the upstream's LIST at login, message numbers are the upstream's,
+and RETR/TOP bodies stream through untouched (the upstream already speaks the
+wire form the device needs). Deletions are only sent in `commit()`, right
+before QUIT, so a device that drops mid-session deletes nothing: `abort()`
+closes the upstream without QUIT and the upstream server rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+from gateway.maildrop import NoSuchMessage, UpstreamUnavailable
+from gateway.upstream.pop3 import (
+    EndpointFactory,
+    Expect,
+    Listing,
+    POP3Client,
+    ServerError,
+    hostname_endpoint,
+    open_session,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConsumer
+
+    from gateway.model import Account, Provider
+
+log = Logger()
+
+
+class POP3Maildrop:
+    """One logged-in upstream POP3 session, seen through the `Maildrop` interface."""
+
+    def __init__(self, client: POP3Client, sizes: Sequence[int], *, account: str = "") -> None:
+        self._client = client
+        self._sizes = tuple(sizes)
+        self._account = account
+        self._uids: tuple[str, ...] | None = None
+
+    @property
+    def sizes(self) -> Sequence[int]:
+        return self._sizes
+
+    @property
+    def client(self) -> POP3Client:
+        """The underlying connection, for a front end that splices after login."""
+        return self._client
+
+    async def unique_ids(self) -> Sequence[str]:
+        if self._uids is None:
+            try:
+                listing: Listing = await self._client.command(b"UIDL", expect=Expect.MULTI)
+            except ServerError as e:
+                raise UpstreamUnavailable(
+                    f"{self._client.peer} refused UIDL: {e.status.describe()}",
+                    "the mailbox does not support unique ids",
+                ) from None
+            self._uids = parse_uidl(listing.body, len(self._sizes), self._client.peer)
+        return self._uids
+
+    async def retrieve(self, msg: int, sink: IConsumer, lines: int | None = None) -> None:
+        if not 1 <= msg <= len(self._sizes):
+            raise NoSuchMessage(f"message {msg} is not in the snapshot of {len(self._sizes)}")
+        if lines is None:
+            line = b"RETR %d" % msg
+        else:
+            if lines < 0:
+                raise ValueError("lines must not be negative")
+            line = b"TOP %d %d" % (msg, lines)
+        try:
+            await self._client.retrieve(line, sink)
+        except ServerError as e:
+            raise NoSuchMessage(f"{self._client.peer}: {e}") from None
+
+    async def commit(self, deleted: Collection[int]) -> None:
+        """DELE each marked message, then QUIT; raise unless QUIT answered +OK.
+
+        A refused DELE (say, another session already expunged the message)
+        does not stop the others: QUIT still commits them, and the device
+        then gets an -ERR to its QUIT, which RFC 1939 reserves for "some
+        deleted messages not removed". The DELEs and QUIT are pipelined when
+        the server offers PIPELINING.
+        """
+        numbers = sorted(set(deleted))
+        for n in numbers:
+            if not 1 <= n <= len(self._sizes):
+                self.abort()
+                raise NoSuchMessage(f"cannot delete message {n}: not in the snapshot")
+        steps: list[Deferred[Any]] = [
+            self._client.command(b"DELE %d" % n, pipelinable=True) for n in numbers
+        ]
+        steps.append(self._client.quit())
+        results = await DeferredList(steps, consumeErrors=True)
+        refused: list[str] = []
+        for (ok, outcome), n in zip(results[:-1], numbers, strict=True):
+            if not ok:
+                if outcome.check(ServerError):
+                    refused.append(f"{n} ({outcome.value.status.describe()})")
+                else:
+                    outcome.raiseException()
+        quit_ok, quit_outcome = results[-1]
+        if not quit_ok:
+            if quit_outcome.check(ServerError):
+                answer = quit_outcome.value.status.describe()
+                raise UpstreamUnavailable(
+                    f"{self._client.peer} answered QUIT with {answer}",
+                    "some deleted messages were not removed",
+                )
+            quit_outcome.raiseException()
+        if refused:
+            raise UpstreamUnavailable(
+                f"{self._client.peer} refused DELE of {', '.join(refused)}",
+                "some deleted messages were not removed",
+            )
+        log.debug(
+            "committed {count} deletions for account {account}",
+            count=len(numbers),
+            account=self._account,
+        )
+
+    def abort(self) -> None:
+        self._client.abort()
+
+
+def parse_list(body: bytes, peer: str) -> tuple[int, ...]:
+    """Sizes from a LIST answer; messages must be numbered 1..n at login."""
+    sizes: list[int] = []
+    for raw in body.split(b"\r\n"):
+        if not raw:
+            continue
+        words = raw.split()
+        try:
+            number, size = int(words[0]), int(words[1])
+        except (IndexError, ValueError):
+            raise UpstreamUnavailable(f"{peer} sent a malformed LIST line") from None
+        if number != len(sizes) + 1 or size < 0:
+            raise UpstreamUnavailable(f"{peer} sent LIST out of order at message {number}")
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def parse_uidl(body: bytes, count: int, peer: str) -> tuple[str, ...]:
+    """UIDs from a UIDL answer, which must cover exactly messages 1..count."""
+    uids: dict[int, str] = {}
+    for raw in body.split(b"\r\n"):
+        if not raw:
+            continue
+        words = raw.split()
+        try:
+            number, uid = int(words[0]), words[1].decode("ascii")
+        except (IndexError, ValueError, UnicodeDecodeError):
+            raise UpstreamUnavailable(f"{peer} sent a malformed UIDL line") from None
+        uids[number] = uid
+    if sorted(uids) != list(range(1, count + 1)):
+        raise UpstreamUnavailable(f"{peer} sent UIDL for {len(uids)} messages, LIST had {count}")
+    return tuple(uids[n] for n in range(1, count + 1))
+
+
+async def open_pop3_maildrop(
+    account: Account,
+    provider: Provider,
+    *,
+    reactor: Any,
+    endpoint_factory: EndpointFactory = hostname_endpoint,
+) -> POP3Maildrop:
+    """Connect, log in as `account` and take the LIST snapshot.
+
+    `reactor` provides IReactorTime and, for the default endpoint, TCP and
+    name resolution; `endpoint_factory(reactor, host, port, timeout)` lets
+    tests connect in memory. Raises a `MaildropError`.
+    """
+    client = await open_session(
+        account, provider, reactor=reactor, endpoint_factory=endpoint_factory
+    )
+    try:
+        try:
+            listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
+        except ServerError as e:
+            raise UpstreamUnavailable(
+                f"{client.peer} refused LIST: {e.status.describe()}"
+            ) from None
+        sizes = parse_list(listing.body, client.peer)
+    except BaseException:
+        client.abort("LIST at login failed")
+        raise
+    return POP3Maildrop(client, sizes, account=account.name)
