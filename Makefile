@@ -8,10 +8,14 @@ LINTED := gateway tests bench twisted
 
 .PHONY: test demo deps lint
 
-test: deps lint
-	@# pytest exits 5 when it collects no tests; like any non-zero status
-	@# that fails the target, so an empty or mis-configured run is never green.
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+# Lint and tests both run, so a style slip does not hide test results; the
+# target fails if either fails. pytest exits 5 when it collects no tests,
+# which fails the target like any other non-zero status: never green on empty.
+test: deps
+	@status=0; \
+	$(VENV)/bin/ruff check $(LINTED) || status=1; \
+	$(PYTHON) -m pytest $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 demo: deps
 	$(PYTHON) -m gateway.demo

@@ -45,6 +45,12 @@ def dovecot(
 
 
 @pytest.fixture
+def upstream_users() -> dict[str, str]:
+    """User name -> password of the session Dovecot."""
+    return dict(UPSTREAM_USERS)
+
+
+@pytest.fixture
 def clean_mailboxes(dovecot: Dovecot) -> Dovecot:
     """The session Dovecot with alice's and bob's mailboxes empty."""
     for user in UPSTREAM_USERS:
@@ -77,9 +83,9 @@ def no_leftover_delayed_calls(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     leftovers = _settle(reactor, before)
     if leftovers:
+        listing = "\n  ".join(repr(call) for call in leftovers)
         for call in leftovers:
             call.cancel()  # so they cannot fire inside the next test
-        listing = "\n  ".join(repr(call) for call in leftovers)
         pytest.fail(f"test left {len(leftovers)} delayed call(s) on the reactor:\n  {listing}")
 
 
@@ -94,7 +100,8 @@ def _installed_reactor() -> Any | None:
 
 
 def _new_calls(reactor: Any, before: list[Any]) -> list[Any]:
-    old_funcs = [call.func for call in before if call.active()]
+    # A LoopingCall's next call is a new DelayedCall with the same func.
+    old_funcs = [call.func for call in before]
     return [
         call
         for call in reactor.getDelayedCalls()
@@ -131,9 +138,3 @@ def _spin(reactor: Any) -> bool:
         return False
     pytest_twisted.blockon(deferLater(reactor, _SETTLE_STEP, lambda: None))
     return True
-
-
-@pytest.fixture
-def upstream_users() -> dict[str, str]:
-    """User name -> password of the session Dovecot."""
-    return dict(UPSTREAM_USERS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import poplib
+import smtplib
 import ssl
 import threading
 import time
@@ -201,7 +202,7 @@ class _Introspection(BaseHTTPRequestHandler):
 @pytest.fixture
 def introspection_url() -> Iterator[str]:
     server = HTTPServer(("127.0.0.1", 0), _Introspection)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/introspect"
     server.shutdown()
@@ -242,3 +243,26 @@ def test_stop_is_idempotent_and_start_works_again(
         assert listed_subjects(client) == [b"Subject: survives a restart"]
         client.quit()
     assert "starting up" in server.log_text()
+
+
+def test_submission_service_when_a_relay_port_is_given(
+    tmp_path: Path, tls_upstream: TLSMaterial
+) -> None:
+    """Only the login is checked: right after it Dovecot connects to the relay,
+    and with nothing listening there it answers 421 and hangs up."""
+    with Dovecot(
+        tmp_path / "dovecot", {"alice": "alice-pw"}, tls=tls_upstream, submission_relay_port=9
+    ) as server:
+        assert server.submission_port is not None
+        client = smtplib.SMTP(server.host, server.submission_port, timeout=5)
+        client.ehlo()
+        assert client.has_extn("starttls")
+        client.starttls(context=client_context(tls_upstream))
+        client.ehlo()
+        assert {"PLAIN", "LOGIN"} <= set(client.esmtp_features["auth"].upper().split())
+        assert client.login("alice", "alice-pw")[0] == 235
+        client.close()
+
+
+def test_no_submission_service_without_a_relay_port(dovecot: Dovecot) -> None:
+    assert dovecot.submission_port is None

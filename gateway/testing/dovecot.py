@@ -9,6 +9,14 @@ behaviour (CRLF sizes, lock errors, dropped sessions) without touching /etc,
 As root, Dovecot refuses to run mail processes as uid 0, so the packaged
 ``dovecot`` user owns the mail and ``dovenull`` runs the login processes. As any
 other user, everything runs as that user and nothing is chrooted.
+
+Configuration, log and state stay in ``base_dir``. What unprivileged Dovecot
+processes must reach (mail, passwd-file, sockets) goes to ``data_dir``: that is
+``base_dir`` itself unless its path is too long for Unix sockets or, as root,
+one of its parents is closed to other users. pytest's temporary root is such a
+parent: it is mode 0700 and every pytest run resets it to 0700, so granting
+access there would break whenever another pytest starts. ``data_dir`` is then a
+private directory under the system temp dir, and ``base_dir/mail`` links to it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +47,7 @@ DOVECOT = shutil.which("dovecot", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr
 DOVEADM = shutil.which("doveadm", path="/usr/bin:/usr/sbin:/bin:/sbin") or "/usr/bin/doveadm"
 
 # Unix socket paths are limited to 108 bytes and Dovecot puts sockets two
-# levels below base_dir, so a deep pytest tmp_path cannot hold the run dir.
+# levels below its base_dir, so a deep pytest tmp_path cannot hold the run dir.
 _MAX_RUN_DIR_LEN = 70
 
 # Services whose packaged defaults chroot; chroot needs root.
@@ -160,8 +169,7 @@ class Dovecot:
         self.startup_timeout = startup_timeout
         self.config_file = self.base_dir / "dovecot.conf"
         self.log_file = self.base_dir / "dovecot.log"
-        self.mail_dir = self.base_dir / "mail"
-        self.run_dir: Path | None = None
+        self._data_dir: Path | None = None
         self.pop3_port: int | None = None
         self.pop3s_port: int | None = None
         self.imap_port: int | None = None
@@ -169,7 +177,6 @@ class Dovecot:
         self.submission_port: int | None = None
         self._accounts = _Accounts.for_current_user()
         self._process: subprocess.Popen[bytes] | None = None
-        self._own_run_dir = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -220,9 +227,6 @@ class Dovecot:
         if process is not None:
             atexit.unregister(self.stop)
             _terminate_group(process)
-        if self._own_run_dir and self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self._own_run_dir = False
 
     def _start_once(self) -> None:
         self._prepare_directories()
@@ -245,7 +249,7 @@ class Dovecot:
 
     def render_config(self) -> str:
         """The complete dovecot.conf; public so a failing test can print it."""
-        assert self.run_dir is not None and self.pop3_port is not None
+        assert self.pop3_port is not None
         acc = self._accounts
         protocols = "pop3 imap" + (" submission" if self.submission_relay_port else "")
         lines = [
@@ -283,12 +287,28 @@ class Dovecot:
         return "\n".join(lines) + "\n"
 
     @property
+    def data_dir(self) -> Path:
+        """Where the unprivileged processes read and write (see the module doc)."""
+        if self._data_dir is None:
+            self._data_dir = self._choose_data_dir()
+        return self._data_dir
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def run_dir(self) -> Path:
+        """Dovecot's own ``base_dir``: sockets and pid file."""
+        return self.data_dir / "run"
+
+    @property
     def _users_file(self) -> Path:
-        return self.base_dir / "users"
+        return self.data_dir / "users"
 
     @property
     def _oauth2_file(self) -> Path:
-        return self.base_dir / "dovecot-oauth2.conf.ext"
+        return self.data_dir / "dovecot-oauth2.conf.ext"
 
     def _auth_mechanisms(self) -> str:
         if self.oauth2_introspection_url:
@@ -354,35 +374,38 @@ class Dovecot:
 
     # -- filesystem --------------------------------------------------------
 
-    def _prepare_directories(self) -> None:
-        acc = self._accounts
+    def _choose_data_dir(self) -> Path:
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        if acc.as_root:
-            self.base_dir.chmod(0o755)
-            _grant_traversal(self.base_dir)
+        if self._usable_in_place():
+            return self.base_dir
+        data_dir = Path(tempfile.mkdtemp(prefix="gateway-dovecot-"))
+        data_dir.chmod(0o755)
+        # Removed when this object goes away (or at exit), not at stop():
+        # the mail must survive a restart.
+        weakref.finalize(self, shutil.rmtree, str(data_dir), True)
+        link = self.base_dir / "mail"
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(data_dir / "mail")
+        return data_dir
+
+    def _usable_in_place(self) -> bool:
+        if len(str(self.base_dir / "run")) > _MAX_RUN_DIR_LEN:
+            return False
+        if not self._accounts.as_root:
+            return True
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in self.base_dir.parents)
+
+    def _prepare_directories(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
         (self.base_dir / "state").mkdir(exist_ok=True)
-        self.mail_dir.mkdir(exist_ok=True)
-        self._give_to_mail_user(self.mail_dir, 0o750)
+        self._ensure_mail_dir()
         self._write_users_file()
         if self.oauth2_introspection_url:
             self._write_oauth2_file()
-        self._prepare_run_dir()
-
-    def _prepare_run_dir(self) -> None:
-        """Start from an empty run dir: a stale anvil-auth-penalty socket from an
-        earlier run stalls authentication for seconds."""
-        candidate = self.base_dir / "run"
-        shutil.rmtree(candidate, ignore_errors=True)
-        if self._own_run_dir and self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        if len(str(candidate)) <= _MAX_RUN_DIR_LEN:
-            self.run_dir, self._own_run_dir = candidate, False
-        else:
-            self.run_dir = Path(tempfile.mkdtemp(prefix="dovecot-"))
-            self._own_run_dir = True
-            self.run_dir.rmdir()
+        # Start from an empty run dir: a stale anvil-auth-penalty socket from
+        # an earlier run stalls authentication for seconds.
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(mode=0o755)
-        self.run_dir.chmod(0o755)
 
     def _write_users_file(self) -> None:
         # passwd-file lines: user:password:uid:gid:gecos:home:shell:extra
@@ -561,7 +584,15 @@ class Dovecot:
         if user not in self.users:
             raise KeyError(f"{user!r} is not a user of this Dovecot")
 
+    def _ensure_mail_dir(self) -> None:
+        if self._accounts.as_root:
+            self.data_dir.chmod(0o755)
+        if not self.mail_dir.is_dir():
+            self.mail_dir.mkdir()
+            self._give_to_mail_user(self.mail_dir, 0o750)
+
     def _ensure_maildir(self, user: str) -> Path:
+        self._ensure_mail_dir()
         maildir = self.maildir(user)
         for path in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
             if not path.is_dir():
@@ -571,7 +602,12 @@ class Dovecot:
 
 
 def _terminate_group(process: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+    """SIGTERM the whole group, then SIGKILL whatever is left after a moment.
+
+    The children exit within milliseconds of SIGTERM; the master then often
+    idles for a further second before exiting, which is not worth waiting for.
+    """
+    for sig, grace in ((signal.SIGTERM, 0.3), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         try:
@@ -614,18 +650,6 @@ def _read_greeting(host: str, port: int, context: ssl.SSLContext | None) -> byte
             return raw.makefile("rb").readline()
         with context.wrap_socket(raw) as wrapped:
             return wrapped.makefile("rb").readline()
-
-
-def _grant_traversal(path: Path) -> None:
-    """Let the unprivileged Dovecot processes reach ``path``.
-
-    pytest's temporary root is mode 0700; this adds only the search bit for
-    others (no listing) to each ancestor that lacks it.
-    """
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 def _maildir_name(when: float | None, size: int) -> str:

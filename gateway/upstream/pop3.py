@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
@@ -533,13 +535,15 @@ class POP3Client(Protocol):
         self._connected = False
         self._lost = True
         if self._ended is None:
-            if reason.check(ConnectionDone) and not self._inflight and not self._queue:
-                what = "closed the connection"
+            if reason.check(SSL.Error, VerificationError):
+                what = f"TLS with {self.peer} failed ({_describe_reason(reason)})"
+            elif reason.check(ConnectionDone) and not self._inflight and not self._queue:
+                what = f"{self.peer} closed the connection"
             else:
-                what = f"closed the connection ({_describe_reason(reason)})"
+                what = f"{self.peer} closed the connection ({_describe_reason(reason)})"
             self._end(
                 UpstreamLost if self.logged_in else UpstreamUnavailable,
-                f"{self.peer} {what}{self._waiting_for()}",
+                f"{what}{self._waiting_for()}",
                 abort_transport=False,
             )
         waiters, self._closed_waiters = self._closed_waiters, []
@@ -821,9 +825,10 @@ async def connect(
             timer.cancel()
 
     try:
-        greeting = await client.greeting()
-        if not greeting.ok:
-            raise UpstreamUnavailable(f"{peer} greeted with {greeting.describe()}")
+        try:
+            await client.greeting()
+        except ServerError as e:
+            raise UpstreamUnavailable(f"{peer} greeted with {e.status.describe()}") from None
         await client.read_capabilities()
         if server.tls == "starttls":
             if "STLS" not in client.capabilities:

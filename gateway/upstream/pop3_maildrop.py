@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from gateway.maildrop import NoSuchMessage, UpstreamUnavailable
+from gateway.maildrop import NoSuchMessage, UpstreamLost, UpstreamUnavailable
 from gateway.upstream.pop3 import (
     EndpointFactory,
     Expect,
@@ -187,6 +187,10 @@ async def open_pop3_maildrop(
                 f"{client.peer} refused LIST: {e.status.describe()}"
             ) from None
         sizes = parse_list(listing.body, client.peer)
+    except UpstreamLost as e:
+        # The device has no session yet: to it, this is a failed login.
+        client.abort("LIST at login failed")
+        raise UpstreamUnavailable(e.detail) from None
     except BaseException:
         client.abort("LIST at login failed")
         raise

@@ -1,0 +1,982 @@
+"""POP3 gateway vs Dovecot direct, both on implicit TLS, in one harness and one run.
+
+    python bench/pop3_bench.py            # full run: 3 rounds A B A B ..., a few minutes
+    python bench/pop3_bench.py --quick    # smoke run: 1 round, smaller sizes, < 60 s
+
+One throwaway Dovecot serves both sides: "direct" is a device talking POP3S to
+Dovecot itself, "gateway" is the same device talking POP3S to the real gateway
+(`twistd -n gateway`), which logs in to that Dovecot over POP3S. Each
+measurement alternates gateway, direct, gateway, direct, ... and the table
+shows the median of each side, the ratio gateway/direct and the target.
+
+Measured:
+- RETR throughput: one session RETRs 20 x 1 MiB, another 2 x 50 MiB; only the
+  RETR exchanges are timed (command sent to terminator received); every byte
+  is compared with the expected wire form (CRLF, dot-stuffed, ".\\r\\n").
+  MB/s counts 10^6 bytes of that wire form per second.
+- Full sessions per second: TCP connect, full TLS handshake (no resumption),
+  greeting, USER, PASS, STAT, UIDL, QUIT; sequential and with 16 and 64
+  concurrent clients, each client its own device/account/mailbox (10 messages).
+  Completions are counted in a window that opens after a warm-up.
+- Memory: the gateway's VmRSS growth per idle authenticated session (its
+  upstream session included) with 1,000 sessions open, on a fresh gateway; and
+  the peak RSS (VmHWM, reset before each message) a 50 MiB RETR adds, also
+  with a reader that stalls for 2 s.
+
+The benchmark client uses raw `ssl` sockets with TCP_NODELAY, recv_into a
+preallocated buffer and an end-of-buffer check for the terminator, so it is not
+the bottleneck; for concurrency it calibrates threads against processes first
+and uses the faster (both sides the same). These figures are reported, not
+asserted: benchmarks are not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from argon2 import PasswordHasher  # noqa: E402
+
+from gateway.testing.certs import TLSMaterial, make_tls_material  # noqa: E402
+from gateway.testing.dovecot import Dovecot  # noqa: E402
+from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
+
+MB = 1_000_000
+KIB = 1024
+MIB = 1024 * 1024
+RECV_SIZE = 1 << 18
+SESSION_MESSAGES = 10
+DEVICE_PASSWORD = "device-pw"
+RESULTS = Path(__file__).resolve().with_name("results-pop3.json")
+
+TARGETS = {
+    "retr_1m": ("RETR 20 x 1 MiB", "MB/s", 0.7),
+    "retr_50m": ("RETR 2 x 50 MiB", "MB/s", 0.7),
+    "sessions_seq": ("sessions/s, sequential", "1/s", 0.5),
+    "sessions_c16": ("sessions/s, 16 clients", "1/s", 0.5),
+    "sessions_c64": ("sessions/s, 64 clients", "1/s", 0.5),
+}
+IDLE_SESSION_TARGET_KIB = 100
+RETR_50M_RSS_TARGET_MIB = 5
+
+# Room for 1,000+ idle sessions: in Dovecot's default (high-security) mode
+# every TLS session holds one pop3-login process (the TLS proxy) and one pop3
+# process. Sections repeated after the harness's own are merged by Dovecot.
+DOVECOT_LIMITS = """\
+# Added by bench/pop3_bench.py: room for 1,000+ concurrent sessions.
+default_process_limit = 2500
+default_client_limit = 10000
+service pop3-login {
+  process_limit = 2500
+}
+service pop3 {
+  process_limit = 2500
+}
+"""
+
+
+class BenchDovecot(Dovecot):
+    def render_config(self) -> str:
+        return super().render_config() + DOVECOT_LIMITS
+
+
+# --------------------------------------------------------------------------
+# Messages
+
+
+def make_message(seed: int, wire_size: int) -> bytes:
+    """An LF message whose CRLF wire form is about ``wire_size`` bytes; every
+    50th body line starts with a dot, so dot-stuffing is exercised."""
+    rng = random.Random(seed)
+    header = (
+        f"From: bench@example.com\nTo: box@example.com\nSubject: bench message {seed}\n"
+        f"Message-ID: <{seed}.bench@example.com>\n\n"
+    ).encode()
+    n_lines = max(1, (wire_size - len(header)) // 78)
+    text = base64.b64encode(rng.randbytes(n_lines * 57))
+    lines = [text[i : i + 76] for i in range(0, len(text), 76)]
+    for i in range(0, len(lines), 50):
+        lines[i] = b"." + lines[i][1:]
+    return header + b"\n".join(lines) + b"\n"
+
+
+def wire_form(message_lf: bytes) -> bytes:
+    """What RETR sends after its +OK line: CRLF, dot-stuffed, terminated."""
+    data = message_lf.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+# --------------------------------------------------------------------------
+# The benchmark client
+
+
+class ProtocolError(Exception):
+    pass
+
+
+CONTEXTS: dict[str, ssl.SSLContext] = {}  # side -> client context; inherited by forks
+
+
+def client_context(ca_file: Path) -> ssl.SSLContext:
+    # The same settings for both sides: verified chain and host name, default
+    # protocol range (TLS 1.3 is negotiated with both), no session reuse.
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+class Client:
+    """A POP3S client on a raw ssl socket."""
+
+    def __init__(self, port: int, side: str, timeout: float = 60.0) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock = CONTEXTS[side].wrap_socket(raw, server_hostname="localhost")
+        except BaseException:
+            raw.close()
+            raise
+        self.buf = bytearray()
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _fill(self) -> None:
+        n = self.sock.recv_into(self._rbuf)
+        if not n:
+            raise ConnectionError("server closed the connection")
+        self.buf += self._rview[:n]
+
+    def readline(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[: i + 2]
+                return line
+            self._fill()
+
+    def ok(self) -> bytes:
+        line = self.readline()
+        if not line.startswith(b"+OK"):
+            raise ProtocolError(line.decode(errors="replace"))
+        return line
+
+    def command(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.ok()
+
+    def login(self, user: str, password: str) -> None:
+        self.ok()  # greeting
+        self.command(b"USER " + user.encode())
+        self.command(b"PASS " + password.encode())
+
+    def multi(self, line: bytes) -> bytes:
+        """A multi-line command; returns the body with its terminator."""
+        self.command(line)
+        while not (self.buf.endswith(b"\r\n.\r\n") or self.buf == b".\r\n"):
+            self._fill()
+        body, self.buf = bytes(self.buf), bytearray()
+        return body
+
+    def retr(
+        self,
+        number: int,
+        expected: bytes,
+        pause_after: int = 0,
+        pause: float = 0.0,
+        on_pause: Callable[[], None] | None = None,
+    ) -> None:
+        """RETR into a preallocated buffer and compare with the expected wire bytes.
+
+        A stuffed body cannot contain CRLF.CRLF before its end and the server
+        sends nothing after it, so checking the end of the data is enough.
+        """
+        self.sock.sendall(b"RETR %d\r\n" % number)
+        self.ok()
+        capacity = len(expected) + RECV_SIZE
+        target = bytearray(capacity)
+        view = memoryview(target)
+        pos = len(self.buf)
+        view[:pos] = self.buf
+        self.buf = bytearray()
+        paused = pause_after == 0
+        while pos < 5 or target[pos - 5 : pos] != b"\r\n.\r\n":
+            if pos >= capacity:
+                raise ProtocolError(f"RETR {number}: more than {len(expected)} bytes")
+            if not paused and pos >= pause_after:
+                paused = True
+                time.sleep(pause)
+                if on_pause is not None:
+                    on_pause()
+            n = self.sock.recv_into(view[pos:], min(RECV_SIZE, capacity - pos))
+            if not n:
+                raise ConnectionError(f"RETR {number}: closed after {pos} bytes")
+            pos += n
+        if pos != len(expected) or not target.startswith(expected):
+            raise ProtocolError(
+                f"RETR {number}: {pos} bytes differ from the expected {len(expected)}"
+            )
+
+
+def full_session(port: int, side: str, user: str, password: str) -> None:
+    client = Client(port, side)
+    try:
+        client.login(user, password)
+        stat = client.command(b"STAT").split()
+        if int(stat[1]) != SESSION_MESSAGES:
+            raise ProtocolError(f"STAT says {stat[1]!r} messages")
+        uidl = client.multi(b"UIDL")
+        if uidl.count(b"\r\n") != SESSION_MESSAGES + 1:
+            raise ProtocolError("UIDL listing has the wrong number of lines")
+        client.command(b"QUIT")
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------
+# Session rates
+
+
+@dataclass
+class LoopResult:
+    done: list[tuple[float, float]] = field(default_factory=list)  # (start, end) monotonic
+    errors: int = 0
+    first_error: str | None = None
+
+
+def _session_loop(
+    port: int, side: str, cred: tuple[str, str], start: float, end: float
+) -> LoopResult:
+    result = LoopResult()
+    delay = start - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    while (t0 := time.monotonic()) < end:
+        try:
+            full_session(port, side, *cred)
+        except Exception as e:  # counted and reported, never fatal
+            result.errors += 1
+            result.first_error = result.first_error or f"{type(e).__name__}: {e}"
+            time.sleep(0.01)
+            continue
+        result.done.append((t0, time.monotonic()))
+    return result
+
+
+def _threads(
+    port: int, side: str, creds: Sequence[tuple[str, str]], start: float, end: float
+) -> list[LoopResult]:
+    if len(creds) == 1:
+        return [_session_loop(port, side, creds[0], start, end)]
+    with ThreadPoolExecutor(len(creds)) as pool:
+        futures = [pool.submit(_session_loop, port, side, c, start, end) for c in creds]
+        return [f.result() for f in futures]
+
+
+def client_layout(mode: str, clients: int) -> tuple[int, int]:
+    """(processes, threads per process) for a client mode."""
+    if mode == "threads" or clients == 1:
+        return 1, clients
+    if mode == "procs":
+        return clients, 1
+    procs = min(clients, 4)  # "hybrid"
+    return procs, clients // procs
+
+
+def session_rate(
+    port: int, side: str, creds: Sequence[tuple[str, str]], mode: str, warmup: float, window: float
+) -> dict[str, Any]:
+    """Sessions completed per second by len(creds) closed-loop clients, counted
+    over ``window`` seconds after ``warmup``."""
+    procs, per_proc = client_layout(mode, len(creds))
+    groups = [creds[i * per_proc : (i + 1) * per_proc] for i in range(procs)]
+    start = time.monotonic() + (0.3 if procs > 1 else 0.02)
+    open_at, end = start + warmup, start + warmup + window
+    results: list[LoopResult] = []
+    if procs == 1:
+        results = _threads(port, side, groups[0], start, end)
+    else:
+        with ProcessPoolExecutor(procs, mp_context=get_context("fork")) as pool:
+            futures = [pool.submit(_threads, port, side, g, start, end) for g in groups]
+            for f in futures:
+                results.extend(f.result())
+    counted = [(s, e) for r in results for s, e in r.done if open_at <= e < end]
+    errors = sum(r.errors for r in results)
+    first_error = next((r.first_error for r in results if r.first_error), None)
+    latencies = sorted(e - s for s, e in counted)
+    return {
+        "rate": len(counted) / window,
+        "sessions": len(counted),
+        "errors": errors,
+        "first_error": first_error,
+        "median_latency_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+    }
+
+
+# --------------------------------------------------------------------------
+# Memory probes
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * KIB
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """Peak RSS of a process from now on: VmHWM after a reset, or sampling."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = proc_status(pid, "VmRSS")
+        self._hwm = reset_peak_rss(pid)
+        self._peak = self.before
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self._hwm:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            with contextlib.suppress(OSError):
+                self._peak = max(self._peak, proc_status(self.pid, "VmRSS"))
+
+    def added(self) -> int:
+        """Peak RSS minus RSS at construction, in bytes."""
+        if self._hwm:
+            return proc_status(self.pid, "VmHWM") - self.before
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        return self._peak - self.before
+
+
+def process_group_pss(pgid: int) -> tuple[int, int]:
+    """(number of processes, total PSS in bytes) of a process group."""
+    count = total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pgid:
+                continue
+            with open(f"/proc/{entry}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * KIB
+                        count += 1
+                        break
+        except (OSError, ValueError):
+            continue
+    return count, total
+
+
+# --------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Setup:
+    base: Path
+    dovecot: BenchDovecot
+    upstream_tls: TLSMaterial
+    gateway_tls: TLSMaterial
+    session_users: list[str]
+    memory_users: list[str]
+    retr_small: list[bytes]  # expected wire forms
+    retr_large: list[bytes]
+
+
+def user_password(user: str) -> str:
+    return f"pw-{user}"
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            wanted = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+def gateway_config(
+    setup: Setup, state: Path, port: int, users: Sequence[str], password_hash: str
+) -> str:
+    lines = [
+        f'state_dir = "{state}"',
+        "[tls]",
+        f'certificate = "{setup.gateway_tls.certificate}"',
+        f'private_key = "{setup.gateway_tls.private_key}"',
+        "[pop3]",
+        "idle_timeout = 600",
+        "[[pop3.listen]]",
+        f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        "[providers.dovecot]",
+        f'pop3 = {{ host = "localhost", port = {setup.dovecot.pop3s_port}, tls = "implicit" }}',
+        f'ca_file = "{setup.upstream_tls.ca_file}"',
+        "timeout = 60",
+    ]
+    for user in users:
+        lines += [
+            f"[accounts.acct-{user}]",
+            f'provider = "dovecot"\nusername = "{user}"\npassword = "{user_password(user)}"',
+            f"[devices.dev-{user}]",
+            f'password_hash = "{password_hash}"\naccount = "acct-{user}"',
+            'allow_from = ["127.0.0.0/8"]',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start_gateway(
+    setup: Setup, name: str, users: Sequence[str], password_hash: str
+) -> tuple[GatewayProcess, int]:
+    port = free_port()
+    text = gateway_config(setup, setup.base / name / "state", port, users, password_hash)
+    gateway = GatewayProcess(setup.base / name, text, [port])
+    gateway.start(timeout=60)
+    return gateway, port
+
+
+def device_cred(user: str) -> tuple[str, str]:
+    return f"dev-{user}", DEVICE_PASSWORD
+
+
+def direct_cred(user: str) -> tuple[str, str]:
+    return user, user_password(user)
+
+
+# --------------------------------------------------------------------------
+# Running
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick: bool = args.quick
+        self.rounds = 1 if self.quick else args.rounds
+        self.window = 1.0 if self.quick else args.window
+        self.warmup = 0.3 if self.quick else 0.5
+        self.idle_sessions = 100 if self.quick else 1000
+        self.small = (5, 1 * MIB) if self.quick else (20, 1 * MIB)
+        self.large = (1, 10 * MIB) if self.quick else (2, 50 * MIB)
+        self.results: dict[str, Any] = {"rounds": {}, "info": {}}
+        self.ports: dict[str, int] = {}
+        self.gateway: GatewayProcess | None = None
+        self.memory_gateway: GatewayProcess | None = None
+        self.client_mode = args.client_mode
+
+    # -- setup --
+
+    def prepare(self, base: Path) -> Setup:
+        t0 = time.monotonic()
+        upstream_tls = make_tls_material(base / "tls-upstream")
+        gateway_tls = make_tls_material(base / "tls-gateway")
+        session_users = [f"u{i:04d}" for i in range(64)]
+        memory_users = [f"m{i:04d}" for i in range(self.idle_sessions)]
+        users = [*session_users, *memory_users, "retr-small", "retr-large"]
+        dovecot = BenchDovecot(
+            base / "dovecot", {u: user_password(u) for u in users}, tls=upstream_tls
+        )
+        dovecot.start()
+        for user in [*session_users, *memory_users]:
+            for n in range(SESSION_MESSAGES):
+                dovecot.deliver(user, make_message(n, 2000 + 300 * n))
+        small = [make_message(1000 + i, self.small[1]) for i in range(self.small[0])]
+        large = [make_message(2000 + i, self.large[1]) for i in range(self.large[0])]
+        for m in small:
+            dovecot.deliver("retr-small", m)
+        for m in large:
+            dovecot.deliver("retr-large", m)
+        setup = Setup(
+            base=base,
+            dovecot=dovecot,
+            upstream_tls=upstream_tls,
+            gateway_tls=gateway_tls,
+            session_users=session_users,
+            memory_users=memory_users,
+            retr_small=[wire_form(m) for m in small],
+            retr_large=[wire_form(m) for m in large],
+        )
+        CONTEXTS["direct"] = client_context(upstream_tls.ca_file)
+        CONTEXTS["gateway"] = client_context(gateway_tls.ca_file)
+        assert dovecot.pop3s_port is not None
+        self.ports["direct"] = dovecot.pop3s_port
+        log(f"setup: Dovecot up, {len(users)} mailboxes filled in {time.monotonic() - t0:.1f} s")
+        return setup
+
+    def start_perf_gateway(self, setup: Setup) -> None:
+        t0 = time.monotonic()
+        # Default argon2 parameters: the gateway checks each device's hash
+        # once and then remembers the verified password.
+        password_hash = PasswordHasher().hash(DEVICE_PASSWORD)
+        users = [*setup.session_users, "retr-small", "retr-large"]
+        self.gateway, self.ports["gateway"] = start_gateway(setup, "gw-perf", users, password_hash)
+        log(
+            f"setup: gateway up (pid {self.gateway.process.pid}) in "  # type: ignore[union-attr]
+            f"{time.monotonic() - t0:.1f} s"
+        )
+
+    def creds(self, side: str, users: Sequence[str]) -> list[tuple[str, str]]:
+        return [device_cred(u) if side == "gateway" else direct_cred(u) for u in users]
+
+    def warm_up(self, setup: Setup) -> None:
+        """One session per mailbox on each side: Dovecot builds its indexes,
+        the gateway verifies each device's argon2 hash once."""
+        t0 = time.monotonic()
+        for side in ("direct", "gateway"):
+            creds = self.creds(side, setup.session_users)
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda c, s=side: full_session(self.ports[s], s, *c), creds))
+            for user, expected in (("retr-small", setup.retr_small[:1]), ("retr-large", [])):
+                client = Client(self.ports[side], side)
+                client.login(*(device_cred(user) if side == "gateway" else direct_cred(user)))
+                for i, exp in enumerate(expected, 1):
+                    client.retr(i, exp)
+                client.command(b"QUIT")
+                client.close()
+        # TLS details, to show both sides negotiate the same thing.
+        for side in ("direct", "gateway"):
+            client = Client(self.ports[side], side)
+            self.results["info"][f"tls_{side}"] = [client.sock.version(), client.sock.cipher()[0]]
+            client.ok()
+            client.close()
+        log(f"warm-up: {2 * len(setup.session_users)} sessions in {time.monotonic() - t0:.1f} s")
+
+    # -- measurements --
+
+    def alternate(self, key: str, run: Callable[[str], dict[str, Any]]) -> None:
+        rounds: dict[str, list[Any]] = {"gateway": [], "direct": []}
+        for _ in range(self.rounds):
+            for side in ("gateway", "direct"):
+                rounds[side].append(run(side))
+        self.results["rounds"][key] = rounds
+        g, d = (median([x["value"] for x in rounds[s]]) for s in ("gateway", "direct"))
+        log(f"  {TARGETS[key][0]:<26} gateway {g:8.1f}  direct {d:8.1f}  ratio {g / d:.2f}")
+
+    def retr_measure(self, key: str, user: str, expected: list[bytes]) -> None:
+        def run(side: str) -> dict[str, Any]:
+            client = Client(self.ports[side], side)
+            client.login(*(device_cred(user) if side == "gateway" else direct_cred(user)))
+            seconds = 0.0
+            added: list[int] = []
+            for i, exp in enumerate(expected, 1):
+                probe = PeakRSS(self.gateway_pid) if side == "gateway" else None
+                t0 = time.perf_counter()
+                client.retr(i, exp)
+                seconds += time.perf_counter() - t0
+                if probe is not None:
+                    added.append(probe.added())
+            client.command(b"QUIT")
+            client.close()
+            size = sum(len(e) for e in expected)
+            return {
+                "value": size / seconds / MB,
+                "bytes": size,
+                "seconds": seconds,
+                "peak_rss_added": added,
+            }
+
+        self.alternate(key, run)
+
+    @property
+    def gateway_pid(self) -> int:
+        assert self.gateway is not None and self.gateway.process is not None
+        return self.gateway.process.pid
+
+    def calibrate_client(self, setup: Setup) -> None:
+        """Threads vs processes for the concurrent clients, 16 clients, both sides."""
+        found: dict[str, dict[str, float]] = {}
+        for mode in ("threads", "hybrid", "procs"):
+            found[mode] = {}
+            for side in ("direct", "gateway"):
+                r = session_rate(
+                    self.ports[side],
+                    side,
+                    self.creds(side, setup.session_users[:16]),
+                    mode,
+                    self.warmup,
+                    self.window,
+                )
+                found[mode][side] = r["rate"]
+        self.results["info"]["client_calibration_16_clients"] = found
+        if self.client_mode == "auto":
+            self.client_mode = max(found, key=lambda m: found[m]["direct"] + found[m]["gateway"])
+        self.results["info"]["client_mode"] = self.client_mode
+        text = ", ".join(f"{m} {v['direct']:.0f}/{v['gateway']:.0f}" for m, v in found.items())
+        log(
+            f"client calibration (16 clients, sessions/s direct/gateway): {text}"
+            f" -> {self.client_mode}"
+        )
+
+    def sessions_measure(self, key: str, setup: Setup, clients: int) -> None:
+        def run(side: str) -> dict[str, Any]:
+            r = session_rate(
+                self.ports[side],
+                side,
+                self.creds(side, setup.session_users[:clients]),
+                self.client_mode,
+                self.warmup,
+                self.window,
+            )
+            r["value"] = r.pop("rate")
+            if r["errors"]:
+                log(f"    {side}: {r['errors']} failed sessions, first: {r['first_error']}")
+            return r
+
+        self.alternate(key, run)
+
+    def stalled_reader(self, setup: Setup) -> None:
+        """50 MiB (10 in --quick) through the gateway to a device that stops
+        reading for 2 s after 1 MiB: back-pressure must keep the gateway small."""
+        client = Client(self.ports["gateway"], "gateway")
+        client.login(*device_cred("retr-large"))
+        during: list[int] = []
+        probe = PeakRSS(self.gateway_pid)
+        client.retr(
+            1,
+            setup.retr_large[0],
+            pause_after=MIB,
+            pause=2.0,
+            on_pause=lambda: during.append(proc_status(self.gateway_pid, "VmRSS")),
+        )
+        added = probe.added()
+        client.command(b"QUIT")
+        client.close()
+        self.results["stalled_reader"] = {
+            "peak_rss_added": added,
+            "rss_added_while_stalled": during[0] - probe.before if during else None,
+        }
+        log(f"  stalled reader: peak RSS +{added / MIB:.1f} MiB")
+
+    def memory_measure(self, setup: Setup) -> None:
+        """Fresh gateway; warm it up, then hold N idle authenticated sessions."""
+        cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(DEVICE_PASSWORD)
+        warm_users = setup.session_users[:16]
+        users = [*warm_users, *setup.memory_users]
+        t0 = time.monotonic()
+        self.memory_gateway, port = start_gateway(setup, "gw-memory", users, cheap)
+        assert self.memory_gateway.process is not None
+        pid = self.memory_gateway.process.pid
+        CONTEXTS.setdefault("gateway", CONTEXTS["gateway"])
+        creds = [device_cred(u) for u in setup.memory_users]
+
+        def open_idle(cred: tuple[str, str]) -> Client:
+            client = Client(port, "gateway", timeout=120)
+            try:
+                client.login(*cred)
+                client.command(b"STAT")
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+        def close_all(clients: list[Client]) -> None:
+            def bye(c: Client) -> None:
+                with contextlib.suppress(Exception):
+                    c.command(b"QUIT")
+                c.close()
+
+            with ThreadPoolExecutor(32) as pool:
+                list(pool.map(bye, clients))
+
+        # Warm-up: sequential sessions and a burst of idle ones on other devices.
+        for user in warm_users:
+            full_session(port, "gateway", *device_cred(user))
+        with ThreadPoolExecutor(16) as pool:
+            close_all(list(pool.map(open_idle, [device_cred(u) for u in warm_users])))
+        time.sleep(1.0)
+        assert setup.dovecot._process is not None
+        dovecot_pgid = os.getpgid(setup.dovecot._process.pid)
+        base_rss = proc_status(pid, "VmRSS")
+        base_procs, base_pss = process_group_pss(dovecot_pgid)
+
+        opened: list[Client] = []
+        failures: list[str] = []
+        t_open = time.monotonic()
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(open_idle, c) for c in creds]
+            for f in futures:
+                try:
+                    opened.append(f.result())
+                except Exception as e:
+                    failures.append(f"{type(e).__name__}: {e}")
+        open_seconds = time.monotonic() - t_open
+        time.sleep(2.0)
+        rss = proc_status(pid, "VmRSS")
+        procs, pss = process_group_pss(dovecot_pgid)
+        n = len(opened)
+        per_session = (rss - base_rss) / n if n else float("nan")
+        close_all(opened)
+        time.sleep(2.0)
+        after = proc_status(pid, "VmRSS")
+        self.results["memory"] = {
+            "sessions": n,
+            "failed": len(failures),
+            "first_failure": failures[0] if failures else None,
+            "open_seconds": open_seconds,
+            "gateway_rss_base": base_rss,
+            "gateway_rss_with_sessions": rss,
+            "gateway_rss_after_close": after,
+            "gateway_rss_per_session": per_session,
+            "dovecot_processes": [base_procs, procs],
+            "dovecot_pss_per_session": (pss - base_pss) / n if n else None,
+            "password_hashes": "argon2id t=1 m=1024 p=1 (only the one-time check is cheaper)",
+        }
+        log(
+            f"  {n} idle sessions ({len(failures)} failed) opened in {open_seconds:.1f} s: "
+            f"gateway RSS {base_rss / MIB:.1f} -> {rss / MIB:.1f} MiB, "
+            f"{per_session / KIB:.1f} KiB/session; after closing {after / MIB:.1f} MiB; "
+            f"setup {time.monotonic() - t0:.1f} s"
+        )
+        if failures:
+            log(f"    first failure: {failures[0]}")
+        self.memory_gateway.stop()
+
+    # -- report --
+
+    def report(self) -> list[str]:
+        rows = []
+        summary: dict[str, Any] = {}
+        for key, (label, unit, target) in TARGETS.items():
+            rounds = self.results["rounds"].get(key)
+            if not rounds:
+                continue
+            g = median([r["value"] for r in rounds["gateway"]])
+            d = median([r["value"] for r in rounds["direct"]])
+            ratio = g / d if d else float("nan")
+            ok = ratio >= target
+            summary[key] = {"gateway": g, "direct": d, "ratio": ratio, "target": target, "pass": ok}
+            rows.append(
+                (
+                    f"{label} ({unit})",
+                    f"{g:.1f}",
+                    f"{d:.1f}",
+                    f"{ratio:.2f}",
+                    f">= {target:.1f}x",
+                    "PASS" if ok else "MISS",
+                )
+            )
+        large = self.results["rounds"].get("retr_50m", {}).get("gateway", [])
+        peaks = [p for r in large for p in r["peak_rss_added"]]
+        if peaks:
+            worst = max(peaks) / MIB
+            ok = worst < RETR_50M_RSS_TARGET_MIB
+            size = self.large[1] // MIB
+            summary["retr_50m_rss"] = {
+                "peak_added_mib": worst,
+                "all_mib": [p / MIB for p in peaks],
+                "target_mib": RETR_50M_RSS_TARGET_MIB,
+                "pass": ok,
+            }
+            rows.append(
+                (
+                    f"peak RSS added by a {size} MiB RETR (MiB, worst)",
+                    f"{worst:.2f}",
+                    "",
+                    "",
+                    f"< {RETR_50M_RSS_TARGET_MIB} MiB",
+                    "PASS" if ok else "MISS",
+                )
+            )
+        stalled = self.results.get("stalled_reader")
+        if stalled:
+            rows.append(
+                (
+                    "  same, reader stalled 2 s after 1 MiB (MiB)",
+                    f"{stalled['peak_rss_added'] / MIB:.2f}",
+                    "",
+                    "",
+                    "(info)",
+                    "",
+                )
+            )
+        memory = self.results.get("memory")
+        if memory:
+            per = memory["gateway_rss_per_session"] / KIB
+            ok = per <= IDLE_SESSION_TARGET_KIB and not memory["failed"]
+            summary["idle_session_rss"] = {
+                "kib_per_session": per,
+                "sessions": memory["sessions"],
+                "target_kib": IDLE_SESSION_TARGET_KIB,
+                "pass": ok,
+            }
+            dovecot = memory["dovecot_pss_per_session"]
+            rows.append(
+                (
+                    f"RSS per idle session at {memory['sessions']} (KiB)",
+                    f"{per:.1f}",
+                    f"{dovecot / KIB:.0f}" if dovecot else "",
+                    "",
+                    f"<= {IDLE_SESSION_TARGET_KIB} KiB",
+                    "PASS" if ok else "MISS",
+                )
+            )
+        self.results["summary"] = summary
+        header = ("metric", "gateway", "direct", "ratio", "target", "result")
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines = []
+        for i, row in enumerate([header, *rows]):
+            lines.append(
+                "  ".join(
+                    str(c).ljust(widths[j]) if j == 0 else str(c).rjust(widths[j])
+                    for j, c in enumerate(row)
+                )
+            )
+            if i == 0:
+                lines.append("-" * len(lines[0]))
+        return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, small sizes (smoke run)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per side (full mode)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=3.0,
+        help="seconds each session-rate run is counted (full mode)",
+    )
+    parser.add_argument(
+        "--client-mode",
+        choices=("auto", "threads", "hybrid", "procs"),
+        default="auto",
+        help="how concurrent clients run (default: calibrate)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--only", default="", help="comma list of: retr,sessions,memory (default: all)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    only = set(filter(None, args.only.split(","))) or {"retr", "sessions", "memory"}
+
+    started = time.monotonic()
+    fd_limit = raise_fd_limit()
+    base = Path(tempfile.mkdtemp(prefix="pop3bench-", dir="/tmp"))
+    bench = Bench(args)
+    bench.results["info"].update(
+        {
+            "mode": "quick" if args.quick else "full",
+            "rounds_per_side": bench.rounds,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "openssl": ssl.OPENSSL_VERSION,
+            "fd_limit": fd_limit,
+            "session_window_s": bench.window,
+            "units": "MB = 10^6 bytes of RETR wire data; sessions per second",
+        }
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    setup: Setup | None = None
+    try:
+        setup = bench.prepare(base)
+        bench.start_perf_gateway(setup)
+        bench.warm_up(setup)
+        if "sessions" in only:
+            bench.calibrate_client(setup)
+        log(f"measuring, {bench.rounds} round(s) per side, alternating gateway/direct")
+        if "retr" in only:
+            n, size = bench.small
+            TARGETS["retr_1m"] = (f"RETR {n} x {size // MIB} MiB", *TARGETS["retr_1m"][1:])
+            n, size = bench.large
+            TARGETS["retr_50m"] = (f"RETR {n} x {size // MIB} MiB", *TARGETS["retr_50m"][1:])
+            bench.retr_measure("retr_1m", "retr-small", setup.retr_small)
+            bench.retr_measure("retr_50m", "retr-large", setup.retr_large)
+            bench.stalled_reader(setup)
+        if "sessions" in only:
+            bench.sessions_measure("sessions_seq", setup, 1)
+            bench.sessions_measure("sessions_c16", setup, 16)
+            bench.sessions_measure("sessions_c64", setup, 64)
+        if bench.gateway is not None:
+            bench.results["info"]["gateway_rss_after_perf_runs"] = proc_status(
+                bench.gateway_pid, "VmRSS"
+            )
+            bench.gateway.stop()
+        if "memory" in only:
+            bench.memory_measure(setup)
+    except BaseException:
+        for gw in (bench.gateway, bench.memory_gateway):
+            if gw is not None:
+                print("--- gateway log tail ---\n" + gw.log_text()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        for gw in (bench.gateway, bench.memory_gateway):
+            if gw is not None:
+                gw.stop()
+        if setup is not None:
+            setup.dovecot.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    elapsed = time.monotonic() - started
+    bench.results["info"]["elapsed_s"] = elapsed
+    tls = bench.results["info"].get("tls_gateway"), bench.results["info"].get("tls_direct")
+    lines = [
+        "",
+        f"POP3 gateway vs Dovecot direct, implicit TLS (gateway {tls[0]}, direct {tls[1]}), "
+        f"{bench.rounds} round(s) per side alternating, medians; clients: {bench.client_mode}",
+        *bench.report(),
+        "(direct column of the RSS row: Dovecot's PSS per session, for comparison)",
+        f"total {elapsed:.0f} s; details in {args.output}",
+    ]
+    print("\n".join(lines))
+    args.output.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
