@@ -38,7 +38,8 @@ def make_tls_material(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ca = ca if ca is not None else trustme.CA()
-    leaf = ca.issue_cert(*names)
+    # A CN as well as the SANs: fetchmail refuses a certificate without one.
+    leaf = ca.issue_cert(*names, common_name=names[0])
     material = TLSMaterial(
         ca_file=directory / "ca.pem",
         certificate=directory / "cert-chain.pem",
