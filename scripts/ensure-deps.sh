@@ -64,6 +64,9 @@ ensure_venv() {
         say "installing the project and its test dependencies into $VENV"
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
         "$VENV/bin/python" -m pip install --quiet -e '.[test]'
+        # twistd looks for twisted/plugins/ in every sys.path entry; the
+        # editable finder hides the repo's, so put the repo root on sys.path.
+        "$VENV/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/gateway-repo.pth", "w").write(sys.argv[1] + "\n")' "$PWD"
         touch "$STAMP"
     fi
 }

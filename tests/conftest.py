@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pop3_helpers import Ports, gateway_config
 
 from gateway.testing.certs import TLSMaterial, make_tls_material
 from gateway.testing.dovecot import Dovecot
+from gateway.testing.gateway_process import GatewayProcess
 
 UPSTREAM_USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 
@@ -56,6 +59,36 @@ def clean_mailboxes(dovecot: Dovecot) -> Dovecot:
     for user in UPSTREAM_USERS:
         dovecot.clear(user)
     return dovecot
+
+
+# -- the real gateway (twistd child) in front of the session Dovecot ------------
+
+
+@pytest.fixture(scope="module")
+def ports() -> Ports:
+    return Ports()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    dovecot: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    ports: Ports,
+) -> Iterator[GatewayProcess]:
+    base = tmp_path_factory.mktemp("gateway")
+    stranger = make_tls_material(base / "stranger")
+    text = gateway_config(
+        base / "state", ports, dovecot, tls_upstream, tls_gateway, stranger.ca_file
+    )
+    with GatewayProcess(base, text, [ports.implicit, ports.starttls, ports.legacy]) as gw:
+        yield gw
+
+
+@pytest.fixture
+def ctx(tls_gateway: TLSMaterial) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(tls_gateway.ca_file))
 
 
 # -- reactor hygiene -----------------------------------------------------------

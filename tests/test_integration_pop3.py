@@ -8,119 +8,15 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
+from pop3_helpers import Ports, crlf, message
 
-from gateway.testing.certs import TLSMaterial, make_tls_material
+from gateway.testing.certs import TLSMaterial
 from gateway.testing.dovecot import Dovecot
-from gateway.testing.gateway_process import GatewayProcess, free_port
+from gateway.testing.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.integration
-
-HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-
-
-class Ports:
-    def __init__(self) -> None:
-        self.implicit = free_port()
-        self.starttls = free_port()
-        self.legacy = free_port()
-        self.closed = free_port()
-
-
-def device(name: str, account: str, allow_from: str = "127.0.0.0/8") -> str:
-    return (
-        f'[devices.{name}]\npassword_hash = "{HASHER.hash(name + "-pw")}"\n'
-        f'account = "{account}"\nallow_from = ["{allow_from}"]\n'
-    )
-
-
-def gateway_config(
-    state: Path,
-    ports: Ports,
-    dovecot: Dovecot,
-    upstream: TLSMaterial,
-    own: TLSMaterial,
-    stranger_ca: Path,
-) -> str:
-    return "\n".join(
-        [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
-            "[pop3]",
-            "idle_timeout = 600",
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.implicit}\ntls = "implicit"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.starttls}\ntls = "starttls"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.legacy}\ntls = "implicit"\nmin_tls = "1.0"',
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
-            "[providers.dovecot-stls]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3_port}, tls = "starttls" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            'pop3_auth = "user"',
-            "[providers.wrong-ca]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{stranger_ca}"',
-            "[providers.down]",
-            f'pop3 = {{ host = "127.0.0.1", port = {ports.closed}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 2",
-            "[accounts.alice]",
-            'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
-            "[accounts.bob]",
-            'provider = "dovecot-stls"\nusername = "bob"\npassword = "bob-pw"',
-            "[accounts.alice-badpw]",
-            'provider = "dovecot"\nusername = "alice"\npassword = "not-alices-password"',
-            "[accounts.alice-wrong-ca]",
-            'provider = "wrong-ca"\nusername = "alice"\npassword = "alice-pw"',
-            "[accounts.down]",
-            'provider = "down"\nusername = "alice"\npassword = "alice-pw"',
-            device("printer", "alice"),
-            device("copier", "alice"),
-            device("scanner", "bob"),
-            device("misconfigured", "alice-badpw"),
-            device("suspicious", "alice-wrong-ca"),
-            device("orphan", "down"),
-            device("faraway", "alice", allow_from="192.0.2.0/24"),
-        ]
-    )
-
-
-@pytest.fixture(scope="module")
-def ports() -> Ports:
-    return Ports()
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    dovecot: Dovecot,
-    tls_upstream: TLSMaterial,
-    tls_gateway: TLSMaterial,
-    ports: Ports,
-) -> Iterator[GatewayProcess]:
-    base = tmp_path_factory.mktemp("gateway")
-    stranger = make_tls_material(base / "stranger")
-    text = gateway_config(
-        base / "state", ports, dovecot, tls_upstream, tls_gateway, stranger.ca_file
-    )
-    with GatewayProcess(base, text, [ports.implicit, ports.starttls, ports.legacy]) as gw:
-        yield gw
-
-
-@pytest.fixture
-def ctx(tls_gateway: TLSMaterial) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(tls_gateway.ca_file))
 
 
 @pytest.fixture
@@ -150,19 +46,6 @@ def drop(client: poplib.POP3) -> None:
     client.file.close()
 
 
-def message(n: int, body_lines: int = 5) -> bytes:
-    lines = [f"line {i} of message {n}" for i in range(body_lines)]
-    lines[1] = "." + lines[1]  # a line that needs dot-stuffing
-    return (
-        f"From: sender@example.com\nTo: alice@example.com\nSubject: message {n}\n"
-        f"Message-ID: <{n}@example.com>\n\n" + "\n".join(lines) + "\n"
-    ).encode()
-
-
-def crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
 def direct(dovecot: Dovecot, tls_upstream: TLSMaterial, user: str) -> poplib.POP3_SSL:
     ctx = ssl.create_default_context(cafile=str(tls_upstream.ca_file))
     client = poplib.POP3_SSL("localhost", dovecot.pop3s_port, context=ctx, timeout=10)
@@ -186,7 +69,7 @@ def test_retrieve_everything_byte_for_byte(pop, dovecot: Dovecot, tls_upstream) 
     assert client.list()[1] == [f"{i} {len(m)}".encode() for i, m in enumerate(stored, 1)]
     assert client.uidl()[1] == upstream_uidl
     for i, expected in enumerate(stored, 1):
-        _, lines, octets = client.retr(i)
+        _, lines, _octets = client.retr(i)
         assert b"\r\n".join(lines) + b"\r\n" == expected
         assert client.list(i).split()[2] == str(len(expected)).encode()
         header, _, body = expected.partition(b"\r\n\r\n")

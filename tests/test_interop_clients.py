@@ -8,10 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-# Module-scoped gateway in front of the session Dovecot, shared with the
-# poplib integration tests.
-from test_integration_pop3 import Ports, crlf, gateway, message, ports  # noqa: F401
+from pop3_helpers import Ports, crlf, message
 
 from gateway.testing.certs import TLSMaterial
 from gateway.testing.dovecot import Dovecot
@@ -33,8 +30,18 @@ def fill(dovecot: Dovecot, count: int = 3) -> list[bytes]:
 
 def curl(url: str, ca: Path, *extra: str) -> bytes:
     return run(
-        ["curl", "-sS", "--max-time", "30", url, "-u", "printer:printer-pw", "--cacert", str(ca),
-         *extra]
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            url,
+            "-u",
+            "printer:printer-pw",
+            "--cacert",
+            str(ca),
+            *extra,
+        ]
     ).stdout
 
 
@@ -77,11 +84,20 @@ def test_mpop_downloads_and_deletes(
         (maildir / sub).mkdir(parents=True)
     run(
         [
-            "mpop", "--quiet", f"--host=localhost", f"--port={ports.starttls}",
-            "--tls=on", "--tls-starttls=on", f"--tls-trust-file={tls_gateway.ca_file}",
-            "--auth=user", "--user=printer", "--passwordeval=echo printer-pw",
-            f"--delivery=maildir,{maildir}", f"--uidls-file={tmp_path / 'uidls'}",
-            "--keep=off", "--only-new=off",
+            "mpop",
+            "--quiet",
+            "--host=localhost",
+            f"--port={ports.starttls}",
+            "--tls=on",
+            "--tls-starttls=on",
+            f"--tls-trust-file={tls_gateway.ca_file}",
+            "--auth=user",
+            "--user=printer",
+            "--passwordeval=echo printer-pw",
+            f"--delivery=maildir,{maildir}",
+            f"--uidls-file={tmp_path / 'uidls'}",
+            "--keep=off",
+            "--only-new=off",
         ]
     )
     got = sorted(p.read_bytes() for p in (maildir / "new").iterdir())
@@ -101,10 +117,10 @@ def test_fetchmail_downloads_and_deletes(
     out.mkdir()
     rc = tmp_path / "fetchmailrc"
     rc.write_text(
-        f'poll localhost protocol POP3 port {ports.implicit} auth password\n'
+        f"poll localhost protocol POP3 port {ports.implicit} auth password\n"
         f'  user "printer" there with password "printer-pw" is "root" here\n'
         f'  ssl sslcertck sslcertfile "{tls_gateway.ca_file}"\n'
-        f'  mda "/bin/sh -c \'cat > {out}/$$\'"\n'
+        f"  mda \"/bin/sh -c 'cat > {out}/$$'\"\n"
     )
     rc.chmod(0o600)
     env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))

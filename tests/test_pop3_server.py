@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -20,7 +21,6 @@ from gateway.model import Account, Device, Listener, Secret
 from gateway.pop3.server import POP3ServerFactory
 from gateway.pop3.stuffing import unstuff
 from gateway.testing.memory_maildrop import MemoryMaildrop
-import ipaddress
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 MSG1 = b"Subject: one\r\n\r\nhello\r\n.dot line\r\n"
