@@ -335,7 +335,13 @@ def client_layout(mode: str, clients: int) -> tuple[int, int]:
 
 
 def session_rate(
-    port: int, side: str, creds: Sequence[tuple[str, str]], mode: str, warmup: float, window: float
+    port: int,
+    side: str,
+    creds: Sequence[tuple[str, str]],
+    mode: str,
+    warmup: float,
+    window: float,
+    meter: Callable[[], CpuMeter] | None = None,
 ) -> dict[str, Any]:
     """Sessions completed per second by len(creds) closed-loop clients, counted
     over ``window`` seconds after ``warmup``."""
@@ -344,6 +350,18 @@ def session_rate(
     start = time.monotonic() + (0.3 if procs > 1 else 0.02)
     open_at, end = start + warmup, start + warmup + window
     results: list[LoopResult] = []
+    busy: dict[str, float] = {}
+    watcher = None
+    if meter is not None:
+
+        def watch() -> None:
+            time.sleep(max(0.0, open_at - time.monotonic()))
+            running = meter()
+            time.sleep(max(0.0, end - time.monotonic()))
+            busy.update(running.stop())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
     if procs == 1:
         results = _threads(port, side, groups[0], start, end)
     else:
@@ -351,6 +369,8 @@ def session_rate(
             futures = [pool.submit(_threads, port, side, g, start, end) for g in groups]
             for f in futures:
                 results.extend(f.result())
+    if watcher is not None:
+        watcher.join()
     counted = [(s, e) for r in results for s, e in r.done if open_at <= e < end]
     errors = sum(r.errors for r in results)
     first_error = next((r.first_error for r in results if r.first_error), None)
@@ -361,6 +381,7 @@ def session_rate(
         "errors": errors,
         "first_error": first_error,
         "median_latency_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        **({"cores_busy": busy} if busy else {}),
     }
 
 
@@ -683,9 +704,9 @@ class Bench:
         rounds: dict[str, list[Any]] = {"gateway": [], "direct": []}
         for _ in range(self.rounds):
             for side in ("gateway", "direct"):
-                meter = CpuMeter(self.gateway_pid if side == "gateway" else None, self.dovecot_pgid)
+                meter = self.meter(side)
                 result = run(side)
-                result["cores_busy"] = meter.stop()
+                result.setdefault("cores_busy", meter.stop())
                 rounds[side].append(result)
         self.results["rounds"][key] = rounds
         g, d = (median([x["value"] for x in rounds[s]]) for s in ("gateway", "direct"))
@@ -715,6 +736,9 @@ class Bench:
             }
 
         self.alternate(key, run)
+
+    def meter(self, side: str) -> CpuMeter:
+        return CpuMeter(self.gateway_pid if side == "gateway" else None, self.dovecot_pgid)
 
     @property
     def dovecot_pgid(self) -> int:
@@ -760,6 +784,7 @@ class Bench:
                 self.client_mode,
                 self.warmup,
                 self.window,
+                meter=lambda: self.meter(side),
             )
             r["value"] = r.pop("rate")
             if r["errors"]:

@@ -56,6 +56,28 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class OAuthClient:
+    """The gateway's registration at a provider's OAuth2 authorization server.
+
+    URLs are https (plain http only on loopback, for tests). `scopes` are the
+    delegated scopes asked for with the device-code and authorization-code
+    grants; `app_scopes` those of the client-credentials grant (Microsoft 365
+    app-only access wants the resource's `.default` scope instead).
+    """
+
+    token_url: str
+    client_id: str
+    device_authorization_url: str | None = None
+    authorization_url: str | None = None
+    client_secret: Secret | None = None
+    scopes: tuple[str, ...] = ()
+    app_scopes: tuple[str, ...] = ()
+
+
+SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
+
+
+@dataclass(frozen=True)
 class Provider:
     """Where an upstream lives. `ca_file` None means the system trust store."""
 
@@ -69,6 +91,15 @@ class Provider:
     # How to log in to POP3 with a password: "user" (USER/PASS) or "plain"
     # (AUTH PLAIN). "auto" picks AUTH PLAIN when CAPA offers it.
     pop3_auth: Literal["auto", "user", "plain"] = "auto"
+    # "microsoft365", "gmail" or None; a preset fills endpoints and `oauth`.
+    preset: str | None = None
+    oauth: OAuthClient | None = None
+    # Bearer-token SASL mechanism; "auto" picks from what the server offers.
+    sasl: SASLChoice = "auto"
+
+
+Grant = Literal["device_code", "authorization_code", "client_credentials"]
+DeletePolicy = Literal["expunge", "move", "keep"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +110,22 @@ class Account:
     provider: str
     username: str
     password: Secret | None = None
-    auth: Literal["password"] = "password"
+    auth: Literal["password", "oauth2"] = "password"
+    # OAuth2 accounts only: how the admin obtains the first tokens.
+    grant: Grant | None = None
+    # Where a device's POP3 maildrop comes from: the upstream's POP3 service,
+    # or one folder of its IMAP service.
+    mailbox: Literal["pop3", "imap"] = "pop3"
+    folder: str = "INBOX"
+    on_delete: DeletePolicy = "expunge"
+    move_to: str | None = None
+    # IMAP-backed: set \Seen on messages a device retrieved.
+    mark_seen: bool = False
+    # SMTP: envelope senders a device may use (exact addresses or "*@domain");
+    # empty means only the account's own address (`username`).
+    allowed_senders: tuple[str, ...] = ()
+    rewrite_sender: bool = False
+    rewrite_from_header: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +137,9 @@ class Device:
     account: str
     allow_from: tuple[IPNetwork, ...] = ANY_ADDRESS
     protocols: frozenset[str] = frozenset({"pop3", "smtp"})
+    # SMTP: a device identified only by its source address (allow_from), for
+    # printers that cannot authenticate at all.
+    relay_without_auth: bool = False
 
     def allowed(self, address: str) -> bool:
         try:
@@ -130,10 +179,39 @@ class POP3Settings:
 
 
 @dataclass(frozen=True)
+class SMTPSettings:
+    listeners: tuple[Listener, ...] = ()
+    # RFC 5321 4.5.3.2 suggests 5 minutes per command.
+    idle_timeout: float = 300.0
+    # Microsoft 365's own default limit is 35 MB; larger is refused at MAIL/DATA.
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    # Spool: first retry soon, then exponential backoff up to the maximum
+    # interval; a message still undelivered after its lifetime bounces.
+    retry_first: float = 30.0
+    retry_max_interval: float = 3600.0
+    message_lifetime: float = 5 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    # The key that encrypts tokens at rest; None: state_dir/gateway.key,
+    # generated on first use (or the GATEWAY_KEY environment variable).
+    key_file: Path | None = None
+    # Refresh this long before the access token expires.
+    refresh_margin: float = 300.0
+    # Refresh at least this often even when idle, so that refresh tokens do not
+    # age out (Microsoft expires them after 90 days without use).
+    idle_refresh_interval: float = 3 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     tls: TLSFiles | None
     pop3: POP3Settings = field(default_factory=POP3Settings)
+    smtp: SMTPSettings = field(default_factory=SMTPSettings)
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)

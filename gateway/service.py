@@ -1,18 +1,23 @@
 """Turns a loaded configuration into running Twisted services.
 
-Listening happens inside services so that twistd binds low ports (110, 995)
-before it drops privileges with --uid/--gid.
+`make_service` builds one `Runtime` (the objects every subsystem shares:
+device authenticator, account locks, token source, stores) and asks each
+subsystem for its services. Listening happens inside services so that
+twistd binds low ports (110, 995, 25, 465, 587) before it drops privileges
+with --uid/--gid.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -21,10 +26,28 @@ from gateway.locks import AccountLocks
 from gateway.maildrop import Maildrop
 from gateway.model import Account, Config, Listener
 from gateway.pop3.server import POP3ServerFactory
-from gateway.tls import load_server_identity, server_context_factory
+from gateway.tls import ServerIdentity, load_server_identity, server_context_factory
+from gateway.upstream.credentials import TokenSource
 from gateway.upstream.pop3_maildrop import open_pop3_maildrop
 
 log = Logger(namespace="gateway.service")
+
+
+@dataclass
+class Runtime:
+    """What the subsystems of one running gateway share."""
+
+    config: Config
+    reactor: Any
+    identity: ServerIdentity | None
+    authenticator: DeviceAuthenticator
+    locks: AccountLocks = field(default_factory=AccountLocks)
+    tokens: TokenSource | None = None
+    services: list[IService] = field(default_factory=list)
+
+    async def open_maildrop(self, account: Account) -> Maildrop:
+        provider = self.config.providers[account.provider]
+        return await open_pop3_maildrop(account, provider, reactor=self.reactor)
 
 
 def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
@@ -33,43 +56,61 @@ def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
     return endpoint(reactor, listener.port, interface=listener.address)
 
 
+def listener_service(runtime: Runtime, listener: Listener, make_factory: Any) -> IService:
+    """A listening service with the listener's TLS policy.
+
+    `make_factory(tls_options)` builds the protocol factory; it gets the
+    options for STARTTLS/STLS on a "starttls" listener and None on an
+    "implicit" one, which is wrapped in TLS here.
+    """
+    assert runtime.identity is not None, "config validation requires [tls] for listeners"
+    tls_options = server_context_factory(runtime.identity, listener)
+    factory: Factory = make_factory(tls_options if listener.tls == "starttls" else None)
+    if listener.tls == "implicit":
+        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+    service = StreamServerEndpointService(listen_endpoint(runtime.reactor, listener), factory)
+    service.setName(f"{listener.protocol}-{listener.tls}-{listener.address}-{listener.port}")
+    log.info(
+        "{protocol} listener on {address}:{port} tls={tls} min_tls={min_tls}",
+        protocol=listener.protocol,
+        address=listener.address,
+        port=listener.port,
+        tls=listener.tls,
+        min_tls=listener.min_tls,
+    )
+    return service
+
+
+def pop3_services(runtime: Runtime) -> list[IService]:
+    config = runtime.config
+
+    def factory(tls_options: Any, listener: Listener) -> POP3ServerFactory:
+        return POP3ServerFactory(
+            listener=listener,
+            tls_options=tls_options,
+            authenticator=runtime.authenticator,
+            accounts=config.accounts,
+            open_maildrop=runtime.open_maildrop,
+            locks=runtime.locks,
+            clock=runtime.reactor,
+            idle_timeout=config.pop3.idle_timeout,
+        )
+
+    return [
+        listener_service(runtime, listener, lambda tls, listener=listener: factory(tls, listener))
+        for listener in config.pop3.listeners
+    ]
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     top = MultiService()
     top.setName("gateway")
-    locks = AccountLocks()
-    authenticator = DeviceAuthenticator(config.devices)
-
-    async def open_maildrop(account: Account) -> Maildrop:
-        provider = config.providers[account.provider]
-        return await open_pop3_maildrop(account, provider, reactor=reactor)
-
-    identity = load_server_identity(config.tls) if config.tls else None
-    for listener in config.pop3.listeners:
-        assert identity is not None, "config validation requires [tls] for listeners"
-        tls_options = server_context_factory(identity, listener)
-        factory = POP3ServerFactory(
-            listener=listener,
-            tls_options=tls_options if listener.tls == "starttls" else None,
-            authenticator=authenticator,
-            accounts=config.accounts,
-            open_maildrop=open_maildrop,
-            locks=locks,
-            clock=reactor,
-            idle_timeout=config.pop3.idle_timeout,
-        )
-        wrapped = (
-            TLSMemoryBIOFactory(tls_options, False, factory)
-            if listener.tls == "implicit"
-            else factory
-        )
-        service = StreamServerEndpointService(listen_endpoint(reactor, listener), wrapped)
-        service.setName(f"pop3-{listener.tls}-{listener.address}-{listener.port}")
+    runtime = Runtime(
+        config=config,
+        reactor=reactor,
+        identity=load_server_identity(config.tls) if config.tls else None,
+        authenticator=DeviceAuthenticator(config.devices),
+    )
+    for service in pop3_services(runtime):
         service.setServiceParent(top)
-        log.info(
-            "pop3 listener on {address}:{port} tls={tls} min_tls={min_tls}",
-            address=listener.address,
-            port=listener.port,
-            tls=listener.tls,
-            min_tls=listener.min_tls,
-        )
     return top
