@@ -614,6 +614,7 @@ class Bench:
         self.gateway: GatewayProcess | None = None
         self.memory_gateway: GatewayProcess | None = None
         self.client_mode = args.client_mode
+        self.client_modes: dict[int, str] = {}
         self.dovecot_profile = args.dovecot
         self.setup: Setup | None = None
 
@@ -751,29 +752,33 @@ class Bench:
         return self.gateway.process.pid
 
     def calibrate_client(self, setup: Setup) -> None:
-        """Threads vs processes for the concurrent clients, 16 clients, both sides."""
-        found: dict[str, dict[str, float]] = {}
-        for mode in ("threads", "hybrid", "procs"):
-            found[mode] = {}
-            for side in ("direct", "gateway"):
-                r = session_rate(
-                    self.ports[side],
-                    side,
-                    self.creds(side, setup.session_users[:16]),
-                    mode,
-                    self.warmup,
-                    self.window,
-                )
-                found[mode][side] = r["rate"]
-        self.results["info"]["client_calibration_16_clients"] = found
-        if self.client_mode == "auto":
-            self.client_mode = max(found, key=lambda m: found[m]["direct"] + found[m]["gateway"])
-        self.results["info"]["client_mode"] = self.client_mode
-        text = ", ".join(f"{m} {v['direct']:.0f}/{v['gateway']:.0f}" for m, v in found.items())
-        log(
-            f"client calibration (16 clients, sessions/s direct/gateway): {text}"
-            f" -> {self.client_mode}"
-        )
+        """Threads vs processes for the concurrent clients, both sides, one run
+        each; the mode with the higher sum wins (the same mode for both sides).
+        Full mode calibrates 16 and 64 clients separately; --quick only 16."""
+        self.client_modes: dict[int, str] = {}
+        levels = (16,) if self.quick else (16, 64)
+        window = self.window if self.quick else 2.0
+        calibration: dict[str, Any] = {}
+        for clients in levels:
+            found: dict[str, dict[str, float]] = {}
+            for mode in ("threads", "hybrid", "procs"):
+                found[mode] = {}
+                for side in ("direct", "gateway"):
+                    creds = self.creds(side, setup.session_users[:clients])
+                    r = session_rate(self.ports[side], side, creds, mode, self.warmup, window)
+                    found[mode][side] = r["rate"]
+            best = max(found, key=lambda m: found[m]["direct"] + found[m]["gateway"])
+            self.client_modes[clients] = best if self.client_mode == "auto" else self.client_mode
+            calibration[str(clients)] = {"sessions_per_s": found, "chosen": best}
+            text = ", ".join(f"{m} {v['direct']:.0f}/{v['gateway']:.0f}" for m, v in found.items())
+            log(
+                f"client calibration ({clients} clients, sessions/s direct/gateway): {text}"
+                f" -> {self.client_modes[clients]}"
+            )
+        if 64 not in self.client_modes:
+            self.client_modes[64] = self.client_modes[16]
+        self.results["info"]["client_calibration"] = calibration
+        self.results["info"]["client_modes"] = self.client_modes
 
     def sessions_measure(self, key: str, setup: Setup, clients: int) -> None:
         def run(side: str) -> dict[str, Any]:
@@ -781,7 +786,7 @@ class Bench:
                 self.ports[side],
                 side,
                 self.creds(side, setup.session_users[:clients]),
-                self.client_mode,
+                self.client_modes.get(clients, "threads"),
                 self.warmup,
                 self.window,
                 meter=lambda: self.meter(side),
@@ -1134,7 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "",
         f"POP3 gateway vs Dovecot direct, implicit TLS (gateway {tls[0]}, direct {tls[1]}), "
-        f"{bench.rounds} round(s) per side alternating, medians; clients: {bench.client_mode}",
+        f"{bench.rounds} round(s) per side alternating, medians; concurrent clients as "
+        + ", ".join(f"{n}: {m}" for n, m in bench.client_modes.items()),
         *bench.report(),
         "(direct column of the RSS row: Dovecot's PSS per session, for comparison)",
         f"total {elapsed:.0f} s; details in {args.output}",

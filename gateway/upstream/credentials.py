@@ -9,10 +9,9 @@ and the "refresh once after a 401" rule live in one place.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Protocol
 
-from gateway.model import Account, Provider
+from gateway.model import Account
 
 
 class TokenSource(Protocol):
