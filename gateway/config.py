@@ -39,11 +39,15 @@ from gateway.model import (
     Endpoint,
     IPNetwork,
     Listener,
+    OAuthClient,
+    OAuthSettings,
     POP3Settings,
     Provider,
     Secret,
+    SMTPSettings,
     TLSFiles,
 )
+from gateway.oauth.presets import NEEDS_TENANT, PRESETS
 from gateway.tls import ServerIdentity, TLSSetupError, load_server_identity, load_trust_root
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/gateway/gateway.toml")
@@ -55,7 +59,13 @@ TLS_VERSIONS: Final = ("1.0", "1.1", "1.2", "1.3")
 DEVICE_PROTOCOLS: Final = ("pop3", "smtp")
 ENDPOINT_PROTOCOLS: Final = ("pop3", "imap", "smtp")
 POP3_AUTH_METHODS: Final = ("auto", "user", "plain")
-ACCOUNT_AUTH_METHODS: Final = ("password",)
+ACCOUNT_AUTH_METHODS: Final = ("password", "oauth2")
+GRANTS: Final = ("device_code", "authorization_code", "client_credentials")
+MAILBOX_KINDS: Final = ("pop3", "imap")
+DELETE_POLICIES: Final = ("expunge", "move", "keep")
+SASL_CHOICES: Final = ("auto", "xoauth2", "oauthbearer")
+LISTENER_PROTOCOLS: Final = ("pop3", "smtp")
+_SENDER: Final = re.compile(r"(\*|[^@\s*]+)@[^@\s*]+\.?[^@\s*]*")
 
 # Well-known ports, so that an endpoint or listener needs a port only when it
 # is unusual.
@@ -181,6 +191,9 @@ class _Reader:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
         self.problems: list[Problem] = []
+        # Every listener built, POP3 and SMTP alike, with its key path: two on
+        # one port clash whatever their protocol.
+        self.listeners: list[tuple[str, Listener]] = []
 
     def add(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -380,6 +393,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     state_dir = root.file("state_dir", DEFAULT_STATE_DIR)
     tls = _tls_section(root, wanted_by=_listener_count(data))
     pop3 = _pop3_section(root.table("pop3"))
+    smtp = _smtp_section(root.table("smtp"))
+    _check_listener_overlap(reader)
+    oauth = _oauth_section(root.table("oauth"))
     providers, provider_names = _named_section(root.table("providers"), _provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: _account(name, table, provider_names)
@@ -387,7 +403,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     devices, _ = _named_section(
         root.table("devices"), lambda name, table: _device(name, table, account_names)
     )
-    _check_pop3_upstreams(devices, accounts, providers, reader)
+    _check_upstreams(devices, accounts, providers, reader, smtp_listening=bool(smtp.listeners))
+    _check_oauth_accounts(accounts, providers, reader)
     root.finish()
 
     if reader.problems or state_dir is None:
@@ -396,6 +413,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         state_dir=state_dir,
         tls=tls,
         pop3=pop3,
+        smtp=smtp,
+        oauth=oauth,
         providers=providers,
         accounts=accounts,
         devices=devices,
@@ -447,9 +466,12 @@ def _named_section(
 def _listener_count(data: Mapping[str, Any]) -> int:
     """Listeners the file asks for, even broken ones: `[tls]` is needed all the
     same, and saying so in the same run saves the admin a round trip."""
-    pop3 = data.get("pop3")
-    listen = pop3.get("listen") if isinstance(pop3, dict) else None
-    return len(listen) if isinstance(listen, list) else 0
+    count = 0
+    for protocol in LISTENER_PROTOCOLS:
+        section = data.get(protocol)
+        listen = section.get("listen") if isinstance(section, dict) else None
+        count += len(listen) if isinstance(listen, list) else 0
+    return count
 
 
 def _tls_section(root: _Table, *, wanted_by: int) -> TLSFiles | None:
@@ -491,14 +513,57 @@ def _key_matches_certificate(identity: ServerIdentity) -> bool:
 
 def _pop3_section(table: _Table) -> POP3Settings:
     idle_timeout = table.seconds("idle_timeout", 600.0)
-    listeners = [_listener(entry, "pop3") for entry in table.tables("listen")]
+    listeners = _listeners(table, "pop3")
     table.finish()
-    _check_listener_overlap(table, listeners)
     return POP3Settings(
-        listeners=tuple(listener for listener in listeners if listener is not None),
+        listeners=listeners,
         # None only after a reported problem, when this object is never used.
         idle_timeout=idle_timeout or 600.0,
     )
+
+
+def _listeners(table: _Table, protocol: str) -> tuple[Listener, ...]:
+    built = []
+    for entry in table.tables("listen"):
+        listener = _listener(entry, protocol)
+        if listener is not None:
+            table.reader.listeners.append((entry.path, listener))
+            built.append(listener)
+    return tuple(built)
+
+
+def _smtp_section(table: _Table) -> SMTPSettings:
+    defaults = SMTPSettings()
+    settings = SMTPSettings(
+        listeners=_listeners(table, "smtp"),
+        idle_timeout=table.seconds("idle_timeout", defaults.idle_timeout) or 0.0,
+        max_message_size=table.integer(
+            "max_message_size", defaults.max_message_size, low=1024, high=2**31
+        )
+        or 0,
+        max_recipients=table.integer("max_recipients", defaults.max_recipients, low=1, high=10000)
+        or 0,
+        retry_first=table.seconds("retry_first", defaults.retry_first) or 0.0,
+        retry_max_interval=table.seconds("retry_max_interval", defaults.retry_max_interval)
+        or 0.0,
+        message_lifetime=table.seconds("message_lifetime", defaults.message_lifetime) or 0.0,
+    )
+    table.finish()
+    return settings
+
+
+def _oauth_section(table: _Table) -> OAuthSettings:
+    defaults = OAuthSettings()
+    settings = OAuthSettings(
+        key_file=table.file("key_file", None),
+        refresh_margin=table.seconds("refresh_margin", defaults.refresh_margin) or 0.0,
+        idle_refresh_interval=table.seconds(
+            "idle_refresh_interval", defaults.idle_refresh_interval
+        )
+        or 0.0,
+    )
+    table.finish()
+    return settings
 
 
 def _listener(table: _Table, protocol: str) -> Listener | None:
@@ -531,21 +596,18 @@ def _is_ip_address(text: str) -> bool:
     return True
 
 
-def _check_listener_overlap(table: _Table, listeners: list[Listener | None]) -> None:
+def _check_listener_overlap(reader: _Reader) -> None:
     """Two listeners on one port would otherwise fail only at startup."""
-    seen: list[tuple[int, Listener]] = []
-    for index, listener in enumerate(listeners):
-        if listener is None:
-            continue
-        for other_index, other in seen:
+    seen: list[tuple[str, Listener]] = []
+    for path, listener in reader.listeners:
+        for other_path, other in seen:
             if listener.port == other.port and _addresses_overlap(listener.address, other.address):
-                table.reader.add(
-                    f"{table.at('listen')}[{index}].port",
-                    f"{listener.address} port {listener.port} is already taken by "
-                    f"{table.at('listen')}[{other_index}]",
+                reader.add(
+                    f"{path}.port",
+                    f"{listener.address} port {listener.port} is already taken by {other_path}",
                 )
                 break
-        seen.append((index, listener))
+        seen.append((path, listener))
 
 
 def _addresses_overlap(a: str, b: str) -> bool:
@@ -562,15 +624,23 @@ def _addresses_overlap(a: str, b: str) -> bool:
 
 def _provider(name: str, table: _Table) -> Provider | None:
     mark = table.reader.mark()
+    preset = _preset(table)
     present = [protocol for protocol in ENDPOINT_PROTOCOLS if table.has(protocol)]
-    if not present:
-        table.problem(None, "needs at least one endpoint: pop3, imap or smtp")
+    if not present and preset is None and table.reader.clean_since(mark):
+        table.problem(None, "needs at least one endpoint: pop3, imap or smtp (or a preset)")
     endpoints = {protocol: _endpoint(table.table(protocol), protocol) for protocol in present}
+    if preset is not None:
+        for protocol in ENDPOINT_PROTOCOLS:
+            endpoints.setdefault(protocol, getattr(preset, protocol))
+    oauth = _oauth_client(table.table("oauth"), table.has("oauth")) or (
+        preset.oauth if preset is not None else None
+    )
     ca_file = table.existing_file("ca_file", None)
     if ca_file is not None:
         _check_ca_file(table, ca_file)
     timeout = table.seconds("timeout", 30.0)
     pop3_auth = table.string("pop3_auth", "auto", choices=POP3_AUTH_METHODS)
+    sasl = table.string("sasl", "auto", choices=SASL_CHOICES)
     if not table.reader.clean_since(mark):
         return None
     return Provider(
@@ -581,7 +651,84 @@ def _provider(name: str, table: _Table) -> Provider | None:
         ca_file=ca_file,
         timeout=timeout,
         pop3_auth=pop3_auth,
+        preset=table.data.get("preset"),
+        oauth=oauth,
+        sasl=sasl,
     )
+
+
+def _preset(table: _Table) -> Any:
+    """The built-in provider named by `preset`, with the app registration in
+    `client_id` / `client_secret_file` (and `tenant` for Microsoft 365)."""
+    name = table.string("preset", None, choices=tuple(PRESETS))
+    tenant = table.string("tenant", None)
+    client_id = table.string("client_id", None)
+    secret_file = table.existing_file("client_secret_file", None)
+    if name is None:
+        for key in ("tenant", "client_id", "client_secret_file"):
+            if table.has(key) and not table.has("preset"):
+                table.problem(key, "only used with a preset; put it in the oauth table instead")
+        return None
+    if name in NEEDS_TENANT and tenant is None and not table.has("tenant"):
+        table.problem("tenant", f"required with preset {name!r} (e.g. contoso.onmicrosoft.com)")
+    if client_id is None and not table.has("client_id"):
+        table.problem("client_id", f"required with preset {name!r}: the app registration's id")
+    secret = _read_secret_file(table, "client_secret_file", secret_file) if secret_file else None
+    if client_id is None or (name in NEEDS_TENANT and tenant is None):
+        return None
+    return PRESETS[name](tenant, client_id, secret)
+
+
+def _oauth_client(table: _Table, present: bool) -> OAuthClient | None:
+    if not present or not table.valid:
+        return None
+    mark = table.reader.mark()
+    urls = {
+        key: _url(table, key, required=key == "token_url")
+        for key in ("token_url", "device_authorization_url", "authorization_url")
+    }
+    client_id = table.string("client_id")
+    secret_file = table.existing_file("client_secret_file", None)
+    secret = _read_secret_file(table, "client_secret_file", secret_file) if secret_file else None
+    scopes = tuple(text for _, text in table.strings("scopes"))
+    app_scopes = tuple(text for _, text in table.strings("app_scopes"))
+    table.finish()
+    if not table.reader.clean_since(mark):
+        return None
+    return OAuthClient(
+        token_url=urls["token_url"],
+        client_id=client_id,
+        device_authorization_url=urls["device_authorization_url"],
+        authorization_url=urls["authorization_url"],
+        client_secret=secret,
+        scopes=scopes,
+        app_scopes=app_scopes,
+    )
+
+
+def _url(table: _Table, key: str, *, required: bool) -> Any:
+    """An https URL; plain http only to a loopback address (a test server)."""
+    from urllib.parse import urlsplit
+
+    value = table.string(key, REQUIRED if required else None)
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    loopback = parts.hostname in ("localhost",) or _is_loopback(parts.hostname or "")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        table.problem(key, f"{value!r} must be an https:// URL (http only on loopback)")
+        return None
+    if not parts.hostname:
+        table.problem(key, f"{value!r} has no host name")
+        return None
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_ca_file(table: _Table, ca_file: Path) -> None:
@@ -612,11 +759,60 @@ def _account(name: str, table: _Table, providers: set[str]) -> Account | None:
     if provider is not None and provider not in providers:
         table.problem("provider", f"unknown provider {provider!r}")
     username = table.string("username")
-    table.string("auth", "password", choices=ACCOUNT_AUTH_METHODS)
-    password = _account_password(table)
+    auth = table.string("auth", "password", choices=ACCOUNT_AUTH_METHODS)
+    password = None
+    grant = None
+    if auth == "oauth2":
+        grant = table.string("grant", "device_code", choices=GRANTS)
+        for key in ("password", "password_file"):
+            if table.has(key):
+                table.problem(key, 'not used with auth = "oauth2": the gateway holds tokens')
+    elif auth == "password":
+        password = _account_password(table)
+        if table.has("grant"):
+            table.problem("grant", 'only used with auth = "oauth2"')
+    else:
+        # auth itself was wrong and reported; its dependants are not unknown keys.
+        for key in ("password", "password_file", "grant"):
+            table.has(key)
+    mailbox = table.string("mailbox", "pop3", choices=MAILBOX_KINDS)
+    folder = table.string("folder", "INBOX")
+    on_delete = table.string("on_delete", "expunge", choices=DELETE_POLICIES)
+    move_to = table.string("move_to", None)
+    if on_delete == "move" and move_to is None and not table.has("move_to"):
+        table.problem("move_to", 'required with on_delete = "move": the folder to move to')
+    if move_to is not None and on_delete != "move":
+        table.problem("move_to", 'only used with on_delete = "move"')
+    mark_seen = table.boolean("mark_seen", False)
+    senders = tuple(_senders(table))
+    rewrite_sender = table.boolean("rewrite_sender", False)
+    rewrite_from_header = table.boolean("rewrite_from_header", False)
     if not table.reader.clean_since(mark):
         return None
-    return Account(name=name, provider=provider, username=username, password=password)
+    return Account(
+        name=name,
+        provider=provider,
+        username=username,
+        password=password,
+        auth=auth,
+        grant=grant,
+        mailbox=mailbox,
+        folder=folder,
+        on_delete=on_delete,
+        move_to=move_to,
+        mark_seen=mark_seen,
+        allowed_senders=senders,
+        rewrite_sender=rewrite_sender,
+        rewrite_from_header=rewrite_from_header,
+    )
+
+
+def _senders(table: _Table) -> Iterator[str]:
+    for path, text in table.strings("allowed_senders"):
+        if _SENDER.fullmatch(text):
+            yield text.lower()
+        else:
+            table.reader.add(path, f"{text!r} is not an address or *@domain")
 
 
 def _account_password(table: _Table) -> Secret | None:
@@ -631,20 +827,24 @@ def _account_password(table: _Table) -> Secret | None:
 
 
 def _read_password_file(table: _Table, path: Path) -> Secret | None:
+    return _read_secret_file(table, "password_file", path)
+
+
+def _read_secret_file(table: _Table, key: str, path: Path) -> Secret | None:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        table.problem("password_file", f"{path}: {_os_error(e)}")
+        table.problem(key, f"{path}: {_os_error(e)}")
         return None
     except UnicodeDecodeError:
-        table.problem("password_file", f"{path}: not UTF-8 text")
+        table.problem(key, f"{path}: not UTF-8 text")
         return None
-    # Editors and `echo` add a final newline that is no part of the password.
-    password = text.removesuffix("\n").removesuffix("\r")
-    if not password:
-        table.problem("password_file", f"{path}: is empty")
+    # Editors and `echo` add a final newline that is no part of the secret.
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        table.problem(key, f"{path}: is empty")
         return None
-    return Secret(password)
+    return Secret(secret)
 
 
 def _device(name: str, table: _Table, accounts: set[str]) -> Device | None:
@@ -655,6 +855,15 @@ def _device(name: str, table: _Table, accounts: set[str]) -> Device | None:
         table.problem("account", f"unknown account {account!r}")
     allow_from = _allow_from(table)
     protocols = _protocols(table)
+    relay_without_auth = table.boolean("relay_without_auth", False)
+    if relay_without_auth and not table.has("allow_from"):
+        table.problem(
+            "relay_without_auth",
+            "needs allow_from naming the device's own networks, or the gateway "
+            "would relay for any address",
+        )
+    if relay_without_auth and "smtp" not in protocols:
+        table.problem("relay_without_auth", "the device's protocols do not include smtp")
     if not table.reader.clean_since(mark):
         return None
     return Device(
@@ -663,6 +872,7 @@ def _device(name: str, table: _Table, accounts: set[str]) -> Device | None:
         account=account,
         allow_from=allow_from,
         protocols=protocols,
+        relay_without_auth=relay_without_auth,
     )
 
 
@@ -733,24 +943,64 @@ def _protocols(table: _Table) -> frozenset[str]:
     return frozenset(protocols)
 
 
-def _check_pop3_upstreams(
+def _check_upstreams(
     devices: dict[str, Device],
     accounts: dict[str, Account],
     providers: dict[str, Provider],
     reader: _Reader,
+    *,
+    smtp_listening: bool,
 ) -> None:
-    """A device allowed POP3 needs an account whose provider has a POP3 endpoint.
+    """A device needs an account whose provider has the endpoint it will use:
+    POP3 (or IMAP, for an IMAP-backed account) for a POP3 device, SMTP for an
+    SMTP device when SMTP listeners exist.
 
-    An account without one is fine as long as no POP3 device uses it (an
+    An account without one is fine as long as no device needs it (an
     SMTP-only relay account, say), so this is checked across sections.
     """
     for device in devices.values():
         account = accounts.get(device.account)
         provider = providers.get(account.provider) if account else None
-        if "pop3" in device.protocols and provider is not None and provider.pop3 is None:
+        if account is None or provider is None:
+            continue
+        needs = []
+        if "pop3" in device.protocols:
+            needs.append(("pop3", account.mailbox))
+        if "smtp" in device.protocols and smtp_listening:
+            needs.append(("smtp", "smtp"))
+        for protocol, endpoint in needs:
+            if getattr(provider, endpoint) is None:
+                reader.add(
+                    key_path(key_path("devices", device.name), "account"),
+                    f"account {device.account!r} uses provider {provider.name!r}, which has no "
+                    f"{endpoint} endpoint, yet this device may use {protocol} (set protocols, "
+                    f"or add {key_path(key_path('providers', provider.name), endpoint)})",
+                )
+
+
+def _check_oauth_accounts(
+    accounts: dict[str, Account], providers: dict[str, Provider], reader: _Reader
+) -> None:
+    """An OAuth2 account needs its provider's OAuth client, with what its grant uses."""
+    for account in accounts.values():
+        provider = providers.get(account.provider)
+        if account.auth != "oauth2" or provider is None:
+            continue
+        where = key_path(key_path("accounts", account.name), "provider")
+        oauth = provider.oauth
+        if oauth is None:
             reader.add(
-                key_path(key_path("devices", device.name), "account"),
-                f"account {device.account!r} uses provider {provider.name!r}, which has no "
-                f"pop3 endpoint, yet this device may use pop3 (set protocols, or add "
-                f"{key_path(key_path('providers', provider.name), 'pop3')})",
+                where,
+                f"provider {provider.name!r} has no OAuth2 client: add a preset or an "
+                "oauth table",
+            )
+        elif account.grant == "device_code" and not oauth.device_authorization_url:
+            reader.add(where, f"provider {provider.name!r} has no device_authorization_url")
+        elif account.grant == "authorization_code" and not oauth.authorization_url:
+            reader.add(where, f"provider {provider.name!r} has no authorization_url")
+        elif account.grant == "client_credentials" and oauth.client_secret is None:
+            reader.add(
+                where,
+                f"provider {provider.name!r} has no client secret, which the "
+                "client_credentials grant needs",
             )

@@ -475,7 +475,7 @@ BROKEN = [
         'username = "scanner@example.com"',
         'username = "s"\nauth = "oauth"',
         "accounts.scanner.auth",
-        "must be one of password",
+        "must be one of password, oauth2",
     ),
     ("[devices.printer-3f]", '[devices."printer 3f"]', 'devices."printer 3f"', "no spaces"),
     (
@@ -796,3 +796,154 @@ def test_the_example_mentions_every_key_the_loader_reads(
     text = EXAMPLE.read_text()
     assert {"imap", "smtp", "password", "auth", "allow_plaintext_auth"} <= asked
     assert {key for key in asked if not re.search(rf"\b{key} = |[.[]{key}[].]", text)} == set()
+
+
+# -- keys of the OAuth2, IMAP-backed and SMTP relay features -----------------------
+
+
+def all_problems(directory: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as failure:
+        load_config(write(directory, text))
+    return [str(problem) for problem in failure.value.problems]
+
+
+OAUTH_PROVIDER = """
+[providers.m365]
+preset = "microsoft365"
+tenant = "contoso.onmicrosoft.com"
+client_id = "app-id"
+
+[providers.idp]
+imap = { host = "imap.example.net" }
+sasl = "oauthbearer"
+oauth = { token_url = "http://127.0.0.1:8080/token", client_id = "gw", scopes = ["mail"], \
+device_authorization_url = "https://id.example.net/device" }
+
+[accounts.alarm]
+provider = "m365"
+username = "alarm@contoso.com"
+auth = "oauth2"
+
+[accounts.archive]
+provider = "idp"
+username = "archive@example.net"
+auth = "oauth2"
+mailbox = "imap"
+folder = "Scans"
+on_delete = "move"
+move_to = "Archive"
+"""
+
+
+def test_preset_fills_endpoints_and_oauth_client(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID + OAUTH_PROVIDER))
+    m365 = config.providers["m365"]
+    assert m365.pop3 is not None and m365.pop3.host == "outlook.office365.com"
+    assert m365.smtp is not None and (m365.smtp.port, m365.smtp.tls) == (587, "starttls")
+    assert m365.oauth is not None
+    assert m365.oauth.token_url.startswith("https://login.microsoftonline.com/contoso")
+    assert "offline_access" in m365.oauth.scopes and m365.oauth.client_id == "app-id"
+    alarm = config.accounts["alarm"]
+    assert (alarm.auth, alarm.grant, alarm.password) == ("oauth2", "device_code", None)
+    archive = config.accounts["archive"]
+    assert (archive.mailbox, archive.folder, archive.on_delete, archive.move_to) == (
+        "imap",
+        "Scans",
+        "move",
+        "Archive",
+    )
+    idp = config.providers["idp"]
+    assert idp.sasl == "oauthbearer" and idp.oauth is not None and idp.oauth.scopes == ("mail",)
+
+
+def test_oauth_mistakes(config_dir: Path) -> None:
+    text = VALID + OAUTH_PROVIDER
+    text = edit(text, 'tenant = "contoso.onmicrosoft.com"\n', "")
+    text = edit(text, "http://127.0.0.1:8080/token", "http://id.example.net/token")
+    text = edit(text, 'auth = "oauth2"\nmailbox', 'auth = "oauth2"\npassword = "x"\nmailbox')
+    text = edit(text, 'move_to = "Archive"\n', "")
+    found = all_problems(config_dir, text)
+    assert any(p.startswith("providers.m365.tenant: required with preset") for p in found)
+    assert any(p.startswith("providers.idp.oauth.token_url: ") and "https" in p for p in found)
+    assert any(p.startswith("accounts.archive.password: not used with auth") for p in found)
+    assert any(p.startswith("accounts.archive.move_to: required") for p in found)
+
+
+def test_grant_needs_what_the_provider_offers(config_dir: Path) -> None:
+    text = VALID + OAUTH_PROVIDER + 'grant = "client_credentials"\n'
+    found = all_problems(config_dir, text)
+    assert found == [
+        "accounts.archive.provider: provider 'idp' has no client secret, which the "
+        "client_credentials grant needs"
+    ]
+
+
+def test_client_secret_file_is_read_as_a_secret(config_dir: Path) -> None:
+    (config_dir / "secrets" / "m365").write_text("s3cret\n")
+    text = edit(
+        VALID + OAUTH_PROVIDER,
+        'client_id = "app-id"\n',
+        'client_id = "app-id"\nclient_secret_file = "secrets/m365"\n',
+    )
+    config = load_config(write(config_dir, text))
+    oauth = config.providers["m365"].oauth
+    assert oauth is not None and oauth.client_secret == Secret("s3cret")
+    assert "s3cret" not in repr(config)
+
+
+SMTP = """
+[smtp]
+max_recipients = 20
+retry_first = 5
+
+[[smtp.listen]]
+tls = "starttls"
+port = 2587
+"""
+
+
+def test_smtp_section_and_relay_devices(config_dir: Path) -> None:
+    text = edit(VALID, 'protocols = ["pop3"]', 'protocols = ["pop3", "smtp"]')
+    text = edit(
+        text,
+        'pop3 = {{ host = "pop.example.com"'.replace("{{", "{"),
+        'smtp = { host = "smtp.example.com" }\npop3 = { host = "pop.example.com"',
+    )
+    text += "relay_without_auth = true\n[accounts.scanner.x]\n" if False else ""
+    text = edit(text, 'account = "scanner"\n', 'account = "scanner"\nrelay_without_auth = true\n')
+    config = load_config(write(config_dir, text + SMTP))
+    assert config.smtp.max_recipients == 20 and config.smtp.retry_first == 5.0
+    (listener,) = config.smtp.listeners
+    assert (listener.protocol, listener.port, listener.tls) == ("smtp", 2587, "starttls")
+    assert config.devices["printer-3f"].relay_without_auth
+
+
+def test_relay_without_auth_needs_allow_from(config_dir: Path) -> None:
+    text = edit(VALID, 'allow_from = ["10.20.0.0/16", "192.0.2.7", "2001:db8::/32"]\n', "")
+    text = edit(
+        text, 'protocols = ["pop3"]', 'protocols = ["pop3", "smtp"]\nrelay_without_auth = true'
+    )
+    found = all_problems(config_dir, text)
+    assert found[0].startswith("devices.printer-3f.relay_without_auth: needs allow_from")
+
+
+def test_smtp_device_needs_an_smtp_endpoint_when_smtp_listens(config_dir: Path) -> None:
+    text = edit(VALID, 'protocols = ["pop3"]', 'protocols = ["pop3", "smtp"]')
+    found = all_problems(config_dir, text + SMTP)
+    assert any("has no smtp endpoint" in p for p in found)
+
+
+def test_listeners_clash_across_protocols(config_dir: Path) -> None:
+    text = edit(VALID, 'protocols = ["pop3"]', 'protocols = ["pop3"]')
+    found = all_problems(config_dir, text + SMTP.replace("port = 2587", "port = 995"))
+    assert found == ["smtp.listen[0].port: 0.0.0.0 port 995 is already taken by pop3.listen[0]"]
+
+
+def test_imap_backed_account_needs_an_imap_endpoint(config_dir: Path) -> None:
+    text = edit(
+        VALID,
+        'password_file = "secrets/scanner"',
+        'password_file = "secrets/scanner"\nmailbox = "imap"',
+    )
+    found = all_problems(config_dir, text)
+    assert any("has no imap endpoint" in p for p in found)

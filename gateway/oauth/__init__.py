@@ -1,0 +1,1 @@
+"""OAuth2 accounts: presets, token store, grants and refresh."""
