@@ -46,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(parser, at_top=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for register in (_register_hash_password, _register_check_config):
+    from gateway.oauth.cli import register as _register_oauth
+    from gateway.smtp.cli import register as _register_queue
+
+    for register in (
+        _register_hash_password,
+        _register_check_config,
+        _register_oauth,
+        _register_queue,
+    ):
         register(commands)
     return parser
 

@@ -23,12 +23,17 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.devices import DeviceAuthenticator
 from gateway.locks import AccountLocks
-from gateway.maildrop import Maildrop
+from gateway.maildrop import Maildrop, UpstreamUnavailable
 from gateway.model import Account, Config, Listener
+from gateway.oauth.manager import TokenManager
 from gateway.pop3.server import POP3ServerFactory
+from gateway.smtp.service import smtp_services as build_smtp_services
+from gateway.state import StateError
 from gateway.tls import ServerIdentity, load_server_identity, server_context_factory
 from gateway.upstream.credentials import TokenSource
+from gateway.upstream.imap_maildrop import open_imap_maildrop
 from gateway.upstream.pop3_maildrop import open_pop3_maildrop
+from gateway.upstream.uid_store import UIDStore
 
 log = Logger(namespace="gateway.service")
 
@@ -44,10 +49,31 @@ class Runtime:
     locks: AccountLocks = field(default_factory=AccountLocks)
     tokens: TokenSource | None = None
     services: list[IService] = field(default_factory=list)
+    # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
+    # after twistd has dropped privileges, so the file belongs to the gateway.
+    uid_store: UIDStore | None = None
+
+    def imap_uid_store(self) -> UIDStore:
+        if self.uid_store is None:
+            try:
+                self.uid_store = UIDStore.in_state_dir(self.config.state_dir)
+            except StateError as e:
+                raise UpstreamUnavailable(str(e)) from None
+        return self.uid_store
 
     async def open_maildrop(self, account: Account) -> Maildrop:
         provider = self.config.providers[account.provider]
-        return await open_pop3_maildrop(account, provider, reactor=self.reactor)
+        if account.mailbox == "imap":
+            return await open_imap_maildrop(
+                account,
+                provider,
+                reactor=self.reactor,
+                uid_store=self.imap_uid_store(),
+                tokens=self.tokens,
+            )
+        return await open_pop3_maildrop(
+            account, provider, reactor=self.reactor, tokens=self.tokens
+        )
 
 
 def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
@@ -102,6 +128,18 @@ def pop3_services(runtime: Runtime) -> list[IService]:
     ]
 
 
+def smtp_services(runtime: Runtime) -> list[IService]:
+    """The SMTP spool and relay, then the SMTP listeners (gateway.smtp.service)."""
+    return build_smtp_services(runtime, listener_service)
+
+
+def token_manager(config: Config, reactor: Any) -> TokenManager | None:
+    """The OAuth2 token manager, if any account needs one (none: no key is created)."""
+    if not any(account.auth == "oauth2" for account in config.accounts.values()):
+        return None
+    return TokenManager(config, clock=reactor, reactor=reactor)
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     top = MultiService()
     top.setName("gateway")
@@ -111,6 +149,12 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         identity=load_server_identity(config.tls) if config.tls else None,
         authenticator=DeviceAuthenticator(config.devices),
     )
-    for service in pop3_services(runtime):
+    tokens = token_manager(config, reactor)
+    if tokens is not None:
+        # Before the listeners: it loads the store when started (after twistd
+        # has dropped privileges), ahead of the first device login.
+        tokens.setServiceParent(top)
+        runtime.tokens = tokens
+    for service in pop3_services(runtime) + smtp_services(runtime):
         service.setServiceParent(top)
     return top

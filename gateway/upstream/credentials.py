@@ -9,9 +9,12 @@ and the "refresh once after a 401" rule live in one place.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
-from gateway.model import Account
+from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
+from gateway.model import Account, Provider, Secret
+from gateway.upstream.sasl import BearerError, OAuthBearer, Plain, SASLMechanism, XOAuth2
 
 
 class TokenSource(Protocol):
@@ -23,3 +26,82 @@ class TokenSource(Protocol):
         `UpstreamUnavailable` (SYS/TEMP) when no valid token can be had now.
         """
         ...
+
+
+def bearer_mechanism_name(provider: Provider, offered: Collection[str]) -> str:
+    """XOAUTH2 or OAUTHBEARER for this provider and what the server advertises.
+
+    The provider's `sasl` override wins, even when the server does not list
+    it (some list mechanisms only after TLS, or not at all). Otherwise the
+    standard OAUTHBEARER when offered, else XOAUTH2, which Microsoft 365 and
+    Gmail both accept; an empty `offered` (no CAPA) also means XOAUTH2.
+    """
+    if provider.sasl != "auto":
+        return provider.sasl.upper()
+    names = {name.upper() for name in offered}
+    if "OAUTHBEARER" in names:
+        return "OAUTHBEARER"
+    if "XOAUTH2" in names or not names:
+        return "XOAUTH2"
+    raise UpstreamRejected(
+        f"provider {provider.name} offers neither XOAUTH2 nor OAUTHBEARER "
+        f"(offers {' '.join(sorted(names))})"
+    )
+
+
+async def mechanism_for(
+    account: Account,
+    provider: Provider,
+    offered: Collection[str],
+    tokens: TokenSource | None,
+    *,
+    force_refresh: bool = False,
+) -> SASLMechanism:
+    """The SASL mechanism to log in upstream as `account`, fresh for one attempt.
+
+    Password accounts get PLAIN. OAuth2 accounts get XOAUTH2 or OAUTHBEARER
+    (see `bearer_mechanism_name`) carrying a token from `tokens`; pass
+    `force_refresh=True` for the single retry after the server refused a token
+    that looked valid (`retry_with_fresh_token`). Raises a MaildropError:
+    `UpstreamRejected` for what only an admin can fix, `UpstreamUnavailable`
+    when no valid token can be had right now.
+    """
+    if account.auth != "oauth2":
+        if account.password is None:
+            raise UpstreamRejected(f"account {account.name} has no password configured")
+        try:
+            return Plain(account.username, account.password)
+        except ValueError as e:
+            raise UpstreamRejected(f"account {account.name}: {e}") from None
+    if tokens is None:
+        raise UpstreamUnavailable(
+            f"account {account.name} uses OAuth2 but this process has no token manager"
+        )
+    name = bearer_mechanism_name(provider, offered)
+    token = Secret(await tokens.access_token(account, force_refresh=force_refresh))
+    try:
+        if name == "OAUTHBEARER":
+            return OAuthBearer(account.username, token)
+        return XOAuth2(account.username, token)
+    except ValueError as e:
+        raise UpstreamRejected(f"account {account.name}: {e}") from None
+
+
+def bearer_error(mechanism: SASLMechanism) -> BearerError | None:
+    """The JSON error report the server sent during a failed bearer login, if any."""
+    error = getattr(mechanism, "error", None)
+    return error if isinstance(error, BearerError) else None
+
+
+def retry_with_fresh_token(mechanism: SASLMechanism, *, already_forced: bool) -> bool:
+    """After a refused login: is one more attempt with a force-refreshed token worth it?
+
+    Only for bearer mechanisms, only once per login (`already_forced`), and
+    only when the server blamed the token (401 / invalid_token) or gave no
+    reason: a 403 or a scope error will not be cured by a new token, and
+    retrying those would only add load at the provider.
+    """
+    if already_forced or not isinstance(mechanism, (XOAuth2, OAuthBearer)):
+        return False
+    error = bearer_error(mechanism)
+    return error is None or error.token_rejected

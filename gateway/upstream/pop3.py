@@ -60,6 +60,12 @@ from gateway.maildrop import (
 )
 from gateway.model import Account, Provider, Secret
 from gateway.tls import TLSSetupError, client_options
+from gateway.upstream.credentials import (
+    TokenSource,
+    bearer_error,
+    mechanism_for,
+    retry_with_fresh_token,
+)
 from gateway.upstream.sasl import Plain, SASLMechanism
 
 log = Logger()
@@ -868,12 +874,23 @@ def login_method(provider: Provider, capabilities: Capabilities) -> str:
     return provider.pop3_auth
 
 
-async def login(client: POP3Client, account: Account, provider: Provider) -> None:
+async def login(
+    client: POP3Client,
+    account: Account,
+    provider: Provider,
+    *,
+    tokens: TokenSource | None = None,
+) -> None:
     """Log in as the account; raise the MaildropError the device should see.
 
     A refused AUTH PLAIN does not fall back to USER/PASS: a wrong password
-    would count twice against the upstream's failed-login penalty.
+    would count twice against the upstream's failed-login penalty. OAuth2
+    accounts log in with a bearer token from `tokens` (`bearer_login`).
     """
+    if account.auth == "oauth2":
+        await bearer_login(client, account, provider, tokens)
+        client.logged_in = True
+        return
     if account.password is None:
         raise UpstreamRejected(f"account {account.name} has no password configured")
     method = login_method(provider, client.capabilities)
@@ -894,17 +911,57 @@ async def login(client: POP3Client, account: Account, provider: Provider) -> Non
     client.logged_in = True
 
 
+async def bearer_login(
+    client: POP3Client, account: Account, provider: Provider, tokens: TokenSource | None
+) -> None:
+    """AUTH XOAUTH2/OAUTHBEARER with the account's token (RFC 5034, RFC 7628).
+
+    A token the server refuses although it looked valid (revoked early, or
+    the clocks disagree) gets exactly one forced refresh and one retry on the
+    same connection; a second refusal is final, so a bad token never loops.
+    The server's JSON status goes to the log detail, never the token.
+    """
+    forced = False
+    while True:
+        mechanism = await mechanism_for(
+            account, provider, client.capabilities.sasl, tokens, force_refresh=forced
+        )
+        try:
+            await client.authenticate(mechanism)
+            return
+        except ServerError as e:
+            error = bearer_error(mechanism)
+            status = f" (token {error.describe()})" if error else ""
+            if retry_with_fresh_token(mechanism, already_forced=forced):
+                log.warn(
+                    "{peer} refused the access token of account {account} with "
+                    "{mechanism}{status}; refreshing it once and retrying",
+                    peer=client.peer,
+                    account=account.name,
+                    mechanism=mechanism.name,
+                    status=status,
+                )
+                forced = True
+                continue
+            refused = login_refused(e, client.peer)
+            refused.detail += f"{status}; mechanism {mechanism.name}"
+            if forced:
+                refused.detail += ", after one forced token refresh"
+            raise refused from None
+
+
 async def open_session(
     account: Account,
     provider: Provider,
     *,
     reactor: Any,
     endpoint_factory: EndpointFactory = hostname_endpoint,
+    tokens: TokenSource | None = None,
 ) -> POP3Client:
     """Connect and log in as `account`; the client is in the TRANSACTION state."""
     client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
     try:
-        await login(client, account, provider)
+        await login(client, account, provider, tokens=tokens)
     except BaseException:
         client.abort("login failed")
         raise

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
 
     from gateway.model import Account, Provider
+    from gateway.upstream.credentials import TokenSource
 
 log = Logger()
 
@@ -169,6 +170,7 @@ async def open_pop3_maildrop(
     *,
     reactor: Any,
     endpoint_factory: EndpointFactory = hostname_endpoint,
+    tokens: TokenSource | None = None,
 ) -> POP3Maildrop:
     """Connect, log in as `account` and take the LIST snapshot.
 
@@ -177,7 +179,7 @@ async def open_pop3_maildrop(
     tests connect in memory. Raises a `MaildropError`.
     """
     client = await open_session(
-        account, provider, reactor=reactor, endpoint_factory=endpoint_factory
+        account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
     try:
         try:

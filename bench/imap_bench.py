@@ -1,0 +1,560 @@
+"""IMAP-backed accounts: the gateway serving an IMAP folder as POP3 vs Dovecot's own
+POP3, both on implicit TLS, in one harness and one run.
+
+    python bench/imap_bench.py            # full run: 3 rounds A B A B ..., about two minutes
+    python bench/imap_bench.py --quick    # smoke run: 1 round, smaller sizes
+
+One throwaway Dovecot serves both sides: "direct" is a device talking POP3S to
+Dovecot itself; "gateway" is the same device talking POP3S to the real gateway
+(`twistd -n gateway`) whose account is IMAP-backed: the gateway logs in to the
+same mailbox over IMAPS and streams `BODY.PEEK[]` literals, dot-stuffing them
+on the way. Each measurement alternates gateway, direct, gateway, direct, ...
+and the table shows the median of each side and the ratio gateway/direct.
+
+Measured:
+- RETR throughput: one session RETRs 20 x 1 MiB, another 2 x 50 MiB; only the
+  RETR exchanges are timed (command sent to terminator received); every byte
+  is compared with the expected wire form. MB/s = 10^6 wire bytes per second.
+  A third side, "via_pop3", is the same gateway with a POP3-backed account on
+  the same mailbox: it shows what the IMAP path costs compared with the POP3
+  path under the same conditions.
+- Memory: the peak RSS (VmHWM, reset before each message) a 50 MiB RETR adds
+  to the gateway, also with a device that stalls for 2 s mid-message.
+- Session set-up for a 1,000-message folder (and a 10-message one): connect,
+  TLS, greeting, USER, PASS (the gateway's +OK comes after its IMAP login and
+  snapshot), STAT, QUIT. Also the first UIDL of a folder the UIDL map has
+  never seen (one FETCH of Message-IDs), a later UIDL (map lookup only), and
+  how many octets of commands Dovecot received from the gateway for a set-up
+  (its log's in= figure): a per-message fetch would show as ~30 octets per
+  message.
+
+Figures are reported, not asserted. The machine may be shared with other
+work; the load average before and after is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from argon2 import PasswordHasher  # noqa: E402
+
+from gateway.testing.certs import TLSMaterial, make_tls_material  # noqa: E402
+from gateway.testing.dovecot import Dovecot  # noqa: E402
+from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
+
+MB = 1_000_000
+KIB = 1024
+MIB = 1024 * 1024
+RECV_SIZE = 1 << 18
+DEVICE_PASSWORD = "device-pw"
+RESULTS = Path(__file__).resolve().with_name("results-imap.json")
+RETR_TARGET = 0.7
+RSS_TARGET_MIB = 5
+
+# Dovecot's documented high-performance mode for login processes and reused
+# mail processes, for POP3 and IMAP alike, so neither side pays a fork per
+# session.
+DOVECOT_FAST = """\
+# Added by bench/imap_bench.py
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+}
+service pop3 {
+  service_count = 0
+  process_min_avail = 2
+}
+service imap-login {
+  service_count = 0
+  process_min_avail = 2
+}
+service imap {
+  service_count = 0
+  process_min_avail = 2
+}
+"""
+
+
+class BenchDovecot(Dovecot):
+    """The test harness's Dovecot with settings appended to its dovecot.conf."""
+
+    def render_config(self) -> str:
+        return super().render_config() + DOVECOT_FAST
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def make_message(seed: int, wire_size: int) -> bytes:
+    """An LF message whose CRLF wire form is about `wire_size` bytes; every 50th
+    body line starts with a dot, so dot-stuffing is exercised."""
+    rng = random.Random(seed)
+    header = (
+        f"From: bench@example.com\nTo: box@example.com\nSubject: bench message {seed}\n"
+        f"Message-ID: <{seed}.bench@example.com>\n\n"
+    ).encode()
+    n_lines = max(1, (wire_size - len(header)) // 78)
+    text = base64.b64encode(rng.randbytes(n_lines * 57))
+    lines = [text[i : i + 76] for i in range(0, len(text), 76)]
+    for i in range(0, len(lines), 50):
+        lines[i] = b"." + lines[i][1:]
+    return header + b"\n".join(lines) + b"\n"
+
+
+def wire_form(message_lf: bytes) -> bytes:
+    """What RETR sends after its +OK line: CRLF, dot-stuffed, terminated."""
+    data = message_lf.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    return data + b".\r\n"
+
+
+# -- the benchmark client ---------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Client:
+    """A POP3S client on a raw ssl socket (TCP_NODELAY, recv_into a buffer)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=120)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.buf = bytearray()
+        self._rbuf = bytearray(RECV_SIZE)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _fill(self) -> None:
+        n = self.sock.recv_into(self._rbuf)
+        if not n:
+            raise ConnectionError("server closed the connection")
+        self.buf += memoryview(self._rbuf)[:n]
+
+    def readline(self) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self.buf[:i])
+        del self.buf[: i + 2]
+        return line
+
+    def command(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        answer = self.readline()
+        if not answer.startswith(b"+OK"):
+            raise ProtocolError(f"{line.split()[0]!r}: {answer!r}")
+        return answer
+
+    def login(self, user: str, password: str) -> None:
+        if not self.readline().startswith(b"+OK"):
+            raise ProtocolError("no greeting")
+        self.command(b"USER " + user.encode())
+        self.command(b"PASS " + password.encode())
+
+    def multi(self, line: bytes) -> bytes:
+        self.command(line)
+        while not (self.buf.endswith(b"\r\n.\r\n") or self.buf == b".\r\n"):
+            self._fill()
+        body, self.buf = bytes(self.buf), bytearray()
+        return body
+
+    def retr(
+        self,
+        number: int,
+        expected: bytes,
+        stall_after: int = 0,
+        stall: float = 0.0,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
+        """RETR into a preallocated buffer and compare with the expected wire bytes."""
+        self.sock.sendall(b"RETR %d\r\n" % number)
+        first = self.readline()
+        if not first.startswith(b"+OK"):
+            raise ProtocolError(f"RETR {number}: {first!r}")
+        capacity = len(expected) + RECV_SIZE
+        target = bytearray(capacity)
+        view = memoryview(target)
+        pos = len(self.buf)
+        view[:pos] = self.buf
+        self.buf = bytearray()
+        stalled = stall_after == 0
+        while pos < 5 or target[pos - 5 : pos] != b"\r\n.\r\n":
+            if pos >= capacity:
+                raise ProtocolError(f"RETR {number}: more than {len(expected)} bytes")
+            if not stalled and pos >= stall_after:
+                stalled = True
+                time.sleep(stall)
+                if on_stall is not None:
+                    on_stall()
+            n = self.sock.recv_into(view[pos:], min(RECV_SIZE, capacity - pos))
+            if not n:
+                raise ConnectionError(f"RETR {number}: closed after {pos} bytes")
+            pos += n
+        if pos != len(expected) or not target.startswith(expected):
+            raise ProtocolError(f"RETR {number}: {pos} bytes, expected {len(expected)}")
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def proc_status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * KIB
+    raise KeyError(key)
+
+
+class PeakRSS:
+    """Peak RSS of a process from now on: VmHWM after a reset, else sampling."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = proc_status(pid, "VmRSS")
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self._peak = self.before
+        self._stop = threading.Event()
+        self._thread = None if self._hwm else threading.Thread(target=self._sample, daemon=True)
+        if self._thread is not None:
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            with contextlib.suppress(OSError):
+                self._peak = max(self._peak, proc_status(self.pid, "VmRSS"))
+
+    def added(self) -> int:
+        if self._hwm:
+            return proc_status(self.pid, "VmHWM") - self.before
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        return self._peak - self.before
+
+
+# -- set-up --------------------------------------------------------------------------------------
+
+
+def gateway_config(
+    base: Path,
+    port: int,
+    dovecot: Dovecot,
+    upstream: TLSMaterial,
+    own: TLSMaterial,
+    users: Sequence[str],
+    password_hash: str,
+) -> str:
+    lines = [
+        f'state_dir = "{base / "state"}"',
+        "[tls]",
+        f'certificate = "{own.certificate}"',
+        f'private_key = "{own.private_key}"',
+        "[[pop3.listen]]",
+        f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        "[providers.dovecot]",
+        f'imap = {{ host = "localhost", port = {dovecot.imaps_port}, tls = "implicit" }}',
+        f'ca_file = "{upstream.ca_file}"',
+        "timeout = 60",
+    ]
+    lines += [
+        "[providers.dovecot-pop3]",
+        f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
+        f'ca_file = "{upstream.ca_file}"',
+        "timeout = 60",
+    ]
+    for user in users:
+        lines += [
+            f"[accounts.acct-{user}]",
+            f'provider = "dovecot"\nusername = "{user}"\npassword = "pw-{user}"',
+            'mailbox = "imap"',
+            f"[devices.dev-{user}]",
+            f'password_hash = "{password_hash}"\naccount = "acct-{user}"',
+            'allow_from = ["127.0.0.0/8"]',
+            # The same mailbox through the POP3 path, for comparison.
+            f"[accounts.pop-{user}]",
+            f'provider = "dovecot-pop3"\nusername = "{user}"\npassword = "pw-{user}"',
+            f"[devices.pop-{user}]",
+            f'password_hash = "{password_hash}"\naccount = "pop-{user}"',
+            'allow_from = ["127.0.0.0/8"]',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick: bool = args.quick
+        self.rounds = 1 if self.quick else args.rounds
+        self.big = (8 if self.quick else 50) * MIB
+        self.folder_size = 1000
+        self.results: dict[str, Any] = {"rounds": {}, "info": {}}
+
+    def run(self, base: Path) -> dict[str, Any]:
+        started = time.monotonic()
+        info = self.results["info"]
+        info.update(
+            mode="quick" if self.quick else "full",
+            rounds_per_side=self.rounds,
+            cpus=os.cpu_count(),
+            python=platform.python_version(),
+            openssl=ssl.OPENSSL_VERSION,
+            loadavg_before=os.getloadavg(),
+        )
+        upstream = make_tls_material(base / "tls-upstream")
+        own = make_tls_material(base / "tls-gateway")
+        users = {u: f"pw-{u}" for u in ("onemib", "fifty", "folder", "small", "cold")}
+        dovecot = BenchDovecot(base / "dovecot", users, tls=upstream)
+        log("filling mailboxes ...")
+        self.one_mib = [make_message(i, MIB) for i in range(20)]
+        self.fifty = [make_message(100 + i, self.big) for i in range(2)]
+        with dovecot:
+            for m in self.one_mib:
+                dovecot.deliver("onemib", m)
+            for m in self.fifty:
+                dovecot.deliver("fifty", m)
+            for user, count in (
+                ("folder", self.folder_size),
+                ("cold", self.folder_size),
+                ("small", 10),
+            ):
+                for i in range(count):
+                    dovecot.deliver(user, make_message(1000 + i, 2000))
+            self.dovecot = dovecot
+            port = free_port()
+            hashed = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(
+                DEVICE_PASSWORD
+            )
+            text = gateway_config(base / "gw", port, dovecot, upstream, own, list(users), hashed)
+            gateway = GatewayProcess(base / "gw", text, [port])
+            with gateway:
+                assert gateway.process is not None
+                self.gateway_pid = gateway.process.pid
+                self.ports = {"gateway": port, "via_pop3": port, "direct": dovecot.pop3s_port}
+                gateway_ca = ssl.create_default_context(cafile=str(own.ca_file))
+                self.contexts = {
+                    "gateway": gateway_ca,
+                    "via_pop3": gateway_ca,
+                    "direct": ssl.create_default_context(cafile=str(upstream.ca_file)),
+                }
+                self.warm_up()
+                self.retr("retr_1m", "onemib", [wire_form(m) for m in self.one_mib])
+                self.retr("retr_50m", "fifty", [wire_form(m) for m in self.fifty])
+                self.stalled()
+                self.setup_time("setup_1000", "folder")
+                self.setup_time("setup_10", "small")
+                self.uidl_times()
+                self.commands_sent()
+        info["loadavg_after"] = os.getloadavg()
+        info["elapsed_s"] = time.monotonic() - started
+        self.summarise()
+        return self.results
+
+    def cred(self, side: str, user: str) -> tuple[str, str]:
+        if side == "gateway":
+            return f"dev-{user}", DEVICE_PASSWORD
+        if side == "via_pop3":
+            return f"pop-{user}", DEVICE_PASSWORD
+        return user, f"pw-{user}"
+
+    def session(self, side: str, user: str) -> Client:
+        client = Client(self.ports[side], self.contexts[side])
+        client.login(*self.cred(side, user))
+        return client
+
+    def warm_up(self) -> None:
+        """Let Dovecot index every mailbox through both protocols before timing."""
+        for user in ("onemib", "fifty", "folder", "small"):
+            for side in ("gateway", "direct", "via_pop3"):
+                client = self.session(side, user)
+                client.multi(b"UIDL")
+                client.command(b"QUIT")
+                client.close()
+
+    def alternate(
+        self,
+        key: str,
+        measure: Callable[[str], dict[str, Any]],
+        sides: Sequence[str] = ("gateway", "direct"),
+    ) -> None:
+        rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+        for _ in range(self.rounds):
+            for side in sides:
+                rounds[side].append(measure(side))
+        self.results["rounds"][key] = rounds
+        m = {side: statistics.median(x["value"] for x in rounds[side]) for side in sides}
+        extra = f"  via_pop3 {m['via_pop3']:9.2f}" if "via_pop3" in m else ""
+        log(
+            f"  {key:<12} gateway {m['gateway']:9.2f}  direct {m['direct']:9.2f}{extra}  "
+            f"ratio {m['gateway'] / m['direct']:.2f}"
+        )
+
+    def retr(self, key: str, user: str, expected: list[bytes]) -> None:
+        def measure(side: str) -> dict[str, Any]:
+            client = self.session(side, user)
+            seconds = 0.0
+            added: list[int] = []
+            for i, exp in enumerate(expected, 1):
+                probe = PeakRSS(self.gateway_pid) if side != "direct" else None
+                t0 = time.perf_counter()
+                client.retr(i, exp)
+                seconds += time.perf_counter() - t0
+                if probe is not None:
+                    added.append(probe.added())
+            client.command(b"QUIT")
+            client.close()
+            size = sum(map(len, expected))
+            return {"value": size / seconds / MB, "seconds": seconds, "peak_rss_added": added}
+
+        log(f"{key}: RETR of {len(expected)} messages, {self.rounds} round(s) per side")
+        self.alternate(key, measure, ("gateway", "direct", "via_pop3"))
+
+    def stalled(self) -> None:
+        """A device that stops reading for 2 s after 1 MiB: back-pressure must hold."""
+        client = self.session("gateway", "fifty")
+        probe = PeakRSS(self.gateway_pid)
+        during: list[int] = []
+        client.retr(
+            1,
+            wire_form(self.fifty[0]),
+            stall_after=MIB,
+            stall=2.0,
+            on_stall=lambda: during.append(probe.added()),
+        )
+        self.results["stalled_reader"] = {
+            "peak_rss_added": probe.added(),
+            "rss_added_while_stalled": during[0],
+        }
+        client.command(b"QUIT")
+        client.close()
+        log(f"stalled reader: peak RSS added {probe.added() / MIB:.2f} MiB")
+
+    def setup_time(self, key: str, user: str) -> None:
+        def measure(side: str) -> dict[str, Any]:
+            samples = []
+            for _ in range(3 if self.quick else 10):
+                t0 = time.perf_counter()
+                client = self.session(side, user)
+                client.command(b"STAT")
+                client.command(b"QUIT")
+                samples.append(time.perf_counter() - t0)
+                client.close()
+            return {"value": 1000 * statistics.median(samples), "samples_ms": samples}
+
+        log(f"{key}: connect + TLS + login + STAT + QUIT, milliseconds (lower is better)")
+        self.alternate(key, measure)
+
+    def uidl_times(self) -> None:
+        """First UIDL of a never-seen 1,000-message folder, then a later one."""
+        out = {}
+        for label in ("first", "later"):
+            client = self.session("gateway", "cold")
+            t0 = time.perf_counter()
+            listing = client.multi(b"UIDL")
+            out[f"{label}_ms"] = 1000 * (time.perf_counter() - t0)
+            assert listing.count(b"\r\n") == self.folder_size + 1
+            client.command(b"QUIT")
+            client.close()
+        self.results["uidl_1000"] = out
+        log(f"uidl_1000: first UIDL {out['first_ms']:.1f} ms, later {out['later_ms']:.1f} ms")
+
+    def commands_sent(self) -> None:
+        """Octets Dovecot received from the gateway for one set-up of the 1,000 folder."""
+        client = self.session("gateway", "folder")
+        client.command(b"STAT")
+        client.command(b"QUIT")
+        client.close()
+        pattern = re.compile(r"imap\(folder\).*Disconnected: Logged out in=(\d+) out=(\d+)")
+        deadline = time.monotonic() + 5
+        found = None
+        while found is None and time.monotonic() < deadline:
+            matches = pattern.findall(self.dovecot.log_text())
+            found = matches[-1] if matches else None
+            time.sleep(0.05)
+        if found:
+            self.results["setup_1000_imap_octets"] = {"in": int(found[0]), "out": int(found[1])}
+            log(f"setup_1000: Dovecot received {found[0]} octets of IMAP commands, sent {found[1]}")
+
+    def summarise(self) -> None:
+        summary: dict[str, Any] = {}
+        for key, rounds in self.results["rounds"].items():
+            g = statistics.median(x["value"] for x in rounds["gateway"])
+            d = statistics.median(x["value"] for x in rounds["direct"])
+            entry: dict[str, Any] = {"gateway": g, "direct": d, "ratio": g / d}
+            if key.startswith("retr"):
+                entry.update(target=RETR_TARGET, passed=g / d >= RETR_TARGET)
+                p = statistics.median(x["value"] for x in rounds["via_pop3"])
+                entry.update(via_pop3=p, ratio_to_pop3_path=g / p)
+            summary[key] = entry
+        peaks = [
+            p for r in self.results["rounds"]["retr_50m"]["gateway"] for p in r["peak_rss_added"]
+        ]
+        peaks.append(self.results["stalled_reader"]["peak_rss_added"])
+        summary["retr_50m_rss"] = {
+            "peak_added_mib": max(peaks) / MIB,
+            "target_mib": RSS_TARGET_MIB,
+            "passed": max(peaks) / MIB < RSS_TARGET_MIB,
+        }
+        self.results["summary"] = summary
+        log("\nsummary:")
+        for key, entry in summary.items():
+            log(
+                f"  {key:<14} "
+                + "  ".join(
+                    f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+                )
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round, 8 MiB instead of 50")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="imap-bench-"))
+    try:
+        results = Bench(args).run(base)
+    finally:
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    log(f"results written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""The token store: one AES-256-GCM encrypted file per account, under state_dir/oauth.
+
+Why one file per account: a torn or corrupt file then costs one account, not
+all of them; the running gateway notices another process's write by one
+`stat` of one file; and a write for one account never rewrites another's.
+
+File layout: ``MAGIC | key id (8 bytes) | nonce (12 bytes) | ciphertext+tag``,
+with the magic, key id and account name as associated data, so a file copied
+over another account's name, or written under another key, is refused with
+its real reason instead of being read as the wrong account's tokens.
+
+Two processes write here: the gateway (refreshes, errors) and the
+`gateway oauth` command (authorize, revoke). Every write is a
+read-modify-write under an exclusive `flock` on ``.lock``, and the new file
+replaces the old atomically (temp file, fsync, rename, fsync dir). Each
+authorisation gets a random `lineage`; the gateway saves a refresh only if
+the lineage it refreshed is still the one on disk, so it can never overwrite
+tokens an admin has just (re-)authorised, and the command never loses a
+rotated refresh token because it re-reads before writing.
+
+Nothing here logs, and no exception text carries a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.model import Secret
+from gateway.oauth.keys import GatewayKey
+from gateway.oauth.tokens import Tokens
+from gateway.state import StateError, atomic_write, check_private, ensure_dir
+
+MAGIC = b"GWTOKENS1\n"
+_KEY_ID_BYTES = 8
+_NONCE_BYTES = 12
+_HEADER = len(MAGIC) + _KEY_ID_BYTES + _NONCE_BYTES
+_TAG_BYTES = 16
+STORE_DIR = "oauth"
+SUFFIX = ".token"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,100}")
+
+State = Literal["ok", "needs_reauth", "failed", "revoked"]
+
+
+class TokenStoreError(StateError):
+    """The store cannot be used at all (directory, permissions)."""
+
+
+class StoreUnreadable(TokenStoreError):
+    """One account's file cannot be read; `reason` is short, for `oauth status`."""
+
+    def __init__(self, account: str, path: Path, reason: str) -> None:
+        super().__init__(f"token store file {path} (account {account}): {reason}")
+        self.account = account
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """Everything the gateway knows about one account's authorisation.
+
+    `state`: "ok"; "needs_reauth" (the provider refused the grant, an admin
+    must run `gateway oauth authorize`); "failed" (refused for a reason a
+    config fix may cure, e.g. invalid_client); "revoked" (by the admin).
+    """
+
+    account: str
+    grant: str
+    lineage: str
+    state: State = "ok"
+    tokens: Tokens | None = None
+    authorized_at: float | None = None
+    last_refresh: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    @classmethod
+    def authorized(cls, account: str, grant: str, tokens: Tokens, now: float) -> TokenRecord:
+        """A fresh record from an admin's authorisation: a new lineage."""
+        return cls(
+            account=account,
+            grant=grant,
+            lineage=secrets.token_hex(8),
+            tokens=tokens,
+            authorized_at=now,
+            last_refresh=now,
+        )
+
+    def refreshed(self, tokens: Tokens, now: float) -> TokenRecord:
+        return replace(self, state="ok", tokens=tokens, last_refresh=now, last_error=None,
+                       last_error_at=None)
+
+    def failed(self, state: State, error: str, now: float) -> TokenRecord:
+        return replace(self, state=state, last_error=error, last_error_at=now)
+
+    def revoked(self, now: float) -> TokenRecord:
+        return replace(
+            self,
+            state="revoked",
+            tokens=None,
+            lineage=secrets.token_hex(8),
+            last_error="revoked by the administrator",
+            last_error_at=now,
+        )
+
+    # -- serialisation (inside the encryption only) --------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["tokens"] = None
+        if self.tokens is not None:
+            document["tokens"] = {
+                "access_token": self.tokens.access_token.reveal(),
+                "expires_at": self.tokens.expires_at,
+                "refresh_token": (
+                    self.tokens.refresh_token.reveal() if self.tokens.refresh_token else None
+                ),
+                "scope": self.tokens.scope,
+            }
+        return document
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> TokenRecord:
+        raw = document.get("tokens")
+        tokens = None
+        if raw is not None:
+            tokens = Tokens(
+                access_token=Secret(raw["access_token"]),
+                expires_at=float(raw["expires_at"]),
+                refresh_token=Secret(raw["refresh_token"]) if raw.get("refresh_token") else None,
+                scope=raw.get("scope", ""),
+            )
+        state = document.get("state", "ok")
+        if state not in ("ok", "needs_reauth", "failed", "revoked"):
+            raise ValueError(f"unknown state {state!r}")
+        return cls(
+            account=str(document["account"]),
+            grant=str(document["grant"]),
+            lineage=str(document["lineage"]),
+            state=state,
+            tokens=tokens,
+            authorized_at=_opt_float(document.get("authorized_at")),
+            last_refresh=_opt_float(document.get("last_refresh")),
+            last_error=document.get("last_error"),
+            last_error_at=_opt_float(document.get("last_error_at")),
+        )
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+Signature = tuple[int, int, int]
+
+
+class TokenStore:
+    """The encrypted per-account token files under one directory."""
+
+    def __init__(self, directory: Path, key: GatewayKey) -> None:
+        self.directory = directory
+        self._key = key
+        self._aead = AESGCM(key.key)
+        self._key_id = bytes.fromhex(key.key_id)[:_KEY_ID_BYTES]
+
+    @classmethod
+    def open(cls, state_dir: Path, key: GatewayKey) -> TokenStore:
+        """Create or check state_dir/oauth (0700) and every file in it (0600)."""
+        ensure_dir(state_dir)
+        directory = ensure_dir(state_dir / STORE_DIR)
+        store = cls(directory, key)
+        store.check_modes()
+        return store
+
+    @property
+    def key(self) -> GatewayKey:
+        return self._key
+
+    def check_modes(self) -> None:
+        """Refuse token files that group or others can read ("file modes checked at start")."""
+        for path in self._files():
+            try:
+                check_private(path)
+            except StateError as e:
+                raise TokenStoreError(f"refusing the token store: {e}") from None
+            except FileNotFoundError:
+                continue
+
+    # -- reading --------------------------------------------------------------
+
+    def path_for(self, account: str) -> Path:
+        if _SAFE_NAME.fullmatch(account):
+            name = account
+        else:
+            # "=" never occurs in a safe name, so the two forms cannot collide.
+            name = "=" + account.encode("utf-8").hex()
+        return self.directory / f"{name}{SUFFIX}"
+
+    def signature(self, account: str) -> Signature | None:
+        """Changes whenever the file is replaced (new inode) or rewritten; None if absent."""
+        try:
+            info = os.stat(self.path_for(account))
+        except FileNotFoundError:
+            return None
+        return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def load(self, account: str) -> TokenRecord | None:
+        """The account's record, None if it has none. Raises `StoreUnreadable`."""
+        path = self.path_for(account)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreUnreadable(account, path, f"cannot read: {e.strerror or e}") from None
+        return self._decrypt(account, path, data)
+
+    def accounts_on_disk(self) -> list[str]:
+        """Account names that have a file (for `oauth status` of removed accounts)."""
+        names = []
+        for path in self._files():
+            stem = path.name[: -len(SUFFIX)]
+            if stem.startswith("="):
+                try:
+                    stem = bytes.fromhex(stem[1:]).decode("utf-8")
+                except ValueError:
+                    continue
+            names.append(stem)
+        return sorted(names)
+
+    def _files(self) -> Iterator[Path]:
+        try:
+            entries = sorted(self.directory.iterdir())
+        except FileNotFoundError:
+            return
+        for path in entries:
+            if path.name.endswith(SUFFIX) and not path.name.startswith("."):
+                yield path
+
+    def _decrypt(self, account: str, path: Path, data: bytes) -> TokenRecord:
+        if len(data) < _HEADER + _TAG_BYTES:
+            raise StoreUnreadable(
+                account, path, f"truncated ({len(data)} bytes): torn or damaged file"
+            )
+        if not data.startswith(MAGIC):
+            raise StoreUnreadable(account, path, "not a gateway token file (bad header)")
+        stored_id = data[len(MAGIC) : len(MAGIC) + _KEY_ID_BYTES]
+        if stored_id != self._key_id:
+            raise StoreUnreadable(
+                account,
+                path,
+                f"encrypted with a different gateway key (key id {stored_id.hex()}; "
+                f"the key from {self._key.origin} has id {self._key_id.hex()}): wrong key",
+            )
+        nonce = data[len(MAGIC) + _KEY_ID_BYTES : _HEADER]
+        try:
+            plain = self._aead.decrypt(nonce, data[_HEADER:], self._aad(account))
+        except InvalidTag:
+            raise StoreUnreadable(
+                account, path, "corrupt: authentication failed (damaged, torn or tampered file)"
+            ) from None
+        try:
+            record = TokenRecord.from_json(json.loads(plain.decode("utf-8")))
+        except (ValueError, KeyError, TypeError):
+            raise StoreUnreadable(account, path, "corrupt: unreadable content") from None
+        if record.account != account:
+            raise StoreUnreadable(account, path, f"holds account {record.account!r}")
+        return record
+
+    def _aad(self, account: str) -> bytes:
+        return MAGIC + self._key_id + account.encode("utf-8")
+
+    # -- writing --------------------------------------------------------------
+
+    def update(
+        self,
+        account: str,
+        change: Callable[[TokenRecord | None], TokenRecord | None],
+        *,
+        replace_unreadable: bool = False,
+    ) -> TokenRecord | None:
+        """Re-read the account's record under the store lock, apply `change`, save.
+
+        `change` gets the record on disk now (None if there is none) and
+        returns the record to save, or the same object to leave the file
+        alone. An unreadable file raises `StoreUnreadable` unless
+        `replace_unreadable` (an admin's new authorisation), when `change`
+        sees None. Returns what is on disk afterwards.
+        """
+        with self._locked():
+            try:
+                current = self.load(account)
+            except StoreUnreadable:
+                if not replace_unreadable:
+                    raise
+                current = None
+            new = change(current)
+            if new is None or new is current:
+                return current
+            self._write(account, new)
+            return new
+
+    def _write(self, account: str, record: TokenRecord) -> None:
+        nonce = os.urandom(_NONCE_BYTES)
+        plain = json.dumps(record.to_json(), separators=(",", ":")).encode("utf-8")
+        sealed = self._aead.encrypt(nonce, plain, self._aad(account))
+        try:
+            atomic_write(self.path_for(account), MAGIC + self._key_id + nonce + sealed)
+        except OSError as e:
+            raise TokenStoreError(
+                f"cannot write the token store file for account {account}: {e.strerror or e}"
+            ) from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held only around a read-modify-write, never across network I/O."""
+        try:
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise TokenStoreError(
+                f"cannot lock the token store {self.directory}: {e.strerror or e}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)

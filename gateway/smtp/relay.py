@@ -1,0 +1,516 @@
+"""The relay: takes spooled messages to the upstream, one worker per account.
+
+A worker delivers its account's due messages oldest first over one upstream
+connection (logged in as the account), reused for as long as messages keep
+coming and closed with QUIT after `keepalive` seconds without one. Accounts
+are independent: one provider being down delays only its own accounts.
+
+What happens after an attempt:
+
+- every recipient accepted: the spool entry is removed;
+- 4xx, a lost connection, a refused login: the attempt counts, and the message
+  is tried again after `retry_first`, doubling up to `retry_max_interval`;
+  the last try is at the end of its `message_lifetime`, after which the
+  remaining recipients fail with 4.4.7 (delivery time expired);
+- 5xx for a recipient: that recipient failed for good.
+
+Once no recipient is left to try and some failed, the sender gets a bounce
+(RFC 3464, `gateway.smtp.dsn`) unless the message was itself a bounce or had
+the null sender, and the message always becomes a dead letter (spool/dead/,
+listed by `gateway queue list`) with an error line in the log.
+
+`gateway queue retry|delete` from another process leaves a request file in
+spool/control/; the relay looks there every `control_interval` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure as TwistedFailure
+
+from gateway.model import Account, Provider
+from gateway.smtp import dsn
+from gateway.smtp.policy import account_address
+from gateway.smtp.spool import QueueEntry, Spool, new_id
+from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError, send_message
+
+log = Logger(namespace="gateway.smtp.relay")
+
+OpenSession = Callable[[Account, Provider], Awaitable[SMTPClient]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    first: float = 30.0
+    max_interval: float = 3600.0
+    lifetime: float = 5 * 24 * 3600.0
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the `attempts`-th failed attempt (1-based)."""
+        return min(self.first * 2.0 ** min(max(attempts - 1, 0), 60), self.max_interval)
+
+
+class Relay(Service):
+    """Owns the account workers, the control-request poller and the spool index."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        accounts: Mapping[str, Account],
+        providers: Mapping[str, Provider],
+        open_session: OpenSession,
+        clock: IReactorTime,
+        hostname: str,
+        retry: RetryPolicy,
+        control_interval: float = 2.0,
+        keepalive: float = 2.0,
+        stop_grace: float = 10.0,
+        connections: int = 3,
+    ) -> None:
+        self.spool = spool
+        self.accounts = accounts
+        self.providers = providers
+        self.open_session = open_session
+        self.clock = clock
+        self.hostname = hostname
+        self.retry = retry
+        self.keepalive = keepalive
+        # Upstream sessions per account at once. Microsoft 365 allows 3
+        # concurrent SMTP AUTH connections per mailbox.
+        self.connections = max(1, connections)
+        self.stop_grace = stop_grace
+        self.control_interval = control_interval
+        self.workers: dict[str, AccountWorker] = {}
+        self._control: LoopingCall | None = None
+        self._stopping = False
+
+    # -- service ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        names = sorted({e.envelope.account for e in self.spool.entries.values()})
+        for name in names:
+            queued = self.spool.queued(name)
+            if name not in self.accounts:
+                log.error(
+                    "smtp spool holds {count} message(s) for account {account}, which is no "
+                    "longer configured; they stay queued",
+                    count=len(queued),
+                    account=name,
+                )
+                continue
+            if queued:
+                log.info(
+                    "smtp spool: {count} message(s) queued for account {account}",
+                    count=len(queued),
+                    account=name,
+                )
+                self.worker(name).wake()
+        self._control = LoopingCall(self.check_requests)
+        self._control.clock = self.clock
+        self._control.start(self.control_interval, now=False).addErrback(
+            lambda f: log.failure("smtp queue control poller stopped", f)
+        )
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self._stopping = True
+        if self._control is not None and self._control.running:
+            self._control.stop()
+        return DeferredList([w.stop() for w in self.workers.values()])
+
+    # -- entry points -------------------------------------------------------------
+
+    def worker(self, account: str) -> AccountWorker:
+        if account not in self.workers:
+            self.workers[account] = AccountWorker(self, account)
+        return self.workers[account]
+
+    def submitted(self, entry: QueueEntry) -> None:
+        """A message was just spooled: start on it now."""
+        if not self._stopping and entry.envelope.account in self.accounts:
+            self.worker(entry.envelope.account).wake()
+
+    def check_requests(self) -> Deferred[None]:
+        """Carry out `gateway queue retry|delete` requests left in spool/control/."""
+        return Deferred.fromCoroutine(self._check_requests())
+
+    async def _check_requests(self) -> None:
+        try:
+            requests = self.spool.dir.requests()
+        except OSError as e:
+            log.error("smtp queue control directory unreadable: {error}", error=e)
+            return
+        for verb, message_id in requests:
+            try:
+                await self._carry_out(verb, message_id)
+            except OSError as e:
+                log.error(
+                    "smtp queue {verb} {id} failed: {error}", verb=verb, id=message_id, error=e
+                )
+            self.spool.dir.request_done(verb, message_id)
+
+    async def _carry_out(self, verb: str, message_id: str) -> None:
+        entry = self.spool.entries.get(message_id)
+        if entry is None:
+            log.warn("smtp queue {verb} {id}: no such message", verb=verb, id=message_id)
+            return
+        worker = self.worker(entry.envelope.account)
+        if entry.id in worker.in_flight:
+            # Being delivered right now: decide when the attempt is over.
+            worker.after_attempt[entry.id] = verb
+            return
+        if verb == "delete":
+            await self.spool.remove(entry)
+            log.info(
+                "smtp queue: message {id} deleted by the admin ({status})",
+                id=message_id,
+                status=entry.status,
+            )
+        else:
+            await self.spool.retry_now(entry, self.clock.seconds())
+            log.info("smtp queue: retry of message {id} requested by the admin", id=message_id)
+            self.submitted(entry)
+
+
+class AccountWorker:
+    """Delivers one account's messages over up to `connections` upstream sessions.
+
+    Each `Lane` is one connection taking due messages one at a time; a message
+    is claimed (`in_flight`) by one lane only. Lanes start as messages become
+    due and end when nothing is left; the worker then sleeps until the next
+    retry time.
+    """
+
+    def __init__(self, relay: Relay, account: str) -> None:
+        self.relay = relay
+        self.account = account
+        self.in_flight: dict[str, QueueEntry] = {}
+        # Admin requests that arrived while their message was in flight.
+        self.after_attempt: dict[str, str] = {}
+        self.lanes = [Lane(self, n) for n in range(relay.connections)]
+        self._timer: IDelayedCall | None = None
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def due(self, limit: int | None = None) -> list[QueueEntry]:
+        """Messages whose time has come and that no lane holds, oldest first.
+
+        `limit` stops the look early: with a backlog of thousands, a lane
+        asking for its next message must not scan them all every time.
+        """
+        now = self.relay.clock.seconds()
+        found: list[QueueEntry] = []
+        for entry in self.relay.spool.iter_queued(self.account):
+            if entry.state.next_attempt <= now and entry.id not in self.in_flight:
+                found.append(entry)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
+
+    def wake(self) -> None:
+        if self.relay._stopping:
+            return
+        self._cancel(self._timer)
+        self._timer = None
+        wanted = len(self.due(limit=len(self.lanes)))
+        for lane in self.lanes:
+            if wanted <= 0:
+                break
+            if lane.running is None:
+                lane.start()
+            wanted -= 1
+        self.lane_finished()
+
+    def lane_finished(self) -> None:
+        """When no lane runs: sleep until the earliest retry time, if any."""
+        if self.relay._stopping or any(lane.running is not None for lane in self.lanes):
+            return
+        waiting = [e.state.next_attempt for e in self.relay.spool.iter_queued(self.account)]
+        if waiting and self._timer is None:
+            delay = max(0.0, min(waiting) - self.relay.clock.seconds())
+            self._timer = self.relay.clock.callLater(delay, self.wake)
+
+    def stop(self) -> Deferred[Any]:
+        """Finish deliveries in progress (within `stop_grace`), then hang up."""
+        self._cancel(self._timer)
+        self._timer = None
+        return DeferredList([lane.stop() for lane in self.lanes])
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- outcomes -------------------------------------------------------------------
+
+    async def connection_failed(self, error: SMTPUpstreamError) -> None:
+        """No session could be opened: one failed attempt for every due message."""
+        self._log_upstream(error)
+        entries = self.due()
+        # Claimed, so that a lane with a working connection does not deliver
+        # one of them while its failed attempt is being written.
+        self.in_flight.update((e.id, e) for e in entries)
+        for entry in entries:
+            try:
+                await self._attempt_failed(entry, dict.fromkeys(entry.pending), error.detail)
+            finally:
+                del self.in_flight[entry.id]
+                await self._after_attempt(entry)
+
+    async def deliver(self, lane: Lane, client: SMTPClient, entry: QueueEntry) -> None:
+        self.in_flight[entry.id] = entry
+        try:
+            envelope = entry.envelope
+            recipients = entry.pending
+            try:
+                with self.relay.spool.dir.open_message(entry) as source:
+                    result = await send_message(
+                        client,
+                        sender=envelope.sender,
+                        recipients=recipients,
+                        source=source,
+                        size=envelope.size,
+                        eight_bit=envelope.eight_bit or envelope.body == "8BITMIME",
+                    )
+            except SMTPUpstreamError as e:
+                lane.client = None
+                self._log_upstream(e)
+                await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail)
+                return
+            await self._judge(entry, result.replies, client.peer)
+        finally:
+            del self.in_flight[entry.id]
+            await self._after_attempt(entry)
+
+    async def _judge(self, entry: QueueEntry, replies: Mapping[str, Reply], peer: str) -> None:
+        state = entry.state
+        delivered = [r for r, reply in replies.items() if reply.code // 100 == 2]
+        state.delivered += delivered
+        for recipient, reply in replies.items():
+            if reply.permanent:
+                state.failed[recipient] = reply.describe()
+        deferred = {r: reply for r, reply in replies.items() if reply.code // 100 == 4}
+        if delivered:
+            log.info(
+                "smtp relayed {id} account={account} device={device} rcpts={count} "
+                "via {peer} attempts={attempts}",
+                id=entry.id,
+                account=self.account,
+                device=entry.envelope.device,
+                count=len(delivered),
+                peer=peer,
+                attempts=state.attempts + 1,
+            )
+        if deferred:
+            first = next(iter(deferred.values()))
+            await self._attempt_failed(entry, deferred, first.describe())
+            return
+        await self._settle(entry)
+
+    async def _attempt_failed(
+        self, entry: QueueEntry, deferred: Mapping[str, Reply | None], error: str
+    ) -> None:
+        """Count a failed attempt for the `deferred` recipients; retry or expire."""
+        state = entry.state
+        now = self.relay.clock.seconds()
+        state.attempts += 1
+        state.last_error = error
+        expiry = entry.expires + self.relay.retry.lifetime
+        if now >= expiry:
+            for recipient in deferred:
+                state.failed[recipient] = f"delivery time expired; last error: {error}"
+            log.warn(
+                "smtp message {id} for account {account} expired after {attempts} attempts",
+                id=entry.id,
+                account=self.account,
+                attempts=state.attempts,
+            )
+            await self._settle(entry)
+            return
+        state.next_attempt = min(now + self.relay.retry.delay(state.attempts), expiry)
+        await self.relay.spool.save(entry)
+        log.warn(
+            "smtp deferred {id} account={account} attempt={attempts} retry_in={delay:.0f}s: "
+            "{error}",
+            id=entry.id,
+            account=self.account,
+            attempts=state.attempts,
+            delay=state.next_attempt - now,
+            error=error,
+        )
+
+    async def _settle(self, entry: QueueEntry) -> None:
+        """Nothing left to try: delivered, or bounced and buried."""
+        if entry.pending:
+            await self.relay.spool.save(entry)
+            return
+        if not entry.state.failed:
+            await self.relay.spool.remove(entry)
+            return
+        bounced = await self._bounce(entry)
+        reason = "; ".join(f"<{r}>: {why}" for r, why in entry.state.failed.items())
+        await self.relay.spool.bury(entry, reason)
+        log.error(
+            "smtp message {id} from device {device} (account {account}, sender <{sender}>) "
+            "is a dead letter, {bounce}: {reason}",
+            id=entry.id,
+            device=entry.envelope.device,
+            account=self.account,
+            sender=entry.envelope.original_sender,
+            bounce=bounced,
+            reason=reason,
+        )
+
+    async def _bounce(self, entry: QueueEntry) -> str:
+        envelope = entry.envelope
+        if envelope.identified_by == "bounce":
+            return "not bounced (it was a bounce itself)"
+        if not envelope.original_sender:
+            return "not bounced (null sender)"
+        failures = {r: dsn.Failure(_status(why), why) for r, why in entry.state.failed.items()}
+        with self.relay.spool.dir.open_message(entry) as f:
+            head = f.read(min(envelope.size, dsn.MAX_ORIGINAL_HEADERS))
+        now = self.relay.clock.seconds()
+        message = dsn.build_bounce(
+            envelope,
+            failures,
+            reporting_mta=self.relay.hostname,
+            from_address=account_address(self.relay.accounts[self.account]),
+            headers=dsn.original_headers(head),
+            now=now,
+        )
+        bounce = replace(
+            envelope,
+            id=new_id(now),
+            device=envelope.device,
+            identified_by="bounce",
+            original_sender="",
+            sender="",
+            recipients=(envelope.original_sender,),
+            received=now,
+            size=len(message),
+            eight_bit=not message.isascii(),
+            body=None,
+            bounce_of=envelope.id,
+        )
+        self.relay.submitted(await self.relay.spool.add(bounce, message))
+        return f"bounce {bounce.id} to <{envelope.original_sender}>"
+
+    async def _after_attempt(self, entry: QueueEntry) -> None:
+        verb = self.after_attempt.pop(entry.id, None)
+        if verb is not None and entry.id in self.relay.spool.entries:
+            await self.relay._carry_out(verb, entry.id)
+
+    def _log_upstream(self, error: SMTPUpstreamError) -> None:
+        emit = log.error if error.admin else log.warn
+        emit(
+            "smtp upstream problem for account {account}: {detail}",
+            account=self.account,
+            detail=error.detail,
+        )
+
+
+class Lane:
+    """One upstream connection of an account, reused while messages keep coming
+    and closed with QUIT after `keepalive` idle seconds."""
+
+    def __init__(self, worker: AccountWorker, number: int) -> None:
+        self.worker = worker
+        self.number = number
+        self.client: SMTPClient | None = None
+        self.running: Deferred[None] | None = None
+        self._idle: IDelayedCall | None = None
+
+    def start(self) -> None:
+        self.worker._cancel(self._idle)
+        self._idle = None
+        self.running = Deferred.fromCoroutine(self._run())
+        self.running.addErrback(self._crashed)
+        self.running.addBoth(self._finished)
+
+    async def _run(self) -> None:
+        worker, relay = self.worker, self.worker.relay
+        while not relay._stopping:
+            if not worker.due(limit=1):
+                return
+            try:
+                client = await self._session()
+            except SMTPUpstreamError as e:
+                await worker.connection_failed(e)
+                continue
+            due = worker.due(limit=1)  # others may have taken it meanwhile
+            if due:
+                await worker.deliver(self, client, due[0])
+
+    async def _session(self) -> SMTPClient:
+        if self.client is not None and not self.client.ended:
+            return self.client
+        self.client = None
+        relay = self.worker.relay
+        account = relay.accounts[self.worker.account]
+        self.client = await relay.open_session(account, relay.providers[account.provider])
+        return self.client
+
+    def _crashed(self, failure: TwistedFailure) -> None:
+        log.failure(
+            "smtp relay worker for account {account} failed", failure, account=self.worker.account
+        )
+
+    def _finished(self, _: object) -> None:
+        self.running = None
+        if self.worker.relay._stopping:
+            return
+        if self.client is not None and self._idle is None:
+            self._idle = self.worker.relay.clock.callLater(
+                self.worker.relay.keepalive, self._close_idle
+            )
+        self.worker.lane_finished()
+
+    def _close_idle(self) -> None:
+        self._idle = None
+        client, self.client = self.client, None
+        if client is not None and not client.ended:
+            client.quit().addErrback(lambda _: None)
+
+    def stop(self) -> Deferred[None]:
+        self.worker._cancel(self._idle)
+        self._idle = None
+        running = self.running
+        if running is None:
+            self._close_idle()
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        grace = self.worker.relay.clock.callLater(self.worker.relay.stop_grace, self._abort)
+
+        def finished(_: object) -> None:
+            self.worker._cancel(grace)
+            self._close_idle()
+            done.callback(None)
+
+        running.addBoth(finished)
+        return done
+
+    def _abort(self) -> None:
+        if self.client is not None:
+            self.client.abort("the gateway is stopping")
+
+
+def _status(why: str) -> str:
+    """RFC 3463 status for a failure text ("550 5.1.1 ..." or an expiry)."""
+    if why.startswith("delivery time expired"):
+        return "4.4.7"
+    words = why.split()
+    if len(words) > 1 and words[1].count(".") == 2 and words[1][:1] in "45":
+        return words[1]
+    return "5.0.0"

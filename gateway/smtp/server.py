@@ -1,0 +1,741 @@
+"""The device-facing ESMTP server: RFC 5321 with STARTTLS (3207), AUTH PLAIN and
+LOGIN (4954), SIZE (1870), 8BITMIME (6152), PIPELINING (2920) and enhanced
+status codes (2034, 3463).
+
+The command tables below are the state machine: which verbs each phase of a
+session accepts and which method answers them. Commands run strictly in order;
+one that waits (a password check, the spool's fsync) holds the queue, and
+replies to a pipelined group go out in one write. Framing belongs to
+`gateway.smtp.parser.SMTPInput`; this module only switches it, at `354` (data)
+and at `220` to STARTTLS (discard what was sent in clear, forget the session).
+
+Nothing is relayed except for a device: one that authenticated, or one that
+`relay_without_auth` identifies by its source network. Everything else gets
+`550 5.7.1` at MAIL. A message is acknowledged with `250` only once it is in
+the spool and fsynced; the relay takes it from there.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from gateway.devices import AuthFailed, DeviceAuthenticator
+from gateway.model import Account, Device, Listener, Provider
+from gateway.smtp.intake import MessageIntake
+from gateway.smtp.parser import (
+    MAX_TEXT_LINE,
+    BadCommand,
+    Command,
+    Line,
+    Overlong,
+    PathCommand,
+    SMTPInput,
+    parse_command,
+    parse_path_command,
+)
+from gateway.smtp.policy import (
+    NetworkDevices,
+    account_address,
+    envelope_sender,
+    relay_device,
+    sender_allowed,
+)
+from gateway.smtp.spool import Envelope, QueueEntry, Spool
+from gateway.tls import describe
+
+log = Logger(namespace="gateway.smtp")
+
+_Work = Coroutine[Any, Any, None]
+_Handler = Callable[["SMTPServer", Command], _Work | None]
+
+MAX_AUTH_FAILURES = 3
+# Unknown or out-of-sequence commands before the session is closed: a client
+# that keeps getting them wrong is not a mail client (or is an attack).
+MAX_ERRORS = 20
+# Stop reading from a client that pipelines more than this while a command waits.
+MAX_PIPELINED = 256 * 1024
+
+_USERNAME_PROMPT = base64.b64encode(b"Username:")
+_PASSWORD_PROMPT = base64.b64encode(b"Password:")
+
+
+class Phase(Enum):
+    CONNECTED = "connected"  # before EHLO/HELO
+    READY = "ready"  # greeted, no mail transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+
+
+@dataclass
+class Transaction:
+    device: Device
+    account: Account
+    identified_by: str
+    original_sender: str
+    sender: str
+    body: str | None
+    recipients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SessionRecord:
+    """What the one log line per session says."""
+
+    peer: str
+    started: float
+    device: str = "-"
+    account: str = "-"
+    identified_by: str = "none"
+    tls_version: str = "none"
+    tls_cipher: str = "none"
+    messages: int = 0
+    recipients: int = 0
+    bytes_in: int = 0
+    refused: int = 0
+    outcome: str = "dropped"
+    auth_failures: list[str] = field(default_factory=list)
+
+
+class SMTPServer(Protocol, TimeoutMixin):
+    factory: SMTPServerFactory
+
+    def __init__(self) -> None:
+        self.phase = Phase.CONNECTED
+        self._input = SMTPInput()
+        self._out: list[bytes] = []
+        self._busy = False
+        self._draining = False
+        self._connected = False
+        self._reading_paused = False
+        self._tls = False
+        self._tls_described = False
+        self._helo: str | None = None
+        self._authenticated: Device | None = None
+        self._network_device: Device | None = None
+        self._sasl: Callable[[bytes], _Work | None] | None = None
+        self._txn: Transaction | None = None
+        self._intake: MessageIntake | None = None
+        self._errors = 0
+        self.record = SessionRecord(peer="-", started=0.0)
+
+    # -- Twisted glue ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.callLater = self.factory.clock.callLater
+        self.record = SessionRecord(peer=_peer_host(self.transport), started=time.monotonic())
+        self._tls = self.factory.listener.tls == "implicit"
+        self._network_device = self.factory.network_devices.find(self.record.peer)
+        _set_no_delay(self.transport)
+        self.setTimeout(self.factory.idle_timeout)
+        self._reply(220, None, f"{self.factory.hostname} ESMTP mail gateway ready")
+        self._flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        if self._tls and not self._tls_described:
+            self._describe_tls()
+        self._input.feed(data)
+        self._drain()
+
+    def timeoutConnection(self) -> None:
+        self.record.outcome = "idle timeout"
+        self._reply(421, "4.4.2", f"{self.factory.hostname} idle timeout, closing connection")
+        self._flush()
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._connected = False
+        self.setTimeout(None)
+        if self._intake is not None:
+            # Cut off in the middle of DATA: no 250 was sent, nothing is kept.
+            self._intake.incoming.abort()
+            self._intake = None
+            self.record.outcome = "dropped during DATA"
+        self._log_session()
+
+    # -- input queue -------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Run what arrived, in order; a command that waits holds the rest."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._connected and not self._busy:
+                if self._input.in_data:
+                    chunk = self._input.next_data()
+                    if chunk is None:
+                        break
+                    assert self._intake is not None
+                    self._intake.feed(chunk.data)
+                    if chunk.end:
+                        self._start(self._end_of_data())
+                    continue
+                event = self._input.next_line()
+                if event is None:
+                    break
+                self._start(self._handle(event))
+            self._flow_control()
+        finally:
+            self._draining = False
+            self._flush()
+
+    def _start(self, work: _Work | None) -> None:
+        if work is None:
+            return
+        self._busy = True
+        self.setTimeout(None)
+        d = Deferred.fromCoroutine(work)
+        d.addErrback(self._unexpected_error)
+        d.addBoth(self._work_done)
+
+    def _work_done(self, _: object) -> None:
+        self._busy = False
+        if self._connected:
+            self.setTimeout(self.factory.idle_timeout)
+            self._drain()
+
+    def _flow_control(self) -> None:
+        if not self._reading_paused and self._input.buffered > MAX_PIPELINED:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif self._reading_paused and self._input.buffered <= MAX_PIPELINED // 2:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _unexpected_error(self, failure: Failure) -> None:
+        log.failure("smtp internal error for device {device}", failure, device=self.record.device)
+        self.record.outcome = "internal error"
+        if self._connected:
+            self._reply(421, "4.3.0", "internal error, closing connection")
+            self._flush()
+            self.transport.loseConnection()
+
+    def _handle(self, event: Line | Overlong) -> _Work | None:
+        if self._sasl is not None:
+            answer, self._sasl = self._sasl, None
+            if isinstance(event, Overlong):
+                return self._error(500, "5.5.6", "authentication response too long")
+            return answer(event.data)
+        if isinstance(event, Overlong):
+            return self._error(500, "5.5.6", "line too long")
+        command = parse_command(event.data)
+        if isinstance(command, BadCommand):
+            return self._error(500, "5.5.2", command.reason)
+        handler = _COMMANDS[self.phase].get(command.verb)
+        if handler is None:
+            return self._out_of_sequence(command.verb)
+        return handler(self, command)
+
+    def _out_of_sequence(self, verb: str) -> None:
+        if not any(verb in table for table in _COMMANDS.values()):
+            return self._error(500, "5.5.2", "command not recognized")
+        if self.phase is Phase.CONNECTED:
+            return self._error(503, "5.5.1", "send EHLO or HELO first")
+        if verb == "MAIL":
+            return self._error(503, "5.5.1", "nested MAIL command")
+        if verb == "DATA" and self.phase is Phase.MAIL:
+            return self._error(554, "5.5.1", "no valid recipients")
+        if verb in ("RCPT", "DATA"):
+            return self._error(503, "5.5.1", "send MAIL first")
+        return self._error(503, "5.5.1", f"{verb} is not allowed during a mail transaction")
+
+    # -- replies -----------------------------------------------------------
+
+    def _reply(self, code: int, enhanced: str | None, text: str) -> None:
+        prefix = f"{code} {enhanced} " if enhanced else f"{code} "
+        self._out.append(f"{prefix}{text}\r\n".encode())
+
+    def _reply_lines(self, code: int, lines: list[str]) -> None:
+        last = len(lines) - 1
+        self._out += [
+            f"{code}{' ' if i == last else '-'}{x}\r\n".encode() for i, x in enumerate(lines)
+        ]
+
+    def _flush(self) -> None:
+        """One write per batch: a pipelined group's replies share a TLS record."""
+        if self._out and self._connected:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _error(self, code: int, enhanced: str, text: str) -> None:
+        self._reply(code, enhanced, text)
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self.record.outcome = "too many errors"
+            self._reply(421, "4.7.0", "too many errors, closing connection")
+            self._close()
+
+    def _close(self) -> None:
+        self._flush()
+        self._input.discard()
+        self.transport.loseConnection()
+        self._connected = False
+
+    # -- greeting and session ------------------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self._tls or self.factory.listener.allow_plaintext_auth
+
+    def do_ehlo(self, command: Command) -> None:
+        if not command.arg:
+            return self._error(501, "5.5.4", "EHLO needs the client's domain or address")
+        self._reset_transaction()
+        self._helo = command.arg.split()[0]
+        self.phase = Phase.READY
+        lines = [
+            f"{self.factory.hostname} greets {self._helo}",
+            "PIPELINING",
+            f"SIZE {self.factory.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if not self._tls and self.factory.tls_options is not None:
+            lines.append("STARTTLS")
+        if self._auth_allowed() and self._authenticated is None:
+            lines.append("AUTH PLAIN LOGIN")
+        lines.append("HELP")
+        self._reply_lines(250, lines)
+
+    def do_helo(self, command: Command) -> None:
+        if not command.arg:
+            return self._error(501, "5.5.4", "HELO needs the client's domain")
+        self._reset_transaction()
+        self._helo = command.arg.split()[0]
+        self.phase = Phase.READY
+        self._reply(250, None, f"{self.factory.hostname} greets {self._helo}")
+
+    def do_starttls(self, command: Command) -> None:
+        if command.arg:
+            return self._error(501, "5.5.4", "STARTTLS takes no argument")
+        if self._tls:
+            return self._error(503, "5.5.1", "TLS already active")
+        if self.factory.tls_options is None:
+            return self._error(502, "5.5.1", "STARTTLS not offered on this port")
+        self._reply(220, "2.0.0", "ready to start TLS")
+        self._flush()
+        # RFC 3207 section 4.2: whatever the client sent after STARTTLS in
+        # clear must not be executed inside TLS (command injection), and the
+        # session starts over: EHLO again, no AUTH, no transaction.
+        self._input.discard()
+        self._reset_transaction()
+        self._helo = None
+        self._authenticated = None
+        self.phase = Phase.CONNECTED
+        self.transport.startTLS(self.factory.tls_options)
+        self._tls = True
+        self._tls_described = False
+
+    def do_noop(self, command: Command) -> None:
+        self._reply(250, "2.0.0", "OK")
+
+    def do_rset(self, command: Command) -> None:
+        self._reset_transaction()
+        self._reply(250, "2.0.0", "OK")
+
+    def do_vrfy(self, command: Command) -> None:
+        self._reply(252, "2.5.2", "cannot verify addresses, but will relay the message")
+
+    def do_expn(self, command: Command) -> None:
+        self._reply(502, "5.5.1", "EXPN is not available")
+
+    def do_help(self, command: Command) -> None:
+        self._reply(214, "2.0.0", "mail gateway: see RFC 5321 for the commands")
+
+    def do_quit(self, command: Command) -> None:
+        if self.record.outcome == "dropped":
+            self.record.outcome = "quit"
+        self._reply(221, "2.0.0", "bye")
+        self._close()
+
+    def _reset_transaction(self) -> None:
+        self._txn = None
+        if self.phase in (Phase.MAIL, Phase.RCPT):
+            self.phase = Phase.READY
+
+    # -- AUTH ----------------------------------------------------------------
+
+    def do_auth(self, command: Command) -> _Work | None:
+        if self._authenticated is not None:
+            return self._error(503, "5.5.1", "already authenticated")
+        if not self._auth_allowed():
+            return self._error(538, "5.7.11", "encryption required: send STARTTLS first")
+        mechanism, _, initial = command.arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial.encode())
+            return self._challenge(b"", self._auth_plain)
+        if mechanism == "LOGIN":
+            if initial:
+                return self._login_username(initial.encode())
+            return self._challenge(_USERNAME_PROMPT, self._login_username)
+        return self._error(504, "5.5.4", "unrecognized authentication type; use PLAIN or LOGIN")
+
+    def _challenge(self, prompt: bytes, then: Callable[[bytes], _Work | None]) -> None:
+        self._out.append(b"334 " + prompt + b"\r\n")
+        self._sasl = then
+
+    def _decode(self, response: bytes) -> bytes | None:
+        """A base64 SASL response, or None after replying to a cancel or bad one."""
+        if response == b"*":
+            self._reply(501, "5.0.0", "authentication cancelled")
+            return None
+        try:
+            return base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            self._error(501, "5.5.2", "cannot decode the response (base64)")
+            return None
+
+    def _auth_plain(self, response: bytes) -> _Work | None:
+        decoded = self._decode(b"" if response == b"=" else response)
+        if decoded is None:
+            return None
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return self._error(501, "5.5.2", "malformed PLAIN response")
+        authzid, authcid, password = parts
+        try:
+            user = authcid.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(501, "5.5.2", "malformed PLAIN response")
+        if authzid and authzid != authcid:
+            return self._error(535, "5.7.8", "authorization identity must match the user")
+        return self._login(user, password)
+
+    def _login_username(self, response: bytes) -> None:
+        decoded = self._decode(response)
+        if decoded is None:
+            return None
+        try:
+            user = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(501, "5.5.2", "malformed user name")
+        self._challenge(_PASSWORD_PROMPT, lambda r: self._login_password(user, r))
+        return None
+
+    def _login_password(self, user: str, response: bytes) -> _Work | None:
+        decoded = self._decode(response)
+        return None if decoded is None else self._login(user, decoded)
+
+    async def _login(self, user: str, password: bytes) -> None:
+        try:
+            device = await self.factory.authenticator.authenticate(
+                user, password, self.record.peer, "smtp"
+            )
+        except AuthFailed as refusal:
+            await self._refuse_login(user, refusal)
+            return
+        if not self._connected:
+            return
+        self._authenticated = device
+        self.record.device, self.record.account = device.name, device.account
+        self.record.identified_by = "password"
+        self._reply(235, "2.7.0", "authentication successful")
+
+    async def _refuse_login(self, user: str, refusal: AuthFailed) -> None:
+        self.record.auth_failures.append(refusal.reason)
+        log.warn(
+            "smtp login refused for device {device} from {peer}: {reason}",
+            device=refusal.device or user,
+            peer=self.record.peer,
+            reason=refusal.reason,
+        )
+        await deferLater(self.factory.clock, self.factory.auth_failure_delay, lambda: None)
+        if not self._connected:
+            return
+        self._reply(535, "5.7.8", "authentication credentials invalid")
+        if len(self.record.auth_failures) >= MAX_AUTH_FAILURES:
+            self.record.outcome = "too many login failures"
+            self._reply(421, "4.7.0", "too many failed logins, closing connection")
+            self._close()
+
+    # -- the mail transaction --------------------------------------------------
+
+    def do_mail(self, command: Command) -> None:
+        parsed = parse_path_command(command.arg, "FROM")
+        if not isinstance(parsed, PathCommand):
+            return self._error(parsed.code, parsed.enhanced, parsed.reason)
+        who = relay_device(self._authenticated, self._network_device)
+        if who is None:
+            self.record.refused += 1
+            log.info(
+                "smtp relay refused for {peer}: not authenticated and not an allowed network",
+                peer=self.record.peer,
+            )
+            hint = "authenticate first" if self._auth_allowed() else "STARTTLS and authenticate"
+            return self._reply(550, "5.7.1", f"relaying denied: {hint}")
+        device, identified_by = who
+        account = self.factory.accounts[device.account]
+        provider = self.factory.providers.get(account.provider)
+        if provider is None or provider.smtp is None:
+            log.error(
+                "smtp device {device}: account {account} has no upstream smtp endpoint",
+                device=device.name,
+                account=account.name,
+            )
+            return self._reply(554, "5.3.5", "relaying is not configured for this device")
+        problem = self._mail_params(parsed.params)
+        if problem is not None:
+            return self._error(*problem)
+        if not sender_allowed(account, parsed.address):
+            self.record.refused += 1
+            log.info(
+                "smtp sender <{sender}> refused for device {device} (account {account})",
+                sender=parsed.address,
+                device=device.name,
+                account=account.name,
+            )
+            return self._reply(550, "5.7.1", f"sender <{parsed.address}> not allowed")
+        self.record.device, self.record.account = device.name, account.name
+        self.record.identified_by = identified_by
+        self._txn = Transaction(
+            device=device,
+            account=account,
+            identified_by=identified_by,
+            original_sender=parsed.address,
+            sender=envelope_sender(account, parsed.address),
+            body=parsed.params.get("BODY"),
+        )
+        self.phase = Phase.MAIL
+        self._reply(250, "2.1.0", "sender OK")
+
+    def _mail_params(self, params: Mapping[str, str | None]) -> tuple[int, str, str] | None:
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 15:
+                    return (501, "5.5.4", "SIZE needs a number")
+                if int(value) > self.factory.max_message_size:
+                    limit = self.factory.max_message_size
+                    return (552, "5.3.4", f"message larger than the limit of {limit} octets")
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return (501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            elif name != "AUTH":
+                # AUTH= (RFC 4954 section 5) is accepted and ignored.
+                return (555, "5.5.4", f"MAIL parameter {name} not supported")
+        return None
+
+    def do_rcpt(self, command: Command) -> None:
+        assert self._txn is not None
+        parsed = parse_path_command(command.arg, "TO")
+        if not isinstance(parsed, PathCommand):
+            return self._error(parsed.code, parsed.enhanced, parsed.reason)
+        if parsed.params:
+            return self._error(555, "5.5.4", "RCPT parameters are not supported")
+        recipients = self._txn.recipients
+        if parsed.address in recipients:
+            return self._reply(250, "2.1.5", "recipient OK")
+        if len(recipients) >= self.factory.max_recipients:
+            return self._reply(452, "4.5.3", "too many recipients")
+        recipients.append(parsed.address)
+        self.phase = Phase.RCPT
+        self._reply(250, "2.1.5", "recipient OK")
+
+    def do_data(self, command: Command) -> None:
+        assert self._txn is not None
+        if command.arg:
+            return self._error(501, "5.5.4", "DATA takes no argument")
+        try:
+            incoming = self.factory.spool.incoming(self.factory.clock.seconds())
+        except OSError as e:
+            log.error("smtp spool cannot take a message: {error}", error=e)
+            return self._reply(451, "4.3.0", "cannot store messages now, try again later")
+        account = self._txn.account
+        self._intake = MessageIntake(
+            incoming,
+            max_size=self.factory.max_message_size,
+            max_line=self.factory.max_line_length,
+            rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
+        )
+        self._input.start_data()
+        self._reply(354, None, "end data with <CR><LF>.<CR><LF>")
+
+    async def _end_of_data(self) -> None:
+        intake, txn = self._intake, self._txn
+        assert intake is not None and txn is not None
+        self._intake = None
+        intake.finish()
+        self.record.bytes_in += intake.received
+        if intake.refusal is not None:
+            self.record.refused += 1
+            refusal = intake.refusal
+            log.info(
+                "smtp message refused for device {device}: {reason}",
+                device=txn.device.name,
+                reason=refusal.text,
+            )
+            self._reset_transaction()
+            self._reply(refusal.code, refusal.enhanced, refusal.text)
+            return
+        incoming = intake.incoming
+        envelope = Envelope(
+            id=incoming.id,
+            account=txn.account.name,
+            device=txn.device.name,
+            peer=self.record.peer,
+            identified_by=txn.identified_by,
+            original_sender=txn.original_sender,
+            sender=txn.sender,
+            recipients=tuple(txn.recipients),
+            received=self.factory.clock.seconds(),
+            size=incoming.size,
+            eight_bit=intake.eight_bit,
+            body=txn.body.upper() if txn.body else None,
+        )
+        try:
+            entry = await self.factory.spool.commit(incoming, envelope)
+        except OSError as e:
+            incoming.abort()
+            log.error("smtp spool could not store a message: {error}", error=e)
+            self._reset_transaction()
+            if self._connected:
+                self._reply(451, "4.3.0", "could not store the message, try again later")
+            return
+        # From here the message is the relay's, whether or not the client
+        # is still there to see the 250 (if not, it may send it again).
+        self.factory.on_queued(entry)
+        self.record.messages += 1
+        self.record.recipients += len(envelope.recipients)
+        log.info(
+            "smtp queued {id} device={device} account={account} from=<{sender}> "
+            "sent_as=<{envelope_sender}> rcpts={rcpts} size={size} from_rewritten={rewritten}",
+            id=envelope.id,
+            device=envelope.device,
+            account=envelope.account,
+            sender=envelope.original_sender,
+            envelope_sender=envelope.sender,
+            rcpts=len(envelope.recipients),
+            size=envelope.size,
+            rewritten=intake.from_rewritten,
+        )
+        self._reset_transaction()
+        if self._connected:
+            self._reply(250, "2.0.0", f"OK queued as {envelope.id}")
+
+    # -- the log line -----------------------------------------------------------
+
+    def _describe_tls(self) -> None:
+        self._tls_described = True
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        version, cipher = describe(handle if hasattr(handle, "get_cipher_name") else None)
+        self.record.tls_version, self.record.tls_cipher = version, cipher
+
+    def _log_session(self) -> None:
+        r = self.record
+        log.info(
+            "smtp session device={device} peer={peer} account={account} by={identified_by} "
+            "tls={tls_version} cipher={tls_cipher} messages={messages} rcpts={recipients} "
+            "bytes={bytes_in} refused={refused} auth_failures={failures} "
+            "duration={duration:.3f}s outcome={outcome}",
+            device=r.device,
+            peer=r.peer,
+            account=r.account,
+            identified_by=r.identified_by,
+            tls_version=r.tls_version,
+            tls_cipher=r.tls_cipher,
+            messages=r.messages,
+            recipients=r.recipients,
+            bytes_in=r.bytes_in,
+            refused=r.refused,
+            failures=len(r.auth_failures),
+            duration=time.monotonic() - r.started,
+            outcome=r.outcome,
+        )
+
+
+_ALWAYS: Mapping[str, _Handler] = {
+    "EHLO": SMTPServer.do_ehlo,
+    "HELO": SMTPServer.do_helo,
+    "NOOP": SMTPServer.do_noop,
+    "RSET": SMTPServer.do_rset,
+    "VRFY": SMTPServer.do_vrfy,
+    "EXPN": SMTPServer.do_expn,
+    "HELP": SMTPServer.do_help,
+    "QUIT": SMTPServer.do_quit,
+}
+
+_COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
+    Phase.CONNECTED: {**_ALWAYS, "STARTTLS": SMTPServer.do_starttls},
+    Phase.READY: {
+        **_ALWAYS,
+        "STARTTLS": SMTPServer.do_starttls,
+        "AUTH": SMTPServer.do_auth,
+        "MAIL": SMTPServer.do_mail,
+    },
+    Phase.MAIL: {**_ALWAYS, "RCPT": SMTPServer.do_rcpt},
+    Phase.RCPT: {**_ALWAYS, "RCPT": SMTPServer.do_rcpt, "DATA": SMTPServer.do_data},
+}
+
+
+class SMTPServerFactory(Factory):
+    """Everything a device session needs, injected: tests pass a memory clock,
+    a synchronous authenticator and a spool whose fsync runs inline."""
+
+    protocol = SMTPServer
+
+    def __init__(
+        self,
+        *,
+        listener: Listener,
+        tls_options: IOpenSSLServerConnectionCreator | None,
+        authenticator: DeviceAuthenticator,
+        devices: Mapping[str, Device],
+        accounts: Mapping[str, Account],
+        providers: Mapping[str, Provider],
+        spool: Spool,
+        on_queued: Callable[[QueueEntry], None],
+        clock: IReactorTime,
+        hostname: str,
+        idle_timeout: float = 300.0,
+        max_message_size: int = 35 * 1024 * 1024,
+        max_recipients: int = 100,
+        max_line_length: int = MAX_TEXT_LINE,
+        auth_failure_delay: float = 1.0,
+    ) -> None:
+        self.listener = listener
+        self.tls_options = tls_options
+        self.authenticator = authenticator
+        self.network_devices = NetworkDevices.from_devices(devices.values())
+        self.accounts = accounts
+        self.providers = providers
+        self.spool = spool
+        self.on_queued = on_queued
+        self.clock = clock
+        self.hostname = hostname
+        self.idle_timeout = idle_timeout
+        self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.max_line_length = max_line_length
+        self.auth_failure_delay = auth_failure_delay
+
+
+def _peer_host(transport: Any) -> str:
+    peer = transport.getPeer()
+    return getattr(peer, "host", str(peer))
+
+
+def _set_no_delay(transport: Any) -> None:
+    """Nagle plus the peer's delayed ACK costs ~40 ms per reply: turn it off."""
+    tcp = getattr(transport, "transport", transport)
+    setter = getattr(tcp, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass

@@ -1,0 +1,131 @@
+"""The SMTP relay as Twisted services: the spool with its relay, and the listeners.
+
+The spool is opened (directories made, lock taken, crash leftovers cleaned,
+queue loaded) in `startService`, which twistd runs after it has dropped
+privileges, so every spool file belongs to the user the gateway runs as. The
+spool service comes before the listeners in the parent, so it is ready before
+the first device connects.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+from gateway.model import Account, Listener, Provider
+from gateway.smtp.policy import NetworkDevices
+from gateway.smtp.relay import Relay, RetryPolicy
+from gateway.smtp.server import SMTPServerFactory
+from gateway.smtp.spool import Spool, SpoolDir
+from gateway.state import StateError
+from gateway.upstream.smtp import SMTPClient, open_session
+
+if TYPE_CHECKING:
+    from gateway.service import Runtime
+
+log = Logger(namespace="gateway.smtp")
+
+ListenerService = Callable[["Runtime", Listener, Any], IService]
+
+
+class SpoolService(MultiService):
+    """Opens the spool, then runs the relay (its child) over it."""
+
+    def __init__(self, spool: Spool, relay: Relay) -> None:
+        super().__init__()
+        self.setName("smtp-spool")
+        self.spool = spool
+        self.relay = relay
+        relay.setServiceParent(self)
+
+    def startService(self) -> None:
+        directory = self.spool.dir
+        try:
+            directory.prepare()
+            directory.lock()
+            found = self.spool.load()
+        except (StateError, OSError) as e:
+            # Before the reactor runs: refuse to start, as for a bad config.
+            log.critical("smtp spool cannot be used: {error}", error=str(e))
+            print(f"gateway: cannot start: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        queued = sum(1 for e in found if e.status == "queued")
+        log.info(
+            "smtp spool {path}: {queued} queued, {dead} dead letter(s)",
+            path=str(directory.root),
+            queued=queued,
+            dead=len(found) - queued,
+        )
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.spool.dir.unlock())
+        return d
+
+
+def smtp_services(runtime: Runtime, listener_service: ListenerService) -> list[IService]:
+    """The spool service and one service per `[[smtp.listen]]`; none without listeners."""
+    config = runtime.config
+    settings = config.smtp
+    if not settings.listeners:
+        return []
+    hostname = socket.getfqdn()
+    reactor = runtime.reactor
+    spool = Spool(SpoolDir(config.state_dir / "spool"))
+
+    async def connect_as(account: Account, provider: Provider) -> SMTPClient:
+        return await open_session(
+            account, provider, reactor=reactor, helo_name=hostname, tokens=runtime.tokens
+        )
+
+    relay = Relay(
+        spool=spool,
+        accounts=config.accounts,
+        providers=config.providers,
+        open_session=connect_as,
+        clock=reactor,
+        hostname=hostname,
+        retry=RetryPolicy(
+            first=settings.retry_first,
+            max_interval=settings.retry_max_interval,
+            lifetime=settings.message_lifetime,
+        ),
+    )
+    ignored = NetworkDevices.from_devices(config.devices.values()).ignored
+    for name in ignored:
+        log.error(
+            "device {device} has relay_without_auth but allow_from includes every address; "
+            "it is not trusted without AUTH",
+            device=name,
+        )
+
+    def factory(tls_options: Any, listener: Listener) -> SMTPServerFactory:
+        return SMTPServerFactory(
+            listener=listener,
+            tls_options=tls_options,
+            authenticator=runtime.authenticator,
+            devices=config.devices,
+            accounts=config.accounts,
+            providers=config.providers,
+            spool=spool,
+            on_queued=relay.submitted,
+            clock=reactor,
+            hostname=hostname,
+            idle_timeout=settings.idle_timeout,
+            max_message_size=settings.max_message_size,
+            max_recipients=settings.max_recipients,
+        )
+
+    services: list[IService] = [SpoolService(spool, relay)]
+    services += [
+        listener_service(runtime, listener, lambda tls, listener=listener: factory(tls, listener))
+        for listener in settings.listeners
+    ]
+    return services
