@@ -7,6 +7,16 @@ all, and Dovecot's POP3 lock is off by default).
 
 from __future__ import annotations
 
+from gateway.model import Account
+
+
+def mailbox_key(account: Account) -> str:
+    """What two sessions must not share: the upstream mailbox, not the account
+    name, so two accounts configured for the same mailbox still exclude each
+    other. A POP3 maildrop is the upstream INBOX."""
+    folder = account.folder if account.mailbox == "imap" else "INBOX"
+    return f"{account.provider}\0{account.username.lower()}\0{folder}"
+
 
 class AccountLocks:
     def __init__(self) -> None:

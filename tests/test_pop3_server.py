@@ -60,6 +60,11 @@ class Gateway:
             )
             for name in ("printer", "copier")
         }
+        devices["fax"] = Device(
+            name="fax",
+            password_hash=Secret(FAST_HASHER.hash("fax-pw")),
+            account="scanner-alias",
+        )
         self.tls_marker = object()
         self.factory = POP3ServerFactory(
             listener=Listener(
@@ -70,7 +75,11 @@ class Gateway:
             ),
             tls_options=self.tls_marker if tls == "starttls" else None,  # type: ignore[arg-type]
             authenticator=DeviceAuthenticator(devices, run_in_thread=run_now),
-            accounts={"scanner": Account("scanner", "corp", "scanner@example.com")},
+            accounts={
+                "scanner": Account("scanner", "corp", "scanner@example.com"),
+                # The same upstream mailbox under another name.
+                "scanner-alias": Account("scanner-alias", "corp", "Scanner@Example.com"),
+            },
             open_maildrop=self._open,
             locks=AccountLocks(),
             clock=self.clock,
@@ -275,6 +284,13 @@ def test_second_device_on_the_same_account_gets_in_use() -> None:
     assert len(gw.maildrops) == 1
     first.send(b"QUIT")
     assert second.login("copier").startswith(b"+OK maildrop")
+
+
+def test_two_accounts_for_one_upstream_mailbox_exclude_each_other() -> None:
+    gw = Gateway()
+    first = gw.connect()
+    first.login("printer")
+    assert gw.connect().login("fax") == b"-ERR [IN-USE] mailbox in use by another session\r\n"
 
 
 def test_upstream_errors_map_to_response_codes() -> None:

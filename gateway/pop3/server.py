@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.devices import AuthFailed, DeviceAuthenticator
-from gateway.locks import AccountLocks
+from gateway.locks import AccountLocks, mailbox_key
 from gateway.maildrop import Maildrop, MaildropError, UpstreamLost, UpstreamRejected
 from gateway.model import Account, Listener
 from gateway.pop3.parser import (
@@ -131,7 +131,7 @@ class POP3Server(Protocol, TimeoutMixin):
         self._user: str | None = None
         self._sasl_pending = False
         self._maildrop: Maildrop | None = None
-        self._locked_account: str | None = None
+        self._mailbox_lock: str | None = None
         self._deleted: set[int] = set()
         self.record = SessionRecord(peer="-", started=0.0)
 
@@ -324,16 +324,17 @@ class POP3Server(Protocol, TimeoutMixin):
             return
         account = factory.accounts[device.account]
         self.record.device, self.record.account = device.name, account.name
-        if not factory.locks.acquire(account.name, device.name):
+        lock = mailbox_key(account)
+        if not factory.locks.acquire(lock, device.name):
             log.info(
                 "pop3 device {device} from {peer}: account {account} is in use by {holder}",
                 device=device.name,
                 peer=self.record.peer,
                 account=account.name,
-                holder=factory.locks.holder(account.name),
+                holder=factory.locks.holder(lock),
             )
             return self._err("mailbox in use by another session", "IN-USE")
-        self._locked_account = account.name
+        self._mailbox_lock = lock
         try:
             maildrop = await factory.open_maildrop(account)
         except MaildropError as e:
@@ -520,9 +521,9 @@ class POP3Server(Protocol, TimeoutMixin):
         if self._maildrop is not None and abort:
             self._maildrop.abort()
         self._maildrop = None
-        if self._locked_account is not None:
-            self.factory.locks.release(self._locked_account)
-            self._locked_account = None
+        if self._mailbox_lock is not None:
+            self.factory.locks.release(self._mailbox_lock)
+            self._mailbox_lock = None
 
     def _describe_tls(self) -> None:
         self._tls_described = True

@@ -24,7 +24,7 @@ class DotStuffer:
         if self._at_line_start and out[:1] == b".":
             out = b"." + out
         self._at_line_start = chunk[-1:] == b"\n"
-        self._last = (self._last + chunk)[-2:]
+        self._last = chunk[-2:] if len(chunk) >= 2 else (self._last + chunk)[-2:]
         return out
 
     def close(self) -> bytes:
