@@ -196,8 +196,9 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def interleaved(port: int, context: ssl.SSLContext, logins: dict[str, Login], pid: int,
-                rounds: int, block: int) -> dict[str, dict[str, float]]:
+def interleaved(
+    port: int, context: ssl.SSLContext, logins: dict[str, Login], pid: int, rounds: int, block: int
+) -> dict[str, dict[str, float]]:
     """Gateway CPU and wall time per session, sides alternating block by block.
 
     CPU time of the gateway process is the least noisy measure on a shared
@@ -409,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu = interleaved(
             port,
             ctx_gw,
-            {"gateway-password": user_pass("pw0-dev", "device-pw"),
-             "gateway-oauth": user_pass("tk0-dev", "device-pw")},
+            {
+                "gateway-password": user_pass("pw0-dev", "device-pw"),
+                "gateway-oauth": user_pass("tk0-dev", "device-pw"),
+            },
             gateway.process.pid,
             *blocks,
         )
@@ -454,11 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     inter = results["interleaved"]
     for side in ("gateway-password", "gateway-oauth"):
-        print(f"interleaved {side:<17} gateway CPU "
-              f"{inter[side]['gateway_cpu_ms_per_session']:.2f} ms/session, "
-              f"median wall {inter[side]['median_wall_ms']:.1f} ms")
-    print(f"interleaved oauth/password: gateway CPU {inter['ratio_cpu_oauth_vs_password']:.3f},"
-          f" wall {inter['ratio_wall_oauth_vs_password']:.3f}")
+        print(
+            f"interleaved {side:<17} gateway CPU "
+            f"{inter[side]['gateway_cpu_ms_per_session']:.2f} ms/session, "
+            f"median wall {inter[side]['median_wall_ms']:.1f} ms"
+        )
+    print(
+        f"interleaved oauth/password: gateway CPU {inter['ratio_cpu_oauth_vs_password']:.3f},"
+        f" wall {inter['ratio_wall_oauth_vs_password']:.3f}"
+    )
     print(
         f"refresh requests while measuring: {results['refresh_requests_while_measuring']}; "
         f"introspections: {results['introspections_while_measuring']}; "

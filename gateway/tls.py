@@ -7,6 +7,7 @@ checks against the provider's CA file or the system trust store).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,14 @@ def load_trust_root(ca_file: Path | None) -> ssl.IOpenSSLTrustRoot:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def client_options(host: str, ca_file: Path | None) -> IOpenSSLClientConnectionCreator:
-    """Verified TLS to an upstream: chain to the trust root and host name match."""
+    """Verified TLS to an upstream: chain to the trust root and host name match.
+
+    Cached per (host, CA file): the options hold one OpenSSL context, and
+    building it (parsing the trust store, setting ciphers) costs more than the
+    rest of an upstream login. A changed CA file needs a restart.
+    """
     return ssl.optionsForClientTLS(host, trustRoot=load_trust_root(ca_file))
 
 

@@ -59,11 +59,14 @@ def test_status_json_from_the_environment_config(
 
 @pytest.mark.parametrize(
     ("account", "message"),
-    [("nope", "no account 'nope' in the configuration (OAuth2 accounts: scanner)"),
-     ("shop", 'account shop does not use auth = "oauth2"')],
+    [
+        ("nope", "no account 'nope' in the configuration (OAuth2 accounts: scanner)"),
+        ("shop", 'account shop does not use auth = "oauth2"'),
+    ],
 )
-def test_wrong_account(config_file: Path, capsys: pytest.CaptureFixture[str], account: str,
-                       message: str) -> None:
+def test_wrong_account(
+    config_file: Path, capsys: pytest.CaptureFixture[str], account: str, message: str
+) -> None:
     assert main(["--config", str(config_file), "oauth", "revoke", account]) == 1
     assert capsys.readouterr().err.strip() == f"gateway oauth revoke: {message}"
 
@@ -86,8 +89,9 @@ def test_new_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert second != first
 
 
-def test_missing_config_says_which_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_config_says_which_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
     missing = tmp_path / "absent.toml"
     assert main(["oauth", "status", "--config", str(missing)]) == 1

@@ -42,8 +42,12 @@ def clock() -> Clock:
 
 @pytest.fixture
 def server(clock: Clock) -> Iterator[AuthServer]:
-    auth = AuthServer(client_secret=CLIENT_SECRET, clock=clock, client_credentials_user="alice",
-                      consent_user="alice")
+    auth = AuthServer(
+        client_secret=CLIENT_SECRET,
+        clock=clock,
+        client_credentials_user="alice",
+        consent_user="alice",
+    )
     port = auth.listen(reactor)
     yield auth
     pytest_twisted.blockon(port.stopListening())
@@ -172,8 +176,9 @@ async def test_device_code_expires(tmp_path: Path, clock: Clock, server: AuthSer
 
 
 @pytest_twisted.ensureDeferred
-async def test_device_code_expired_at_the_server(tmp_path: Path, clock: Clock,
-                                                 server: AuthServer) -> None:
+async def test_device_code_expired_at_the_server(
+    tmp_path: Path, clock: Clock, server: AuthServer
+) -> None:
     admin = Admin(config_for(tmp_path, server, "device_code"), clock)
     await until(lambda: bool(clock.getDelayedCalls()))
     server.offset = 3600  # the server's clock says the code is long gone
@@ -185,8 +190,9 @@ async def test_device_code_expired_at_the_server(tmp_path: Path, clock: Clock,
 
 
 @pytest_twisted.ensureDeferred
-async def test_network_trouble_while_polling_backs_off(tmp_path: Path, clock: Clock,
-                                                       server: AuthServer) -> None:
+async def test_network_trouble_while_polling_backs_off(
+    tmp_path: Path, clock: Clock, server: AuthServer
+) -> None:
     admin = Admin(config_for(tmp_path, server, "device_code"), clock)
     await until(lambda: bool(clock.getDelayedCalls()))
     server.fail_next(503)
@@ -217,8 +223,9 @@ async def browser_follow(url: str) -> tuple[int, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_code_grant_with_the_loopback_listener(tmp_path: Path, clock: Clock,
-                                                     server: AuthServer) -> None:
+async def test_code_grant_with_the_loopback_listener(
+    tmp_path: Path, clock: Clock, server: AuthServer
+) -> None:
     config = config_for(tmp_path, server, "authorization_code")
     admin = Admin(config, clock, listen=True, paste=None)
     await until(lambda: "/authorize?" in admin.text)
@@ -227,8 +234,9 @@ async def test_code_grant_with_the_loopback_listener(tmp_path: Path, clock: Cloc
     _, location = await browser_follow(url)
     assert location.startswith("http://localhost:")
     # A stray request without the right state does not end the grant.
-    stray = await browser_get(location.split("?")[0].replace("localhost", "127.0.0.1")
-                           + "?code=x&state=forged")
+    stray = await browser_get(
+        location.split("?")[0].replace("localhost", "127.0.0.1") + "?code=x&state=forged"
+    )
     assert stray.code == 400
     await stray.content()
     page = await browser_get(location.replace("localhost", "127.0.0.1"))
@@ -241,12 +249,14 @@ async def test_code_grant_with_the_loopback_listener(tmp_path: Path, clock: Cloc
 
 
 @pytest_twisted.ensureDeferred
-async def test_code_grant_with_the_redirect_pasted(tmp_path: Path, clock: Clock,
-                                                   server: AuthServer) -> None:
+async def test_code_grant_with_the_redirect_pasted(
+    tmp_path: Path, clock: Clock, server: AuthServer
+) -> None:
     config = config_for(tmp_path, server, "authorization_code")
     pasted: Deferred[str] = Deferred()
-    admin = Admin(config, clock, listen=False, paste=lambda: pasted,
-                  redirect_uri="http://localhost:1/")
+    admin = Admin(
+        config, clock, listen=False, paste=lambda: pasted, redirect_uri="http://localhost:1/"
+    )
     await until(lambda: "/authorize?" in admin.text)
     assert "paste it here" in admin.text
     url = re.search(r"(http://\S+/authorize\?\S+)", admin.text).group(1)  # type: ignore[union-attr]
@@ -263,8 +273,13 @@ async def test_code_grant_refuses_a_pasted_redirect_with_another_state(
     tmp_path: Path, clock: Clock, server: AuthServer
 ) -> None:
     pasted: Deferred[str] = Deferred()
-    admin = Admin(config_for(tmp_path, server, "authorization_code"), clock, listen=False,
-                  paste=lambda: pasted, redirect_uri="http://localhost:1/")
+    admin = Admin(
+        config_for(tmp_path, server, "authorization_code"),
+        clock,
+        listen=False,
+        paste=lambda: pasted,
+        redirect_uri="http://localhost:1/",
+    )
     await until(lambda: "/authorize?" in admin.text)
     pasted.callback("http://localhost:1/?code=stolen&state=someone-elses")
     await until(lambda: admin.done.called)
@@ -274,8 +289,9 @@ async def test_code_grant_refuses_a_pasted_redirect_with_another_state(
 
 
 @pytest_twisted.ensureDeferred
-async def test_code_grant_declined_in_the_browser(tmp_path: Path, clock: Clock,
-                                                  server: AuthServer) -> None:
+async def test_code_grant_declined_in_the_browser(
+    tmp_path: Path, clock: Clock, server: AuthServer
+) -> None:
     server.consent_user = None
     admin = Admin(config_for(tmp_path, server, "authorization_code"), clock, paste=None)
     await until(lambda: "/authorize?" in admin.text)
@@ -289,8 +305,9 @@ async def test_code_grant_declined_in_the_browser(tmp_path: Path, clock: Clock,
 
 
 @pytest_twisted.ensureDeferred
-async def test_code_grant_times_out_on_the_clock(tmp_path: Path, clock: Clock,
-                                                 server: AuthServer) -> None:
+async def test_code_grant_times_out_on_the_clock(
+    tmp_path: Path, clock: Clock, server: AuthServer
+) -> None:
     admin = Admin(config_for(tmp_path, server, "authorization_code"), clock, paste=None)
     await until(lambda: "/authorize?" in admin.text)
     clock.advance(600)
@@ -312,8 +329,12 @@ def test_pkce_pair() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["http://localhost:5/?code=abc&state=s1", "?code=abc&state=s1", "code=abc&state=s1",
-     "/?state=s1&code=abc"],
+    [
+        "http://localhost:5/?code=abc&state=s1",
+        "?code=abc&state=s1",
+        "code=abc&state=s1",
+        "/?state=s1&code=abc",
+    ],
 )
 def test_code_from_redirect_forms(text: str) -> None:
     assert code_from_redirect(text, "s1") == "abc"
@@ -361,8 +382,7 @@ def test_status_before_any_key_or_token(tmp_path: Path) -> None:
 
 def test_status_with_the_wrong_key(tmp_path: Path) -> None:
     config = oauth_config(tmp_path / "state")
-    store = TokenStore.open(config.state_dir, load_key(config.oauth, config.state_dir,
-                                                       environ=ENV))
+    store = TokenStore.open(config.state_dir, load_key(config.oauth, config.state_dir, environ=ENV))
     store.update("scanner", lambda _: revoke_record())
     [entry] = status_report(config, now=0.0, environ={KEY_ENV: encode_key(new_key())})
     assert entry["state"] == "unreadable" and "different gateway key" in entry["last_error"]

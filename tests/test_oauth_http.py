@@ -44,8 +44,12 @@ def poster() -> TreqPoster:
 @pytest.mark.parametrize(
     ("status", "body", "kind", "code"),
     [
-        (400, {"error": "invalid_grant", "error_description": "AADSTS70008 expired"},
-         OAuthEndpointError, "invalid_grant"),
+        (
+            400,
+            {"error": "invalid_grant", "error_description": "AADSTS70008 expired"},
+            OAuthEndpointError,
+            "invalid_grant",
+        ),
         (401, {"error": "invalid_client"}, OAuthEndpointError, "invalid_client"),
         (400, {"error": "temporarily_unavailable"}, OAuthUnavailable, None),
         (500, {"error": "server_error"}, OAuthUnavailable, None),
@@ -56,8 +60,9 @@ def poster() -> TreqPoster:
         (200, [], OAuthUnavailable, None),
     ],
 )
-def test_answers_are_sorted(status: int, body: Any, kind: type[Exception], code: str | None
-                            ) -> None:
+def test_answers_are_sorted(
+    status: int, body: Any, kind: type[Exception], code: str | None
+) -> None:
     with pytest.raises(kind) as info:
         interpret_response("https://id.example/token?x=1", status, json.dumps(body).encode())
     if code is not None:

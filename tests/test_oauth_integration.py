@@ -68,8 +68,14 @@ def oauth_dovecot(
         yield server
 
 
-def config_text(base: Path, port: int, dovecot: Dovecot, upstream: TLSMaterial,
-                own: TLSMaterial, idp: OAuthServerProcess) -> str:
+def config_text(
+    base: Path,
+    port: int,
+    dovecot: Dovecot,
+    upstream: TLSMaterial,
+    own: TLSMaterial,
+    idp: OAuthServerProcess,
+) -> str:
     secret = base / "client-secret"
     secret.write_text(CLIENT_SECRET + "\n")
     secret.chmod(0o600)
@@ -93,8 +99,14 @@ def config_text(base: Path, port: int, dovecot: Dovecot, upstream: TLSMaterial,
     ]
     # Dovecot offers both: "idp" forces XOAUTH2, "idp-bearer" picks OAUTHBEARER itself.
     for name, extra in (("idp", 'sasl = "xoauth2"'), ("idp-bearer", "")):
-        lines += [f"[providers.{name}]", pop3, f'ca_file = "{upstream.ca_file}"', "timeout = 5",
-                  oauth, extra]
+        lines += [
+            f"[providers.{name}]",
+            pop3,
+            f'ca_file = "{upstream.ca_file}"',
+            "timeout = 5",
+            oauth,
+            extra,
+        ]
     lines += [
         "[accounts.scanner]",
         'provider = "idp"\nusername = "alice"\nauth = "oauth2"\ngrant = "device_code"',
@@ -105,8 +117,12 @@ def config_text(base: Path, port: int, dovecot: Dovecot, upstream: TLSMaterial,
         "[accounts.plain]",
         'provider = "idp"\nusername = "bob"\npassword = "bob-pw"',
     ]
-    devices = [("printer", "scanner"), ("bearer-dev", "bearer"), ("app-dev", "app"),
-               ("plain-dev", "plain")]
+    devices = [
+        ("printer", "scanner"),
+        ("bearer-dev", "bearer"),
+        ("app-dev", "app"),
+        ("plain-dev", "plain"),
+    ]
     devices += [(f"crowd{n:02d}", "scanner") for n in range(CROWD)]
     for device, account in devices:
         lines.append(
@@ -136,8 +152,7 @@ def setup(
 
 
 @pytest.fixture
-def env(setup: dict[str, Any], oauth_dovecot: Dovecot, idp: OAuthServerProcess
-        ) -> dict[str, Any]:
+def env(setup: dict[str, Any], oauth_dovecot: Dovecot, idp: OAuthServerProcess) -> dict[str, Any]:
     for user in USERS:
         oauth_dovecot.clear(user)
     idp.control("set", access_ttl=3600, token_length=40)
@@ -172,16 +187,19 @@ def device_grant_tokens(idp: OAuthServerProcess, username: str = "alice") -> dic
     client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
     start = post_form(f"{idp.url}/device", {**client, "scope": "mail offline_access"})
     idp.control("approve", user_code=start["user_code"], username=username)
-    return post_form(f"{idp.url}/token", {**client, "grant_type": DEVICE_GRANT,
-                                          "device_code": start["device_code"]})
+    return post_form(
+        f"{idp.url}/token",
+        {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
+    )
 
 
 def store_for(state: Path) -> TokenStore:
     return TokenStore.open(state, load_key(OAuthSettings(), state, environ={}))
 
 
-def authorize_directly(state: Path, idp: OAuthServerProcess, account: str = "scanner",
-                       *, expired: bool = False) -> TokenRecord:
+def authorize_directly(
+    state: Path, idp: OAuthServerProcess, account: str = "scanner", *, expired: bool = False
+) -> TokenRecord:
     """Store tokens for `account` the way `gateway oauth authorize` does; `expired`
     dates the access token in the past (it expired while the gateway was down)."""
     now = time.time()
@@ -193,8 +211,14 @@ def authorize_directly(state: Path, idp: OAuthServerProcess, account: str = "sca
 
 def gateway_cli(setup: dict[str, Any], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "--config", str(setup["base"] / "gateway.toml"),
-         *args],
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "--config",
+            str(setup["base"] / "gateway.toml"),
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -369,8 +393,7 @@ def test_revoked_grant_tells_the_device_and_the_admin(
     assert cli_status(env)["scanner"]["state"] == "ok"
 
 
-def test_revoke_command(env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.SSLContext
-                        ) -> None:
+def test_revoke_command(env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.SSLContext) -> None:
     authorize_directly(env["state"], idp)
     device_login(env["port"], ctx).quit()
     process = gateway_cli(env, "oauth", "revoke", "scanner")
@@ -385,8 +408,9 @@ def test_revoke_command(env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.S
 # -- the store across restarts, keys and damage ----------------------------------------------
 
 
-def test_restart_keeps_the_tokens(env: dict[str, Any], idp: OAuthServerProcess,
-                                  ctx: ssl.SSLContext) -> None:
+def test_restart_keeps_the_tokens(
+    env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.SSLContext
+) -> None:
     authorize_directly(env["state"], idp)
     gateway: GatewayProcess = env["gateway"]
     gateway.stop()
@@ -397,8 +421,9 @@ def test_restart_keeps_the_tokens(env: dict[str, Any], idp: OAuthServerProcess,
     assert idp.count("introspect") == 1
 
 
-def test_wrong_key_is_a_clear_error(env: dict[str, Any], idp: OAuthServerProcess,
-                                    ctx: ssl.SSLContext) -> None:
+def test_wrong_key_is_a_clear_error(
+    env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.SSLContext
+) -> None:
     authorize_directly(env["state"], idp)
     gateway: GatewayProcess = env["gateway"]
     key_file = env["state"] / "gateway.key"
@@ -424,8 +449,9 @@ def test_wrong_key_is_a_clear_error(env: dict[str, Any], idp: OAuthServerProcess
     device_login(env["port"], ctx).quit()
 
 
-def test_torn_store_file_is_a_clear_error(env: dict[str, Any], idp: OAuthServerProcess,
-                                          ctx: ssl.SSLContext) -> None:
+def test_torn_store_file_is_a_clear_error(
+    env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.SSLContext
+) -> None:
     authorize_directly(env["state"], idp)
     path = store_for(env["state"]).path_for("scanner")
     path.write_bytes(path.read_bytes()[:30])  # a write torn by a crash (not ours: atomic)
@@ -438,8 +464,9 @@ def test_torn_store_file_is_a_clear_error(env: dict[str, Any], idp: OAuthServerP
     device_login(env["port"], ctx).quit()
 
 
-def test_no_secret_in_any_log(env: dict[str, Any], idp: OAuthServerProcess,
-                              oauth_dovecot: Dovecot) -> None:
+def test_no_secret_in_any_log(
+    env: dict[str, Any], idp: OAuthServerProcess, oauth_dovecot: Dovecot
+) -> None:
     log = env["gateway"].log_text()
     assert "oauth account" in log and "refreshed" in log
     secrets = idp.control("secrets")["secrets"]
@@ -472,8 +499,10 @@ async def test_single_flight_over_real_http(tmp_path: Path) -> None:
         store = TokenStore.open(config.state_dir, key)
         answer = server._issue("alice", "gateway", "mail", refresh=True)
         tokens = parse_token_response(answer, time.time() - 7200)  # long expired
-        store.update("scanner", lambda _: TokenRecord.authorized("scanner", "device_code",
-                                                                  tokens, time.time()))
+        store.update(
+            "scanner",
+            lambda _: TokenRecord.authorized("scanner", "device_code", tokens, time.time()),
+        )
         manager = TokenManager(config, clock=reactor, poster=TreqPoster(reactor), store=store)
         server.hold = True
         account = config.accounts["scanner"]

@@ -70,8 +70,9 @@ def logged() -> Iterator[list[str]]:
     globalLogPublisher.removeObserver(observe)
 
 
-def manager_for(config: Config, clock: Clock, poster: InMemoryPoster, store: TokenStore,
-                *, start: bool = True) -> TokenManager:
+def manager_for(
+    config: Config, clock: Clock, poster: InMemoryPoster, store: TokenStore, *, start: bool = True
+) -> TokenManager:
     manager = TokenManager(config, clock=clock, poster=poster, store=store)
     if start:
         manager.startService()
@@ -274,8 +275,9 @@ def test_needs_reauth_survives_a_restart(config, clock, poster, store, server) -
     second.stopService()
 
 
-def test_a_still_valid_token_is_used_after_invalid_grant(config, clock, poster, store, server
-                                                         ) -> None:
+def test_a_still_valid_token_is_used_after_invalid_grant(
+    config, clock, poster, store, server
+) -> None:
     seeded = seed(store, server, clock.seconds())
     server.refresh.clear()  # the refresh token died, the access token has not
     manager = manager_for(config, clock, poster, store)
@@ -289,8 +291,9 @@ def test_a_still_valid_token_is_used_after_invalid_grant(config, clock, poster, 
     manager.stopService()
 
 
-def test_invalid_client_is_permanent_with_its_own_hint(config, clock, poster, store, server,
-                                                       logged) -> None:
+def test_invalid_client_is_permanent_with_its_own_hint(
+    config, clock, poster, store, server, logged
+) -> None:
     seed(store, server, clock.seconds())
     server.client_secret = "rotated-by-the-tenant-admin"
     manager = manager_for(config, clock, poster, store)
@@ -336,8 +339,9 @@ def test_transient_failure_keeps_serving_a_valid_token_and_backs_off(
     manager.stopService()
 
 
-def test_no_valid_token_and_provider_down_is_temporary(config, clock, poster, store, server
-                                                       ) -> None:
+def test_no_valid_token_and_provider_down_is_temporary(
+    config, clock, poster, store, server
+) -> None:
     seed(store, server, clock.seconds())
     manager = manager_for(config, clock, poster, store, start=False)
     clock.advance(3600)
@@ -395,8 +399,9 @@ def test_tokens_written_by_the_cli_are_picked_up_without_restart(
     manager.stopService()
 
 
-def test_revocation_by_the_cli_takes_effect_at_once(config, clock, poster, store, server, key
-                                                    ) -> None:
+def test_revocation_by_the_cli_takes_effect_at_once(
+    config, clock, poster, store, server, key
+) -> None:
     seed(store, server, clock.seconds())
     manager = manager_for(config, clock, poster, store)
     token_now(manager, config)
@@ -410,16 +415,16 @@ def test_revocation_by_the_cli_takes_effect_at_once(config, clock, poster, store
     manager.stopService()
 
 
-def test_a_refresh_never_overwrites_a_new_authorisation(config, clock, poster, store, server, key
-                                                        ) -> None:
+def test_a_refresh_never_overwrites_a_new_authorisation(
+    config, clock, poster, store, server, key
+) -> None:
     seed(store, server, clock.seconds())
     manager = manager_for(config, clock, poster, store, start=False)
     clock.advance(3600)
     poster.hold = True
     waiting = ensureDeferred(manager.access_token(config.accounts["scanner"]))
     # While the refresh is in flight, the admin re-authorises.
-    admin = seed(TokenStore.open(config.state_dir, key), server, clock.seconds(),
-                 username="alice")
+    admin = seed(TokenStore.open(config.state_dir, key), server, clock.seconds(), username="alice")
     poster.release()
     assert admin.tokens is not None
     assert waiting.result == admin.tokens.access_token.reveal()  # type: ignore[attr-defined]
@@ -428,8 +433,9 @@ def test_a_refresh_never_overwrites_a_new_authorisation(config, clock, poster, s
     assert saved.tokens == admin.tokens
 
 
-def test_unreadable_file_is_a_clear_refusal_not_a_crash(config, clock, poster, store, server,
-                                                        logged) -> None:
+def test_unreadable_file_is_a_clear_refusal_not_a_crash(
+    config, clock, poster, store, server, logged
+) -> None:
     seed(store, server, clock.seconds())
     store.path_for("scanner").write_bytes(store.path_for("scanner").read_bytes()[:40])
     manager = manager_for(config, clock, poster, store)
@@ -524,8 +530,9 @@ def test_record_round_trip_keeps_state_fields(config, clock, store, server) -> N
     assert isinstance(failed, TokenRecord)
 
 
-def test_forced_refresh_right_after_an_admin_authorisation(config, clock, poster, store, server
-                                                           ) -> None:
+def test_forced_refresh_right_after_an_admin_authorisation(
+    config, clock, poster, store, server
+) -> None:
     """A token the admin stored seconds ago may be the very one the provider refused."""
     seeded = seed(store, server, clock.seconds())
     manager = manager_for(config, clock, poster, store, start=False)
@@ -547,8 +554,9 @@ def test_forced_refresh_after_a_new_authorisation_following_a_refresh(
     assert refreshes(poster) == 2
 
 
-def test_an_unexpected_error_is_a_temporary_failure(config, clock, poster, store, server,
-                                                    logged) -> None:
+def test_an_unexpected_error_is_a_temporary_failure(
+    config, clock, poster, store, server, logged
+) -> None:
     seed(store, server, clock.seconds())
     manager = manager_for(config, clock, poster, store)
     clock.advance(3600)  # the background refresh runs

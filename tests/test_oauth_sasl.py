@@ -193,11 +193,15 @@ class Upstream:
         self.protocol.dataReceived(data)
 
     def open(self, tokens: Tokens, capa: bytes, sasl: Any = "auto") -> Deferred[Any]:
-        prov = Provider(name="m365", pop3=Endpoint("pop.example.test", 110, "starttls"),
-                        sasl=sasl)
+        prov = Provider(name="m365", pop3=Endpoint("pop.example.test", 110, "starttls"), sasl=sasl)
         d = Deferred.fromCoroutine(
-            open_pop3_maildrop(ACCOUNT, prov, reactor=self.clock,
-                               endpoint_factory=self.endpoint_factory, tokens=tokens)
+            open_pop3_maildrop(
+                ACCOUNT,
+                prov,
+                reactor=self.clock,
+                endpoint_factory=self.endpoint_factory,
+                tokens=tokens,
+            )
         )
         self.say(b"+OK ready\r\n")
         assert self.sent() == b"CAPA\r\n"

@@ -88,7 +88,9 @@ def register(commands: Commands) -> None:
     )
     authorize.add_argument("account", metavar="ACCOUNT")
     authorize.add_argument(
-        "--port", type=int, default=0,
+        "--port",
+        type=int,
+        default=0,
         help="authorization code: port of the localhost redirect listener (default: any)",
     )
     authorize.add_argument(
@@ -97,7 +99,8 @@ def register(commands: Commands) -> None:
         "(default http://localhost:PORT/)",
     )
     authorize.add_argument(
-        "--no-listen", action="store_true",
+        "--no-listen",
+        action="store_true",
         help="authorization code: do not listen on localhost; only accept a pasted URL",
     )
     status = base._add_command(
@@ -324,23 +327,24 @@ def oauth_account(config: Config, name: str) -> Account:
     return account
 
 
-def open_store(config: Config, *, create_key: bool, environ: Mapping[str, str] = os.environ
-               ) -> TokenStore | None:
+def open_store(
+    config: Config, *, create_key: bool, environ: Mapping[str, str] = os.environ
+) -> TokenStore | None:
     """The token store, or None if no key exists yet and `create_key` is False."""
     try:
         key = load_key(config.oauth, config.state_dir, environ=environ, create=create_key)
     except GatewayKeyError:
-        if not create_key and KEY_ENV not in environ and not key_path(
-            config.oauth, config.state_dir
-        ).exists():
+        if (
+            not create_key
+            and KEY_ENV not in environ
+            and not key_path(config.oauth, config.state_dir).exists()
+        ):
             return None
         raise
     try:
         return TokenStore.open(config.state_dir, key)
     except PermissionError as e:
-        raise CommandFailed(
-            f"{e}; run this command as the user the gateway runs as"
-        ) from None
+        raise CommandFailed(f"{e}; run this command as the user the gateway runs as") from None
 
 
 async def authorize_account(
@@ -367,8 +371,7 @@ async def authorize_account(
     assert store is not None
     grant = account.grant or "device_code"
     print(
-        f"Account {name} ({account.username}) at provider {provider.name}: "
-        f"{GRANT_NAMES[grant]}.",
+        f"Account {name} ({account.username}) at provider {provider.name}: {GRANT_NAMES[grant]}.",
         file=out,
         flush=True,
     )
@@ -427,7 +430,7 @@ def _show_code_url(url: str, redirect: str, account: Account, listen: bool, out:
     print(f"  {url}", file=out)
     if listen:
         print(
-            f"The browser is then sent to {redirect}. If that page says \"Signed in\", you "
+            f'The browser is then sent to {redirect}. If that page says "Signed in", you '
             "are done. If it does not load (browser on another machine), copy the whole "
             "address from the address bar, paste it here and press Enter:",
             file=out,
@@ -459,9 +462,11 @@ def status_report(
     environ: Mapping[str, str] = os.environ,
 ) -> list[dict[str, Any]]:
     """One document per OAuth2 account (all, or `names`), as `oauth status` shows it."""
-    accounts = [oauth_account(config, n) for n in names] if names else [
-        a for a in config.accounts.values() if a.auth == "oauth2"
-    ]
+    accounts = (
+        [oauth_account(config, n) for n in names]
+        if names
+        else [a for a in config.accounts.values() if a.auth == "oauth2"]
+    )
     store = open_store(config, create_key=False, environ=environ)
     report = []
     for account in sorted(accounts, key=lambda a: a.name):

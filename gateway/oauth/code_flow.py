@@ -221,9 +221,11 @@ async def _first(sources: list[Deferred[str]], clock: IReactorTime, wait: float)
         source.addBoth(settle)
     timer = clock.callLater(
         wait,
-        lambda: winner.called
-        or winner.errback(
-            AuthorizationFailed(f"nobody signed in within {wait:g} s; run the command again")
+        lambda: (
+            winner.called
+            or winner.errback(
+                AuthorizationFailed(f"nobody signed in within {wait:g} s; run the command again")
+            )
         ),
     )
     try:

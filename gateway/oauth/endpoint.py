@@ -95,9 +95,7 @@ class TokenEndpoint:
         """RFC 8628 3.1-3.2."""
         url = self.client.device_authorization_url
         if url is None:
-            raise NoOAuthClient(
-                f"provider {self.provider.name} has no device_authorization_url"
-            )
+            raise NoOAuthClient(f"provider {self.provider.name} has no device_authorization_url")
         fields = self._client_fields()
         if self.client.scopes:
             fields["scope"] = " ".join(self.client.scopes)

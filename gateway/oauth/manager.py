@@ -154,8 +154,10 @@ class TokenManager(Service):
             self._store = TokenStore.open(self._config.state_dir, key)
         except (GatewayKeyError, TokenStoreError, StateError) as e:
             self._broken = str(e)
-            log.error("oauth: token store unusable, OAuth2 accounts cannot log in: {reason}",
-                      reason=self._broken)
+            log.error(
+                "oauth: token store unusable, OAuth2 accounts cannot log in: {reason}",
+                reason=self._broken,
+            )
 
     @property
     def store(self) -> TokenStore | None:
@@ -350,8 +352,7 @@ class TokenManager(Service):
             raise
         except Exception as e:
             # A bug must cost a retry, not the device session or the timer.
-            log.failure("oauth account {account}: unexpected error while refreshing",
-                        account=name)
+            log.failure("oauth account {account}: unexpected error while refreshing", account=name)
             failure = OAuthUnavailable(f"unexpected {type(e).__name__}")
             self._transient_failure(state, lineage, failure)
             raise failure from None
@@ -361,21 +362,19 @@ class TokenManager(Service):
             and record.tokens is not None
             and tokens.refresh_token != record.tokens.refresh_token
         )
-        saved = self._save(
-            state, lineage, lambda current: current.refreshed(tokens, now), now=now
-        )
+        saved = self._save(state, lineage, lambda current: current.refreshed(tokens, now), now=now)
         state.failures = 0
         state.retry_at = 0.0
         state.refreshed_at = now
         if saved is not None and saved.lineage != lineage:
             # An admin re-authorised while this refresh ran: theirs wins.
-            log.info("oauth account {account}: re-authorised meanwhile; refresh discarded",
-                     account=name)
+            log.info(
+                "oauth account {account}: re-authorised meanwhile; refresh discarded", account=name
+            )
             if saved.tokens is not None:
                 return saved.tokens
         log.info(
-            "oauth account {account}: access token refreshed, valid for {lifetime:.0f} s"
-            "{rotated}",
+            "oauth account {account}: access token refreshed, valid for {lifetime:.0f} s{rotated}",
             account=name,
             lifetime=tokens.expires_at - now,
             rotated=", refresh token rotated and saved" if rotated else "",
@@ -546,8 +545,7 @@ class TokenManager(Service):
         else:
             expires = record.tokens.expires_at - now if record.tokens else 0.0
             log.info(
-                "oauth account {account}: {grant} tokens loaded, access token "
-                "{validity}",
+                "oauth account {account}: {grant} tokens loaded, access token {validity}",
                 account=name,
                 grant=record.grant,
                 validity=f"valid for {expires:.0f} s" if expires > 0 else "expired",

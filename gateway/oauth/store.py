@@ -100,8 +100,9 @@ class TokenRecord:
         )
 
     def refreshed(self, tokens: Tokens, now: float) -> TokenRecord:
-        return replace(self, state="ok", tokens=tokens, last_refresh=now, last_error=None,
-                       last_error_at=None)
+        return replace(
+            self, state="ok", tokens=tokens, last_refresh=now, last_error=None, last_error_at=None
+        )
 
     def failed(self, state: State, error: str, now: float) -> TokenRecord:
         return replace(self, state=state, last_error=error, last_error_at=now)

@@ -19,9 +19,7 @@ from gateway.oauth.errors import OAuthUnavailable
 DEFAULT_LIFETIME = 3600.0
 # Bearer tokens are opaque but printable ASCII without spaces (RFC 6750 2.1
 # b64token); anything else cannot travel in a SASL response.
-_TOKEN_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="
-)
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 
 
 @dataclass(frozen=True)

@@ -207,18 +207,25 @@ class AuthServer:
         if grant == "refresh_token":
             record = self.refresh.get(form.get("refresh_token", ""))
             if record is None or not record.active:
-                return 400, {"error": "invalid_grant", "error_description": "refresh token"
-                             " revoked, expired or already used"}
+                return 400, {
+                    "error": "invalid_grant",
+                    "error_description": "refresh token revoked, expired or already used",
+                }
             if self.rotate_refresh_tokens:
                 record.active = False
-            answer = self._issue(record.username, self.client_id, scope or record.scope,
-                                 refresh=self.rotate_refresh_tokens)
+            answer = self._issue(
+                record.username,
+                self.client_id,
+                scope or record.scope,
+                refresh=self.rotate_refresh_tokens,
+            )
             return 200, answer
         if grant == "client_credentials":
             if self.client_secret is None:
                 return 400, {"error": "unauthorized_client"}
-            return 200, self._issue(self.client_credentials_user, self.client_id, scope,
-                                    refresh=False)
+            return 200, self._issue(
+                self.client_credentials_user, self.client_id, scope, refresh=False
+            )
         if grant == "authorization_code":
             return self._redeem_code(form)
         if grant == DEVICE_GRANT:
@@ -228,16 +235,17 @@ class AuthServer:
     def _redeem_code(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         code = self.codes.get(form.get("code", ""))
         if code is None or code.used:
-            return 400, {"error": "invalid_grant", "error_description": "code unknown or "
-                         "already redeemed"}
+            return 400, {
+                "error": "invalid_grant",
+                "error_description": "code unknown or already redeemed",
+            }
         code.used = True
         if form.get("redirect_uri") != code.redirect_uri:
             return 400, {"error": "invalid_grant", "error_description": "redirect_uri mismatch"}
         verifier = form.get("code_verifier", "")
         digest = hashlib.sha256(verifier.encode()).digest()
         if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != code.challenge:
-            return 400, {"error": "invalid_grant", "error_description": "PKCE verification"
-                         " failed"}
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
         return 200, self._issue(code.username, code.client_id, code.scope, refresh=True)
 
     def _poll_device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -286,8 +294,13 @@ class AuthServer:
             params = {"error": "access_denied", "state": state}
         else:
             code = "code-" + _random(24)
-            self.codes[code] = _Code(self.consent_user, self.client_id, redirect,
-                                     query.get("code_challenge", ""), query.get("scope", ""))
+            self.codes[code] = _Code(
+                self.consent_user,
+                self.client_id,
+                redirect,
+                query.get("code_challenge", ""),
+                query.get("scope", ""),
+            )
             params = {"code": code, "state": state}
         return 302, redirect + ("&" if "?" in redirect else "?") + urlencode(params)
 
@@ -521,9 +534,15 @@ class OAuthServerProcess:
         self.port_file.unlink(missing_ok=True)
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.testing.oauth_server",
-                 "--port-file", str(self.port_file),
-                 "--settings", json.dumps(self.settings)],
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.testing.oauth_server",
+                    "--port-file",
+                    str(self.port_file),
+                    "--settings",
+                    json.dumps(self.settings),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},

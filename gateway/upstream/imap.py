@@ -1345,5 +1345,4 @@ async def open_session(
     except BaseException:
         client.abort("login failed")
         raise
-    log.debug("logged in to {peer} as account {account}", peer=client.peer, account=account.name)
     return client

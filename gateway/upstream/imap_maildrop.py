@@ -543,12 +543,6 @@ class IMAPMaildrop:
             self.abort()
             raise
         await self._logout()
-        log.debug(
-            "account {account}: {count} deletions committed ({policy})",
-            account=self._account.name,
-            count=len(uids),
-            policy=self._account.on_delete,
-        )
 
     async def _select_for_update(self) -> _FolderState:
         state = _FolderState()
@@ -734,11 +728,4 @@ async def open_imap_maildrop(
     except BaseException:
         client.abort("snapshot at login failed")
         raise
-    log.debug(
-        "account {account}: {count} messages in {folder} (UIDVALIDITY {validity})",
-        account=account.name,
-        count=len(snapshot.uids),
-        folder=account.folder,
-        validity=snapshot.uidvalidity,
-    )
     return IMAPMaildrop(client, account, snapshot, uid_store=uid_store)

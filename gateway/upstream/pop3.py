@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import ipaddress
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,12 @@ from typing import Any, TypeAlias
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
@@ -776,8 +782,17 @@ EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpo
 
 
 def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """The default: name resolution plus happy eyeballs over IPv4 and IPv6."""
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    """The default: name resolution plus happy eyeballs over IPv4 and IPv6.
+
+    An IP address is connected to directly: resolving it would cost a thread
+    hand-off on every login for nothing.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    return endpoint(reactor, host, port, timeout=timeout)
 
 
 async def connect(
@@ -805,6 +820,7 @@ async def connect(
         endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
 
     factory = Factory.forProtocol(lambda: POP3Client(reactor, provider.timeout, peer=peer))
+    factory.noisy = False  # one "Starting factory" log line per session says nothing
     connecting = endpoint.connect(factory)
     # Our own timer rather than Deferred.addTimeout: endpoints answer a
     # cancel with their own error types, and the message should say "timeout".
@@ -965,5 +981,4 @@ async def open_session(
     except BaseException:
         client.abort("login failed")
         raise
-    log.debug("logged in to {peer} as account {account}", peer=client.peer, account=account.name)
     return client

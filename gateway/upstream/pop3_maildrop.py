@@ -120,11 +120,6 @@ class POP3Maildrop:
                 f"{self._client.peer} refused DELE of {', '.join(refused)}",
                 "some deleted messages were not removed",
             )
-        log.debug(
-            "committed {count} deletions for account {account}",
-            count=len(numbers),
-            account=self._account,
-        )
 
     def abort(self) -> None:
         self._client.abort()

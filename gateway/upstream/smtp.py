@@ -547,6 +547,7 @@ async def connect(
     if server.tls == "implicit":
         endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
     factory = Factory.forProtocol(lambda: SMTPClient(reactor, provider.timeout, peer=peer))
+    factory.noisy = False  # one "Starting factory" log line per session says nothing
     connecting = endpoint.connect(factory)
     timed_out = False
 
