@@ -297,6 +297,19 @@ def test_messages_not_yet_due_at_start_are_tried_when_due(tmp_path: Path) -> Non
     after.stop()
 
 
+def test_a_vanished_spool_file_backs_off_then_leaves(tmp_path: Path, logged: list[str]) -> None:
+    h = Harness(tmp_path, RetryPolicy(first=30, max_interval=30, lifetime=60))
+    entry = h.queue()
+    (h.dir.queue / f"{entry.id}.msg").unlink()  # removed by hand behind the gateway's back
+    h.start()
+    assert entry.state.attempts == 1 and "internal error" in entry.state.last_error
+    h.advance(30)
+    h.advance(30)
+    assert h.spool.entries == {} and h.upstream.arrived == []
+    assert any("no dead letter kept" in line for line in logged)
+    h.stop()
+
+
 def test_admin_retry_of_a_dead_letter_and_delete(h: Harness) -> None:
     h.upstream.script.mail_reply = b"550 5.7.1 no"
     entry = h.queue(sender="")

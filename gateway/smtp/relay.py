@@ -1,9 +1,10 @@
 """The relay: takes spooled messages to the upstream, one worker per account.
 
-A worker delivers its account's due messages oldest first over one upstream
-connection (logged in as the account), reused for as long as messages keep
-coming and closed with QUIT after `keepalive` seconds without one. Accounts
-are independent: one provider being down delays only its own accounts.
+A worker delivers its account's due messages oldest first over up to
+`connections` upstream connections (logged in as the account), each reused
+for as long as messages keep coming and closed with QUIT after `keepalive`
+seconds without one. Accounts are independent: one provider being down delays
+only its own accounts.
 
 What happens after an attempt:
 
@@ -288,6 +289,16 @@ class AccountWorker:
                 self._log_upstream(e)
                 await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail)
                 return
+            except Exception as e:
+                # A spool file gone or unreadable, or a bug: back off like any
+                # failed attempt instead of retrying in a tight loop.
+                log.failure("smtp relay of {id} failed", id=entry.id)
+                client.abort("internal error")
+                lane.client = None
+                await self._attempt_failed(
+                    entry, dict.fromkeys(recipients), f"internal error: {type(e).__name__}: {e}"
+                )
+                return
             await self._judge(entry, result.replies, client.peer)
         finally:
             del self.in_flight[entry.id]
@@ -302,13 +313,20 @@ class AccountWorker:
                 state.failed[recipient] = reply.describe()
         deferred = {r: reply for r, reply in replies.items() if reply.code // 100 == 4}
         if delivered:
+            envelope = entry.envelope
             log.info(
-                "smtp relayed {id} account={account} device={device} rcpts={count} "
-                "via {peer} attempts={attempts}",
+                "smtp relayed {id} device={device} account={account} from=<{sender}> "
+                "sent_as=<{envelope_sender}> rcpts={count}/{total} size={size} "
+                "from_rewritten={rewritten} via {peer} attempts={attempts}",
                 id=entry.id,
+                device=envelope.device,
                 account=self.account,
-                device=entry.envelope.device,
+                sender=envelope.original_sender,
+                envelope_sender=envelope.sender,
                 count=len(delivered),
+                total=len(envelope.recipients),
+                size=envelope.size,
+                rewritten=envelope.from_rewritten,
                 peer=peer,
                 attempts=state.attempts + 1,
             )
@@ -358,9 +376,17 @@ class AccountWorker:
         if not entry.state.failed:
             await self.relay.spool.remove(entry)
             return
-        bounced = await self._bounce(entry)
+        try:
+            bounced = await self._bounce(entry)
+        except OSError as e:
+            bounced = f"not bounced ({e.strerror or e})"
         reason = "; ".join(f"<{r}>: {why}" for r, why in entry.state.failed.items())
-        await self.relay.spool.bury(entry, reason)
+        try:
+            await self.relay.spool.bury(entry, reason)
+        except OSError as e:
+            # Its file is gone (removed by hand?): nothing left to keep.
+            self.relay.spool.forget(entry)
+            reason += f" (no dead letter kept: {e.strerror or e})"
         log.error(
             "smtp message {id} from device {device} (account {account}, sender <{sender}>) "
             "is a dead letter, {bounce}: {reason}",

@@ -87,6 +87,7 @@ class Envelope:
     eight_bit: bool
     body: str | None = None
     bounce_of: str | None = None
+    from_rewritten: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -523,7 +524,8 @@ class Spool:
         else:
             account.pop(entry.id, None)
 
-    def _forget(self, entry: QueueEntry) -> None:
+    def forget(self, entry: QueueEntry) -> None:
+        """Drop an entry from the index (its files are gone)."""
         self.entries.pop(entry.id, None)
         self._queued.get(entry.envelope.account, {}).pop(entry.id, None)
 
@@ -546,7 +548,7 @@ class Spool:
 
     async def remove(self, entry: QueueEntry) -> None:
         await self._removals.submit(entry)
-        self._forget(entry)
+        self.forget(entry)
 
     async def bury(self, entry: QueueEntry, reason: str) -> None:
         await self._run(self.dir.bury, entry, reason)
