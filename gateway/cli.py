@@ -210,7 +210,7 @@ def _report_problems(location: ConfigLocation, error: ConfigError, *, as_json: b
 
 
 def _report_valid(location: ConfigLocation, config: Config, *, as_json: bool) -> None:
-    listeners = config.pop3.listeners
+    listeners = config.pop3.listeners + config.smtp.listeners
     if as_json:
         _emit_json(
             {
@@ -259,7 +259,9 @@ def _describe_listener(listener: Listener) -> str:
     tls = "implicit TLS" if listener.tls == "implicit" else "STARTTLS"
     text = f"{listener.protocol} on {host}:{listener.port}, {tls}, TLS {listener.min_tls} or newer"
     if listener.allow_plaintext_auth:
-        text += ", plaintext login allowed before STLS"
+        text += ", plaintext login allowed before " + (
+            "STLS" if listener.protocol == "pop3" else "STARTTLS"
+        )
     return text
 
 

@@ -862,6 +862,11 @@ def _device(name: str, table: _Table, accounts: set[str]) -> Device | None:
             "needs allow_from naming the device's own networks, or the gateway "
             "would relay for any address",
         )
+    if relay_without_auth and any(network.prefixlen == 0 for network in allow_from):
+        table.problem(
+            "relay_without_auth",
+            "allow_from includes every address, which would make the gateway an open relay",
+        )
     if relay_without_auth and "smtp" not in protocols:
         table.problem("relay_without_auth", "the device's protocols do not include smtp")
     if not table.reader.clean_since(mark):

@@ -183,6 +183,28 @@ def test_check_config_summarises_a_valid_file(
     assert "upstream-secret" not in out
 
 
+def test_check_config_lists_smtp_listeners_too(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = valid_config(tmp_path)
+    text = path.read_text().replace(
+        'pop3 = { host = "pop.example.com" }',
+        'pop3 = { host = "pop.example.com" }\nsmtp = { host = "smtp.example.com" }',
+    )
+    path.write_text(
+        text
+        + '\n[[smtp.listen]]\ntls = "starttls"\nport = 2525\nallow_plaintext_auth = true\n'
+    )
+
+    status, out, _ = run(capsys, "check-config", str(path))
+
+    assert status == 0
+    assert (
+        "  smtp on 0.0.0.0:2525, STARTTLS, TLS 1.2 or newer, plaintext login allowed before "
+        "STARTTLS" in out.splitlines()
+    )
+
+
 def test_check_config_lists_every_problem_prefixed_by_the_file(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

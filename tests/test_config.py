@@ -947,3 +947,15 @@ def test_imap_backed_account_needs_an_imap_endpoint(config_dir: Path) -> None:
     )
     found = all_problems(config_dir, text)
     assert any("has no imap endpoint" in p for p in found)
+
+
+def test_relay_without_auth_refuses_every_address(config_dir: Path) -> None:
+    text = edit(VALID, '"192.0.2.7", "2001:db8::/32"]', '"0.0.0.0/0"]')
+    text = edit(
+        text, 'protocols = ["pop3"]', 'protocols = ["pop3", "smtp"]\nrelay_without_auth = true'
+    )
+    found = all_problems(config_dir, text)
+    assert found == [
+        "devices.printer-3f.relay_without_auth: allow_from includes every address, "
+        "which would make the gateway an open relay"
+    ]
