@@ -35,19 +35,16 @@ work; the load average before and after is recorded with the results.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import platform
-import random
 import re
 import socket
 import ssl
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +56,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
+from bench.common import PeakRSS, make_message, wire_form  # noqa: E402
 from gateway.testing.certs import TLSMaterial, make_tls_material  # noqa: E402
 from gateway.testing.dovecot import Dovecot  # noqa: E402
 from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -101,31 +99,6 @@ class BenchDovecot(Dovecot):
 
     def render_config(self) -> str:
         return super().render_config() + DOVECOT_FAST
-
-
-# -- messages ------------------------------------------------------------------------------
-
-
-def make_message(seed: int, wire_size: int) -> bytes:
-    """An LF message whose CRLF wire form is about `wire_size` bytes; every 50th
-    body line starts with a dot, so dot-stuffing is exercised."""
-    rng = random.Random(seed)
-    header = (
-        f"From: bench@example.com\nTo: box@example.com\nSubject: bench message {seed}\n"
-        f"Message-ID: <{seed}.bench@example.com>\n\n"
-    ).encode()
-    n_lines = max(1, (wire_size - len(header)) // 78)
-    text = base64.b64encode(rng.randbytes(n_lines * 57))
-    lines = [text[i : i + 76] for i in range(0, len(text), 76)]
-    for i in range(0, len(lines), 50):
-        lines[i] = b"." + lines[i][1:]
-    return header + b"\n".join(lines) + b"\n"
-
-
-def wire_form(message_lf: bytes) -> bytes:
-    """What RETR sends after its +OK line: CRLF, dot-stuffed, terminated."""
-    data = message_lf.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
-    return data + b".\r\n"
 
 
 # -- the benchmark client ---------------------------------------------------------------------
@@ -216,49 +189,6 @@ class Client:
             pos += n
         if pos != len(expected) or not target.startswith(expected):
             raise ProtocolError(f"RETR {number}: {pos} bytes, expected {len(expected)}")
-
-
-# -- memory -----------------------------------------------------------------------------------
-
-
-def proc_status(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * KIB
-    raise KeyError(key)
-
-
-class PeakRSS:
-    """Peak RSS of a process from now on: VmHWM after a reset, else sampling."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.before = proc_status(pid, "VmRSS")
-        try:
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")
-            self._hwm = True
-        except OSError:
-            self._hwm = False
-        self._peak = self.before
-        self._stop = threading.Event()
-        self._thread = None if self._hwm else threading.Thread(target=self._sample, daemon=True)
-        if self._thread is not None:
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            with contextlib.suppress(OSError):
-                self._peak = max(self._peak, proc_status(self.pid, "VmRSS"))
-
-    def added(self) -> int:
-        if self._hwm:
-            return proc_status(self.pid, "VmHWM") - self.before
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        return self._peak - self.before
 
 
 # -- set-up --------------------------------------------------------------------------------------

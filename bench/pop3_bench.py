@@ -41,12 +41,10 @@ These figures are reported, not asserted: benchmarks are not tests.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import platform
-import random
 import resource
 import shutil
 import signal
@@ -59,8 +57,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -71,6 +69,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
+from bench.common import PeakRSS, make_message, proc_status, wire_form  # noqa: E402
 from gateway.testing.certs import TLSMaterial, make_tls_material  # noqa: E402
 from gateway.testing.dovecot import Dovecot  # noqa: E402
 from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -138,34 +137,6 @@ class BenchDovecot(Dovecot):
 
 
 # --------------------------------------------------------------------------
-# Messages
-
-
-def make_message(seed: int, wire_size: int) -> bytes:
-    """An LF message whose CRLF wire form is about ``wire_size`` bytes; every
-    50th body line starts with a dot, so dot-stuffing is exercised."""
-    rng = random.Random(seed)
-    header = (
-        f"From: bench@example.com\nTo: box@example.com\nSubject: bench message {seed}\n"
-        f"Message-ID: <{seed}.bench@example.com>\n\n"
-    ).encode()
-    n_lines = max(1, (wire_size - len(header)) // 78)
-    text = base64.b64encode(rng.randbytes(n_lines * 57))
-    lines = [text[i : i + 76] for i in range(0, len(text), 76)]
-    for i in range(0, len(lines), 50):
-        lines[i] = b"." + lines[i][1:]
-    return header + b"\n".join(lines) + b"\n"
-
-
-def wire_form(message_lf: bytes) -> bytes:
-    """What RETR sends after its +OK line: CRLF, dot-stuffed, terminated."""
-    data = message_lf.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
-    if data.startswith(b"."):
-        data = b"." + data
-    return data + b".\r\n"
-
-
-# --------------------------------------------------------------------------
 # The benchmark client
 
 
@@ -173,7 +144,8 @@ class ProtocolError(Exception):
     pass
 
 
-CONTEXTS: dict[str, ssl.SSLContext] = {}  # side -> client context; inherited by forks
+CONTEXTS: dict[str, ssl.SSLContext] = {}  # side -> client context
+CA_FILES: dict[str, Path] = {}  # side -> CA file, for client worker processes
 
 
 def client_context(ca_file: Path) -> ssl.SSLContext:
@@ -310,17 +282,16 @@ def full_session(port: int, side: str, user: str, password: str) -> None:
 # Session rates
 
 
-@dataclass
-class LoopResult:
-    done: list[tuple[float, float]] = field(default_factory=list)  # (start, end) monotonic
-    errors: int = 0
-    first_error: str | None = None
+# One client's result: ([(start, end) of each completed session], errors, first error)
+LoopResult = tuple[list[tuple[float, float]], int, str | None]
 
 
 def _session_loop(
     port: int, side: str, cred: tuple[str, str], start: float, end: float
 ) -> LoopResult:
-    result = LoopResult()
+    done: list[tuple[float, float]] = []
+    errors = 0
+    first_error = None
     delay = start - time.monotonic()
     if delay > 0:
         time.sleep(delay)
@@ -328,12 +299,12 @@ def _session_loop(
         try:
             full_session(port, side, *cred)
         except Exception as e:  # counted and reported, never fatal
-            result.errors += 1
-            result.first_error = result.first_error or f"{type(e).__name__}: {e}"
+            errors += 1
+            first_error = first_error or f"{type(e).__name__}: {e}"
             time.sleep(0.01)
             continue
-        result.done.append((t0, time.monotonic()))
-    return result
+        done.append((t0, time.monotonic()))
+    return done, errors, first_error
 
 
 def _threads(
@@ -344,6 +315,38 @@ def _threads(
     with ThreadPoolExecutor(len(creds)) as pool:
         futures = [pool.submit(_session_loop, port, side, c, start, end) for c in creds]
         return [f.result() for f in futures]
+
+
+def _client_process(
+    port: int,
+    side: str,
+    ca_file: str,
+    creds: Sequence[tuple[str, str]],
+    ready: Any,
+    go: Any,
+    times: Any,
+    results: Any,
+) -> None:
+    """A client worker process: builds its own TLS context, reports ready,
+    waits for the common start time, runs its clients as threads."""
+    CONTEXTS[side] = client_context(Path(ca_file))
+    ready.put(os.getpid())
+    go.wait()
+    results.put(_threads(port, side, creds, times[0], times[1]))
+
+
+_MP: Any = None
+
+
+def _multiprocessing() -> Any:
+    """A forkserver context: workers fork from a clean single-threaded server
+    that has imported this module, never from this process, whose threads and
+    OpenSSL locks a fork could freeze in a locked state."""
+    global _MP
+    if _MP is None:
+        _MP = get_context("forkserver")
+        _MP.set_forkserver_preload(["__main__"])
+    return _MP
 
 
 def client_layout(mode: str, clients: int) -> tuple[int, int]:
@@ -369,12 +372,13 @@ def session_rate(
     over ``window`` seconds after ``warmup``."""
     procs, per_proc = client_layout(mode, len(creds))
     groups = [creds[i * per_proc : (i + 1) * per_proc] for i in range(procs)]
-    start = time.monotonic() + (0.3 if procs > 1 else 0.02)
-    open_at, end = start + warmup, start + warmup + window
     results: list[LoopResult] = []
     busy: dict[str, float] = {}
     watcher = None
-    if meter is not None:
+
+    def watch_window(open_at: float, end: float) -> threading.Thread | None:
+        if meter is None:
+            return None
 
         def watch() -> None:
             time.sleep(max(0.0, open_at - time.monotonic()))
@@ -382,20 +386,45 @@ def session_rate(
             time.sleep(max(0.0, end - time.monotonic()))
             busy.update(running.stop())
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
     if procs == 1:
+        start = time.monotonic() + 0.02
+        open_at, end = start + warmup, start + warmup + window
+        watcher = watch_window(open_at, end)
         results = _threads(port, side, groups[0], start, end)
     else:
-        with ProcessPoolExecutor(procs, mp_context=get_context("fork")) as pool:
-            futures = [pool.submit(_threads, port, side, g, start, end) for g in groups]
-            for f in futures:
-                results.extend(f.result())
+        mp = _multiprocessing()
+        ready, done, go = mp.Queue(), mp.Queue(), mp.Event()
+        times = mp.Array("d", 2)
+        workers = [
+            mp.Process(
+                target=_client_process,
+                args=(port, side, str(CA_FILES[side]), g, ready, go, times, done),
+                daemon=True,
+            )
+            for g in groups
+        ]
+        for w in workers:
+            w.start()
+        for _ in workers:
+            ready.get(timeout=120)
+        start = time.monotonic() + 0.05
+        open_at, end = start + warmup, start + warmup + window
+        times[0], times[1] = start, end
+        watcher = watch_window(open_at, end)
+        go.set()
+        for _ in workers:
+            results.extend(done.get(timeout=warmup + window + 180))
+        for w in workers:
+            w.join(timeout=30)
     if watcher is not None:
         watcher.join()
-    counted = [(s, e) for r in results for s, e in r.done if open_at <= e < end]
-    errors = sum(r.errors for r in results)
-    first_error = next((r.first_error for r in results if r.first_error), None)
+    counted = [(s, e) for r in results for s, e in r[0] if open_at <= e < end]
+    errors = sum(r[1] for r in results)
+    first_error = next((r[2] for r in results if r[2]), None)
     latencies = sorted(e - s for s, e in counted)
     return {
         "rate": len(counted) / window,
@@ -411,129 +440,89 @@ def session_rate(
 # Memory probes
 
 
-def proc_status(pid: int, key: str) -> int:
-    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * KIB
-    raise KeyError(key)
-
-
-def reset_peak_rss(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakRSS:
-    """Peak RSS of a process from now on: VmHWM after a reset, or sampling."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.before = proc_status(pid, "VmRSS")
-        self._hwm = reset_peak_rss(pid)
-        self._peak = self.before
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if not self._hwm:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            with contextlib.suppress(OSError):
-                self._peak = max(self._peak, proc_status(self.pid, "VmRSS"))
-
-    def added(self) -> int:
-        """Peak RSS minus RSS at construction, in bytes."""
-        if self._hwm:
-            return proc_status(self.pid, "VmHWM") - self.before
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        return self._peak - self.before
-
-
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu(pid: int, children: bool = False) -> float:
-    """CPU seconds of a process (all its threads), plus its reaped children's."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    used = int(fields[11]) + int(fields[12])
-    if children:
-        used += int(fields[13]) + int(fields[14])
-    return used / _TICK
-
-
-def _group_cpu(pgid: int) -> float:
-    total = 0.0
+def _process_table() -> dict[int, tuple[int, int, float, float]]:
+    """pid -> (ppid, pgid, CPU seconds, CPU seconds of reaped children)."""
+    table = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == pgid:
-                    total += _proc_cpu(int(entry), children=int(entry) == pgid)
-            except (OSError, ValueError, IndexError):
-                continue
-    return total
-
-
-def _own_cpu(exclude: set[int]) -> float:
-    """This process, its live children except ``exclude`` (the client worker
-    processes), and its reaped children."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-    mine = os.getpid()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in exclude:
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid == mine:
-                    total += _proc_cpu(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return total
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry)] = (
+            int(fields[1]),
+            int(fields[2]),
+            (int(fields[11]) + int(fields[12])) / _TICK,
+            (int(fields[13]) + int(fields[14])) / _TICK,
+        )
+    return table
 
 
 class CpuMeter:
     """Cores kept busy by the gateway, Dovecot and the benchmark client during
     a run (CPU seconds / wall seconds); the machine has os.cpu_count() cores.
-    Client figures include reaped client worker processes; "machine" is every
-    process (from /proc/stat), "steal" time the hypervisor gave to others."""
+    "client" is this process and its other descendants (client workers, the
+    forkserver); "other" is the rest of the machine's busy time (/proc/stat):
+    processes outside this benchmark and kernel work charged to no process."""
 
-    def __init__(self, gateway_pid: int | None, dovecot_pgid: int) -> None:
-        self.gateway_pid = gateway_pid
+    def __init__(self, gateway_pids: set[int], dovecot_pgid: int, report_gateway: bool) -> None:
+        self.gateway_pids = gateway_pids
         self.dovecot_pgid = dovecot_pgid
+        self.report_gateway = report_gateway
         self.wall = time.monotonic()
         self.start = self._sample()
 
     def _sample(self) -> dict[str, float]:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
+        table = _process_table()
+        me = os.getpid()
+        dovecot = gateway = client = 0.0
+        for pid, (_ppid, pgid, cpu, reaped) in table.items():
+            if pgid == self.dovecot_pgid:
+                dovecot += cpu + (reaped if pid == pgid else 0.0)
+            elif pid in self.gateway_pids:
+                gateway += cpu
+            elif pid != me and self._descends_from(pid, me, table):
+                client += cpu
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        client += own.ru_utime + own.ru_stime
         # user nice system idle iowait irq softirq steal ...
-        sample = {
+        return {
             "machine": (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / _TICK,
             "steal": ticks[7] / _TICK,
-            "dovecot": _group_cpu(self.dovecot_pgid),
-            "client": _own_cpu({self.gateway_pid or 0, self.dovecot_pgid}),
+            "dovecot": dovecot,
+            "gateway": gateway,
+            "client": client,
         }
-        if self.gateway_pid is not None:
-            sample["gateway"] = _proc_cpu(self.gateway_pid)
-        return sample
+
+    @staticmethod
+    def _descends_from(
+        pid: int, ancestor: int, table: dict[int, tuple[int, int, float, float]]
+    ) -> bool:
+        for _ in range(64):
+            parent = table.get(pid, (0,))[0]
+            if parent == ancestor:
+                return True
+            if parent <= 1:
+                return False
+            pid = parent
+        return False
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
         wall = time.monotonic() - self.wall
         busy = {k: (end[k] - self.start[k]) / wall for k in end}
-        known = busy["dovecot"] + busy["client"] + busy.get("gateway", 0.0)
-        busy["other"] = max(0.0, busy["machine"] - known)
+        busy["other"] = max(
+            0.0, busy["machine"] - busy["dovecot"] - busy["client"] - busy["gateway"]
+        )
+        if not self.report_gateway:
+            del busy["gateway"]
         return busy
 
 
@@ -577,6 +566,10 @@ def hotspots(collapsed: Path, top: int = 15) -> list[str]:
         n = int(count)
         frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
         leaf = frames[-1]
+        if leaf.startswith("untilConcludes") and len(frames) > 1:
+            # Twisted wraps its socket calls: name the syscall, not the wrapper.
+            caller = frames[-2].split(" ", 1)[0]
+            leaf = frames[-1] = f"syscall in {caller} (send/recv)"
         if leaf.startswith(_IDLE_LEAVES) or leaf.startswith("EPollReactor.doPoll"):
             idle += n
             continue
@@ -755,8 +748,9 @@ class Bench:
             retr_small=[wire_form(m) for m in small],
             retr_large=[wire_form(m) for m in large],
         )
-        CONTEXTS["direct"] = client_context(upstream_tls.ca_file)
-        CONTEXTS["gateway"] = client_context(gateway_tls.ca_file)
+        CA_FILES.update(direct=upstream_tls.ca_file, gateway=gateway_tls.ca_file)
+        for side, ca_file in CA_FILES.items():
+            CONTEXTS[side] = client_context(ca_file)
         assert dovecot.pop3s_port is not None
         self.ports["direct"] = dovecot.pop3s_port
         self.setup = setup
@@ -841,7 +835,12 @@ class Bench:
         self.alternate(key, run)
 
     def meter(self, side: str) -> CpuMeter:
-        return CpuMeter(self.gateway_pid if side == "gateway" else None, self.dovecot_pgid)
+        pids = {
+            gw.process.pid
+            for gw in (self.gateway, self.memory_gateway)
+            if gw is not None and gw.process is not None
+        }
+        return CpuMeter(pids, self.dovecot_pgid, report_gateway=side == "gateway")
 
     @property
     def dovecot_pgid(self) -> int:
@@ -987,7 +986,6 @@ class Bench:
         self.memory_gateway, port = start_gateway(setup, "gw-memory", users, cheap)
         assert self.memory_gateway.process is not None
         pid = self.memory_gateway.process.pid
-        CONTEXTS.setdefault("gateway", CONTEXTS["gateway"])
         creds = [device_cred(u) for u in setup.memory_users]
 
         def open_idle(cred: tuple[str, str]) -> Client:

@@ -8,19 +8,14 @@ TLS); time is a `MemoryReactorClock`, so timeouts are tested without waiting.
 from __future__ import annotations
 
 import base64
-import gc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import StringTransport
+from upstream_helpers import ScriptedUpstream, failed, pending, succeeded, unhandled_errors
 
 from gateway.maildrop import (
     MailboxInUse,
@@ -69,84 +64,15 @@ def provider(**overrides: Any) -> Provider:
     return Provider(**settings)
 
 
-@pytest.fixture(autouse=True)
-def no_unhandled_errors() -> Iterator[list[LogEvent]]:
-    """Fail a test that leaves a failed Deferred nobody looked at."""
-    failures: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield failures
-        gc.collect(1)
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    assert not failures, [e["log_failure"].getTraceback() for e in failures]
+no_unhandled_errors = pytest.fixture(autouse=True)(unhandled_errors)
 
 
-class UpstreamTransport(StringTransport):
-    """A TCP transport that records TCP_NODELAY and STARTTLS (without doing TLS)."""
+class Upstream(ScriptedUpstream):
+    """The far end of one in-memory IMAP connection, played by the test."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.no_delay = False
-        self.tls_options: Any = None
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.no_delay = enabled
-
-    def startTLS(self, options: Any) -> None:
-        self.tls_options = options
-
-
-class Upstream:
-    """The far end of one in-memory upstream connection, played by the test."""
-
-    def __init__(self, connecting: Deferred[Any] | None = None) -> None:
-        self.clock = MemoryReactorClock()
-        self.transport = UpstreamTransport()
-        self.protocol: IMAPClient | None = None
-        self.connected_to: tuple[str, int, float] | None = None
-        self._connecting = connecting
-
-    def endpoint_factory(self, reactor: Any, host: str, port: int, timeout: float) -> Upstream:
-        assert reactor is self.clock
-        self.connected_to = (host, port, timeout)
-        return self
-
-    def connect(self, factory: Factory) -> Deferred[Any]:
-        if self._connecting is not None:
-            return self._connecting
-        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 143))
-        assert isinstance(protocol, IMAPClient)
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        return succeed(protocol)
-
-    def sent(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def say(self, data: bytes) -> None:
-        assert self.protocol is not None
-        self.protocol.dataReceived(data)
-
-    def expect(self, command: bytes, answer: bytes | None = None) -> None:
-        assert self.sent() == command
-        if answer is not None:
-            self.say(answer)
-
-    def drop(self) -> None:
-        assert self.protocol is not None
-        self.protocol.connectionLost(Failure(ConnectionLost("gone")))
-
-    @property
-    def aborted(self) -> bool:
-        return bool(self.transport.disconnected)
+    client = IMAPClient
+    port = 143
+    protocol: IMAPClient | None
 
     def open(
         self,
@@ -185,29 +111,6 @@ class Upstream:
         maildrop = succeeded(d)
         assert isinstance(maildrop, IMAPMaildrop)
         return maildrop
-
-
-def succeeded(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def failed(d: Deferred[Any], kind: type[BaseException]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    result = results[0]
-    assert isinstance(result, Failure), f"succeeded with {result!r}"
-    assert result.check(kind), result.getTraceback()
-    return result.value
-
-
-def pending(d: Deferred[Any]) -> None:
-    assert not d.called
 
 
 def run(coroutine: Any) -> Deferred[Any]:

@@ -9,8 +9,6 @@ memory through `iosim` against a small fake POP3 server.
 from __future__ import annotations
 
 import base64
-import gc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,23 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import (
     ConnectionDone,
-    ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
+from upstream_helpers import (
+    ScriptedUpstream,
+    UpstreamTransport,
+    failed,
+    pending,
+    succeeded,
+    unhandled_errors,
+)
 
 from gateway.maildrop import (
     MailboxInUse,
@@ -68,87 +72,15 @@ def provider(**overrides: Any) -> Provider:
 # --- harness ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def no_unhandled_errors() -> Iterator[list[LogEvent]]:
-    """Fail a test that leaves a failed Deferred nobody looked at."""
-    failures: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield failures
-        gc.collect(1)
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    assert not failures, [e["log_failure"].getTraceback() for e in failures]
+no_unhandled_errors = pytest.fixture(autouse=True)(unhandled_errors)
 
 
-class UpstreamTransport(StringTransport):
-    """A TCP transport that records TCP_NODELAY and STARTTLS (without doing TLS)."""
+class Upstream(ScriptedUpstream):
+    """The far end of one in-memory POP3 connection, played by the test."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.no_delay = False
-        self.tls_options: Any = None
-        self.written_before_tls: bytes | None = None
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.no_delay = enabled
-
-    def startTLS(self, options: Any) -> None:
-        self.tls_options = options
-        self.written_before_tls = self.value()
-
-
-class Upstream:
-    """The far end of one in-memory upstream connection, played by the test."""
-
-    def __init__(self, connecting: Deferred[Any] | None = None) -> None:
-        self.clock = MemoryReactorClock()
-        self.transport = UpstreamTransport()
-        self.protocol: POP3Client | None = None
-        self.connected_to: tuple[str, int, float] | None = None
-        self._connecting = connecting
-
-    # An endpoint factory and the endpoint it makes, in one.
-    def endpoint_factory(self, reactor: Any, host: str, port: int, timeout: float) -> Upstream:
-        assert reactor is self.clock
-        self.connected_to = (host, port, timeout)
-        return self
-
-    def connect(self, factory: Factory) -> Deferred[Any]:
-        if self._connecting is not None:
-            return self._connecting
-        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 110))
-        assert isinstance(protocol, POP3Client)
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        return succeed(protocol)
-
-    def sent(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def say(self, data: bytes) -> None:
-        assert self.protocol is not None
-        self.protocol.dataReceived(data)
-
-    def expect(self, command: bytes, answer: bytes | None = None) -> None:
-        assert self.sent() == command
-        if answer is not None:
-            self.say(answer)
-
-    def drop(self, reason: Exception | None = None) -> None:
-        assert self.protocol is not None
-        self.protocol.connectionLost(Failure(reason or ConnectionLost("gone")))
-
-    @property
-    def aborted(self) -> bool:
-        return bool(self.transport.disconnected)
+    client = POP3Client
+    port = 110
+    protocol: POP3Client | None
 
     def open(self, prov: Provider | None = None, account: Account = ACCOUNT) -> Deferred[Any]:
         return Deferred.fromCoroutine(
@@ -176,29 +108,6 @@ class Upstream:
         maildrop = succeeded(d)
         assert isinstance(maildrop, POP3Maildrop)
         return maildrop
-
-
-def succeeded(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def failed(d: Deferred[Any], kind: type[BaseException]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    result = results[0]
-    assert isinstance(result, Failure), f"succeeded with {result!r}"
-    assert result.check(kind), result.getTraceback()
-    return result.value
-
-
-def pending(d: Deferred[Any]) -> None:
-    assert not d.called
 
 
 class Sink(StringTransport):

@@ -15,7 +15,7 @@ import binascii
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -42,7 +42,7 @@ from gateway.pop3.parser import (
     parse_line_count,
     parse_message_number,
 )
-from gateway.tls import describe
+from gateway.sessions import BaseSessionRecord, peer_host, set_no_delay
 
 log = Logger(namespace="gateway.pop3")
 
@@ -62,21 +62,13 @@ class Phase(Enum):
 
 
 @dataclass
-class SessionRecord:
-    """What the one log line per session says."""
+class SessionRecord(BaseSessionRecord):
+    """What the one log line per session says (beyond `BaseSessionRecord`)."""
 
-    peer: str
-    started: float
-    device: str = "-"
-    account: str = "-"
-    tls_version: str = "none"
-    tls_cipher: str = "none"
     listed: int = 0
     retrieved: int = 0
     deleted: int = 0
     bytes_out: int = 0
-    outcome: str = "dropped"
-    auth_failures: list[str] = field(default_factory=list)
 
 
 @implementer(IConsumer)
@@ -140,9 +132,9 @@ class POP3Server(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self._connected = True
         self.callLater = self.factory.clock.callLater
-        self.record = SessionRecord(peer=_peer_host(self.transport), started=time.monotonic())
+        self.record = SessionRecord(peer=peer_host(self.transport), started=time.monotonic())
         self._tls = self.factory.listener.tls == "implicit"
-        _set_no_delay(self.transport)
+        set_no_delay(self.transport)
         self.setTimeout(self.factory.idle_timeout)
         self._write_line(b"+OK POP3 gateway ready")
 
@@ -527,9 +519,7 @@ class POP3Server(Protocol, TimeoutMixin):
 
     def _describe_tls(self) -> None:
         self._tls_described = True
-        handle = getattr(self.transport, "getHandle", lambda: None)()
-        version, cipher = describe(handle if hasattr(handle, "get_cipher_name") else None)
-        self.record.tls_version, self.record.tls_cipher = version, cipher
+        self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
         r = self.record
@@ -604,19 +594,3 @@ class POP3ServerFactory(Factory):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.auth_failure_delay = auth_failure_delay
-
-
-def _peer_host(transport: Any) -> str:
-    peer = transport.getPeer()
-    return getattr(peer, "host", str(peer))
-
-
-def _set_no_delay(transport: Any) -> None:
-    """Nagle plus the peer's delayed ACK costs ~40 ms per reply: turn it off."""
-    tcp = getattr(transport, "transport", transport)
-    setter = getattr(tcp, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass

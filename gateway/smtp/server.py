@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.model import Account, Device, Listener, Provider
+from gateway.sessions import BaseSessionRecord, peer_host, set_no_delay
 from gateway.smtp.intake import MessageIntake
 from gateway.smtp.parser import (
     MAX_TEXT_LINE,
@@ -55,7 +56,6 @@ from gateway.smtp.policy import (
     sender_allowed,
 )
 from gateway.smtp.spool import Envelope, QueueEntry, Spool
-from gateway.tls import describe
 
 log = Logger(namespace="gateway.smtp")
 
@@ -92,22 +92,14 @@ class Transaction:
 
 
 @dataclass
-class SessionRecord:
-    """What the one log line per session says."""
+class SessionRecord(BaseSessionRecord):
+    """What the one log line per session says (beyond `BaseSessionRecord`)."""
 
-    peer: str
-    started: float
-    device: str = "-"
-    account: str = "-"
     identified_by: str = "none"
-    tls_version: str = "none"
-    tls_cipher: str = "none"
     queued: list[str] = field(default_factory=list)
     recipients: int = 0
     bytes_in: int = 0
     refused: int = 0
-    outcome: str = "dropped"
-    auth_failures: list[str] = field(default_factory=list)
 
 
 class SMTPServer(Protocol, TimeoutMixin):
@@ -137,10 +129,10 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self._connected = True
         self.callLater = self.factory.clock.callLater
-        self.record = SessionRecord(peer=_peer_host(self.transport), started=time.monotonic())
+        self.record = SessionRecord(peer=peer_host(self.transport), started=time.monotonic())
         self._tls = self.factory.listener.tls == "implicit"
         self._network_device = self.factory.network_devices.find(self.record.peer)
-        _set_no_delay(self.transport)
+        set_no_delay(self.transport)
         self.setTimeout(self.factory.idle_timeout)
         self._reply(220, None, f"{self.factory.hostname} ESMTP mail gateway ready")
         self._flush()
@@ -624,9 +616,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _describe_tls(self) -> None:
         self._tls_described = True
-        handle = getattr(self.transport, "getHandle", lambda: None)()
-        version, cipher = describe(handle if hasattr(handle, "get_cipher_name") else None)
-        self.record.tls_version, self.record.tls_cipher = version, cipher
+        self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
         r = self.record
@@ -723,19 +713,3 @@ def _id_list(ids: list[str], shown: int = 20) -> str:
         return "-"
     more = f",+{len(ids) - shown}" if len(ids) > shown else ""
     return ",".join(ids[:shown]) + more
-
-
-def _peer_host(transport: Any) -> str:
-    peer = transport.getPeer()
-    return getattr(peer, "host", str(peer))
-
-
-def _set_no_delay(transport: Any) -> None:
-    """Nagle plus the peer's delayed ACK costs ~40 ms per reply: turn it off."""
-    tcp = getattr(transport, "transport", transport)
-    setter = getattr(tcp, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass

@@ -39,6 +39,7 @@ from gateway.maildrop import (
 )
 from gateway.pop3.stuffing import DotStuffer
 from gateway.state import StateError
+from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.imap import (
     IMAPClient,
     IMAPProtocolError,
@@ -53,7 +54,6 @@ from gateway.upstream.imap import (
     parse_status,
     uid_sets,
 )
-from gateway.upstream.pop3 import EndpointFactory, hostname_endpoint
 from gateway.upstream.uid_store import (
     MailboxState,
     MessageKey,

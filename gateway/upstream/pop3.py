@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import ipaddress
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,26 +35,12 @@ from typing import Any, TypeAlias
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IOpenSSLClientConnectionCreator,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from gateway.maildrop import (
     MailboxInUse,
@@ -65,7 +50,13 @@ from gateway.maildrop import (
     UpstreamUnavailable,
 )
 from gateway.model import Account, Provider, Secret
-from gateway.tls import TLSSetupError, client_options
+from gateway.upstream.connection import (
+    EndpointFactory,
+    describe_error,
+    hostname_endpoint,
+    open_connection,
+    set_no_delay,
+)
 from gateway.upstream.credentials import (
     TokenSource,
     bearer_error,
@@ -73,6 +64,7 @@ from gateway.upstream.credentials import (
     retry_with_fresh_token,
 )
 from gateway.upstream.sasl import Plain, SASLMechanism
+from gateway.upstream.streaming import StreamingClient
 
 log = Logger()
 
@@ -334,29 +326,7 @@ class _Command:
     collected: int = 0
 
 
-@implementer(IPushProducer)
-class _UpstreamThrottle:
-    """Registered on the sink during RETR/TOP: the device's pace reaches the upstream."""
-
-    def __init__(self, client: POP3Client) -> None:
-        self._client = client
-        self.active = True
-
-    def pauseProducing(self) -> None:
-        if self.active:
-            self._client._sink_pause()
-
-    def resumeProducing(self) -> None:
-        if self.active:
-            self._client._sink_resume()
-
-    def stopProducing(self) -> None:
-        # The sink (the device connection) is gone: nobody will read the rest.
-        if self.active:
-            self._client.abort("the consumer stopped while a message was streaming")
-
-
-class POP3Client(Protocol):
+class POP3Client(StreamingClient, Protocol):
     """One upstream POP3 connection; commands return Deferreds.
 
     Commands are queued and sent one at a time; `DELE`/`QUIT` go out together
@@ -379,14 +349,10 @@ class POP3Client(Protocol):
         self._queue: deque[_Command] = deque()
         self._inflight: deque[_Command] = deque()
         self._processing = False
-        self._timer: IDelayedCall | None = None
-        self._last_activity = 0.0
         self._ended: tuple[type[MaildropError], str] | None = None
         self._quitting = False
         self._connected = False
         self._lost = False
-        self._stream: tuple[IConsumer, _UpstreamThrottle] | None = None
-        self._sink_paused = False
         self._closed_waiters: list[Deferred[None]] = []
         greeting = _Command("greeting", None, Expect.SINGLE, self._new_deferred())
         self._inflight.append(greeting)
@@ -525,15 +491,7 @@ class POP3Client(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
-        # Nagle + the peer's delayed ACK stall every short command and the last
-        # segment of a message by ~40 ms. Through TLS, the wrapper forwards
-        # this to the TCP transport underneath.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except (OSError, AttributeError):
-                pass
+        set_no_delay(self.transport)
         self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:
@@ -548,11 +506,11 @@ class POP3Client(Protocol):
         self._lost = True
         if self._ended is None:
             if reason.check(SSL.Error, VerificationError):
-                what = f"TLS with {self.peer} failed ({_describe_reason(reason)})"
+                what = f"TLS with {self.peer} failed ({describe_error(reason.value)})"
             elif reason.check(ConnectionDone) and not self._inflight and not self._queue:
                 what = f"{self.peer} closed the connection"
             else:
-                what = f"{self.peer} closed the connection ({_describe_reason(reason)})"
+                what = f"{self.peer} closed the connection ({describe_error(reason.value)})"
             self._end(
                 UpstreamLost if self.logged_in else UpstreamUnavailable,
                 f"{what}{self._waiting_for()}",
@@ -695,74 +653,15 @@ class POP3Client(Protocol):
             return f" while waiting for the {head.verb} answer"
         return ""
 
-    # -- back-pressure
+    # -- idle timeout (StreamingClient hooks)
 
-    def _start_stream(self, sink: IConsumer) -> None:
-        throttle = _UpstreamThrottle(self)
-        self._stream = (sink, throttle)
-        sink.registerProducer(throttle, True)
+    def _answer_due(self) -> bool:
+        return self._ended is None and bool(self._inflight)
 
-    def _stop_stream(self, *, resume: bool) -> None:
-        if self._stream is None:
-            return
-        sink, throttle = self._stream
-        self._stream = None
-        throttle.active = False
-        sink.unregisterProducer()
-        if self._sink_paused:
-            self._sink_paused = False
-            # unregisterProducer does not resume a paused producer: without
-            # this the upstream would never be read again.
-            if resume and self._connected and self.transport is not None:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def _sink_pause(self) -> None:
-        if self._sink_paused or not self._connected:
-            return
-        self._sink_paused = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-        self._arm_timer()
-
-    def _sink_resume(self) -> None:
-        if not self._sink_paused:
-            return
-        self._sink_paused = False
-        if self._connected:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-        self._arm_timer()
-
-    # -- timeout
-
-    def _arm_timer(self) -> None:
-        due = (
-            self._connected
-            and self._ended is None
-            and bool(self._inflight)
-            and not self._sink_paused
-        )
-        if due and self._timer is None:
-            self._last_activity = self._clock.seconds()
-            self._timer = self._clock.callLater(self._timeout, self._timer_fired)
-        elif not due:
-            self._cancel_timer()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        idle = self._clock.seconds() - self._last_activity
-        if idle < self._timeout:
-            # Data came meanwhile: rearm for the rest. Cheaper than resetting
-            # a DelayedCall for every chunk of a large message.
-            self._timer = self._clock.callLater(self._timeout - idle, self._timer_fired)
-            return
+    def _idle_expired(self, limit: float) -> None:
         self._end(
             UpstreamLost if self.logged_in else UpstreamUnavailable,
-            f"{self.peer} sent nothing for {self._timeout:g} s{self._waiting_for()}",
+            f"{self.peer} sent nothing for {limit:g} s{self._waiting_for()}",
         )
 
 
@@ -770,30 +669,7 @@ def _verb(line: bytes) -> str:
     return line.split(b" ", 1)[0].decode("ascii", "replace").upper()
 
 
-def _describe_reason(reason: Failure) -> str:
-    value = reason.value
-    text = str(value).strip()
-    return f"{type(value).__name__}: {text}" if text else type(value).__name__
-
-
 # --- Session set-up --------------------------------------------------------------------
-
-EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
-
-
-def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """The default: name resolution plus happy eyeballs over IPv4 and IPv6.
-
-    An IP address is connected to directly: resolving it would cost a thread
-    hand-off on every login for nothing.
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    return endpoint(reactor, host, port, timeout=timeout)
-
 
 async def connect(
     provider: Provider,
@@ -810,42 +686,16 @@ async def connect(
     server = provider.pop3
     if server is None:
         raise UpstreamUnavailable(f"provider {provider.name} has no pop3 endpoint")
-    peer = f"provider {provider.name} ({server.host}:{server.port})"
-    try:
-        tls = client_options(server.host, provider.ca_file)
-    except TLSSetupError as e:
-        raise UpstreamUnavailable(f"provider {provider.name}: {e}") from None
-    endpoint = endpoint_factory(reactor, server.host, server.port, provider.timeout)
-    if server.tls == "implicit":
-        endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
-
-    factory = Factory.forProtocol(lambda: POP3Client(reactor, provider.timeout, peer=peer))
-    factory.noisy = False  # one "Starting factory" log line per session says nothing
-    connecting = endpoint.connect(factory)
-    # Our own timer rather than Deferred.addTimeout: endpoints answer a
-    # cancel with their own error types, and the message should say "timeout".
-    timed_out = False
-
-    def give_up() -> None:
-        nonlocal timed_out
-        timed_out = True
-        connecting.cancel()
-
-    timer = reactor.callLater(provider.timeout, give_up)
-    try:
-        client: POP3Client = await connecting
-    except Exception as e:
-        if timed_out:
-            raise UpstreamUnavailable(
-                f"cannot connect to {peer}: no connection within {provider.timeout:g} s"
-            ) from None
-        if isinstance(e, (MaildropError, CancelledError)):
-            raise
-        raise UpstreamUnavailable(f"cannot connect to {peer}: {_describe(e)}") from None
-    finally:
-        if timer.active():
-            timer.cancel()
-
+    client, tls = await open_connection(
+        provider,
+        server,
+        POP3Client,
+        reactor=reactor,
+        endpoint_factory=endpoint_factory,
+        error=UpstreamUnavailable,
+        passthrough=MaildropError,
+    )
+    peer = client.peer
     try:
         try:
             await client.greeting()
@@ -865,11 +715,6 @@ async def connect(
         client.abort("connection set-up failed")
         raise
     return client
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def login_refused(error: ServerError, peer: str) -> MaildropError:

@@ -17,15 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from gateway.maildrop import NoSuchMessage, UpstreamLost, UpstreamUnavailable
-from gateway.upstream.pop3 import (
-    EndpointFactory,
-    Expect,
-    Listing,
-    POP3Client,
-    ServerError,
-    hostname_endpoint,
-    open_session,
-)
+from gateway.upstream.connection import EndpointFactory, hostname_endpoint
+from gateway.upstream.pop3 import Expect, Listing, POP3Client, ServerError, open_session
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer

@@ -30,20 +30,19 @@ import binascii
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeAlias
+from typing import Any, BinaryIO
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -51,9 +50,15 @@ from twisted.python.failure import Failure
 from gateway.maildrop import MaildropError, UpstreamRejected
 from gateway.model import Account, Provider
 from gateway.pop3.stuffing import DotStuffer
-from gateway.tls import TLSSetupError, client_options
+from gateway.upstream.connection import (
+    EndpointFactory,
+    describe_error,
+    open_connection,
+    set_no_delay,
+)
 from gateway.upstream.credentials import TokenSource, mechanism_for, retry_with_fresh_token
 from gateway.upstream.sasl import Login, SASLMechanism
+from gateway.upstream.streaming import IdleTimer
 
 log = Logger()
 
@@ -211,7 +216,7 @@ class _Bounded:
         return data
 
 
-class SMTPClient(Protocol):
+class SMTPClient(IdleTimer, Protocol):
     """One upstream SMTP connection; every command returns a Deferred[Reply].
 
     When the connection breaks, times out, or `abort()` is called, every
@@ -231,8 +236,6 @@ class SMTPClient(Protocol):
         self._quitting = False
         self._connected = False
         self._lost = False
-        self._timer: IDelayedCall | None = None
-        self._last_activity = 0.0
         self._closed_waiters: list[Deferred[None]] = []
         greeting = _Pending("greeting", self._new_deferred())
         self._inflight.append(greeting)
@@ -345,7 +348,7 @@ class SMTPClient(Protocol):
                 self._arm_timer()
 
         def failed(reason: Failure) -> None:
-            self._end(f"sending the message to {self.peer} failed: {_describe(reason.value)}")
+            self._end(f"sending the message to {self.peer} failed: {describe_error(reason.value)}")
 
         sent.addCallbacks(finished, failed)
         return pending.deferred
@@ -374,12 +377,7 @@ class SMTPClient(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except (OSError, AttributeError):
-                pass
+        set_no_delay(self.transport)
         self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:
@@ -393,9 +391,9 @@ class SMTPClient(Protocol):
         self._connected = False
         self._lost = True
         if reason.check(SSL.Error, VerificationError):
-            what = f"TLS with {self.peer} failed ({_describe(reason.value)})"
+            what = f"TLS with {self.peer} failed ({describe_error(reason.value)})"
         else:
-            what = f"{self.peer} closed the connection ({_describe(reason.value)})"
+            what = f"{self.peer} closed the connection ({describe_error(reason.value)})"
         self._end(what + self._waiting_for(), abort_transport=False)
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
@@ -477,49 +475,26 @@ class SMTPClient(Protocol):
             return f" while waiting for the answer to {self._inflight[0].verb}"
         return ""
 
-    # -- timeout
+    # -- idle timeout (IdleTimer hooks)
 
-    def _arm_timer(self) -> None:
-        due = self._connected and self._ended is None and bool(self._inflight)
-        if due and self._timer is None:
-            self._last_activity = self._clock.seconds()
-            self._timer = self._clock.callLater(self._current_timeout(), self._timer_fired)
-        elif not due:
-            self._cancel_timer()
+    def _timer_due(self) -> bool:
+        return self._connected and self._ended is None and bool(self._inflight)
 
-    def _current_timeout(self) -> float:
+    def _idle_limit(self) -> float | None:
+        # The command at the head may wait longer (the end of DATA).
         head = self._inflight[0] if self._inflight else None
-        return max(self._timeout, head.timeout or 0.0) if head else self._timeout
+        return max(self._timeout, head.timeout or 0.0) if head else None
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        if not self._inflight:
-            return
-        limit = self._current_timeout()
-        idle = self._clock.seconds() - self._last_activity
-        if idle < limit:
-            self._timer = self._clock.callLater(limit - idle, self._timer_fired)
-            return
+    def _idle_expired(self, limit: float) -> None:
         self._end(f"{self.peer} sent nothing for {limit:g} s{self._waiting_for()}")
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --- Session set-up -----------------------------------------------------------------
 
-EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
-
 
 def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """The relay's default: always through name resolution (no IP-literal shortcut,
+    unlike `gateway.upstream.connection.hostname_endpoint`)."""
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
@@ -538,39 +513,18 @@ async def connect(
     server = provider.smtp
     if server is None:
         raise SMTPUpstreamError(f"provider {provider.name} has no smtp endpoint", admin=True)
-    peer = f"provider {provider.name} ({server.host}:{server.port})"
-    try:
-        tls = client_options(server.host, provider.ca_file)
-    except TLSSetupError as e:
-        raise SMTPUpstreamError(f"provider {provider.name}: {e}", admin=True) from None
-    endpoint = endpoint_factory(reactor, server.host, server.port, provider.timeout)
-    if server.tls == "implicit":
-        endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
-    factory = Factory.forProtocol(lambda: SMTPClient(reactor, provider.timeout, peer=peer))
-    factory.noisy = False  # one "Starting factory" log line per session says nothing
-    connecting = endpoint.connect(factory)
-    timed_out = False
-
-    def give_up() -> None:
-        nonlocal timed_out
-        timed_out = True
-        connecting.cancel()
-
-    timer = reactor.callLater(provider.timeout, give_up)
-    try:
-        client: SMTPClient = await connecting
-    except Exception as e:
-        if timed_out:
-            raise SMTPUpstreamError(
-                f"cannot connect to {peer}: no connection within {provider.timeout:g} s"
-            ) from None
-        if isinstance(e, (SMTPUpstreamError, CancelledError)):
-            raise
-        raise SMTPUpstreamError(f"cannot connect to {peer}: {_describe(e)}") from None
-    finally:
-        if timer.active():
-            timer.cancel()
-
+    client, tls = await open_connection(
+        provider,
+        server,
+        SMTPClient,
+        reactor=reactor,
+        endpoint_factory=endpoint_factory,
+        error=SMTPUpstreamError,
+        passthrough=SMTPUpstreamError,
+        # A TLS set-up problem (the CA file) is the administrator's to fix.
+        setup_error=lambda detail: SMTPUpstreamError(detail, admin=True),
+    )
+    peer = client.peer
     try:
         greeting = await client.greeting()
         if greeting.code != 220:

@@ -1,0 +1,93 @@
+"""What the POP3 and IMAP benchmarks share: the test messages and the memory probe.
+
+Both compare the gateway with Dovecot's own POP3 on the same messages, so the
+messages (and their expected RETR wire form) must be generated the same way;
+both read the gateway's peak RSS from /proc the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import random
+import threading
+
+KIB = 1024
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def make_message(seed: int, wire_size: int) -> bytes:
+    """An LF message whose CRLF wire form is about ``wire_size`` bytes; every
+    50th body line starts with a dot, so dot-stuffing is exercised."""
+    rng = random.Random(seed)
+    header = (
+        f"From: bench@example.com\nTo: box@example.com\nSubject: bench message {seed}\n"
+        f"Message-ID: <{seed}.bench@example.com>\n\n"
+    ).encode()
+    n_lines = max(1, (wire_size - len(header)) // 78)
+    text = base64.b64encode(rng.randbytes(n_lines * 57))
+    lines = [text[i : i + 76] for i in range(0, len(text), 76)]
+    for i in range(0, len(lines), 50):
+        lines[i] = b"." + lines[i][1:]
+    return header + b"\n".join(lines) + b"\n"
+
+
+def wire_form(message_lf: bytes) -> bytes:
+    """What RETR sends after its +OK line: CRLF, dot-stuffed, terminated."""
+    data = message_lf.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * KIB
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """Peak RSS of a process from now on: VmHWM after a reset, or sampling."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = proc_status(pid, "VmRSS")
+        self._hwm = reset_peak_rss(pid)
+        self._peak = self.before
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self._hwm:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            with contextlib.suppress(OSError):
+                self._peak = max(self._peak, proc_status(self.pid, "VmRSS"))
+
+    def added(self) -> int:
+        """Peak RSS minus RSS at construction, in bytes."""
+        if self._hwm:
+            return proc_status(self.pid, "VmHWM") - self.before
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        return self._peak - self.before

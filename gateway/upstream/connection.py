@@ -1,0 +1,139 @@
+"""Opening a connection to an upstream server, shared by the POP3, IMAP and SMTP clients.
+
+The three clients connect the same way: verified TLS options for the host,
+an endpoint (implicit TLS wrapped around it), a quiet factory and a connect
+timeout of our own. They differ only in the protocol they speak and in the
+exception a failure must become (a `MaildropError` for the maildrop clients,
+`SMTPUpstreamError` for the relay), so those are parameters here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any, TypeAlias, TypeVar
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+
+from gateway.model import Endpoint, Provider
+from gateway.tls import TLSSetupError, client_options
+
+EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
+ErrorFactory: TypeAlias = Callable[[str], Exception]
+
+_Client = TypeVar("_Client", bound=Protocol, covariant=True)
+
+
+class ClientFactory(TypingProtocol[_Client]):
+    """How every upstream client class is built: `POP3Client`, `IMAPClient`, `SMTPClient`."""
+
+    def __call__(self, clock: IReactorTime, timeout: float, *, peer: str) -> _Client: ...
+
+
+def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """The default: name resolution plus happy eyeballs over IPv4 and IPv6.
+
+    An IP address is connected to directly: resolving it would cost a thread
+    hand-off on every login for nothing.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    return endpoint(reactor, host, port, timeout=timeout)
+
+
+def describe_error(e: BaseException) -> str:
+    """`Type: text` (or just `Type`) for a log detail: the type says more than most texts."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def set_no_delay(transport: Any) -> None:
+    """Turn Nagle off on a client connection.
+
+    Nagle + the peer's delayed ACK stall every short command and the last
+    segment of a message by ~40 ms. Through TLS, the wrapper forwards this to
+    the TCP transport underneath; a transport without TCP has no such call.
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except (OSError, AttributeError):
+            pass
+
+
+async def open_connection(
+    provider: Provider,
+    server: Endpoint,
+    client: ClientFactory[_Client],
+    *,
+    reactor: Any,
+    endpoint_factory: EndpointFactory,
+    error: ErrorFactory,
+    passthrough: type[Exception] | tuple[type[Exception], ...],
+    setup_error: ErrorFactory | None = None,
+) -> tuple[_Client, IOpenSSLClientConnectionCreator]:
+    """Connect to `server` of `provider` and return the connected client.
+
+    Also returns the verified TLS options, for a STARTTLS later on the same
+    connection. What happens after the TCP (or implicit TLS) connection is up
+    (greeting, capabilities, STARTTLS) is the caller's: it is per protocol.
+
+    Failures raise `error(detail)`; a TLS setup problem (a bad CA file) raises
+    `setup_error(detail)` when given, as that is the administrator's to fix.
+    Exceptions of the `passthrough` types (the protocol's own errors) and
+    cancellation are raised as they are. `reactor` must provide IReactorTime
+    (and whatever the endpoint needs).
+    """
+    peer = f"provider {provider.name} ({server.host}:{server.port})"
+    try:
+        tls = client_options(server.host, provider.ca_file)
+    except TLSSetupError as e:
+        raise (setup_error or error)(f"provider {provider.name}: {e}") from None
+    endpoint = endpoint_factory(reactor, server.host, server.port, provider.timeout)
+    if server.tls == "implicit":
+        endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
+
+    factory = Factory.forProtocol(lambda: client(reactor, provider.timeout, peer=peer))
+    factory.noisy = False  # one "Starting factory" log line per session says nothing
+    connecting = endpoint.connect(factory)
+    # Our own timer rather than Deferred.addTimeout: endpoints answer a
+    # cancel with their own error types, and the message should say "timeout".
+    timed_out = False
+
+    def give_up() -> None:
+        nonlocal timed_out
+        timed_out = True
+        connecting.cancel()
+
+    timer = reactor.callLater(provider.timeout, give_up)
+    try:
+        connected: _Client = await connecting
+    except Exception as e:
+        if timed_out:
+            raise error(
+                f"cannot connect to {peer}: no connection within {provider.timeout:g} s"
+            ) from None
+        if isinstance(e, passthrough) or isinstance(e, CancelledError):
+            raise
+        raise error(f"cannot connect to {peer}: {describe_error(e)}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
+    return connected, tls
