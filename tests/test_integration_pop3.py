@@ -14,7 +14,7 @@ from pop3_helpers import Ports, crlf, message
 
 from gateway.testing.certs import TLSMaterial
 from gateway.testing.dovecot import Dovecot
-from gateway.testing.gateway_process import GatewayProcess
+from gateway.testing.gateway_process import REPO_ROOT, GatewayProcess
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +165,17 @@ def test_wrong_password_unknown_device_and_disallowed_network_look_alike(
     assert "device printer from 127.0.0.1: wrong password" in log
     assert "device nobody from 127.0.0.1: unknown device" in log
     assert "nope" not in log and "faraway-pw" not in log
+    # The shipped fail2ban filter finds each refusal and its address.
+    hosts = fail2ban_hosts(log)
+    assert len(hosts) >= 3 and set(hosts) == {"127.0.0.1"}
+
+
+def fail2ban_hosts(log: str) -> list[str]:
+    """Apply etc/fail2ban/filter.d/gateway.conf's failregex the way fail2ban does."""
+    conf = (REPO_ROOT / "etc" / "fail2ban" / "filter.d" / "gateway.conf").read_text()
+    failregex = re.search(r"^failregex = (.*)$", conf, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    pattern = re.compile(failregex.replace("<HOST>", r"(?P<host>[\w.:-]+)"))
+    return [m.group("host") for line in log.splitlines() if (m := pattern.match(line))]
 
 
 def test_upstream_rejecting_the_account_is_sys_perm(pop, gateway: GatewayProcess) -> None:
