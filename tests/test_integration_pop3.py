@@ -80,6 +80,24 @@ def test_retrieve_everything_byte_for_byte(pop, dovecot: Dovecot, tls_upstream) 
     assert len(dovecot.messages("alice")) == 3
 
 
+def test_long_lines_and_dots_at_chunk_boundaries_pass_exactly(
+    pop, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = bytearray()
+    for boundary in (4096, 16384, 65536, 131072):
+        body += b"x" * (boundary - len(body) - 1) + b"\n.\n..\n"
+    body += b"y" * 3_000_000 + b"\n.\n"  # a 3 MB line, then a lone dot line
+    dovecot.deliver("alice", b"Subject: long\n\n" + bytes(body))
+    (stored,) = [crlf(m) for m in dovecot.messages("alice")]
+    monkeypatch.setattr(poplib, "_MAXLINE", 4_000_000)  # poplib's own limit, not ours
+    client = pop()
+    client.user("printer")
+    client.pass_("printer-pw")
+    _, lines, _ = client.retr(1)
+    assert b"\r\n".join(lines) + b"\r\n" == stored
+    client.quit()
+
+
 def test_dele_then_quit_deletes_upstream(pop, dovecot: Dovecot) -> None:
     for n in range(3):
         dovecot.deliver("alice", message(n))
