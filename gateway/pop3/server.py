@@ -567,8 +567,8 @@ _COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
 
 
 class POP3ServerFactory(Factory):
-    """Everything a device session needs, injected: tests pass a clock, a
-    fake-free in-memory maildrop opener and a synchronous authenticator."""
+    """Everything a device session needs, injected, so unit tests can pass a
+    fake clock, an in-memory maildrop opener and a synchronous authenticator."""
 
     protocol = POP3Server
 
