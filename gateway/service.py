@@ -10,11 +10,13 @@ with --uid/--gid.
 from __future__ import annotations
 
 import ipaddress
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -29,7 +31,7 @@ from gateway.oauth.manager import TokenManager
 from gateway.pop3.server import POP3ServerFactory
 from gateway.smtp.service import smtp_services as build_smtp_services
 from gateway.state import StateError
-from gateway.tls import ServerIdentity, load_server_identity, server_context_factory
+from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
 from gateway.upstream.imap_maildrop import open_imap_maildrop
 from gateway.upstream.pop3_maildrop import open_pop3_maildrop
@@ -49,9 +51,37 @@ class Runtime:
     locks: AccountLocks = field(default_factory=AccountLocks)
     tokens: TokenSource | None = None
     services: list[IService] = field(default_factory=list)
+    # Every listener's TLS settings, so SIGHUP can give them a renewed certificate.
+    listener_tls: list[ReloadableServerTLS] = field(default_factory=list)
     # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
     # after twistd has dropped privileges, so the file belongs to the gateway.
     uid_store: UIDStore | None = None
+
+    def reload_tls(self) -> None:
+        """Read the certificate and key files again (SIGHUP). New sessions get
+        the new certificate; open ones keep theirs. A file that cannot be used
+        leaves the old certificate in place, with an error line saying why."""
+        files = self.config.tls
+        if files is None or not self.listener_tls:
+            return
+        try:
+            identity = load_server_identity(files)
+            for tls in self.listener_tls:
+                tls.reload(identity)
+        except (TLSSetupError, SSL.Error, ValueError) as e:
+            log.error(
+                "tls certificate reload failed, still serving the previous one: {error}",
+                error=str(e) or type(e).__name__,
+            )
+            return
+        self.identity = identity
+        log.info(
+            "tls certificate reloaded from {certificate} for {count} listeners, "
+            "valid until {expiry}",
+            certificate=str(files.certificate),
+            count=len(self.listener_tls),
+            expiry=identity.certificate.to_cryptography().not_valid_after_utc.isoformat(),
+        )
 
     def imap_uid_store(self) -> UIDStore:
         if self.uid_store is None:
@@ -90,7 +120,8 @@ def listener_service(runtime: Runtime, listener: Listener, make_factory: Any) ->
     "implicit" one, which is wrapped in TLS here.
     """
     assert runtime.identity is not None, "config validation requires [tls] for listeners"
-    tls_options = server_context_factory(runtime.identity, listener)
+    tls_options = ReloadableServerTLS(runtime.identity, listener)
+    runtime.listener_tls.append(tls_options)
     factory: Factory = make_factory(tls_options if listener.tls == "starttls" else None)
     if listener.tls == "implicit":
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
@@ -157,4 +188,26 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         runtime.tokens = tokens
     for service in pop3_services(runtime) + smtp_services(runtime):
         service.setServiceParent(top)
+    ReloadOnHangup(runtime).setServiceParent(top)
     return top
+
+
+class ReloadOnHangup(Service):
+    """`kill -HUP` (systemctl reload) re-reads the TLS certificate and key,
+    e.g. after a renewal, without dropping any device session."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> Any:
+        signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+        return super().stopService()
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes; do the work in the reactor.
+        self._runtime.reactor.callFromThread(self._runtime.reload_tls)

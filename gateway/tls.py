@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLContextFactory
+from zope.interface import implementer
 
 from gateway.model import Listener, TLSFiles
 
@@ -78,6 +79,31 @@ def server_context_factory(identity: ServerIdentity, listener: Listener) -> ssl.
         # in place so only this listener accepts the legacy security level.
         options.getContext().set_cipher_list(_LEGACY_CIPHERS)
     return options
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableServerTLS:
+    """One listener's TLS settings, whose certificate can be replaced while running.
+
+    Twisted asks for a context for every new connection; this hands out the
+    current one, so after `reload()` new sessions get the new certificate
+    while sessions already open keep theirs. A renewed certificate then needs
+    no restart, which would drop every device's session.
+    """
+
+    def __init__(self, identity: ServerIdentity, listener: Listener) -> None:
+        self._listener = listener
+        self._options = server_context_factory(identity, listener)
+
+    def getContext(self) -> SSL.Context:
+        return self._options.getContext()
+
+    def reload(self, identity: ServerIdentity) -> None:
+        options = server_context_factory(identity, self._listener)
+        # Build the context now: a key that does not match the certificate
+        # fails here, before anything is swapped.
+        options.getContext()
+        self._options = options
 
 
 def load_trust_root(ca_file: Path | None) -> ssl.IOpenSSLTrustRoot:
