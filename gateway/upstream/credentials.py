@@ -9,12 +9,16 @@ and the "refresh once after a 401" rule live in one place.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Protocol
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
-from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
+from twisted.logger import Logger
+
+from gateway.maildrop import MaildropError, UpstreamRejected, UpstreamUnavailable
 from gateway.model import Account, Provider, Secret
 from gateway.upstream.sasl import BearerError, OAuthBearer, Plain, SASLMechanism, XOAuth2
+
+log = Logger(namespace="gateway.upstream")
 
 
 class TokenSource(Protocol):
@@ -105,3 +109,51 @@ def retry_with_fresh_token(mechanism: SASLMechanism, *, already_forced: bool) ->
         return False
     error = bearer_error(mechanism)
     return error is None or error.token_rejected
+
+
+async def bearer_login(
+    client: Any,
+    account: Account,
+    provider: Provider,
+    tokens: TokenSource | None,
+    *,
+    server_error: type[Exception],
+    refusal: Callable[[Any, str], MaildropError],
+) -> None:
+    """Log in with the account's bearer token (XOAUTH2 or OAUTHBEARER), for
+    any client whose `authenticate(mechanism)` raises `server_error` when the
+    server says no (POP3 AUTH, IMAP AUTHENTICATE).
+
+    A token the server refuses although it looked valid (revoked early, or
+    the clocks disagree) gets exactly one forced refresh and one retry on the
+    same connection; a second refusal is final, so a bad token never loops.
+    The server's JSON status goes to the log detail, never the token.
+    `refusal(error, peer)` maps the final refusal to the device's error.
+    """
+    forced = False
+    while True:
+        mechanism = await mechanism_for(
+            account, provider, client.capabilities.sasl, tokens, force_refresh=forced
+        )
+        try:
+            await client.authenticate(mechanism)
+            return
+        except server_error as e:
+            error = bearer_error(mechanism)
+            status = f" (token {error.describe()})" if error else ""
+            if retry_with_fresh_token(mechanism, already_forced=forced):
+                log.warn(
+                    "{peer} refused the access token of account {account} with "
+                    "{mechanism}{status}; refreshing it once and retrying",
+                    peer=client.peer,
+                    account=account.name,
+                    mechanism=mechanism.name,
+                    status=status,
+                )
+                forced = True
+                continue
+            refused = refusal(e, client.peer)
+            refused.detail += f"{status}; mechanism {mechanism.name}"
+            if forced:
+                refused.detail += ", after one forced token refresh"
+            raise refused from None

@@ -62,12 +62,7 @@ from gateway.upstream.connection import (
     open_connection,
     set_no_delay,
 )
-from gateway.upstream.credentials import (
-    TokenSource,
-    bearer_error,
-    mechanism_for,
-    retry_with_fresh_token,
-)
+from gateway.upstream.credentials import TokenSource, bearer_login, mechanism_for
 from gateway.upstream.sasl import SASLMechanism
 from gateway.upstream.streaming import StreamingClient
 
@@ -1135,7 +1130,9 @@ async def login(
     """
     announced = client.capabilities
     if account.auth == "oauth2":
-        await _bearer_login(client, account, provider, tokens)
+        await bearer_login(
+            client, account, provider, tokens, server_error=ServerError, refusal=login_refused
+        )
     else:
         await _password_login(client, account, provider)
     client.logged_in = True
@@ -1164,38 +1161,6 @@ async def _password_login(client: IMAPClient, account: Account, provider: Provid
                 raise UpstreamRejected(f"account {account.name}: {e}") from None
     except ServerError as e:
         raise login_refused(e, client.peer) from None
-
-
-async def _bearer_login(
-    client: IMAPClient, account: Account, provider: Provider, tokens: TokenSource | None
-) -> None:
-    forced = False
-    while True:
-        mechanism = await mechanism_for(
-            account, provider, client.capabilities.sasl, tokens, force_refresh=forced
-        )
-        try:
-            await client.authenticate(mechanism)
-            return
-        except ServerError as e:
-            error = bearer_error(mechanism)
-            status = f" (token {error.describe()})" if error else ""
-            if retry_with_fresh_token(mechanism, already_forced=forced):
-                log.warn(
-                    "{peer} refused the access token of account {account} with "
-                    "{mechanism}{status}; refreshing it once and retrying",
-                    peer=client.peer,
-                    account=account.name,
-                    mechanism=mechanism.name,
-                    status=status,
-                )
-                forced = True
-                continue
-            refused = login_refused(e, client.peer)
-            refused.detail += f"{status}; mechanism {mechanism.name}"
-            if forced:
-                refused.detail += ", after one forced token refresh"
-            raise refused from None
 
 
 async def open_session(

@@ -57,12 +57,7 @@ from gateway.upstream.connection import (
     open_connection,
     set_no_delay,
 )
-from gateway.upstream.credentials import (
-    TokenSource,
-    bearer_error,
-    mechanism_for,
-    retry_with_fresh_token,
-)
+from gateway.upstream.credentials import TokenSource, bearer_login
 from gateway.upstream.sasl import Plain, SASLMechanism
 from gateway.upstream.streaming import StreamingClient
 
@@ -749,7 +744,9 @@ async def login(
     accounts log in with a bearer token from `tokens` (`bearer_login`).
     """
     if account.auth == "oauth2":
-        await bearer_login(client, account, provider, tokens)
+        await bearer_login(
+            client, account, provider, tokens, server_error=ServerError, refusal=login_refused
+        )
         client.logged_in = True
         return
     if account.password is None:
@@ -770,45 +767,6 @@ async def login(
     except ServerError as e:
         raise login_refused(e, client.peer) from None
     client.logged_in = True
-
-
-async def bearer_login(
-    client: POP3Client, account: Account, provider: Provider, tokens: TokenSource | None
-) -> None:
-    """AUTH XOAUTH2/OAUTHBEARER with the account's token (RFC 5034, RFC 7628).
-
-    A token the server refuses although it looked valid (revoked early, or
-    the clocks disagree) gets exactly one forced refresh and one retry on the
-    same connection; a second refusal is final, so a bad token never loops.
-    The server's JSON status goes to the log detail, never the token.
-    """
-    forced = False
-    while True:
-        mechanism = await mechanism_for(
-            account, provider, client.capabilities.sasl, tokens, force_refresh=forced
-        )
-        try:
-            await client.authenticate(mechanism)
-            return
-        except ServerError as e:
-            error = bearer_error(mechanism)
-            status = f" (token {error.describe()})" if error else ""
-            if retry_with_fresh_token(mechanism, already_forced=forced):
-                log.warn(
-                    "{peer} refused the access token of account {account} with "
-                    "{mechanism}{status}; refreshing it once and retrying",
-                    peer=client.peer,
-                    account=account.name,
-                    mechanism=mechanism.name,
-                    status=status,
-                )
-                forced = True
-                continue
-            refused = login_refused(e, client.peer)
-            refused.detail += f"{status}; mechanism {mechanism.name}"
-            if forced:
-                refused.detail += ", after one forced token refresh"
-            raise refused from None
 
 
 async def open_session(
