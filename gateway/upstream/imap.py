@@ -40,7 +40,7 @@ from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -57,10 +57,9 @@ from gateway.maildrop import (
 from gateway.model import Account, Provider, Secret
 from gateway.upstream.connection import (
     EndpointFactory,
-    describe_error,
+    UpstreamLifecycle,
     hostname_endpoint,
     open_connection,
-    set_no_delay,
 )
 from gateway.upstream.credentials import TokenSource, bearer_login, mechanism_for
 from gateway.upstream.sasl import SASLMechanism
@@ -649,7 +648,7 @@ class _Command:
     collected: int = 0
 
 
-class IMAPClient(StreamingClient, Protocol):
+class IMAPClient(UpstreamLifecycle, StreamingClient, Protocol):
     """One upstream IMAP connection; commands return Deferreds.
 
     Commands are sent one at a time, except that a `pipelinable` command
@@ -795,48 +794,17 @@ class IMAPClient(StreamingClient, Protocol):
         """Drop the connection now, without LOGOUT; fail whatever is pending. Idempotent."""
         self._end(UpstreamLost if self.logged_in else UpstreamUnavailable, detail)
 
-    def when_closed(self) -> Deferred[None]:
-        """Fires (never fails) once the connection is gone."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        return d
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:
-        self._connected = True
-        set_no_delay(self.transport)
-        self._arm_timer()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._ended is not None:
-            return
-        self._last_activity = self._clock.seconds()
-        self._parser.feed(data)
-        self._process()
-
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._connected = False
-        self._lost = True
+        what = self._connection_gone(reason, quiet_close=not self._inflight and not self._queue)
         if self._ended is None:
-            if reason.check(SSL.Error, VerificationError):
-                what = f"TLS with {self.peer} failed ({describe_error(reason.value)})"
-            elif self._bye is not None:
+            if self._bye is not None and not reason.check(SSL.Error, VerificationError):
                 what = f"{self.peer} said {self._bye.describe()} and closed the connection"
-            elif reason.check(ConnectionDone) and not self._inflight and not self._queue:
-                what = f"{self.peer} closed the connection"
-            else:
-                what = f"{self.peer} closed the connection ({describe_error(reason.value)})"
             self._end(
                 UpstreamLost if self.logged_in else UpstreamUnavailable,
                 f"{what}{self._waiting_for()}",
                 abort_transport=False,
             )
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._notify_closed()
 
     # -- internals
 

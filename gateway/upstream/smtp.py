@@ -32,9 +32,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from OpenSSL import SSL
-from service_identity import VerificationError
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -52,9 +50,9 @@ from gateway.model import Account, Provider
 from gateway.pop3.stuffing import DotStuffer
 from gateway.upstream.connection import (
     EndpointFactory,
+    UpstreamLifecycle,
     describe_error,
     open_connection,
-    set_no_delay,
 )
 from gateway.upstream.credentials import TokenSource, mechanism_for, retry_with_fresh_token
 from gateway.upstream.sasl import Login, SASLMechanism
@@ -216,7 +214,7 @@ class _Bounded:
         return data
 
 
-class SMTPClient(IdleTimer, Protocol):
+class SMTPClient(UpstreamLifecycle, IdleTimer, Protocol):
     """One upstream SMTP connection; every command returns a Deferred[Reply].
 
     When the connection breaks, times out, or `abort()` is called, every
@@ -366,38 +364,10 @@ class SMTPClient(IdleTimer, Protocol):
         """Drop the connection now; fail whatever is pending. Idempotent."""
         self._end(detail)
 
-    def when_closed(self) -> Deferred[None]:
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        return d
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:
-        self._connected = True
-        set_no_delay(self.transport)
-        self._arm_timer()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._lost:
-            return
-        self._last_activity = self._clock.seconds()
-        self._parser.feed(data)
-        self._process()
-
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._connected = False
-        self._lost = True
-        if reason.check(SSL.Error, VerificationError):
-            what = f"TLS with {self.peer} failed ({describe_error(reason.value)})"
-        else:
-            what = f"{self.peer} closed the connection ({describe_error(reason.value)})"
+        what = self._connection_gone(reason, quiet_close=False)
         self._end(what + self._waiting_for(), abort_transport=False)
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._notify_closed()
 
     # -- internals
 
