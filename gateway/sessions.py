@@ -8,6 +8,7 @@ protocol-specific counters stay in each server's own record.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,18 @@ class BaseSessionRecord:
     tls_cipher: str = "none"
     outcome: str = "dropped"
     auth_failures: list[str] = field(default_factory=list)
+
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every protocol's session line has, named alike in all of them."""
+        return {
+            "device": self.device,
+            "peer": self.peer,
+            "account": self.account,
+            "tls_version": self.tls_version,
+            "tls_cipher": self.tls_cipher,
+            "duration": time.monotonic() - self.started,
+            "outcome": self.outcome,
+        }
 
     def note_tls(self, transport: Any) -> None:
         """Record the TLS version and cipher of `transport` (once data came over it:

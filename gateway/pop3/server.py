@@ -527,17 +527,11 @@ class POP3Server(Protocol, TimeoutMixin):
             "pop3 session device={device} peer={peer} account={account} tls={tls_version} "
             "cipher={tls_cipher} listed={listed} retrieved={retrieved} deleted={deleted} "
             "bytes={bytes_out} duration={duration:.3f}s outcome={outcome}",
-            device=r.device,
-            peer=r.peer,
-            account=r.account,
-            tls_version=r.tls_version,
-            tls_cipher=r.tls_cipher,
+            **r.log_fields(),
             listed=r.listed,
             retrieved=r.retrieved,
             deleted=r.deleted,
             bytes_out=r.bytes_out,
-            duration=time.monotonic() - r.started,
-            outcome=r.outcome,
         )
 
 

@@ -625,19 +625,13 @@ class SMTPServer(Protocol, TimeoutMixin):
             "tls={tls_version} cipher={tls_cipher} queued={queued} rcpts={recipients} "
             "bytes={bytes_in} refused={refused} auth_failures={failures} "
             "duration={duration:.3f}s outcome={outcome}",
-            device=r.device,
-            peer=r.peer,
-            account=r.account,
+            **r.log_fields(),
             identified_by=r.identified_by,
-            tls_version=r.tls_version,
-            tls_cipher=r.tls_cipher,
             queued=_id_list(r.queued),
             recipients=r.recipients,
             bytes_in=r.bytes_in,
             refused=r.refused,
             failures=len(r.auth_failures),
-            duration=time.monotonic() - r.started,
-            outcome=r.outcome,
         )
 
 
