@@ -33,12 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
-    IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -52,6 +50,7 @@ from gateway.upstream.connection import (
     EndpointFactory,
     UpstreamLifecycle,
     describe_error,
+    hostname_endpoint,
     open_connection,
 )
 from gateway.upstream.credentials import TokenSource, mechanism_for, retry_with_fresh_token
@@ -460,12 +459,6 @@ class SMTPClient(UpstreamLifecycle, IdleTimer, Protocol):
 
 
 # --- Session set-up -----------------------------------------------------------------
-
-
-def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """The relay's default: always through name resolution (no IP-literal shortcut,
-    unlike `gateway.upstream.connection.hostname_endpoint`)."""
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 async def connect(
