@@ -63,10 +63,12 @@ ensure_venv() {
     if [[ ! -e $STAMP || pyproject.toml -nt $STAMP ]]; then
         say "installing the project and its test dependencies into $VENV"
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e '.[test]'
-        # twistd looks for twisted/plugins/ in every sys.path entry; the
-        # editable finder hides the repo's, so put the repo root on sys.path.
-        "$VENV/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/gateway-repo.pth", "w").write(sys.argv[1] + "\n")' "$PWD"
+        # Compat editable mode puts the repo root on sys.path (a .pth file):
+        # twistd finds twisted/plugins/ by scanning sys.path, which the
+        # default strict editable finder hides.
+        "$VENV/bin/python" -m pip install --quiet -e '.[test]' \
+            --config-settings editable_mode=compat
+        rm -f "$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/gateway-repo.pth"
         touch "$STAMP"
     fi
 }
