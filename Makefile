@@ -18,7 +18,7 @@ test: deps
 	exit $$status
 
 demo: deps
-	$(PYTHON) -m gateway.demo
+	$(PYTHON) -m tests.harness.demo
 
 lint: deps
 	$(VENV)/bin/ruff check $(LINTED)

@@ -57,9 +57,9 @@ if str(REPO_ROOT) not in sys.path:
 from argon2 import PasswordHasher  # noqa: E402
 
 from bench.common import PeakRSS, make_message, wire_form  # noqa: E402
-from gateway.testing.certs import TLSMaterial, make_tls_material  # noqa: E402
-from gateway.testing.dovecot import Dovecot  # noqa: E402
-from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
+from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
+from tests.harness.dovecot import Dovecot  # noqa: E402
+from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
 
 MB = 1_000_000
 KIB = 1024

@@ -59,10 +59,10 @@ from gateway.model import OAuthSettings  # noqa: E402
 from gateway.oauth.keys import load_key  # noqa: E402
 from gateway.oauth.store import TokenRecord, TokenStore  # noqa: E402
 from gateway.oauth.tokens import parse_token_response  # noqa: E402
-from gateway.testing.certs import make_tls_material  # noqa: E402
-from gateway.testing.dovecot import Dovecot  # noqa: E402
-from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
-from gateway.testing.oauth_server import DEVICE_GRANT, OAuthServerProcess  # noqa: E402
+from tests.harness.certs import make_tls_material  # noqa: E402
+from tests.harness.dovecot import Dovecot  # noqa: E402
+from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
+from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess  # noqa: E402
 
 CLIENT_SECRET = "bench-client-secret"
 MESSAGES = 10

@@ -51,9 +51,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from gateway.testing.certs import TLSMaterial, make_tls_material  # noqa: E402
-from gateway.testing.dovecot import Dovecot  # noqa: E402
-from gateway.testing.gateway_process import GatewayProcess, free_port  # noqa: E402
+from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
+from tests.harness.dovecot import Dovecot  # noqa: E402
+from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -131,7 +131,7 @@ class Bench:
             [
                 sys.executable,
                 "-m",
-                "gateway.testing.smtp_sink",
+                "tests.harness.smtp_sink",
                 "--dir",
                 str(self.work / "sink"),
                 "--port",

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pop3_helpers import Ports, gateway_config
 
-from gateway.testing.certs import TLSMaterial, make_tls_material
-from gateway.testing.dovecot import Dovecot
-from gateway.testing.gateway_process import GatewayProcess
+from tests.harness.certs import TLSMaterial, make_tls_material
+from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_process import GatewayProcess
+from tests.helpers.pop3 import Ports, gateway_config
 
 UPSTREAM_USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 

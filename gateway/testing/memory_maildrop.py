@@ -1,6 +1,6 @@
 """A maildrop held in memory, for unit tests of the front end and benchmarks
 of the protocol code alone. It is not an upstream: integration tests use a
-real Dovecot (gateway.testing.dovecot)."""
+real Dovecot (tests.harness.dovecot)."""
 
 from __future__ import annotations
 
