@@ -20,7 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.client import HTTPConnectionPool
 
 from gateway.model import Config
-from gateway.oauth.cli import authorize_account, format_status, revoke_account, status_report
+from gateway.oauth.admin import authorize_account, format_status, revoke_account, status_report
 from gateway.oauth.code_flow import PKCE, code_from_redirect
 from gateway.oauth.errors import AuthorizationFailed
 from gateway.oauth.http import TreqPoster
@@ -395,7 +395,7 @@ def revoke_record() -> Any:
 
 
 def test_unknown_or_password_account_refused(tmp_path: Path) -> None:
-    from gateway.oauth.cli import CommandFailed
+    from gateway.oauth.admin import CommandFailed
 
     config = oauth_config(tmp_path / "state")
     with pytest.raises(CommandFailed, match=r"no account 'nope'.*OAuth2 accounts: scanner"):

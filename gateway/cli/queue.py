@@ -19,11 +19,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.common import add_command, config_location
+from gateway.config import ConfigError, load_config
 from gateway.model import Config
 from gateway.smtp.spool import QueueEntry, SpoolDir, valid_id
 
 if TYPE_CHECKING:
-    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+    from gateway.cli.common import Commands
 
 
 class CommandFailed(Exception):
@@ -32,9 +34,7 @@ class CommandFailed(Exception):
 
 def register(commands: Commands) -> None:
     """Add `gateway queue` and its subcommands to the admin command."""
-    from gateway import cli as base
-
-    queue = base._add_command(
+    queue = add_command(
         commands,
         "queue",
         _missing_subcommand,
@@ -43,7 +43,7 @@ def register(commands: Commands) -> None:
         "a message now, or delete one.",
     )
     sub = queue.add_subparsers(title="queue commands", metavar="COMMAND", required=True)
-    base._add_command(
+    add_command(
         sub,
         "list",
         _run_list,
@@ -55,7 +55,7 @@ def register(commands: Commands) -> None:
         ("retry", "try a message again now (a dead letter goes back into the queue)"),
         ("delete", "remove a message from the spool for good"),
     ):
-        parser = base._add_command(sub, name, _run_change, summary, summary.capitalize() + ".")
+        parser = add_command(sub, name, _run_change, summary, summary.capitalize() + ".")
         parser.add_argument("id", metavar="ID", help="the queue id `gateway queue list` shows")
         parser.set_defaults(verb=name)
 
@@ -66,10 +66,7 @@ def _missing_subcommand(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, SpoolDir]:
-    from gateway import cli as base
-    from gateway.config import ConfigError, load_config
-
-    location = base.config_location(args)
+    location = config_location(args)
     try:
         config = load_config(location.path)
     except ConfigError as e:

@@ -1,0 +1,276 @@
+"""The OAuth2 account operations behind `gateway oauth`: authorise, report, revoke.
+
+Each is a plain function over a loaded `Config` with its clock, HTTP client
+and input injected, so tests drive the real flows in-process against the test
+authorization server, and any front end (the `gateway` command today) can
+call them; `gateway.cli.oauth` wires them to argparse and a reactor.
+
+Run them as the user the gateway runs as: the token files are created 0600
+for whoever writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from gateway.model import Account, Config
+from gateway.oauth.code_flow import LoopbackListener, run_code_flow
+from gateway.oauth.device_flow import run_device_flow
+from gateway.oauth.endpoint import DeviceAuthorization, TokenEndpoint
+from gateway.oauth.http import FormPoster
+from gateway.oauth.keys import KEY_ENV, GatewayKeyError, key_path, load_key
+from gateway.oauth.store import StoreUnreadable, TokenRecord, TokenStore, TokenStoreError
+from gateway.oauth.tokens import Tokens
+
+GRANT_NAMES = {
+    "device_code": "device code grant",
+    "authorization_code": "authorization code grant with PKCE",
+    "client_credentials": "client credentials grant (app-only)",
+}
+
+
+class CommandFailed(Exception):
+    """What the admin is told, on one line, before exit status 1."""
+
+
+def oauth_account(config: Config, name: str) -> Account:
+    account = config.accounts.get(name)
+    if account is None:
+        known = sorted(a.name for a in config.accounts.values() if a.auth == "oauth2")
+        raise CommandFailed(
+            f"no account {name!r} in the configuration"
+            + (f" (OAuth2 accounts: {', '.join(known)})" if known else "")
+        )
+    if account.auth != "oauth2":
+        raise CommandFailed(f'account {name} does not use auth = "oauth2"')
+    return account
+
+
+def open_store(
+    config: Config, *, create_key: bool, environ: Mapping[str, str] = os.environ
+) -> TokenStore | None:
+    """The token store, or None if no key exists yet and `create_key` is False."""
+    try:
+        key = load_key(config.oauth, config.state_dir, environ=environ, create=create_key)
+    except GatewayKeyError:
+        if (
+            not create_key
+            and KEY_ENV not in environ
+            and not key_path(config.oauth, config.state_dir).exists()
+        ):
+            return None
+        raise
+    try:
+        return TokenStore.open(config.state_dir, key)
+    except PermissionError as e:
+        raise CommandFailed(f"{e}; run this command as the user the gateway runs as") from None
+
+
+async def authorize_account(
+    config: Config,
+    name: str,
+    *,
+    reactor: Any,
+    clock: IReactorTime,
+    poster: FormPoster,
+    out: IO[str],
+    paste: Callable[[], Deferred[str]] | None = None,
+    listen: bool = True,
+    port: int = 0,
+    redirect_uri: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> dict[str, Any]:
+    """Run `name`'s grant, store the tokens, return a summary (no secrets)."""
+    account = oauth_account(config, name)
+    provider = config.providers[account.provider]
+    endpoint = TokenEndpoint(provider, poster, clock)
+    # Open (and if need be create) the store first: a key problem should
+    # show before the admin has gone through a sign-in.
+    store = open_store(config, create_key=True, environ=environ)
+    assert store is not None
+    grant = account.grant or "device_code"
+    print(
+        f"Account {name} ({account.username}) at provider {provider.name}: {GRANT_NAMES[grant]}.",
+        file=out,
+        flush=True,
+    )
+    tokens: Tokens
+    if grant == "device_code":
+        tokens = await run_device_flow(
+            endpoint,
+            clock,
+            lambda auth: _show_device_code(auth, account, clock, out),
+            lambda text: print(f"  ({text})", file=out, flush=True),
+        )
+    elif grant == "authorization_code":
+        tokens = await run_code_flow(
+            endpoint,
+            clock,
+            login_hint=account.username,
+            show=lambda url, redirect: _show_code_url(url, redirect, account, listen, out),
+            pasted=paste() if paste is not None else None,
+            listener=LoopbackListener(reactor, port) if listen else None,
+            redirect_uri=redirect_uri,
+        )
+    else:
+        tokens = await endpoint.client_credentials()
+    now = clock.seconds()
+    record = TokenRecord.authorized(name, grant, tokens, now)
+    store.update(name, lambda _current: record, replace_unreadable=True)
+    return {
+        "account": name,
+        "grant": grant,
+        "state": "ok",
+        "expires_at": _iso(tokens.expires_at),
+        "expires_in": round(tokens.expires_at - now),
+        "refresh_token": tokens.refresh_token is not None,
+        "scope": tokens.scope,
+        "store": str(store.path_for(name)),
+    }
+
+
+def _show_device_code(
+    auth: DeviceAuthorization, account: Account, clock: IReactorTime, out: IO[str]
+) -> None:
+    minutes = max(1, round((auth.expires_at - clock.seconds()) / 60))
+    print(f"To sign in, open  {auth.verification_uri}", file=out)
+    print(f"and enter the code  {auth.user_code}", file=out)
+    if auth.verification_uri_complete:
+        print(f"(or open {auth.verification_uri_complete})", file=out)
+    print(
+        f"Sign in as {account.username}. Waiting; the code expires in {minutes} min...",
+        file=out,
+        flush=True,
+    )
+
+
+def _show_code_url(url: str, redirect: str, account: Account, listen: bool, out: IO[str]) -> None:
+    print(f"Open this URL in a browser and sign in as {account.username}:", file=out)
+    print(f"  {url}", file=out)
+    if listen:
+        print(
+            f'The browser is then sent to {redirect}. If that page says "Signed in", you '
+            "are done. If it does not load (browser on another machine), copy the whole "
+            "address from the address bar, paste it here and press Enter:",
+            file=out,
+            flush=True,
+        )
+    else:
+        print(
+            f"The browser is then sent to {redirect}; copy the whole address from the "
+            "address bar, paste it here and press Enter:",
+            file=out,
+            flush=True,
+        )
+
+
+def status_report(
+    config: Config,
+    names: list[str] | None = None,
+    *,
+    now: float,
+    environ: Mapping[str, str] = os.environ,
+) -> list[dict[str, Any]]:
+    """One document per OAuth2 account (all, or `names`), as `oauth status` shows it."""
+    accounts = (
+        [oauth_account(config, n) for n in names]
+        if names
+        else [a for a in config.accounts.values() if a.auth == "oauth2"]
+    )
+    store = open_store(config, create_key=False, environ=environ)
+    report = []
+    for account in sorted(accounts, key=lambda a: a.name):
+        record: TokenRecord | None = None
+        unreadable: str | None = None
+        if store is not None:
+            try:
+                record = store.load(account.name)
+            except StoreUnreadable as e:
+                unreadable = e.reason
+        report.append(_account_status(account, record, unreadable, now))
+    return report
+
+
+def _account_status(
+    account: Account, record: TokenRecord | None, unreadable: str | None, now: float
+) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "account": account.name,
+        "provider": account.provider,
+        "username": account.username,
+        "grant": account.grant or "device_code",
+    }
+    if unreadable is not None:
+        return {**document, "state": "unreadable", "last_error": unreadable}
+    if record is None:
+        return {**document, "state": "not_authorized"}
+    tokens = record.tokens
+    document.update(
+        state=record.state,
+        authorized_at=_iso(record.authorized_at),
+        last_refresh=_iso(record.last_refresh),
+        last_error=record.last_error,
+        last_error_at=_iso(record.last_error_at),
+        expires_at=_iso(tokens.expires_at) if tokens else None,
+        access_token_valid=bool(tokens and tokens.valid_at(now)),
+        refresh_token=bool(tokens and tokens.refresh_token),
+    )
+    return document
+
+
+def format_status(report: list[dict[str, Any]]) -> list[str]:
+    if not report:
+        return ["no OAuth2 accounts in the configuration"]
+    lines = []
+    for entry in report:
+        name, state = entry["account"], entry["state"]
+        head = f"{name}: {state} ({entry['grant']}, {entry['username']} at {entry['provider']})"
+        lines.append(head)
+        if state == "not_authorized":
+            lines.append(f"  no tokens yet: run `gateway oauth authorize {name}`")
+            continue
+        if state == "unreadable":
+            lines.append(f"  token file unreadable: {entry['last_error']}")
+            lines.append(f"  supply the right key, or run `gateway oauth authorize {name}`")
+            continue
+        if entry.get("expires_at"):
+            validity = "valid" if entry["access_token_valid"] else "expired"
+            lines.append(f"  access token {validity} until {entry['expires_at']}")
+        if entry.get("last_refresh"):
+            lines.append(f"  last refresh {entry['last_refresh']}")
+        if entry.get("last_error"):
+            lines.append(f"  last error {entry['last_error_at']}: {entry['last_error']}")
+        if state in ("needs_reauth", "revoked"):
+            lines.append(f"  run `gateway oauth authorize {name}`")
+    return lines
+
+
+def revoke_account(
+    config: Config, name: str, *, now: float, environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    account = oauth_account(config, name)
+    store = open_store(config, create_key=True, environ=environ)
+    assert store is not None
+
+    def revoke(current: TokenRecord | None) -> TokenRecord:
+        if current is None:
+            current = TokenRecord(name, account.grant or "device_code", "none")
+        return current.revoked(now)
+
+    try:
+        store.update(name, revoke, replace_unreadable=True)
+    except (StoreUnreadable, TokenStoreError) as e:
+        raise CommandFailed(str(e)) from None
+    return {"account": name, "state": "revoked"}
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
