@@ -1,167 +1,26 @@
-"""Turns a loaded configuration into running Twisted services.
+"""Turns a loaded configuration into running Twisted services (what twistd runs).
 
-`make_service` builds one `Runtime` (the objects every subsystem shares:
-device authenticator, account locks, token source, stores) and asks each
-subsystem for its services. Listening happens inside services so that
-twistd binds low ports (110, 995, 25, 465, 587) before it drops privileges
-with --uid/--gid.
+`make_service` builds one `Runtime` (gateway.runtime: what every subsystem
+shares) and composes the services of each subsystem: the OAuth2 token
+manager, the POP3 listeners (gateway.pop3.service), the SMTP spool, relay
+and listeners (gateway.smtp.service), and the SIGHUP handler that renews
+the listeners' certificate.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import signal
-from dataclasses import dataclass, field
 from typing import Any
 
-from OpenSSL import SSL
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.protocol import Factory
-from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.application.service import MultiService, Service
 
 from gateway.devices import DeviceAuthenticator
-from gateway.locks import AccountLocks
-from gateway.maildrop import Maildrop, UpstreamUnavailable
-from gateway.model import Account, Config, Listener
+from gateway.model import Config
 from gateway.oauth.manager import TokenManager
-from gateway.pop3.server import POP3ServerFactory
-from gateway.smtp.service import smtp_services as build_smtp_services
-from gateway.state import StateError
-from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
-from gateway.upstream.credentials import TokenSource
-from gateway.upstream.imap_maildrop import open_imap_maildrop
-from gateway.upstream.pop3_maildrop import open_pop3_maildrop
-from gateway.upstream.uid_store import UIDStore
-
-log = Logger(namespace="gateway.service")
-
-
-@dataclass
-class Runtime:
-    """What the subsystems of one running gateway share."""
-
-    config: Config
-    reactor: Any
-    identity: ServerIdentity | None
-    authenticator: DeviceAuthenticator
-    locks: AccountLocks = field(default_factory=AccountLocks)
-    tokens: TokenSource | None = None
-    services: list[IService] = field(default_factory=list)
-    # Every listener's TLS settings, so SIGHUP can give them a renewed certificate.
-    listener_tls: list[ReloadableServerTLS] = field(default_factory=list)
-    # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
-    # after twistd has dropped privileges, so the file belongs to the gateway.
-    uid_store: UIDStore | None = None
-
-    def reload_tls(self) -> None:
-        """Read the certificate and key files again (SIGHUP). New sessions get
-        the new certificate; open ones keep theirs. A file that cannot be used
-        leaves the old certificate in place, with an error line saying why."""
-        files = self.config.tls
-        if files is None or not self.listener_tls:
-            return
-        try:
-            identity = load_server_identity(files)
-            for tls in self.listener_tls:
-                tls.reload(identity)
-        except (TLSSetupError, SSL.Error, ValueError) as e:
-            log.error(
-                "tls certificate reload failed, still serving the previous one: {error}",
-                error=str(e) or type(e).__name__,
-            )
-            return
-        self.identity = identity
-        log.info(
-            "tls certificate reloaded from {certificate} for {count} listeners, "
-            "valid until {expiry}",
-            certificate=str(files.certificate),
-            count=len(self.listener_tls),
-            expiry=identity.certificate.to_cryptography().not_valid_after_utc.isoformat(),
-        )
-
-    def imap_uid_store(self) -> UIDStore:
-        if self.uid_store is None:
-            try:
-                self.uid_store = UIDStore.in_state_dir(self.config.state_dir)
-            except StateError as e:
-                raise UpstreamUnavailable(str(e)) from None
-        return self.uid_store
-
-    async def open_maildrop(self, account: Account) -> Maildrop:
-        provider = self.config.providers[account.provider]
-        if account.mailbox == "imap":
-            return await open_imap_maildrop(
-                account,
-                provider,
-                reactor=self.reactor,
-                uid_store=self.imap_uid_store(),
-                tokens=self.tokens,
-            )
-        return await open_pop3_maildrop(
-            account, provider, reactor=self.reactor, tokens=self.tokens
-        )
-
-
-def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
-    address = ipaddress.ip_address(listener.address)
-    endpoint = TCP6ServerEndpoint if address.version == 6 else TCP4ServerEndpoint
-    return endpoint(reactor, listener.port, interface=listener.address)
-
-
-def listener_service(runtime: Runtime, listener: Listener, make_factory: Any) -> IService:
-    """A listening service with the listener's TLS policy.
-
-    `make_factory(tls_options)` builds the protocol factory; it gets the
-    options for STARTTLS/STLS on a "starttls" listener and None on an
-    "implicit" one, which is wrapped in TLS here.
-    """
-    assert runtime.identity is not None, "config validation requires [tls] for listeners"
-    tls_options = ReloadableServerTLS(runtime.identity, listener)
-    runtime.listener_tls.append(tls_options)
-    factory: Factory = make_factory(tls_options if listener.tls == "starttls" else None)
-    if listener.tls == "implicit":
-        factory = TLSMemoryBIOFactory(tls_options, False, factory)
-    service = StreamServerEndpointService(listen_endpoint(runtime.reactor, listener), factory)
-    service.setName(f"{listener.protocol}-{listener.tls}-{listener.address}-{listener.port}")
-    log.info(
-        "{protocol} listener on {address}:{port} tls={tls} min_tls={min_tls}",
-        protocol=listener.protocol,
-        address=listener.address,
-        port=listener.port,
-        tls=listener.tls,
-        min_tls=listener.min_tls,
-    )
-    return service
-
-
-def pop3_services(runtime: Runtime) -> list[IService]:
-    config = runtime.config
-
-    def factory(tls_options: Any, listener: Listener) -> POP3ServerFactory:
-        return POP3ServerFactory(
-            listener=listener,
-            tls_options=tls_options,
-            authenticator=runtime.authenticator,
-            accounts=config.accounts,
-            open_maildrop=runtime.open_maildrop,
-            locks=runtime.locks,
-            clock=runtime.reactor,
-            idle_timeout=config.pop3.idle_timeout,
-        )
-
-    return [
-        listener_service(runtime, listener, lambda tls, listener=listener: factory(tls, listener))
-        for listener in config.pop3.listeners
-    ]
-
-
-def smtp_services(runtime: Runtime) -> list[IService]:
-    """The SMTP spool and relay, then the SMTP listeners (gateway.smtp.service)."""
-    return build_smtp_services(runtime, listener_service)
+from gateway.pop3.service import pop3_services
+from gateway.runtime import Runtime
+from gateway.smtp.service import smtp_services
+from gateway.tls import load_server_identity
 
 
 def token_manager(config: Config, reactor: Any) -> TokenManager | None:

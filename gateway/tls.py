@@ -1,8 +1,11 @@
 """TLS policy: contexts for device listeners and verified options for upstreams.
 
-Devices are often old: a listener may lower its minimum TLS version, and only
-that listener's. Upstreams are always verified (service_identity host name
-checks against the provider's CA file or the system trust store).
+A listener offers only forward-secret AEAD suites (ECDHE with AES-GCM or
+ChaCha20-Poly1305 for TLS 1.2, OpenSSL's TLS 1.3 suites). Devices are often
+old: a listener may lower its minimum TLS version, and only that listener
+then gets the relaxed, legacy cipher list. Upstreams are always verified
+(service_identity host name checks against the provider's CA file or the
+system trust store).
 """
 
 from __future__ import annotations
@@ -10,15 +13,26 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
 from zope.interface import implementer
 
 from gateway.model import Listener, TLSFiles
+
+if TYPE_CHECKING:
+    # What platformTrust() and trustRootFromCertificates() return; Twisted
+    # defines the interface in a private module and does not re-export it.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 _VERSIONS = {
     "1.0": ssl.TLSVersion.TLSv1_0,
@@ -27,9 +41,28 @@ _VERSIONS = {
     "1.3": ssl.TLSVersion.TLSv1_3,
 }
 
-# OpenSSL 3 refuses TLS 1.0/1.1 at its default security level (SHA-1 in the
-# handshake), so a listener that explicitly admits them also needs level 0.
-_LEGACY_CIPHERS = b"DEFAULT:@SECLEVEL=0"
+# TLS 1.2 suites a listener offers: ECDHE key exchange (forward secrecy) with
+# an AEAD cipher, Mozilla's "intermediate" list without finite-field DHE. No
+# static RSA key exchange, no CBC; TLS 1.3 suites are OpenSSL's own (all AEAD).
+MODERN_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+# Only for a listener whose min_tls is "1.0" or "1.1": devices that old often
+# know nothing but static RSA and CBC-SHA1 suites. OpenSSL 3 refuses TLS
+# 1.0/1.1 at its default security level (SHA-1 in the handshake), so such a
+# listener also needs level 0.
+LEGACY_CIPHERS = b"DEFAULT:@SECLEVEL=0"
+
+_PrivateKey = (
+    dsa.DSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | rsa.RSAPrivateKey
+)
 
 
 class TLSSetupError(Exception):
@@ -56,32 +89,37 @@ def load_server_identity(files: TLSFiles) -> ServerIdentity:
         raise TLSSetupError(
             f"tls.private_key: cannot load {files.private_key}: {type(e).__name__}"
         ) from None
+    if not isinstance(key, _PrivateKey):
+        raise TLSSetupError(
+            f"tls.private_key: {files.private_key} holds a {type(key).__name__}, "
+            "not an RSA, EC, Ed25519, Ed448 or DSA key"
+        )
     leaf, *rest = (crypto.X509.from_cryptography(c) for c in certs)
     return ServerIdentity(leaf, tuple(rest), crypto.PKey.from_cryptography_key(key))
 
 
 def server_context_factory(identity: ServerIdentity, listener: Listener) -> ssl.CertificateOptions:
-    """Options for one device listener, with that listener's version floor."""
+    """Options for one device listener, with that listener's version floor and ciphers."""
     floor = _VERSIONS[listener.min_tls]
-    kwargs = {}
-    if floor < ssl.TLSVersion.TLSv1_2:
-        kwargs["insecurelyLowerMinimumTo"] = floor
-    else:
-        kwargs["raiseMinimumTo"] = floor
-    options = ssl.CertificateOptions(
+    legacy = floor < ssl.TLSVersion.TLSv1_2
+    make = functools.partial(
+        ssl.CertificateOptions,
         privateKey=identity.key,
         certificate=identity.certificate,
         extraCertChain=list(identity.chain),
-        **kwargs,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
     )
-    if floor < ssl.TLSVersion.TLSv1_2:
-        # CertificateOptions builds its context once and caches it; adjust it
-        # in place so only this listener accepts the legacy security level.
-        options.getContext().set_cipher_list(_LEGACY_CIPHERS)
+    # Twisted refuses both keywords at once, even with one of them None.
+    if not legacy:
+        return make(raiseMinimumTo=floor)
+    options = make(insecurelyLowerMinimumTo=floor)
+    # CertificateOptions builds its context once and caches it; adjust it in
+    # place so only this listener offers the legacy list.
+    options.getContext().set_cipher_list(LEGACY_CIPHERS)
     return options
 
 
-@implementer(IOpenSSLContextFactory)
+@implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
 class ReloadableServerTLS:
     """One listener's TLS settings, whose certificate can be replaced while running.
 
@@ -95,8 +133,17 @@ class ReloadableServerTLS:
         self._listener = listener
         self._options = server_context_factory(identity, listener)
 
+    @property
+    def listener(self) -> Listener:
+        return self._listener
+
     def getContext(self) -> SSL.Context:
         return self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """What Twisted does with a plain context factory, typed for the
+        listeners' factories (which take a connection creator)."""
+        return SSL.Connection(self.getContext(), None)
 
     def reload(self, identity: ServerIdentity) -> None:
         options = server_context_factory(identity, self._listener)
@@ -106,16 +153,19 @@ class ReloadableServerTLS:
         self._options = options
 
 
-def load_trust_root(ca_file: Path | None) -> ssl.IOpenSSLTrustRoot:
+def load_trust_root(ca_file: Path | None) -> IOpenSSLTrustRoot:
+    root: IOpenSSLTrustRoot
     if ca_file is None:
-        return ssl.platformTrust()
+        root = ssl.platformTrust()
+        return root
     try:
         certs = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
     except (OSError, ValueError) as e:
         raise TLSSetupError(f"ca_file: cannot load {ca_file}: {e}") from None
-    return ssl.trustRootFromCertificates(
+    root = ssl.trustRootFromCertificates(
         [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certs]
     )
+    return root
 
 
 @functools.lru_cache(maxsize=256)

@@ -5,33 +5,42 @@ queue loaded) in `startService`, which twistd runs after it has dropped
 privileges, so every spool file belongs to the user the gateway runs as. The
 spool service comes before the listeners in the parent, so it is ready before
 the first device connects.
+
+The name the gateway gives itself (greeting, EHLO reply, HELO upstream,
+bounces) starts as `socket.gethostname()`, which asks the kernel and never
+waits on DNS; `LocalHostname` then looks up the fully qualified name
+(`socket.getfqdn()`, which may wait seconds on a slow resolver) in a
+reactor pool thread and puts it in place when it is known.
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from gateway.model import Account, Listener, Provider
+from gateway.runtime import Runtime, listener_service
 from gateway.smtp.policy import NetworkDevices
 from gateway.smtp.relay import Relay, RetryPolicy
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import Spool, SpoolDir
 from gateway.state import StateError
+from gateway.tls import ReloadableServerTLS
 from gateway.upstream.smtp import SMTPClient, open_session
-
-if TYPE_CHECKING:
-    from gateway.service import Runtime
 
 log = Logger(namespace="gateway.smtp")
 
-ListenerService = Callable[["Runtime", Listener, Any], IService]
+
+class Named(Protocol):
+    hostname: str
 
 
 class SpoolService(MultiService):
@@ -70,19 +79,50 @@ class SpoolService(MultiService):
         return d
 
 
-def smtp_services(runtime: Runtime, listener_service: ListenerService) -> list[IService]:
+class LocalHostname(Service):
+    """Looks up the host's fully qualified name off the reactor thread and
+    gives it to everything that names the gateway (`Named`: the relay and
+    the listeners' factories), which until then use `socket.gethostname()`."""
+
+    def __init__(self, lookup: Callable[[], Deferred[str]], named: list[Named]) -> None:
+        self.setName("smtp-hostname")
+        self._lookup = lookup
+        self._named = named
+
+    def startService(self) -> None:
+        super().startService()
+        self._lookup().addCallbacks(self._found, self._failed)
+
+    def _found(self, name: str) -> None:
+        if not name:
+            return
+        for each in self._named:
+            each.hostname = name
+        log.info("smtp hostname {hostname}", hostname=name)
+
+    def _failed(self, reason: Any) -> None:
+        log.failure("smtp hostname lookup failed", reason)
+
+
+def fqdn_in_thread(reactor: Any) -> Callable[[], Deferred[str]]:
+    """`socket.getfqdn()` in the reactor's thread pool."""
+    return lambda: deferToThreadPool(reactor, reactor.getThreadPool(), socket.getfqdn)
+
+
+def smtp_services(runtime: Runtime) -> list[IService]:
     """The spool service and one service per `[[smtp.listen]]`; none without listeners."""
     config = runtime.config
     settings = config.smtp
     if not settings.listeners:
         return []
-    hostname = socket.getfqdn()
+    hostname = socket.gethostname()
     reactor = runtime.reactor
     spool = Spool(SpoolDir(config.state_dir / "spool"))
 
     async def connect_as(account: Account, provider: Provider) -> SMTPClient:
+        # The relay's name, read at each connection: LocalHostname may have renewed it.
         return await open_session(
-            account, provider, reactor=reactor, helo_name=hostname, tokens=runtime.tokens
+            account, provider, reactor=reactor, helo_name=relay.hostname, tokens=runtime.tokens
         )
 
     relay = Relay(
@@ -106,8 +146,10 @@ def smtp_services(runtime: Runtime, listener_service: ListenerService) -> list[I
             device=name,
         )
 
-    def factory(tls_options: Any, listener: Listener) -> SMTPServerFactory:
-        return SMTPServerFactory(
+    named: list[Named] = [relay]
+
+    def factory(tls_options: ReloadableServerTLS | None, listener: Listener) -> SMTPServerFactory:
+        built = SMTPServerFactory(
             listener=listener,
             tls_options=tls_options,
             authenticator=runtime.authenticator,
@@ -122,10 +164,15 @@ def smtp_services(runtime: Runtime, listener_service: ListenerService) -> list[I
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
         )
+        named.append(built)
+        return built
 
-    services: list[IService] = [SpoolService(spool, relay)]
+    services: list[IService] = [
+        LocalHostname(fqdn_in_thread(reactor), named),
+        SpoolService(spool, relay),
+    ]
     services += [
-        listener_service(runtime, listener, lambda tls, listener=listener: factory(tls, listener))
+        listener_service(runtime, listener, functools.partial(factory, listener=listener))
         for listener in settings.listeners
     ]
     return services

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IService, IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
@@ -28,7 +28,9 @@ class GatewayServiceMaker:
     description = "Mail gateway for legacy POP3/SMTP devices"
     options = Options
 
-    def makeService(self, options: Options):  # type: ignore[no-untyped-def]
+    def makeService(self, options: Options) -> IService:
+        # Imported here: twistd imports every plugin module to list them, and
+        # only this command needs the gateway (and the installed reactor).
         from twisted.internet import reactor
 
         from gateway.config import ConfigError, find_config_path, load_config

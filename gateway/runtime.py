@@ -1,0 +1,142 @@
+"""What the services of one running gateway share, and how a listener becomes a service.
+
+`Runtime` holds the objects every subsystem uses (device authenticator,
+account locks, token source, UIDL store, each listener's TLS settings);
+`listener_service` turns one configured listener into a Twisted service with
+that listener's TLS policy. The POP3 and SMTP services (`gateway.pop3.service`,
+`gateway.smtp.service`) build on both; `gateway.service` composes them.
+Listening happens inside services so that twistd binds low ports (110, 995,
+25, 465, 587) before it drops privileges with --uid/--gid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from gateway.devices import DeviceAuthenticator
+from gateway.locks import AccountLocks
+from gateway.maildrop import Maildrop, UpstreamUnavailable
+from gateway.model import Account, Config, Listener
+from gateway.state import StateError
+from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
+from gateway.upstream.credentials import TokenSource
+from gateway.upstream.imap_maildrop import open_imap_maildrop
+from gateway.upstream.pop3_maildrop import open_pop3_maildrop
+from gateway.upstream.uid_store import UIDStore
+
+log = Logger(namespace="gateway.service")
+
+# Builds a listener's protocol factory from the TLS options for STARTTLS/STLS
+# (None on an implicit-TLS listener, which `listener_service` wraps in TLS).
+MakeFactory = Callable[[ReloadableServerTLS | None], IProtocolFactory]
+
+
+@dataclass
+class Runtime:
+    """What the subsystems of one running gateway share."""
+
+    config: Config
+    reactor: Any
+    identity: ServerIdentity | None
+    authenticator: DeviceAuthenticator
+    locks: AccountLocks = field(default_factory=AccountLocks)
+    tokens: TokenSource | None = None
+    services: list[IService] = field(default_factory=list)
+    # Every listener's TLS settings, so SIGHUP can give them a renewed certificate.
+    listener_tls: list[ReloadableServerTLS] = field(default_factory=list)
+    # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
+    # after twistd has dropped privileges, so the file belongs to the gateway.
+    uid_store: UIDStore | None = None
+
+    def reload_tls(self) -> None:
+        """Read the certificate and key files again (SIGHUP). New sessions get
+        the new certificate; open ones keep theirs. A file that cannot be used
+        leaves the old certificate in place, with an error line saying why."""
+        files = self.config.tls
+        if files is None or not self.listener_tls:
+            return
+        try:
+            identity = load_server_identity(files)
+            for tls in self.listener_tls:
+                tls.reload(identity)
+        except (TLSSetupError, SSL.Error, ValueError) as e:
+            log.error(
+                "tls certificate reload failed, still serving the previous one: {error}",
+                error=str(e) or type(e).__name__,
+            )
+            return
+        self.identity = identity
+        log.info(
+            "tls certificate reloaded from {certificate} for {count} listeners, "
+            "valid until {expiry}",
+            certificate=str(files.certificate),
+            count=len(self.listener_tls),
+            expiry=identity.certificate.to_cryptography().not_valid_after_utc.isoformat(),
+        )
+
+    def imap_uid_store(self) -> UIDStore:
+        if self.uid_store is None:
+            try:
+                self.uid_store = UIDStore.in_state_dir(self.config.state_dir)
+            except StateError as e:
+                raise UpstreamUnavailable(str(e)) from None
+        return self.uid_store
+
+    async def open_maildrop(self, account: Account) -> Maildrop:
+        provider = self.config.providers[account.provider]
+        if account.mailbox == "imap":
+            return await open_imap_maildrop(
+                account,
+                provider,
+                reactor=self.reactor,
+                uid_store=self.imap_uid_store(),
+                tokens=self.tokens,
+            )
+        return await open_pop3_maildrop(
+            account, provider, reactor=self.reactor, tokens=self.tokens
+        )
+
+
+def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
+    address = ipaddress.ip_address(listener.address)
+    endpoint = TCP6ServerEndpoint if address.version == 6 else TCP4ServerEndpoint
+    return endpoint(reactor, listener.port, interface=listener.address)
+
+
+def listener_service(
+    runtime: Runtime, listener: Listener, make_factory: MakeFactory
+) -> IService:
+    """A listening service with the listener's TLS policy.
+
+    `make_factory(tls_options)` builds the protocol factory; it gets the
+    options for STARTTLS/STLS on a "starttls" listener and None on an
+    "implicit" one, which is wrapped in TLS here.
+    """
+    assert runtime.identity is not None, "config validation requires [tls] for listeners"
+    tls_options = ReloadableServerTLS(runtime.identity, listener)
+    runtime.listener_tls.append(tls_options)
+    factory = make_factory(tls_options if listener.tls == "starttls" else None)
+    if listener.tls == "implicit":
+        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+    service = StreamServerEndpointService(listen_endpoint(runtime.reactor, listener), factory)
+    service.setName(f"{listener.protocol}-{listener.tls}-{listener.address}-{listener.port}")
+    log.info(
+        "{protocol} listener on {address}:{port} tls={tls} min_tls={min_tls}",
+        protocol=listener.protocol,
+        address=listener.address,
+        port=listener.port,
+        tls=listener.tls,
+        min_tls=listener.min_tls,
+    )
+    return service
