@@ -29,17 +29,19 @@ def make_tls_material(
     directory: Path,
     names: Sequence[str] = ("localhost", "127.0.0.1"),
     ca: trustme.CA | None = None,
+    key_type: trustme.KeyType = trustme.KeyType.ECDSA,
 ) -> TLSMaterial:
     """Issue a leaf certificate for ``names`` and write it below ``directory``.
 
     Pass ``ca`` to issue several leaves from one root; by default every call
-    makes a fresh CA, which is what a mismatch test wants.
+    makes a fresh CA, which is what a mismatch test wants. ``key_type`` RSA
+    for a test of RSA cipher suites (an ECDSA key cannot negotiate them at all).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ca = ca if ca is not None else trustme.CA()
+    ca = ca if ca is not None else trustme.CA(key_type=key_type)
     # A CN as well as the SANs: fetchmail refuses a certificate without one.
-    leaf = ca.issue_cert(*names, common_name=names[0])
+    leaf = ca.issue_cert(*names, common_name=names[0], key_type=key_type)
     material = TLSMaterial(
         ca_file=directory / "ca.pem",
         certificate=directory / "cert-chain.pem",

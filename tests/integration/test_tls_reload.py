@@ -34,7 +34,7 @@ def test_reload_swaps_the_certificate_for_new_connections(tmp_path: Path) -> Non
     tls.reload(identity(new))
     after = served_certificate(tls)
     assert before != after
-    assert after == served_certificate(ReloadableServerTLS(identity(new), tls._listener))
+    assert after == served_certificate(ReloadableServerTLS(identity(new), tls.listener))
 
 
 def test_reload_with_a_key_of_another_certificate_keeps_the_old_one(tmp_path: Path) -> None:
