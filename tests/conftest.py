@@ -48,12 +48,6 @@ def dovecot(
 
 
 @pytest.fixture
-def upstream_users() -> dict[str, str]:
-    """User name -> password of the session Dovecot."""
-    return dict(UPSTREAM_USERS)
-
-
-@pytest.fixture
 def clean_mailboxes(dovecot: Dovecot) -> Dovecot:
     """The session Dovecot with alice's and bob's mailboxes empty."""
     for user in UPSTREAM_USERS:
@@ -112,14 +106,24 @@ def no_leftover_delayed_calls(request: pytest.FixtureRequest) -> Iterator[None]:
     if reactor is None or request.node.get_closest_marker("allow_delayed_calls"):
         yield
         return
+    greenlet = _reactor_greenlet(request)
     before = list(reactor.getDelayedCalls())
     yield
-    leftovers = _settle(reactor, before)
+    leftovers = _settle(reactor, greenlet, before)
     if leftovers:
         listing = "\n  ".join(repr(call) for call in leftovers)
         for call in leftovers:
             call.cancel()  # so they cannot fire inside the next test
         pytest.fail(f"test left {len(leftovers)} delayed call(s) on the reactor:\n  {listing}")
+
+
+def _reactor_greenlet(request: pytest.FixtureRequest) -> Any | None:
+    """The greenlet pytest-twisted runs the reactor in (its public session
+    fixture), or None without the plugin."""
+    try:
+        return request.getfixturevalue("twisted_greenlet")
+    except pytest.FixtureLookupError:
+        return None
 
 
 def _installed_reactor() -> Any | None:
@@ -149,25 +153,24 @@ def _same_func(func: Any, funcs: list[Any]) -> bool:
         return False
 
 
-def _settle(reactor: Any, before: list[Any]) -> list[Any]:
+def _settle(reactor: Any, greenlet: Any | None, before: list[Any]) -> list[Any]:
     """New delayed calls that remain after letting the reactor run briefly."""
     leftovers = _new_calls(reactor, before)
     for _ in range(_SETTLE_ROUNDS):
-        if not leftovers or not _spin(reactor):
+        if not leftovers or not _spin(reactor, greenlet):
             break
         leftovers = _new_calls(reactor, before)
     return leftovers
 
 
-def _spin(reactor: Any) -> bool:
+def _spin(reactor: Any, greenlet: Any | None) -> bool:
     """Run the pytest-twisted reactor greenlet for one short step, if there is one."""
+    if greenlet is None or greenlet.dead:
+        return False
     try:
         import pytest_twisted
         from twisted.internet.task import deferLater
     except ImportError:
-        return False
-    greenlet = pytest_twisted._instances.gr_twisted
-    if greenlet is None or greenlet.dead:
         return False
     pytest_twisted.blockon(deferLater(reactor, _SETTLE_STEP, lambda: None))
     return True

@@ -237,7 +237,7 @@ def test_upstream_kicked_mid_retr_drops_the_device(
     assert reader.readline().startswith(b"+OK maildrop")
     assert reader.readline().startswith(b"+OK")
     received = reader.read(100_000)  # then stop reading: back-pressure stalls the upstream
-    time.sleep(0.3)
+    wait_until_stalled(dovecot.pop3s_port)
     dovecot.kick("alice")
     rest = b""
     raw.settimeout(20)
@@ -251,6 +251,37 @@ def test_upstream_kicked_mid_retr_drops_the_device(
     assert not data.endswith(b"\r\n.\r\n")
     gateway.wait_for_log("connection dropped")
     raw.close()
+
+
+def wait_until_stalled(port: int | None, timeout: float = 10.0) -> None:
+    """Until a connection from local `port` has unsent bytes that do not move:
+    the upstream is held back because the gateway stopped reading from it."""
+    assert port is not None
+    deadline = time.monotonic() + timeout
+    previous: set[tuple[str, int]] = set()
+    while time.monotonic() < deadline:
+        queued = set(_send_queues(port))
+        if queued & previous:
+            return
+        previous = queued
+        time.sleep(0.1)
+    raise AssertionError(f"the upstream on port {port} never stalled: no back-pressure")
+
+
+def _send_queues(port: int) -> list[tuple[str, int]]:
+    """(remote address, bytes queued to send) of each established TCP socket
+    on local `port` that has any, from /proc/net/tcp and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, remote, state, queues = fields[1], fields[2], fields[3], fields[4]
+                tx_queue = int(queues.split(":")[0], 16)
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "01" and tx_queue:
+                    found.append((remote, tx_queue))
+    return found
 
 
 def test_plaintext_listener_refuses_login_before_stls(

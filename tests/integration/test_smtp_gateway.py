@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,7 +222,10 @@ def test_swaks_auth_plain_over_implicit_tls(
 ) -> None:
     mark = marker().decode()
     swaks(smtp_ports.smtps, tls_gateway, mark, "PLAIN", "--tls-on-connect")
-    wait_for(sink.directory, mark.encode())
+    [got] = wait_for(sink.directory, mark.encode())
+    assert got.mail_from == "scanner@example.com"  # rewritten for the scanner account
+    assert got.rcpt_tos == ("r@example.org",)
+    assert f"Subject: {mark}".encode() in got.content
 
 
 def swaks(port: int, tls: TLSMaterial, mark: str, mechanism: str, tls_flag: str) -> None:
@@ -527,21 +531,29 @@ def test_kill_9_with_100_spooled_messages_then_restart(
                     message(mark, sender=b"relay@example.com"),
                 )
         gw.kill()
-        assert len(list((tmp_path / "gw" / "state" / "spool" / "queue").glob("*.msg"))) == 100
+        queue = tmp_path / "gw" / "state" / "spool" / "queue"
+        assert len(list(queue.glob("*.msg"))) == 100
         with smtps_sink(tmp_path / "late", tls_upstream, port=ports.flaky) as late:
             gw.start()
-            arrived = late.wait_for(100, timeout=60)
+            late.wait_for(100, timeout=60)
             gw.wait_for_log("smtp relayed", timeout=10)
-            # Nothing more turns up afterwards.
-            import time
-
-            time.sleep(2)
+            # Nothing more turns up afterwards: with the queue empty, the relay
+            # has nothing left to send (a message leaves it after the sink's 250).
+            wait_until_empty(queue)
             arrived = read_messages(late.directory)
         subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in arrived)
         assert subjects == sorted(marks)
-        assert list((tmp_path / "gw" / "state" / "spool" / "queue").glob("*.msg")) == []
+        assert list(queue.glob("*.msg")) == []
     finally:
         gw.stop()
+
+
+def wait_until_empty(queue: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while left := list(queue.glob("*.msg")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(left)} message(s) still queued in {queue}")
+        time.sleep(0.05)
 
 
 def test_a_second_gateway_on_the_same_spool_refuses_to_start(
