@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService, Service
@@ -84,7 +84,7 @@ class LocalHostname(Service):
     gives it to everything that names the gateway (`Named`: the relay and
     the listeners' factories), which until then use `socket.gethostname()`."""
 
-    def __init__(self, lookup: Callable[[], Deferred[str]], named: list[Named]) -> None:
+    def __init__(self, lookup: Callable[[], Deferred[str]], named: Sequence[Named]) -> None:
         self.setName("smtp-hostname")
         self._lookup = lookup
         self._named = named
