@@ -13,7 +13,7 @@ from argon2 import PasswordHasher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import config as config_module
+from gateway.config import reader as config_reader
 from gateway.config import ConfigError, Problem, load_config
 from gateway.model import (
     ANY_ADDRESS,
@@ -784,13 +784,13 @@ def test_the_example_mentions_every_key_the_loader_reads(
     """Every key the loader asks for while reading the example (it asks for
     optional keys too, to apply their defaults) is set or shown commented out."""
     asked: set[str] = set()
-    finish = config_module._Table.finish
+    finish = config_reader.Table.finish
 
-    def recording_finish(self: config_module._Table) -> None:
+    def recording_finish(self: config_reader.Table) -> None:
         asked.update(self._seen)
         finish(self)
 
-    monkeypatch.setattr(config_module._Table, "finish", recording_finish)
+    monkeypatch.setattr(config_reader.Table, "finish", recording_finish)
     load_config(example)
 
     text = EXAMPLE.read_text()
