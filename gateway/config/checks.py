@@ -58,8 +58,7 @@ def check_oauth_accounts(
         if oauth is None:
             reader.add(
                 where,
-                f"provider {provider.name!r} has no OAuth2 client: add a preset or an "
-                "oauth table",
+                f"provider {provider.name!r} has no OAuth2 client: add a preset or an oauth table",
             )
         elif account.grant == "device_code" and not oauth.device_authorization_url:
             reader.add(where, f"provider {provider.name!r} has no device_authorization_url")

@@ -132,7 +132,7 @@ class Table:
             return _INVALID
         return value
 
-    def string(self, key: str, default: str | None | Required = REQUIRED) -> str | None:
+    def string(self, key: str, default: str | Required | None = REQUIRED) -> str | None:
         value = self._take(key, default, (str,), "a string")
         if value is _INVALID or value is None:
             return None
@@ -144,7 +144,7 @@ class Table:
         return str(value)
 
     def choice(
-        self, key: str, choices: tuple[C, ...], default: C | None | Required = REQUIRED
+        self, key: str, choices: tuple[C, ...], default: C | Required | None = REQUIRED
     ) -> C | None:
         """One of `choices` (a model `Literal`'s values), as that type."""
         # min_tls = 1.2 parses as a float: show that quotes are needed.
@@ -158,7 +158,7 @@ class Table:
         self.problem(key, f"must be one of {', '.join(choices)} (got {value!r})")
         return None
 
-    def secret(self, key: str, default: None | Required = REQUIRED) -> str | None:
+    def secret(self, key: str, default: Required | None = REQUIRED) -> str | None:
         """A string whose value must not appear in any message."""
         value = self._take(key, default, (str,), "a string")
         if value is _INVALID or value is None:
@@ -169,7 +169,7 @@ class Table:
         return str(value)
 
     def integer(
-        self, key: str, default: int | None | Required = REQUIRED, *, low: int, high: int
+        self, key: str, default: int | Required | None = REQUIRED, *, low: int, high: int
     ) -> int | None:
         value = self._take(key, default, (int,), "an integer")
         if value is _INVALID or value is None:
@@ -195,10 +195,10 @@ class Table:
         value = self._take(key, default, (bool,), "true or false")
         return None if value is _INVALID else bool(value)
 
-    def file(self, key: str, default: Path | None | Required = REQUIRED) -> Path | None:
+    def file(self, key: str, default: Path | Required | None = REQUIRED) -> Path | None:
         """A path, taken relative to the config file's directory unless absolute,
         so that a config and its secrets can move together."""
-        fallback: None | Required
+        fallback: Required | None
         if isinstance(default, Path):
             if not self.has(key):
                 return default
@@ -208,7 +208,7 @@ class Table:
         value = self.string(key, fallback)
         return None if value is None else self.reader.base_dir / value
 
-    def existing_file(self, key: str, default: None | Required = REQUIRED) -> Path | None:
+    def existing_file(self, key: str, default: Required | None = REQUIRED) -> Path | None:
         """A path that must name a regular file. Checked here so the message is
         the same plain "file not found" whichever loader opens it later."""
         path = self.file(key, default)

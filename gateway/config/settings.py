@@ -31,9 +31,7 @@ def smtp_section(table: Table) -> SMTPSettings:
     d = SMTPSettings()
     built = listeners(table, "smtp")
     idle_timeout = table.seconds("idle_timeout", d.idle_timeout)
-    max_message_size = table.integer(
-        "max_message_size", d.max_message_size, low=1024, high=2**31
-    )
+    max_message_size = table.integer("max_message_size", d.max_message_size, low=1024, high=2**31)
     max_recipients = table.integer("max_recipients", d.max_recipients, low=1, high=10000)
     retry_first = table.seconds("retry_first", d.retry_first)
     retry_max_interval = table.seconds("retry_max_interval", d.retry_max_interval)

@@ -13,8 +13,8 @@ from argon2 import PasswordHasher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import reader as config_reader
 from gateway.config import ConfigError, Problem, load_config
+from gateway.config import reader as config_reader
 from gateway.model import (
     ANY_ADDRESS,
     Account,
