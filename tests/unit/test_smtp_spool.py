@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import ipaddress
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,81 @@ def test_a_damaged_file_is_skipped_not_fatal(spool: SpoolDir) -> None:
     assert (spool.queue / "20240101000000-22222222.msg").exists()  # left for the admin
     with pytest.raises(SpoolError):
         spool.read("20240101000000-22222222")
+
+
+def _rewrite_envelope(spool: SpoolDir, message_id: str, change: Any) -> None:
+    """Replace the envelope trailer of a spooled message with `change(document)`."""
+    path = spool.queue / f"{message_id}.msg"
+    envelope = read_envelope(path)
+    message = path.read_bytes()[: envelope.size]
+    document = json.loads(envelope.to_json())
+    change(document)
+    blob = json.dumps(document).encode()
+    path.write_bytes(message + blob + b"\n" + b"GWSPOOL1 " + b"%010d\n" % len(blob))
+
+
+@pytest.mark.parametrize(
+    ("change", "reported"),
+    [
+        (lambda d: d.update(size="6"), "$.size"),
+        (lambda d: d.update(recipients=[1]), "$.recipients"),
+        (lambda d: d.pop("sender"), "required field missing @ $.sender"),
+        (lambda d: d.update(junk=1), "extra fields found (junk)"),
+    ],
+    ids=["wrong-type", "wrong-item-type", "missing", "extra"],
+)
+def test_a_damaged_envelope_is_reported_with_its_field(
+    spool: SpoolDir, change: Any, reported: str
+) -> None:
+    good = spool.add(envelope(), b"good\r\n")
+    bad = spool.add(envelope(new_id(T0)), b"bad!\r\n")
+    _rewrite_envelope(spool, bad.id, change)
+    assert [e.id for e in spool.scan()] == [good.id]
+    with pytest.raises(SpoolError, match="is damaged") as info:
+        spool.read(bad.id)
+    assert reported in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "reported"),
+    [
+        ({"attempts": "3"}, "$.attempts"),
+        ({"delivered": "a@x.org"}, "$.delivered"),
+        ({"failed": {"a@x.org": 550}}, "$.failed"),
+        ({"retry_base": None, "junk": True}, "extra fields found (junk)"),
+        ([1, 2], "expected a JSON object"),
+    ],
+    ids=["wrong-type", "string-for-list", "wrong-value-type", "extra", "not-an-object"],
+)
+def test_a_damaged_state_file_is_reported_with_its_field(
+    spool: SpoolDir, document: Any, reported: str
+) -> None:
+    entry = spool.add(envelope(), b"m\r\n")
+    (spool.queue / f"{entry.id}.state").write_text(json.dumps(document))
+    with pytest.raises(SpoolError, match="is damaged") as info:
+        spool.read(entry.id)
+    assert reported in str(info.value)
+    assert spool.scan() == []  # skipped, left for the admin
+    assert (spool.queue / f"{entry.id}.state").exists()
+
+
+def test_a_state_file_missing_optional_fields_takes_their_defaults(spool: SpoolDir) -> None:
+    entry = spool.add(envelope(), b"m\r\n")
+    (spool.queue / f"{entry.id}.state").write_text('{"attempts": 2, "next_attempt": 5}')
+    read = spool.read(entry.id)
+    assert read is not None
+    assert read.state == DeliveryState(attempts=2, next_attempt=5.0)
+
+
+def test_records_round_trip(spool: SpoolDir) -> None:
+    entry = spool.add(envelope(recipients=("a@x.org", "b@x.org"), body="8BITMIME"), b"m\r\n")
+    entry.state.failed = {"b@x.org": "550 no"}
+    entry.state.delivered = ["a@x.org"]
+    entry.state.retry_base = T0
+    spool.save_state(entry)
+    read = spool.read(entry.id)
+    assert read is not None
+    assert read.envelope == entry.envelope and read.state == entry.state
 
 
 def test_state_bury_revive_remove(spool: SpoolDir) -> None:
