@@ -239,6 +239,9 @@ class Config:
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
     source: Path | None = None
+    # What the loader found unwise but workable, one line each, as
+    # "key.path: message" (a secret file others can read, say).
+    warnings: tuple[str, ...] = ()
 
 
 def field_default(cls: type[Any], name: str) -> Any:

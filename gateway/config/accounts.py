@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from gateway.config.reader import Table
-from gateway.config.secrets import read_secret_file
+from gateway.config.secrets import check_secret_file, read_secret_file
 from gateway.model import (
     ACCOUNT_AUTH_CHOICES,
     DEFAULT_GRANT,
@@ -105,5 +105,9 @@ def _password(table: Table) -> Secret | None:
         table.problem(None, "needs exactly one of password or password_file")
         return None
     if inline is not None:
+        table.reader.inline_secrets.append(table.at("password"))
         return Secret(inline)
-    return read_secret_file(table, "password_file", path) if path is not None else None
+    if path is None:
+        return None
+    check_secret_file(table, "password_file", path)
+    return read_secret_file(table, "password_file", path)

@@ -9,6 +9,7 @@ from typing import Final
 from OpenSSL import crypto
 
 from gateway.config.reader import Reader, Table
+from gateway.config.secrets import check_secret_file
 from gateway.model import (
     TLS_MODES,
     TLS_VERSIONS,
@@ -47,6 +48,7 @@ def tls_section(root: Table, *, wanted_by: int) -> TLSFiles | None:
     table.finish()
     if certificate is None or private_key is None:
         return None
+    check_secret_file(table, "private_key", private_key)
     files = TLSFiles(certificate=certificate, private_key=private_key)
     try:
         identity = load_server_identity(files)

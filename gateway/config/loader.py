@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from twisted.logger import Logger
+
 from gateway.config.accounts import account
 from gateway.config.checks import check_oauth_accounts, check_upstreams
 from gateway.config.devices import device
@@ -21,10 +23,13 @@ from gateway.config.listeners import check_listener_overlap, tls_section
 from gateway.config.problems import ConfigError, Problem, os_error
 from gateway.config.providers import provider
 from gateway.config.reader import Reader, Table
+from gateway.config.secrets import check_config_file, check_state_dir
 from gateway.config.settings import oauth_section, pop3_section, smtp_section
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
+
+log = Logger(namespace="gateway.config")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -35,6 +40,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     root = Table(data, "", reader)
 
     state_dir = root.file("state_dir", DEFAULT_STATE_DIR)
+    if state_dir is not None:
+        check_state_dir(root, "state_dir", state_dir)
     tls = tls_section(root, wanted_by=_listener_count(data))
     pop3 = pop3_section(root.table("pop3"))
     smtp = smtp_section(root.table("smtp"))
@@ -50,9 +57,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     check_upstreams(devices, accounts, providers, reader, smtp_listening=bool(smtp.listeners))
     check_oauth_accounts(accounts, providers, reader)
     root.finish()
+    check_config_file(reader, source)
+    warnings = tuple(str(warning) for warning in reader.warnings)
+    for warning in warnings:
+        # Start-up reads this in the twistd log; `check-config` prints
+        # `Config.warnings` (or `ConfigError.warnings`) itself.
+        log.warn("configuration {source}: {warning}", source=source, warning=warning)
 
     if reader.problems or state_dir is None:
-        raise ConfigError(source, reader.problems)
+        raise ConfigError(source, reader.problems, warnings=reader.warnings)
     return Config(
         state_dir=state_dir,
         tls=tls,
@@ -63,6 +76,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         accounts=accounts,
         devices=devices,
         source=source,
+        warnings=warnings,
     )
 
 

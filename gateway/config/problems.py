@@ -32,12 +32,21 @@ class ConfigError(Exception):
 
     `unreadable` says the file itself could not be opened: then the admin most
     needs to know how that file was chosen, and a command should say so.
+    `warnings` are what would have been `Config.warnings` (readable secrets).
     """
 
-    def __init__(self, source: Path, problems: list[Problem], *, unreadable: bool = False) -> None:
+    def __init__(
+        self,
+        source: Path,
+        problems: list[Problem],
+        *,
+        unreadable: bool = False,
+        warnings: list[Problem] | None = None,
+    ) -> None:
         self.source = source
         self.problems = list(problems)
         self.unreadable = unreadable
+        self.warnings = list(warnings or ())
         count = len(self.problems)
         lines = [f"{count} problem{'' if count == 1 else 's'} in {source}:"]
         lines += [f"  {problem}" for problem in self.problems]

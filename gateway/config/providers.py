@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.config.listeners import default_port
 from gateway.config.reader import REQUIRED, TOKEN, Table
-from gateway.config.secrets import read_secret_file
+from gateway.config.secrets import check_secret_file, read_secret_file
 from gateway.model import (
     POP3_AUTH_CHOICES,
     SASL_CHOICES,
@@ -16,6 +17,7 @@ from gateway.model import (
     Endpoint,
     OAuthClient,
     Provider,
+    Secret,
     UpstreamProtocol,
     field_default,
 )
@@ -78,10 +80,17 @@ def _preset(table: Table) -> Preset | None:
         table.problem("tenant", f"required with preset {name!r} (e.g. contoso.onmicrosoft.com)")
     if client_id is None and not table.has("client_id"):
         table.problem("client_id", f"required with preset {name!r}: the app registration's id")
-    secret = read_secret_file(table, "client_secret_file", secret_file) if secret_file else None
+    secret = _client_secret(table, secret_file)
     if client_id is None or (name in NEEDS_TENANT and tenant is None):
         return None
     return PRESETS[name](tenant, client_id, secret)
+
+
+def _client_secret(table: Table, path: Path | None) -> Secret | None:
+    if path is None:
+        return None
+    check_secret_file(table, "client_secret_file", path)
+    return read_secret_file(table, "client_secret_file", path)
 
 
 def _oauth_client(table: Table, present: bool) -> OAuthClient | None:
@@ -93,7 +102,7 @@ def _oauth_client(table: Table, present: bool) -> OAuthClient | None:
     authorization_url = _url(table, "authorization_url", required=False)
     client_id = table.string("client_id")
     secret_file = table.existing_file("client_secret_file", None)
-    secret = read_secret_file(table, "client_secret_file", secret_file) if secret_file else None
+    secret = _client_secret(table, secret_file)
     scopes = tuple(text for _, text in table.strings("scopes"))
     app_scopes = tuple(text for _, text in table.strings("app_scopes"))
     table.finish()

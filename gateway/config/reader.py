@@ -70,6 +70,8 @@ class Reader:
         self.problems: list[Problem] = []
         # Unwise but workable (a secret others can read): reported, never fatal.
         self.warnings: list[Problem] = []
+        # Key paths of secrets written in the file itself (inline passwords).
+        self.inline_secrets: list[str] = []
         # Every listener built, POP3 and SMTP alike, with its key path: two on
         # one port clash whatever their protocol.
         self.listeners: list[tuple[str, Listener]] = []

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from gateway.config.listeners import listeners
 from gateway.config.reader import Table
+from gateway.config.secrets import check_secret_file
 from gateway.model import OAuthSettings, POP3Settings, SMTPSettings
 
 T = TypeVar("T")
@@ -51,6 +52,8 @@ def smtp_section(table: Table) -> SMTPSettings:
 def oauth_section(table: Table) -> OAuthSettings:
     d = OAuthSettings()
     key_file = table.file("key_file", d.key_file)
+    if key_file is not None and key_file.is_file():
+        check_secret_file(table, "key_file", key_file)
     refresh_margin = table.seconds("refresh_margin", d.refresh_margin)
     idle_refresh_interval = table.seconds("idle_refresh_interval", d.idle_refresh_interval)
     table.finish()
