@@ -227,6 +227,63 @@ def test_requests(spool: SpoolDir) -> None:
         spool.request("delete", "../x")
 
 
+def test_requests_skip_what_is_not_a_request_file(spool: SpoolDir) -> None:
+    first, second = new_id(T0), new_id(T0 + 1)
+    lookalike = f"delete.{new_id(T0)}"
+    spool.request("retry", first)
+    spool.request("delete", second)
+    os.utime(spool.control / f"retry.{first}", (T0, T0))
+    os.utime(spool.control / f"delete.{second}", (T0 + 5, T0 + 5))
+    (spool.control / "a-directory").mkdir()
+    (spool.control / lookalike).mkdir()
+    (spool.control / "link").symlink_to(spool.control / "nowhere")
+    os.mkfifo(spool.control / "fifo")
+    (spool.control / "garbage").write_bytes(b"\x00\xff")
+    assert spool.requests() == [("retry", first), ("delete", second)]
+    left = {"a-directory", lookalike, "link", "fifo"}
+    assert {p.name for p in spool.control.iterdir()} == left | {
+        f"retry.{first}",
+        f"delete.{second}",
+    }
+    spool.request_done("retry", first)
+    spool.request_done("delete", second)
+    assert spool.requests() == []
+    assert {p.name for p in spool.control.iterdir()} == left
+
+
+def test_a_request_being_written_is_left_to_its_writer(spool: SpoolDir) -> None:
+    writing = spool.control / ".retry.x.tmp"
+    writing.write_bytes(b"")
+    assert spool.requests() == [] and writing.exists()
+    os.utime(writing, (T0, T0))  # left behind by a command that died long ago
+    assert spool.requests() == [] and not writing.exists()
+
+
+def test_a_request_whose_file_cannot_be_removed_is_not_repeated(
+    spool: SpoolDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message_id = new_id(T0)
+    spool.request("retry", message_id)
+    assert spool.requests() == [("retry", message_id)]
+    unlink = Path.unlink
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        if self.name == f"retry.{message_id}":
+            raise PermissionError(13, "Permission denied")
+        unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    spool.request_done("retry", message_id)
+    assert (spool.control / f"retry.{message_id}").exists()
+    assert spool.requests() == []
+    monkeypatch.undo()
+    # Once it is gone, the same request may come again and is carried out.
+    (spool.control / f"retry.{message_id}").unlink()
+    assert spool.requests() == []
+    spool.request("retry", message_id)
+    assert spool.requests() == [("retry", message_id)]
+
+
 def test_group_commit_batches_while_busy() -> None:
     calls: list[list[int]] = []
     pending: list[tuple[Deferred[list[int]], list[int]]] = []
