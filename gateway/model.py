@@ -4,18 +4,51 @@ These frozen objects are what the rest of the gateway sees; `gateway.config`
 builds them from the operator's TOML file and reports every problem it finds.
 Keeping the model apart from the loader lets tests and the demo build a
 configuration in code without writing a file.
+
+Defaults and choices are written here once: the dataclass defaults and the
+`Literal` types. The loader reads both from here (`field_default`, the
+`*_CHOICES` tuples derived with `typing.get_args`), so a default changed here
+is the default of the config file too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal, get_args
+
+from gateway.net import parse_peer_address
 
 TLSMode = Literal["implicit", "starttls"]
 TLSVersionName = Literal["1.0", "1.1", "1.2", "1.3"]
+# What a device may speak to the gateway, and what a provider may offer.
+DeviceProtocol = Literal["pop3", "smtp"]
+UpstreamProtocol = Literal["pop3", "imap", "smtp"]
+POP3Auth = Literal["auto", "user", "plain"]
+AccountAuth = Literal["password", "oauth2"]
+MailboxKind = Literal["pop3", "imap"]
+SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
+Grant = Literal["device_code", "authorization_code", "client_credentials"]
+DeletePolicy = Literal["expunge", "move", "keep"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+TLS_MODES: Final[tuple[TLSMode, ...]] = get_args(TLSMode)
+TLS_VERSIONS: Final[tuple[TLSVersionName, ...]] = get_args(TLSVersionName)
+DEVICE_PROTOCOLS: Final[tuple[DeviceProtocol, ...]] = get_args(DeviceProtocol)
+UPSTREAM_PROTOCOLS: Final[tuple[UpstreamProtocol, ...]] = get_args(UpstreamProtocol)
+POP3_AUTH_CHOICES: Final[tuple[POP3Auth, ...]] = get_args(POP3Auth)
+ACCOUNT_AUTH_CHOICES: Final[tuple[AccountAuth, ...]] = get_args(AccountAuth)
+MAILBOX_CHOICES: Final[tuple[MailboxKind, ...]] = get_args(MailboxKind)
+SASL_CHOICES: Final[tuple[SASLChoice, ...]] = get_args(SASLChoice)
+GRANTS: Final[tuple[Grant, ...]] = get_args(Grant)
+DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
+
+# An OAuth2 account without `grant` gets this one: the device-code grant
+# needs nothing but a browser somewhere.
+DEFAULT_GRANT: Final[Grant] = "device_code"
+DEFAULT_STATE_DIR: Final = Path("/var/lib/gateway")
 
 ANY_ADDRESS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("0.0.0.0/0"),
@@ -74,9 +107,6 @@ class OAuthClient:
     app_scopes: tuple[str, ...] = ()
 
 
-SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
-
-
 @dataclass(frozen=True)
 class Provider:
     """Where an upstream lives. `ca_file` None means the system trust store."""
@@ -90,16 +120,12 @@ class Provider:
     timeout: float = 30.0
     # How to log in to POP3 with a password: "user" (USER/PASS) or "plain"
     # (AUTH PLAIN). "auto" picks AUTH PLAIN when CAPA offers it.
-    pop3_auth: Literal["auto", "user", "plain"] = "auto"
+    pop3_auth: POP3Auth = "auto"
     # "microsoft365", "gmail" or None; a preset fills endpoints and `oauth`.
     preset: str | None = None
     oauth: OAuthClient | None = None
     # Bearer-token SASL mechanism; "auto" picks from what the server offers.
     sasl: SASLChoice = "auto"
-
-
-Grant = Literal["device_code", "authorization_code", "client_credentials"]
-DeletePolicy = Literal["expunge", "move", "keep"]
 
 
 @dataclass(frozen=True)
@@ -110,12 +136,12 @@ class Account:
     provider: str
     username: str
     password: Secret | None = None
-    auth: Literal["password", "oauth2"] = "password"
+    auth: AccountAuth = "password"
     # OAuth2 accounts only: how the admin obtains the first tokens.
     grant: Grant | None = None
     # Where a device's POP3 maildrop comes from: the upstream's POP3 service,
     # or one folder of its IMAP service.
-    mailbox: Literal["pop3", "imap"] = "pop3"
+    mailbox: MailboxKind = "pop3"
     folder: str = "INBOX"
     on_delete: DeletePolicy = "expunge"
     move_to: str | None = None
@@ -136,18 +162,15 @@ class Device:
     password_hash: Secret
     account: str
     allow_from: tuple[IPNetwork, ...] = ANY_ADDRESS
-    protocols: frozenset[str] = frozenset({"pop3", "smtp"})
+    protocols: frozenset[str] = frozenset(DEVICE_PROTOCOLS)
     # SMTP: a device identified only by its source address (allow_from), for
     # printers that cannot authenticate at all.
     relay_without_auth: bool = False
 
     def allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
+        ip = parse_peer_address(address)
+        if ip is None:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         return any(ip.version == net.version and ip in net for net in self.allow_from)
 
 
@@ -155,7 +178,7 @@ class Device:
 class Listener:
     """One listening socket for devices."""
 
-    protocol: Literal["pop3", "smtp"]
+    protocol: DeviceProtocol
     port: int
     tls: TLSMode
     address: str = "0.0.0.0"
@@ -216,3 +239,20 @@ class Config:
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
     source: Path | None = None
+    # What the loader found unwise but workable, one line each, as
+    # "key.path: message" (a secret file others can read, say).
+    warnings: tuple[str, ...] = ()
+
+
+def field_default(cls: type[Any], name: str) -> Any:
+    """The default of one field of a model dataclass, for the loader: a key
+    left out of the file means what leaving the argument out means here."""
+    for item in dataclasses.fields(cls):
+        if item.name != name:
+            continue
+        if item.default is not dataclasses.MISSING:
+            return item.default
+        if item.default_factory is not dataclasses.MISSING:
+            return item.default_factory()
+        break
+    raise LookupError(f"{cls.__name__}.{name} has no default")

@@ -178,7 +178,9 @@ class TokenManager(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        return super().stopService()
+        # Service.stopService only clears `running`; nothing to wait for.
+        super().stopService()
+        return None
 
     # -- TokenSource -------------------------------------------------------------
 

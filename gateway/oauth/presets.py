@@ -7,7 +7,9 @@ provider's table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.model import Endpoint, OAuthClient, Secret
 
@@ -20,8 +22,10 @@ class Preset:
     oauth: OAuthClient
 
 
-def microsoft365(tenant: str, client_id: str, client_secret: Secret | None) -> Preset:
+def microsoft365(tenant: str | None, client_id: str, client_secret: Secret | None) -> Preset:
     """Microsoft identity platform v2.0 for one tenant (name or GUID)."""
+    if not tenant:
+        raise ValueError("the microsoft365 preset needs a tenant")
     base = f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
     resource = "https://outlook.office.com"
     return Preset(
@@ -65,6 +69,7 @@ def gmail(tenant: str | None, client_id: str, client_secret: Secret | None) -> P
     )
 
 
-PRESETS = {"microsoft365": microsoft365, "gmail": gmail}
+PresetFactory = Callable[[str | None, str, Secret | None], Preset]
+PRESETS: Final[dict[str, PresetFactory]] = {"microsoft365": microsoft365, "gmail": gmail}
 # Presets that cannot work without a tenant in their URLs.
 NEEDS_TENANT = frozenset({"microsoft365"})

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Final, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -40,7 +39,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gateway.model import Secret
 from gateway.oauth.keys import GatewayKey
 from gateway.oauth.tokens import Tokens
-from gateway.state import StateError, atomic_write, check_private, ensure_dir
+from gateway.state import (
+    StateError,
+    atomic_write,
+    check_private,
+    decode_record,
+    encode_record,
+    ensure_dir,
+    json_records,
+)
 
 MAGIC = b"GWTOKENS1\n"
 _KEY_ID_BYTES = 8
@@ -119,49 +126,25 @@ class TokenRecord:
 
     # -- serialisation (inside the encryption only) --------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["tokens"] = None
-        if self.tokens is not None:
-            document["tokens"] = {
-                "access_token": self.tokens.access_token.reveal(),
-                "expires_at": self.tokens.expires_at,
-                "refresh_token": (
-                    self.tokens.refresh_token.reveal() if self.tokens.refresh_token else None
-                ),
-                "scope": self.tokens.scope,
-            }
-        return document
+    def to_json(self) -> bytes:
+        return encode_record(_JSON, self)
 
     @classmethod
-    def from_json(cls, document: dict[str, Any]) -> TokenRecord:
-        raw = document.get("tokens")
-        tokens = None
-        if raw is not None:
-            tokens = Tokens(
-                access_token=Secret(raw["access_token"]),
-                expires_at=float(raw["expires_at"]),
-                refresh_token=Secret(raw["refresh_token"]) if raw.get("refresh_token") else None,
-                scope=raw.get("scope", ""),
-            )
-        state = document.get("state", "ok")
-        if state not in ("ok", "needs_reauth", "failed", "revoked"):
-            raise ValueError(f"unknown state {state!r}")
-        return cls(
-            account=str(document["account"]),
-            grant=str(document["grant"]),
-            lineage=str(document["lineage"]),
-            state=state,
-            tokens=tokens,
-            authorized_at=_opt_float(document.get("authorized_at")),
-            last_refresh=_opt_float(document.get("last_refresh")),
-            last_error=document.get("last_error"),
-            last_error_at=_opt_float(document.get("last_error_at")),
-        )
+    def from_json(cls, data: bytes) -> TokenRecord:
+        """Raises `ValueError` naming the field of a damaged record (never its value)."""
+        return decode_record(_JSON, data, cls)
 
 
-def _opt_float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
+def _secret(value: object, _: object) -> Secret:
+    if not isinstance(value, str) or not value:
+        raise TypeError("expected a non-empty string")
+    return Secret(value)
+
+
+# Tokens are stored revealed: the whole record is encrypted before it is written.
+_JSON: Final = json_records()
+_JSON.register_structure_hook(Secret, _secret)
+_JSON.register_unstructure_hook(Secret, Secret.reveal)
 
 
 Signature = tuple[int, int, int]
@@ -273,8 +256,8 @@ class TokenStore:
                 account, path, "corrupt: authentication failed (damaged, torn or tampered file)"
             ) from None
         try:
-            record = TokenRecord.from_json(json.loads(plain.decode("utf-8")))
-        except (ValueError, KeyError, TypeError):
+            record = TokenRecord.from_json(plain)
+        except ValueError:
             raise StoreUnreadable(account, path, "corrupt: unreadable content") from None
         if record.account != account:
             raise StoreUnreadable(account, path, f"holds account {record.account!r}")
@@ -313,12 +296,15 @@ class TokenStore:
             self._write(account, new)
             return new
 
-    def _write(self, account: str, record: TokenRecord) -> None:
+    def seal(self, account: str, plain: bytes) -> bytes:
+        """The file content for `plain`, encrypted for `account` under this key."""
         nonce = os.urandom(_NONCE_BYTES)
-        plain = json.dumps(record.to_json(), separators=(",", ":")).encode("utf-8")
         sealed = self._aead.encrypt(nonce, plain, self._aad(account))
+        return MAGIC + self._key_id + nonce + sealed
+
+    def _write(self, account: str, record: TokenRecord) -> None:
         try:
-            atomic_write(self.path_for(account), MAGIC + self._key_id + nonce + sealed)
+            atomic_write(self.path_for(account), self.seal(account, record.to_json()))
         except OSError as e:
             raise TokenStoreError(
                 f"cannot write the token store file for account {account}: {e.strerror or e}"

@@ -13,11 +13,11 @@ Microsoft 365 and Gmail refuse envelope senders other than the mailbox.
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.model import Account, Device, IPNetwork
+from gateway.net import parse_peer_address
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,9 @@ class NetworkDevices:
 
     def find(self, peer: str) -> Device | None:
         """The device a client at `peer` is, by its address alone, if any."""
-        try:
-            ip = ipaddress.ip_address(peer)
-        except ValueError:
+        ip = parse_peer_address(peer)
+        if ip is None:
             return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         for network, device in self.entries:
             if ip.version == network.version and ip in network:
                 return device
@@ -98,14 +95,3 @@ def relay_device(
     if by_network is not None:
         return by_network, "network"
     return None
-
-
-def accounts_without_smtp(
-    accounts: Mapping[str, Account], providers: Mapping[str, object]
-) -> list[str]:
-    """Account names whose provider has no SMTP endpoint (their devices cannot relay)."""
-    return sorted(
-        name
-        for name, account in accounts.items()
-        if getattr(providers.get(account.provider), "smtp", None) is None
-    )

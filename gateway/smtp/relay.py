@@ -92,6 +92,7 @@ class Relay(Service):
         self.control_interval = control_interval
         self.workers: dict[str, AccountWorker] = {}
         self._control: LoopingCall | None = None
+        self._control_error: str | None = None
         self._stopping = False
 
     # -- service ----------------------------------------------------------------
@@ -150,8 +151,14 @@ class Relay(Service):
         try:
             requests = self.spool.dir.requests()
         except OSError as e:
-            log.error("smtp queue control directory unreadable: {error}", error=e)
+            # Once per distinct error, not every `control_interval`.
+            if str(e) != self._control_error:
+                self._control_error = str(e)
+                log.error("smtp queue control directory unreadable: {error}", error=e)
             return
+        if self._control_error is not None:
+            self._control_error = None
+            log.info("smtp queue control directory readable again")
         for verb, message_id in requests:
             try:
                 await self._carry_out(verb, message_id)

@@ -38,117 +38,49 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.state import StateError, atomic_write, ensure_dir, fsync_dir
+from gateway.smtp.spool_control import ControlRequests, Verb
+from gateway.smtp.spool_records import (
+    DeliveryState,
+    Envelope,
+    QueueEntry,
+    SpoolError,
+    Status,
+    new_id,
+    valid_id,
+)
+from gateway.state import atomic_write, ensure_dir, fsync_dir
+
+__all__ = [
+    "DeliveryState",
+    "Envelope",
+    "GroupCommit",
+    "IncomingMessage",
+    "QueueEntry",
+    "Spool",
+    "SpoolDir",
+    "SpoolError",
+    "Status",
+    "new_id",
+    "read_envelope",
+    "valid_id",
+]
 
 log = Logger(namespace="gateway.smtp.spool")
 
 _MAGIC = b"GWSPOOL1 "
 _TRAILER = len(_MAGIC) + 10 + 1  # magic, ten digits, LF
-_ID = re.compile(r"[0-9]{14}-[0-9a-f]{8}")
-
-Status = Literal["queued", "dead"]
-
-
-class SpoolError(StateError):
-    """A spool file or directory that cannot be used; the text says which."""
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """Everything about a message except its bytes; never changes once spooled."""
-
-    id: str
-    account: str
-    device: str
-    peer: str
-    # "password" (AUTH), "network" (relay_without_auth) or "bounce" (a DSN
-    # the gateway wrote itself; a failed bounce is never bounced again).
-    identified_by: str
-    original_sender: str
-    sender: str
-    recipients: tuple[str, ...]
-    received: float
-    size: int
-    eight_bit: bool
-    body: str | None = None
-    bounce_of: str | None = None
-    from_rewritten: bool = False
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Envelope:
-        raw = json.loads(data)
-        raw["recipients"] = tuple(raw["recipients"])
-        return cls(**raw)
-
-
-@dataclass
-class DeliveryState:
-    """What the relay learnt so far; rewritten after every attempt."""
-
-    attempts: int = 0
-    next_attempt: float = 0.0
-    # Lifetime is counted from here: arrival, or the admin's last `queue retry`.
-    retry_base: float | None = None
-    delivered: list[str] = field(default_factory=list)
-    # Recipient -> the upstream's permanent refusal (or "expired").
-    failed: dict[str, str] = field(default_factory=dict)
-    last_error: str = ""
-    dead_reason: str | None = None
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> DeliveryState:
-        return cls(**json.loads(data))
-
-
-@dataclass
-class QueueEntry:
-    envelope: Envelope
-    state: DeliveryState
-    status: Status = "queued"
-
-    @property
-    def id(self) -> str:
-        return self.envelope.id
-
-    @property
-    def pending(self) -> list[str]:
-        """Recipients still to deliver to."""
-        done = set(self.state.delivered) | set(self.state.failed)
-        return [r for r in self.envelope.recipients if r not in done]
-
-    @property
-    def expires(self) -> float:
-        return self.state.retry_base or self.envelope.received
-
-
-def valid_id(text: str) -> bool:
-    return _ID.fullmatch(text) is not None
-
-
-def new_id(now: float) -> str:
-    """Sortable by arrival, unique without coordination, safe as a file name."""
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(4)
 
 
 class IncomingMessage:
@@ -221,6 +153,7 @@ class SpoolDir:
         self.queue = self.root / "queue"
         self.dead = self.root / "dead"
         self.control = self.root / "control"
+        self.requests_dir = ControlRequests(self.control)
         self._lock_fd: int | None = None
 
     def prepare(self) -> SpoolDir:
@@ -340,13 +273,13 @@ class SpoolDir:
             for junk in self.tmp.iterdir():
                 junk.unlink()
         entries: list[QueueEntry] = []
-        for directory, status in ((self.queue, "queued"), (self.dead, "dead")):
+        for directory, status in self._directories():
             names = {p.name for p in directory.iterdir()}
             for name in sorted(names):
                 stem, _, suffix = name.partition(".")
                 if suffix == "msg":
                     try:
-                        entries.append(self._read(directory, stem, status))  # type: ignore[arg-type]
+                        entries.append(self._read(directory, stem, status))
                     except SpoolError as e:
                         # Left where it is for the admin; one bad file must
                         # not keep every other message from going out.
@@ -359,10 +292,13 @@ class SpoolDir:
                     (directory / name).unlink()
         return sorted(entries, key=lambda e: e.id)
 
+    def _directories(self) -> tuple[tuple[Path, Status], ...]:
+        return ((self.queue, "queued"), (self.dead, "dead"))
+
     def read(self, message_id: str) -> QueueEntry | None:
-        for directory, status in ((self.queue, "queued"), (self.dead, "dead")):
+        for directory, status in self._directories():
             if (directory / f"{message_id}.msg").exists():
-                return self._read(directory, message_id, status)  # type: ignore[arg-type]
+                return self._read(directory, message_id, status)
         return None
 
     def _read(self, directory: Path, message_id: str, status: Status) -> QueueEntry:
@@ -446,24 +382,14 @@ class SpoolDir:
 
     # -- requests from `gateway queue` while the gateway runs ---------------------
 
-    def request(self, verb: Literal["retry", "delete"], message_id: str) -> None:
-        if not valid_id(message_id):
-            raise ValueError(f"not a queue id: {message_id!r}")
-        atomic_write(self.control / f"{verb}.{message_id}", b"")
+    def request(self, verb: Verb, message_id: str) -> None:
+        self.requests_dir.request(verb, message_id)
 
-    def requests(self) -> list[tuple[str, str]]:
-        found = []
-        for path in sorted(self.control.iterdir(), key=lambda p: p.stat().st_mtime):
-            verb, _, message_id = path.name.partition(".")
-            if verb in ("retry", "delete") and valid_id(message_id):
-                found.append((verb, message_id))
-            else:
-                path.unlink()
-        return found
+    def requests(self) -> list[tuple[Verb, str]]:
+        return self.requests_dir.pending()
 
     def request_done(self, verb: str, message_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.control / f"{verb}.{message_id}").unlink()
+        self.requests_dir.done(verb, message_id)
 
 
 def read_envelope(path: Path) -> Envelope:

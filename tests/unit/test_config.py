@@ -13,8 +13,8 @@ from argon2 import PasswordHasher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import config as config_module
 from gateway.config import ConfigError, Problem, load_config
+from gateway.config import reader as config_reader
 from gateway.model import (
     ANY_ADDRESS,
     Account,
@@ -784,13 +784,13 @@ def test_the_example_mentions_every_key_the_loader_reads(
     """Every key the loader asks for while reading the example (it asks for
     optional keys too, to apply their defaults) is set or shown commented out."""
     asked: set[str] = set()
-    finish = config_module._Table.finish
+    finish = config_reader.Table.finish
 
-    def recording_finish(self: config_module._Table) -> None:
+    def recording_finish(self: config_reader.Table) -> None:
         asked.update(self._seen)
         finish(self)
 
-    monkeypatch.setattr(config_module._Table, "finish", recording_finish)
+    monkeypatch.setattr(config_reader.Table, "finish", recording_finish)
     load_config(example)
 
     text = EXAMPLE.read_text()
@@ -959,3 +959,103 @@ def test_relay_without_auth_refuses_every_address(config_dir: Path) -> None:
         "devices.printer-3f.relay_without_auth: allow_from includes every address, "
         "which would make the gateway an open relay"
     ]
+
+
+# -- file modes of secrets and state -----------------------------------------------------
+
+
+def private(config_dir: Path) -> Path:
+    """VALID with every secret 0600 and the config file 0644: nothing to say."""
+    (config_dir / "secrets" / "scanner").chmod(0o600)
+    (config_dir / "tls" / "key.pem").chmod(0o600)
+    path = write(config_dir, VALID)
+    path.chmod(0o644)
+    return path
+
+
+def test_private_secrets_give_no_warning(config_dir: Path) -> None:
+    assert load_config(private(config_dir)).warnings == ()
+
+
+def test_secrets_others_can_read_are_warned_about_not_refused(config_dir: Path) -> None:
+    (config_dir / "secrets" / "m365").write_text("s3cret\n")
+    text = edit(
+        VALID + OAUTH_PROVIDER,
+        'client_id = "app-id"\n',
+        'client_id = "app-id"\nclient_secret_file = "secrets/m365"\n',
+    )
+    path = write(config_dir, text + '\n[oauth]\nkey_file = "secrets/gateway.key"\n')
+    (config_dir / "secrets" / "gateway.key").write_text("key\n")
+    (config_dir / "secrets" / "scanner").chmod(0o644)
+    (config_dir / "tls" / "key.pem").chmod(0o640)
+    (config_dir / "secrets" / "m365").chmod(0o604)
+    (config_dir / "secrets" / "gateway.key").chmod(0o644)
+    config = load_config(path)
+    scanner, key, m365, gateway_key = (
+        config_dir / "secrets" / "scanner",
+        config_dir / "tls" / "key.pem",
+        config_dir / "secrets" / "m365",
+        config_dir / "secrets" / "gateway.key",
+    )
+    assert sorted(config.warnings) == sorted(
+        [
+            f"tls.private_key: {key} holds a secret but is readable by group "
+            "(mode -rw-r-----); chmod go-r it",
+            f"oauth.key_file: {gateway_key} holds a secret but is readable by group and "
+            "others (mode -rw-r--r--); chmod go-r it",
+            f"providers.m365.client_secret_file: {m365} holds a secret but is readable by "
+            "others (mode -rw----r--); chmod go-r it",
+            f"accounts.scanner.password_file: {scanner} holds a secret but is readable by "
+            "group and others (mode -rw-r--r--); chmod go-r it",
+        ]
+    )
+    assert "s3cret" not in " ".join(config.warnings)
+
+
+def test_a_config_file_with_inline_passwords_others_can_read_is_warned_about(
+    config_dir: Path,
+) -> None:
+    (config_dir / "tls" / "key.pem").chmod(0o600)
+    path = write(config_dir, edit(VALID, 'password_file = "secrets/scanner"', 'password = "pw"'))
+    path.chmod(0o666)
+    assert load_config(path).warnings == (
+        "the file holds upstream passwords (accounts.scanner.password) but is readable by "
+        "group and others (mode -rw-rw-rw-); chmod go-r it, or move them to password_file",
+    )
+    path.chmod(0o600)
+    assert load_config(path).warnings == ()
+
+
+def test_warnings_come_with_problems_too(config_dir: Path) -> None:
+    path = private(config_dir)
+    (config_dir / "tls" / "key.pem").chmod(0o644)
+    path.write_text(edit(VALID, "timeout = 12.5", "timeout = -1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p.path for p in info.value.warnings] == ["tls.private_key"]
+    assert [p.path for p in info.value.problems] == ["providers.corp.timeout"]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o1777])
+def test_a_state_dir_others_can_write_is_a_problem(config_dir: Path, mode: int) -> None:
+    path = private(config_dir)
+    (config_dir / "state").mkdir()
+    (config_dir / "state").chmod(mode)
+    [problem] = problems_of(path)
+    assert problem.path == "state_dir"
+    assert problem.message.startswith(f"{config_dir / 'state'} is writable by group or others")
+    assert "chmod go-w" in problem.message
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o755, 0o750])
+def test_a_state_dir_only_its_owner_writes_is_fine(config_dir: Path, mode: int) -> None:
+    path = private(config_dir)
+    (config_dir / "state").mkdir()
+    (config_dir / "state").chmod(mode)
+    assert load_config(path).state_dir == config_dir / "state"
+
+
+def test_a_state_dir_that_is_a_file_is_a_problem(config_dir: Path) -> None:
+    path = private(config_dir)
+    (config_dir / "state").write_text("")
+    assert messages(problems_of(path)) == [f"state_dir: {config_dir / 'state'}: not a directory"]

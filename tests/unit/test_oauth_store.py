@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,6 +160,67 @@ def test_garbage_file_is_not_a_token_file(tmp_path: Path) -> None:
     store.path_for("scanner").write_bytes(b"x" * 200)
     with pytest.raises(StoreUnreadable, match="not a gateway token file"):
         store.load("scanner")
+
+
+def _sealed_document(store: TokenStore, account: str, change: Any) -> None:
+    """Write a validly encrypted file whose record was changed by `change`."""
+    document = json.loads(record(account).to_json())
+    change(document)
+    plain = json.dumps(document).encode()
+    store.path_for(account).write_bytes(store.seal(account, plain))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(lineage=7),
+        lambda d: d["tokens"].update(expires_at="soon"),
+        lambda d: d["tokens"].update(access_token=None),
+        lambda d: d.update(state="sleeping"),
+        lambda d: d.pop("grant"),
+        lambda d: d["tokens"].pop("access_token"),
+        lambda d: d.update(junk=[1]),
+    ],
+    ids=[
+        "wrong-type",
+        "wrong-nested-type",
+        "null-token",
+        "unknown-state",
+        "missing",
+        "missing-nested",
+        "extra",
+    ],
+)
+def test_a_damaged_record_is_corrupt_content(tmp_path: Path, change: Any) -> None:
+    store = TokenStore.open(tmp_path, fresh_key())
+    _sealed_document(store, "scanner", change)
+    with pytest.raises(StoreUnreadable) as info:
+        store.load("scanner")
+    assert info.value.reason == "corrupt: unreadable content"
+    assert ACCESS not in str(info.value) and REFRESH not in str(info.value)
+
+
+def test_a_record_without_optional_fields_takes_their_defaults(tmp_path: Path) -> None:
+    store = TokenStore.open(tmp_path, fresh_key())
+
+    def change(document: dict[str, Any]) -> None:
+        for key in ("state", "last_refresh", "last_error", "last_error_at"):
+            del document[key]
+        del document["tokens"]["refresh_token"]
+        del document["tokens"]["scope"]
+
+    _sealed_document(store, "scanner", change)
+    loaded = store.load("scanner")
+    assert loaded is not None and loaded.state == "ok" and loaded.last_error is None
+    assert loaded.tokens is not None and loaded.tokens.refresh_token is None
+    assert loaded.tokens.access_token == Secret(ACCESS) and loaded.tokens.scope == ""
+
+
+def test_a_record_round_trips(tmp_path: Path) -> None:
+    store = TokenStore.open(tmp_path, fresh_key())
+    saved = record().failed("needs_reauth", "invalid_grant", 2000.0)
+    store.update("scanner", lambda _: saved)
+    assert store.load("scanner") == saved
 
 
 def test_file_copied_to_another_account_is_refused(tmp_path: Path) -> None:

@@ -354,3 +354,49 @@ def test_login_refused_is_retried_and_logged_as_an_error(h: Harness, logged: lis
         for line in logged
     )
     assert not any("account-pw" in line for line in logged)
+
+
+def test_stray_entries_in_control_do_not_block_requests(
+    tmp_path: Path, logged: list[str]
+) -> None:
+    h = Harness(tmp_path)
+    h.upstream.script.mail_reply = b"550 5.7.1 no"
+    entry = h.queue(sender="")
+    h.start()
+    assert entry.status == "dead"
+    h.upstream.script.mail_reply = b"250 2.1.0 ok"
+    lookalike = f"retry.{new_id(T0)}"  # a directory under a request's name
+    for directory in ("stray", lookalike):
+        (h.dir.control / directory).mkdir()
+    (h.dir.control / "garbage").write_bytes(b"\x00\xff not a request")
+    h.dir.request("retry", entry.id)
+    h.advance(2.0)
+    assert [a.content for a in h.upstream.arrived] == [MESSAGE]
+    assert h.spool.entries == {}
+    assert sorted(p.name for p in h.dir.control.iterdir()) == sorted(["stray", lookalike])
+    control = [line for line in logged if "queue control" in line]
+    h.advance(2.0)
+    h.advance(2.0)
+    again = [line for line in logged if "queue control" in line]
+    assert again == control  # each stray entry reported once, not every poll
+    assert sum("'stray'" in line and "a directory" in line for line in control) == 1
+    assert sum(lookalike in line and "a directory" in line for line in control) == 1
+    assert sum("'garbage'" in line and "removed" in line for line in control) == 1
+    assert not (h.dir.control / "garbage").exists() and (h.dir.control / "stray").is_dir()
+    h.stop()
+
+
+def test_an_unreadable_control_directory_is_reported_once(
+    tmp_path: Path, logged: list[str]
+) -> None:
+    h = Harness(tmp_path)
+    h.start()
+    h.dir.control.rmdir()
+    for _ in range(5):
+        h.advance(2.0)
+    assert sum("control directory unreadable" in line for line in logged) == 1
+    h.dir.control.mkdir()
+    h.advance(2.0)
+    h.advance(2.0)
+    assert sum("readable again" in line for line in logged) == 1
+    h.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import ipaddress
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,81 @@ def test_a_damaged_file_is_skipped_not_fatal(spool: SpoolDir) -> None:
         spool.read("20240101000000-22222222")
 
 
+def _rewrite_envelope(spool: SpoolDir, message_id: str, change: Any) -> None:
+    """Replace the envelope trailer of a spooled message with `change(document)`."""
+    path = spool.queue / f"{message_id}.msg"
+    envelope = read_envelope(path)
+    message = path.read_bytes()[: envelope.size]
+    document = json.loads(envelope.to_json())
+    change(document)
+    blob = json.dumps(document).encode()
+    path.write_bytes(message + blob + b"\n" + b"GWSPOOL1 " + b"%010d\n" % len(blob))
+
+
+@pytest.mark.parametrize(
+    ("change", "reported"),
+    [
+        (lambda d: d.update(size="6"), "$.size"),
+        (lambda d: d.update(recipients=[1]), "$.recipients"),
+        (lambda d: d.pop("sender"), "required field missing @ $.sender"),
+        (lambda d: d.update(junk=1), "extra fields found (junk)"),
+    ],
+    ids=["wrong-type", "wrong-item-type", "missing", "extra"],
+)
+def test_a_damaged_envelope_is_reported_with_its_field(
+    spool: SpoolDir, change: Any, reported: str
+) -> None:
+    good = spool.add(envelope(), b"good\r\n")
+    bad = spool.add(envelope(new_id(T0)), b"bad!\r\n")
+    _rewrite_envelope(spool, bad.id, change)
+    assert [e.id for e in spool.scan()] == [good.id]
+    with pytest.raises(SpoolError, match="is damaged") as info:
+        spool.read(bad.id)
+    assert reported in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "reported"),
+    [
+        ({"attempts": "3"}, "$.attempts"),
+        ({"delivered": "a@x.org"}, "$.delivered"),
+        ({"failed": {"a@x.org": 550}}, "$.failed"),
+        ({"retry_base": None, "junk": True}, "extra fields found (junk)"),
+        ([1, 2], "expected a JSON object"),
+    ],
+    ids=["wrong-type", "string-for-list", "wrong-value-type", "extra", "not-an-object"],
+)
+def test_a_damaged_state_file_is_reported_with_its_field(
+    spool: SpoolDir, document: Any, reported: str
+) -> None:
+    entry = spool.add(envelope(), b"m\r\n")
+    (spool.queue / f"{entry.id}.state").write_text(json.dumps(document))
+    with pytest.raises(SpoolError, match="is damaged") as info:
+        spool.read(entry.id)
+    assert reported in str(info.value)
+    assert spool.scan() == []  # skipped, left for the admin
+    assert (spool.queue / f"{entry.id}.state").exists()
+
+
+def test_a_state_file_missing_optional_fields_takes_their_defaults(spool: SpoolDir) -> None:
+    entry = spool.add(envelope(), b"m\r\n")
+    (spool.queue / f"{entry.id}.state").write_text('{"attempts": 2, "next_attempt": 5}')
+    read = spool.read(entry.id)
+    assert read is not None
+    assert read.state == DeliveryState(attempts=2, next_attempt=5.0)
+
+
+def test_records_round_trip(spool: SpoolDir) -> None:
+    entry = spool.add(envelope(recipients=("a@x.org", "b@x.org"), body="8BITMIME"), b"m\r\n")
+    entry.state.failed = {"b@x.org": "550 no"}
+    entry.state.delivered = ["a@x.org"]
+    entry.state.retry_base = T0
+    spool.save_state(entry)
+    read = spool.read(entry.id)
+    assert read is not None
+    assert read.envelope == entry.envelope and read.state == entry.state
+
+
 def test_state_bury_revive_remove(spool: SpoolDir) -> None:
     entry = spool.add(envelope(recipients=("a@x.org", "b@x.org")), b"m\r\n")
     entry.state.attempts = 3
@@ -149,6 +225,63 @@ def test_requests(spool: SpoolDir) -> None:
     assert spool.requests() == []
     with pytest.raises(ValueError):
         spool.request("delete", "../x")
+
+
+def test_requests_skip_what_is_not_a_request_file(spool: SpoolDir) -> None:
+    first, second = new_id(T0), new_id(T0 + 1)
+    lookalike = f"delete.{new_id(T0)}"
+    spool.request("retry", first)
+    spool.request("delete", second)
+    os.utime(spool.control / f"retry.{first}", (T0, T0))
+    os.utime(spool.control / f"delete.{second}", (T0 + 5, T0 + 5))
+    (spool.control / "a-directory").mkdir()
+    (spool.control / lookalike).mkdir()
+    (spool.control / "link").symlink_to(spool.control / "nowhere")
+    os.mkfifo(spool.control / "fifo")
+    (spool.control / "garbage").write_bytes(b"\x00\xff")
+    assert spool.requests() == [("retry", first), ("delete", second)]
+    left = {"a-directory", lookalike, "link", "fifo"}
+    assert {p.name for p in spool.control.iterdir()} == left | {
+        f"retry.{first}",
+        f"delete.{second}",
+    }
+    spool.request_done("retry", first)
+    spool.request_done("delete", second)
+    assert spool.requests() == []
+    assert {p.name for p in spool.control.iterdir()} == left
+
+
+def test_a_request_being_written_is_left_to_its_writer(spool: SpoolDir) -> None:
+    writing = spool.control / ".retry.x.tmp"
+    writing.write_bytes(b"")
+    assert spool.requests() == [] and writing.exists()
+    os.utime(writing, (T0, T0))  # left behind by a command that died long ago
+    assert spool.requests() == [] and not writing.exists()
+
+
+def test_a_request_whose_file_cannot_be_removed_is_not_repeated(
+    spool: SpoolDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message_id = new_id(T0)
+    spool.request("retry", message_id)
+    assert spool.requests() == [("retry", message_id)]
+    unlink = Path.unlink
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        if self.name == f"retry.{message_id}":
+            raise PermissionError(13, "Permission denied")
+        unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    spool.request_done("retry", message_id)
+    assert (spool.control / f"retry.{message_id}").exists()
+    assert spool.requests() == []
+    monkeypatch.undo()
+    # Once it is gone, the same request may come again and is carried out.
+    (spool.control / f"retry.{message_id}").unlink()
+    assert spool.requests() == []
+    spool.request("retry", message_id)
+    assert spool.requests() == [("retry", message_id)]
 
 
 def test_group_commit_batches_while_busy() -> None:
