@@ -99,6 +99,7 @@ def report_problems(location: ConfigLocation, error: ConfigError, *, as_json: bo
                 "valid": False,
                 "unreadable": error.unreadable,
                 "problems": [{"path": p.path, "message": p.message} for p in problems],
+                "warnings": [{"path": w.path, "message": w.message} for w in error.warnings],
             }
         )
         return
@@ -106,6 +107,8 @@ def report_problems(location: ConfigLocation, error: ConfigError, *, as_json: bo
     suffix = f" ({location.origin})" if error.unreadable else ""
     for problem in problems:
         print(f"{location.path}: {problem}{suffix}")
+    for warning in error.warnings:
+        print(f"{location.path}: warning: {warning}")
 
 
 def location_json(location: ConfigLocation) -> dict[str, str]:

@@ -118,6 +118,7 @@ def _report_valid(location: ConfigLocation, config: Config, *, as_json: bool) ->
                 **location_json(location),
                 "valid": True,
                 "problems": [],
+                "warnings": list(config.warnings),
                 "listeners": [_listener_json(listener) for listener in listeners],
                 "providers": sorted(config.providers),
                 "accounts": sorted(config.accounts),
@@ -126,6 +127,8 @@ def _report_valid(location: ConfigLocation, config: Config, *, as_json: bool) ->
         )
         return
     print(f"{location.path}: valid")
+    for warning in config.warnings:
+        print(f"{location.path}: warning: {warning}")
     for listener in listeners:
         print(f"  {_describe_listener(listener)}")
     if not listeners:

@@ -62,6 +62,7 @@ password_hash = "{HASH}"
 account = "scanner"
 """
     )
+    path.chmod(0o600)  # it holds an upstream password
     return path
 
 
@@ -181,6 +182,26 @@ def test_check_config_summarises_a_valid_file(
         "  1 provider, 1 account, 2 devices",
     ]
     assert "upstream-secret" not in out
+
+
+def test_check_config_warns_about_a_secret_others_can_read(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = valid_config(tmp_path)
+    path.chmod(0o644)
+
+    status, out, err = run(capsys, "check-config", str(path))
+    json_status, json_out, _ = run(capsys, "check-config", "--json", str(path))
+
+    assert (status, err) == (0, "")
+    assert out.splitlines()[1] == (
+        f"{path}: warning: the file holds upstream passwords (accounts.scanner.password) "
+        "but is readable by group and others (mode -rw-r--r--); chmod go-r it, "
+        "or move them to password_file"
+    )
+    assert json_status == 0
+    assert json.loads(json_out)["warnings"] == [out.splitlines()[1].split(": warning: ", 1)[1]]
+    assert "upstream-secret" not in out + json_out
 
 
 def test_check_config_lists_smtp_listeners_too(
