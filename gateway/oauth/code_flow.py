@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -151,7 +152,9 @@ class LoopbackListener:
         site.noisy = False
         endpoint = TCP4ServerEndpoint(self._reactor, self._port_number, interface="127.0.0.1")
         self._port = await endpoint.listen(site)
-        return int(self._port.getHost().port)
+        address = self._port.getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
 
     def _found(self, outcome: str | AuthorizationFailed) -> None:
         if self.result.called:
@@ -164,7 +167,9 @@ class LoopbackListener:
     async def stop(self) -> None:
         if self._port is not None:
             port, self._port = self._port, None
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
 
 
 async def run_code_flow(
@@ -219,15 +224,13 @@ async def _first(sources: list[Deferred[str]], clock: IReactorTime, wait: float)
 
     for source in sources:
         source.addBoth(settle)
-    timer = clock.callLater(
-        wait,
-        lambda: (
-            winner.called
-            or winner.errback(
+    def give_up() -> None:
+        if not winner.called:
+            winner.errback(
                 AuthorizationFailed(f"nobody signed in within {wait:g} s; run the command again")
             )
-        ),
-    )
+
+    timer = clock.callLater(wait, give_up)
     try:
         return await winner
     finally:

@@ -34,6 +34,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
@@ -155,7 +156,7 @@ class TreqPoster:
             response = await client.post(
                 url,
                 data=dict(fields),
-                headers={b"Accept": [b"application/json"]},
+                headers=Headers({b"Accept": [b"application/json"]}),
                 allow_redirects=False,
                 unbuffered=True,
                 reactor=self._reactor,
