@@ -43,9 +43,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
-from gateway.maildrop import MaildropError, UpstreamRejected
+from gateway.dotstuff import DotStuffer
 from gateway.model import Account, Provider
-from gateway.pop3.stuffing import DotStuffer
 from gateway.upstream.connection import (
     EndpointFactory,
     UpstreamLifecycle,
@@ -54,6 +53,7 @@ from gateway.upstream.connection import (
     open_connection,
 )
 from gateway.upstream.credentials import TokenSource, mechanism_for, retry_with_fresh_token
+from gateway.upstream.errors import UpstreamError, UpstreamRejected
 from gateway.upstream.sasl import Login, SASLMechanism
 from gateway.upstream.streaming import IdleTimer
 
@@ -237,7 +237,6 @@ class SMTPClient(UpstreamLifecycle, IdleTimer, Protocol):
         greeting = _Pending("greeting", self._new_deferred())
         self._inflight.append(greeting)
         self._greeting = greeting.deferred
-        self.messages_sent = 0
 
     # -- public API
 
@@ -532,7 +531,7 @@ async def login(
                 mechanism = await mechanism_for(
                     account, provider, offered, tokens, force_refresh=forced
                 )
-        except MaildropError as e:
+        except UpstreamError as e:
             raise SMTPUpstreamError(
                 f"no credentials for account {account.name}: {e.detail or e}",
                 admin=isinstance(e, UpstreamRejected),
@@ -654,8 +653,6 @@ async def send_message(
         result.replies[recipient] = final
     if not final.positive or not accepted:
         await _reset(client)
-    else:
-        client.messages_sent += 1
     return result
 
 

@@ -18,6 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
+from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.model import Account, Endpoint, Provider, Secret
 from gateway.upstream.credentials import (
     bearer_mechanism_name,
@@ -25,7 +26,6 @@ from gateway.upstream.credentials import (
     retry_with_fresh_token,
 )
 from gateway.upstream.pop3 import POP3Client
-from gateway.upstream.pop3_maildrop import open_pop3_maildrop
 from gateway.upstream.sasl import BearerError, OAuthBearer, Plain, XOAuth2
 
 ACCOUNT = Account("scanner", "m365", "scanner@contoso.test", auth="oauth2", grant="device_code")

@@ -53,10 +53,6 @@ CREATE TABLE IF NOT EXISTS message (
 """
 _VERSION = 1
 
-# RFC 1939: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
-MAX_UIDL = 70
-
-
 @dataclass(frozen=True, slots=True)
 class MessageKey:
     """What identifies a message whatever its IMAP UID: used only to re-match."""

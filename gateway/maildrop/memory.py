@@ -9,8 +9,8 @@ from collections.abc import Collection, Sequence
 
 from twisted.internet.interfaces import IConsumer
 
+from gateway.dotstuff import DotStuffer
 from gateway.maildrop import MaildropError, NoSuchMessage, UpstreamLost
-from gateway.pop3.stuffing import DotStuffer
 
 
 class MemoryMaildrop:
