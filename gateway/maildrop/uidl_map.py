@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS message (
 """
 _VERSION = 1
 
+
 @dataclass(frozen=True, slots=True)
 class MessageKey:
     """What identifies a message whatever its IMAP UID: used only to re-match."""

@@ -14,26 +14,23 @@ from collections.abc import Callable
 from typing import Any, TypeAlias, TypeVar
 from typing import Protocol as TypingProtocol
 
-from OpenSSL import SSL
-from service_identity import VerificationError
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
 
 from gateway.model import Endpoint, Provider
 from gateway.tls import TLSSetupError, client_options
+from gateway.upstream.errors import describe_error
 
 EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
 ErrorFactory: TypeAlias = Callable[[str], Exception]
@@ -59,85 +56,6 @@ def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> ISt
         return HostnameEndpoint(reactor, host, port, timeout=timeout)
     endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
     return endpoint(reactor, host, port, timeout=timeout)
-
-
-def describe_error(e: BaseException) -> str:
-    """`Type: text` (or just `Type`) for a log detail: the type says more than most texts."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def set_no_delay(transport: Any) -> None:
-    """Turn Nagle off on a client connection.
-
-    Nagle + the peer's delayed ACK stall every short command and the last
-    segment of a message by ~40 ms. Through TLS, the wrapper forwards this to
-    the TCP transport underneath; a transport without TCP has no such call.
-    """
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except (OSError, AttributeError):
-            pass
-
-
-class UpstreamLifecycle:
-    """What the POP3, IMAP and SMTP clients do alike between connect and close.
-
-    Mixed into each client's Protocol (with `IdleTimer`, which gives
-    `_arm_timer`): Nagle off and the idle timer armed on connect; every
-    received byte noted for the timer and handed to the parser until the
-    session has ended; the reason a connection ended worded one way for the
-    logs; and `when_closed()` waiters told once the connection is gone.
-    """
-
-    peer: str
-    transport: Any
-    _connected: bool
-    _ended: Any
-    _last_activity: float
-    _lost: bool = False
-    _closed_waiters: list[Deferred[None]]
-
-    def when_closed(self) -> Deferred[None]:
-        """Fires (never fails) once the connection is gone."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        return d
-
-    def connectionMade(self) -> None:
-        self._connected = True
-        set_no_delay(self.transport)
-        self._arm_timer()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._ended is not None:
-            return  # the session is over; its pending commands have failed
-        self._last_activity = self._clock.seconds()  # type: ignore[attr-defined]
-        self._parser.feed(data)  # type: ignore[attr-defined]
-        self._process()  # type: ignore[attr-defined]
-
-    def _connection_gone(self, reason: Failure, *, quiet_close: bool) -> str:
-        """Mark the connection lost; say why, as a log detail.
-
-        `quiet_close` is whether a clean close is unremarkable (nothing was
-        pending), so no error text is added to it.
-        """
-        self._connected = False
-        self._lost = True
-        if reason.check(SSL.Error, VerificationError):
-            return f"TLS with {self.peer} failed ({describe_error(reason.value)})"
-        if quiet_close and reason.check(ConnectionDone):
-            return f"{self.peer} closed the connection"
-        return f"{self.peer} closed the connection ({describe_error(reason.value)})"
-
-    def _notify_closed(self) -> None:
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
 
 
 async def open_connection(

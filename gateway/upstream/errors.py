@@ -47,3 +47,17 @@ class UpstreamLost(UpstreamError):
 
     code = "SYS/TEMP"
     device_text = "connection to the mailbox lost"
+
+
+def printable(text: bytes, limit: int | None = 200) -> str:
+    """Upstream words made safe for one log line (a `detail`), cut at `limit` octets."""
+    cut = text if limit is None else text[:limit]
+    shown = cut.decode("utf-8", "replace")
+    shown = "".join(c if c.isprintable() else "?" for c in shown)
+    return shown + ("..." if limit is not None and len(text) > limit else "")
+
+
+def describe_error(e: BaseException) -> str:
+    """`Type: text` (or just `Type`) for a log detail: the type says more than most texts."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
