@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gateway.maildrop import (
     MaildropError,
@@ -67,6 +69,7 @@ from gateway.upstream.imap import (
     parse_search,
     uid_sets,
 )
+from gateway.upstream.pipeline import outcomes
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
@@ -357,7 +360,7 @@ class IMAPMaildrop:
         mailbox = astring(encode_mailbox(target))
         verb = b"UID MOVE" if "MOVE" in self._client.capabilities else b"UID COPY"
         for uid_set in uid_sets(uids):
-            await self._creating(mailbox, lambda s=uid_set: self._client.command(verb, s, mailbox))
+            await self._creating(mailbox, partial(self._client.command, verb, uid_set, mailbox))
         if verb == b"UID COPY":
             await self._expunge(uids, folder)
 
@@ -441,10 +444,9 @@ class IMAPMaildrop:
 
     async def _all(self, steps: list[Deferred[Any]]) -> None:
         """Wait for pipelined steps; raise the first failure, consuming the others."""
-        results = await DeferredList(steps, consumeErrors=True)
-        for ok, outcome in results:
-            if not ok:
-                outcome.raiseException()
+        for result in await outcomes(steps):
+            if isinstance(result, Failure):
+                result.raiseException()
 
     def abort(self) -> None:
         self._client.abort()

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import DeferredList
+from twisted.python.failure import Failure
 
 from gateway.maildrop import MaildropError, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.imap import (
@@ -24,6 +24,7 @@ from gateway.upstream.imap import (
     parse_fetch,
     parse_status,
 )
+from gateway.upstream.pipeline import outcome
 
 # The keyword that hides a message from later POP3 sessions (policy "keep",
 # and messages the expunge fallback could not remove yet).
@@ -58,8 +59,8 @@ class FolderState:
         if status.code == "UIDVALIDITY" and status.code_data.strip().isdigit():
             self.uidvalidity = int(status.code_data)
         elif status.code == "PERMANENTFLAGS":
-            words = status.code_data.strip(b"() ").decode("ascii", "replace").split()
-            self.permanent_flags = frozenset(w.upper() for w in words)
+            flags = status.code_data.strip(b"() ").decode("ascii", "replace").split()
+            self.permanent_flags = frozenset(f.upper() for f in flags)
 
     @property
     def keywords_allowed(self) -> bool:
@@ -132,22 +133,21 @@ async def take_snapshot(client: IMAPClient, folder: str) -> Snapshot:
         pipelinable=True,
         on_untagged=collector.observe,
     )
-    (examined, examine_result), (fetched, fetch_result) = await DeferredList(
-        [examine, fetch], consumeErrors=True
-    )
-    if not examined:
-        if examine_result.check(ServerError):
+    examine_result = await outcome(examine)
+    fetch_result = await outcome(fetch)
+    if isinstance(examine_result, Failure):
+        if isinstance(examine_result.value, ServerError):
             raise folder_refused(examine_result.value, client.peer, folder)
         examine_result.raiseException()
-    if not fetched:
+    if isinstance(fetch_result, Failure):
+        refusal = fetch_result.value
         # Some servers refuse "1:*" in an empty folder instead of answering nothing.
-        if not (fetch_result.check(ServerError) and state.exists == 0):
-            if fetch_result.check(ServerError):
-                raise UpstreamUnavailable(
-                    f"{client.peer} refused to list {folder}: "
-                    f"{fetch_result.value.status.describe()}"
-                )
+        if not isinstance(refusal, ServerError):
             fetch_result.raiseException()
+        elif state.exists != 0:
+            raise UpstreamUnavailable(
+                f"{client.peer} refused to list {folder}: {refusal.status.describe()}"
+            )
     if state.uidvalidity is None:
         raise UpstreamUnavailable(
             f"{client.peer} sent no UIDVALIDITY for {folder}: UIDLs could not be stable"

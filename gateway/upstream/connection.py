@@ -90,7 +90,14 @@ async def open_connection(
     if server.tls == "implicit":
         endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
 
-    factory = Factory.forProtocol(lambda: client(reactor, provider.timeout, peer=peer))
+    built: list[_Client] = []
+
+    def build() -> _Client:
+        protocol = client(reactor, provider.timeout, peer=peer)
+        built.append(protocol)
+        return protocol
+
+    factory = Factory.forProtocol(build)
     factory.noisy = False  # one "Starting factory" log line per session says nothing
     connecting = endpoint.connect(factory)
     # Our own timer rather than Deferred.addTimeout: endpoints answer a
@@ -104,7 +111,9 @@ async def open_connection(
 
     timer = reactor.callLater(provider.timeout, give_up)
     try:
-        connected: _Client = await connecting
+        protocol = await connecting
+        # The same object, typed as the client class it was built from.
+        connected = next(p for p in built if p is protocol)
     except Exception as e:
         if timed_out:
             raise error(

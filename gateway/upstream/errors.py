@@ -57,7 +57,7 @@ def printable(text: bytes, limit: int | None = 200) -> str:
     return shown + ("..." if limit is not None and len(text) > limit else "")
 
 
-def describe_error(e: BaseException) -> str:
+def describe_error(e: object) -> str:
     """`Type: text` (or just `Type`) for a log detail: the type says more than most texts."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

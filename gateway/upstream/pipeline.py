@@ -25,7 +25,7 @@ replies stays in the client.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -63,6 +63,24 @@ class Command:
 
 ErrorFactory = Callable[[str], Exception]
 _C = TypeVar("_C", bound=Command)
+_T = TypeVar("_T")
+
+
+async def outcome(step: Deferred[_T]) -> _T | Failure:
+    """The result of a pipelined command, or its Failure: returned, not raised.
+
+    Awaiting every step of a pipeline this way leaves no failure unhandled,
+    whichever step fails first, and the type says which value is which.
+    """
+    try:
+        return await step
+    except Exception:
+        return Failure()
+
+
+async def outcomes(steps: Sequence[Deferred[Any]]) -> list[Any | Failure]:
+    """`outcome` of each step, in order."""
+    return [await outcome(step) for step in steps]
 
 
 @implementer(IPushProducer)

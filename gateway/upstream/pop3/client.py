@@ -199,7 +199,8 @@ class POP3Client(Protocol):
         if any(c in secret for c in (b"\r", b"\n", b"\0")):
             raise ValueError("the password cannot be sent with PASS")
         await self.command(b"USER " + user)
-        return await self.command(b"PASS " + secret)
+        status: Status = await self.command(b"PASS " + secret)
+        return status
 
     def quit(self) -> Deferred[Status]:
         """QUIT; at +OK the connection is closed from our side too.
