@@ -169,7 +169,9 @@ def test_data_after_the_starttls_answer_ends_the_session() -> None:
     d = client.starttls(object())  # type: ignore[arg-type]
     client.dataReceived(b"220 go ahead\r\n250 injected\r\n")
     assert client.ended
-    assert transport.disconnecting or transport.disconnected or client._ended
+    # Dropped at once: nothing more is sent, in clear or as a TLS handshake.
+    assert transport.disconnecting
+    assert transport.value() == b"STARTTLS\r\n"
     failures: list[Any] = []
     d.addErrback(failures.append)
     assert failures and "after its STARTTLS answer" in str(failures[0].value)
