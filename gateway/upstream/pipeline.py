@@ -28,12 +28,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -416,3 +418,48 @@ class Pipeline(Generic[_C]):
         if self.connected:
             self.transport.resumeProducing()
         self.arm_timer()
+
+
+class _Parser(TypingProtocol):
+    def feed(self, data: bytes) -> None: ...
+
+
+class PipelinedClient(Protocol, Generic[_C]):
+    """The Twisted glue of an upstream client: connection events go to its `Pipeline`.
+
+    A client sets `_parser` and `_pipe` in its `__init__` and supplies the
+    reply loop (`Pipeline(process=...)`); this class is the rest of what
+    every client does alike between connect and close.
+    """
+
+    peer: str
+    _parser: _Parser
+    _pipe: Pipeline[_C]
+    # Whether a clean close while nothing was pending goes without error text.
+    _quiet_close_when_idle = True
+
+    @property
+    def ended(self) -> bool:
+        return self._pipe.ended
+
+    def when_closed(self) -> Deferred[None]:
+        """Fires (never fails) once the connection is gone."""
+        return self._pipe.when_closed()
+
+    def abort(self, detail: str = "aborted by the gateway") -> None:
+        """Drop the connection now, without a goodbye; fail whatever is pending. Idempotent."""
+        self._pipe.end(detail)
+
+    def connectionMade(self) -> None:
+        self._pipe.connection_made(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._pipe.note_activity():
+            self._parser.feed(data)
+            self._pipe.process()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self._pipe.connection_lost(self._describe_loss(reason))
+
+    def _describe_loss(self, reason: Failure) -> str:
+        return self._pipe.describe_loss(reason, quiet_when_idle=self._quiet_close_when_idle)

@@ -27,9 +27,7 @@ from typing import Protocol as TypingProtocol
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from gateway.model import Secret
@@ -45,7 +43,7 @@ from gateway.upstream.imap.parser import (
     ResponseParser,
 )
 from gateway.upstream.imap.responses import Capabilities, ServerError, Status, parse_status
-from gateway.upstream.pipeline import Command, Pipeline
+from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient
 from gateway.upstream.sasl import SASLMechanism
 
 # Untagged responses a command collects (when it has no callback of its own).
@@ -88,7 +86,7 @@ class _Command(Command):
     collected: int = 0
 
 
-class IMAPClient(Protocol):
+class IMAPClient(PipelinedClient[_Command]):
     """One upstream IMAP connection; commands return Deferreds.
 
     Commands are sent one at a time, except that a `pipelinable` command
@@ -100,6 +98,8 @@ class IMAPClient(Protocol):
     pending and later command fails with `UpstreamLost` (after login) or
     `UpstreamUnavailable` (before), so no Deferred is left unfired.
     """
+
+    _parser: ResponseParser
 
     def __init__(self, clock: IReactorTime, timeout: float, *, peer: str = "upstream") -> None:
         self.peer = peer
@@ -126,14 +126,6 @@ class IMAPClient(Protocol):
     def greeting(self) -> Deferred[Status]:
         """Fires with the server's untagged OK greeting."""
         return self._greeting
-
-    @property
-    def ended(self) -> bool:
-        return self._pipe.ended
-
-    def when_closed(self) -> Deferred[None]:
-        """Fires (never fails) once the connection is gone."""
-        return self._pipe.when_closed()
 
     def command(
         self,
@@ -235,25 +227,10 @@ class IMAPClient(Protocol):
         )
         return self._enqueue(cmd, b"LOGOUT", ())
 
-    def abort(self, detail: str = "aborted by the gateway") -> None:
-        """Drop the connection now, without LOGOUT; fail whatever is pending. Idempotent."""
-        self._pipe.end(detail)
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:
-        self._pipe.connection_made(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._pipe.note_activity():
-            self._parser.feed(data)
-            self._pipe.process()
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        what = self._pipe.describe_loss(reason)
+    def _describe_loss(self, reason: Failure) -> str:
         if self._bye is not None and not reason.check(SSL.Error, VerificationError):
-            what = f"{self.peer} said {self._bye.describe()} and closed the connection"
-        self._pipe.connection_lost(what)
+            return f"{self.peer} said {self._bye.describe()} and closed the connection"
+        return super()._describe_loss(reason)
 
     # -- internals
 

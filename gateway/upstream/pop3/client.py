@@ -24,14 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 
 from gateway.model import Secret
 from gateway.upstream.errors import UpstreamError, UpstreamLost, UpstreamUnavailable
-from gateway.upstream.pipeline import Command, Pipeline
+from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient
 from gateway.upstream.pop3.parser import (
     BodyChunk,
     Capabilities,
@@ -71,7 +68,7 @@ class _Command(Command):
     collected: int = 0
 
 
-class POP3Client(Protocol):
+class POP3Client(PipelinedClient[_Command]):
     """One upstream POP3 connection; commands return Deferreds.
 
     Commands are queued and sent one at a time; `DELE`/`QUIT` go out together
@@ -83,6 +80,8 @@ class POP3Client(Protocol):
     pending and later command fails with `UpstreamLost` (after login) or
     `UpstreamUnavailable` (before), so no Deferred is left unfired.
     """
+
+    _parser: ResponseParser
 
     def __init__(self, clock: IReactorTime, timeout: float, *, peer: str = "upstream") -> None:
         self.peer = peer
@@ -107,14 +106,6 @@ class POP3Client(Protocol):
     def greeting(self) -> Deferred[Status]:
         """Fires with the server's +OK greeting (once; later calls get nothing new)."""
         return self._greeting
-
-    @property
-    def ended(self) -> bool:
-        return self._pipe.ended
-
-    def when_closed(self) -> Deferred[None]:
-        """Fires (never fails) once the connection is gone."""
-        return self._pipe.when_closed()
 
     def command(
         self, line: bytes, *, expect: Expect = Expect.SINGLE, pipelinable: bool = False
@@ -214,23 +205,6 @@ class POP3Client(Protocol):
                 self.transport.loseConnection()
 
         return self._enqueue(b"QUIT", pipelinable=True, on_ok=close, ends_session=True)
-
-    def abort(self, detail: str = "aborted by the gateway") -> None:
-        """Drop the connection now, without QUIT; fail whatever is pending. Idempotent."""
-        self._pipe.end(detail)
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:
-        self._pipe.connection_made(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._pipe.note_activity():
-            self._parser.feed(data)
-            self._pipe.process()
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._pipe.connection_lost(self._pipe.describe_loss(reason))
 
     # -- internals
 

@@ -27,15 +27,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from gateway.dotstuff import DotStuffer
 from gateway.upstream.errors import describe_error
-from gateway.upstream.pipeline import Command, Pipeline
+from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient
 from gateway.upstream.sasl import SASLMechanism
 from gateway.upstream.smtp.parser import Reply, ReplyParser, SMTPProtocolError
 
@@ -83,13 +81,18 @@ class _Bounded:
         return data
 
 
-class SMTPClient(Protocol):
+class SMTPClient(PipelinedClient[_Command]):
     """One upstream SMTP connection; every command returns a Deferred[Reply].
 
     When the connection breaks, times out, or `abort()` is called, every
     pending and later command fails with `SMTPUpstreamError`, so no Deferred
     is ever left unfired.
     """
+
+    _parser: ReplyParser
+
+    # Any end of the connection says how it ended: a relay session is never idle by design.
+    _quiet_close_when_idle = False
 
     def __init__(self, clock: IReactorTime, timeout: float, *, peer: str = "upstream") -> None:
         self.peer = peer
@@ -120,10 +123,6 @@ class SMTPClient(Protocol):
     @property
     def pipelining(self) -> bool:
         return "PIPELINING" in self.extensions
-
-    def when_closed(self) -> Deferred[None]:
-        """Fires (never fails) once the connection is gone."""
-        return self._pipe.when_closed()
 
     def command(
         self, line: bytes, *, pipelined: bool = False, timeout: float | None = None
@@ -219,23 +218,6 @@ class SMTPClient(Protocol):
                 self.transport.loseConnection()
 
         return self._enqueue(b"QUIT", on_ok=close, ends_session=True)
-
-    def abort(self, detail: str = "aborted by the gateway") -> None:
-        """Drop the connection now; fail whatever is pending. Idempotent."""
-        self._pipe.end(detail)
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:
-        self._pipe.connection_made(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._pipe.note_activity():
-            self._parser.feed(data)
-            self._pipe.process()
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._pipe.connection_lost(self._pipe.describe_loss(reason, quiet_when_idle=False))
 
     # -- internals
 
