@@ -46,6 +46,7 @@ from gateway.maildrop.imap_snapshot import (
     take_snapshot,
 )
 from gateway.maildrop.imap_writers import MessageWriter, TopWriter
+from gateway.maildrop.opening import at_open
 from gateway.maildrop.uidl_map import (
     MailboxState,
     MessageKey,
@@ -480,13 +481,7 @@ async def open_imap_maildrop(
     client = await open_session(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
-    try:
-        snapshot = await take_snapshot(client, account.folder)
-    except UpstreamLost as e:
-        # The device has no session yet: to it, this is a failed login.
-        client.abort("snapshot at login failed")
-        raise UpstreamUnavailable(e.detail) from None
-    except BaseException:
-        client.abort("snapshot at login failed")
-        raise
+    snapshot = await at_open(
+        client, take_snapshot(client, account.folder), "snapshot at login failed"
+    )
     return IMAPMaildrop(client, account, snapshot, uid_store=uid_store)

@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.maildrop import NoSuchMessage, UpstreamLost, UpstreamUnavailable
+from gateway.maildrop import NoSuchMessage, UpstreamUnavailable
+from gateway.maildrop.opening import at_open
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.pipeline import outcomes
 from gateway.upstream.pop3 import Expect, Listing, POP3Client, ServerError, open_session
@@ -168,19 +169,14 @@ async def open_pop3_maildrop(
     client = await open_session(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
-    try:
-        try:
-            listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
-        except ServerError as e:
-            raise UpstreamUnavailable(
-                f"{client.peer} refused LIST: {e.status.describe()}"
-            ) from None
-        sizes = parse_list(listing.body, client.peer)
-    except UpstreamLost as e:
-        # The device has no session yet: to it, this is a failed login.
-        client.abort("LIST at login failed")
-        raise UpstreamUnavailable(e.detail) from None
-    except BaseException:
-        client.abort("LIST at login failed")
-        raise
+    sizes = await at_open(client, _list(client), "LIST at login failed")
     return POP3Maildrop(client, sizes, account=account.name)
+
+
+async def _list(client: POP3Client) -> tuple[int, ...]:
+    """LIST: the sizes of the snapshot, fixed for the session (RFC 1939)."""
+    try:
+        listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
+    except ServerError as e:
+        raise UpstreamUnavailable(f"{client.peer} refused LIST: {e.status.describe()}") from None
+    return parse_list(listing.body, client.peer)

@@ -10,7 +10,7 @@ exception a failure must become (a `MaildropError` for the maildrop clients,
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -36,6 +36,11 @@ EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpo
 ErrorFactory: TypeAlias = Callable[[str], Exception]
 
 _Client = TypeVar("_Client", bound=Protocol, covariant=True)
+_T = TypeVar("_T")
+
+
+class Abortable(TypingProtocol):
+    def abort(self, detail: str = ...) -> None: ...
 
 
 class ClientFactory(TypingProtocol[_Client]):
@@ -126,3 +131,16 @@ async def open_connection(
         if timer.active():
             timer.cancel()
     return connected, tls
+
+
+async def or_abort(client: Abortable, step: Awaitable[_T], why: str) -> _T:
+    """Await a set-up `step` on `client`; if it fails, drop the client before the error goes on.
+
+    A session that failed half-way set up (greeting, TLS, login, the first
+    listing) is never handed out, and never left connected.
+    """
+    try:
+        return await step
+    except BaseException:
+        client.abort(why)
+        raise

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
 from gateway.model import Account, Provider
-from gateway.upstream.connection import EndpointFactory, hostname_endpoint, open_connection
+from gateway.upstream.connection import (
+    EndpointFactory,
+    hostname_endpoint,
+    open_connection,
+    or_abort,
+)
 from gateway.upstream.credentials import TokenSource, bearer_login, mechanism_for
 from gateway.upstream.errors import (
     MailboxInUse,
@@ -45,13 +52,19 @@ async def connect(
         error=UpstreamUnavailable,
         passthrough=UpstreamError,
     )
+    return await or_abort(client, _secure(client, server.tls, tls), "connection set-up failed")
+
+
+async def _secure(
+    client: IMAPClient, mode: str, tls: IOpenSSLClientConnectionCreator
+) -> IMAPClient:
     peer = client.peer
     try:
         try:
             await client.greeting()
         except ServerError as e:
             raise UpstreamUnavailable(f"{peer} greeted with {e.status.describe()}") from None
-        if server.tls == "starttls":
+        if mode == "starttls":
             if not client.capabilities:
                 await client.capability()
             if "STARTTLS" not in client.capabilities:
@@ -69,11 +82,7 @@ async def connect(
         elif not client.capabilities:
             await client.capability()
     except ServerError as e:
-        client.abort("connection set-up failed")
         raise UpstreamUnavailable(f"{peer} refused {e.verb}: {e.status.describe()}") from None
-    except BaseException:
-        client.abort("connection set-up failed")
-        raise
     return client
 
 
@@ -151,9 +160,5 @@ async def open_session(
 ) -> IMAPClient:
     """Connect and log in as `account`; the client is in the authenticated state."""
     client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
-    try:
-        await login(client, account, provider, tokens=tokens)
-    except BaseException:
-        client.abort("login failed")
-        raise
+    await or_abort(client, login(client, account, provider, tokens=tokens), "login failed")
     return client

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
 from gateway.model import Account, Provider
-from gateway.upstream.connection import EndpointFactory, hostname_endpoint, open_connection
+from gateway.upstream.connection import (
+    EndpointFactory,
+    hostname_endpoint,
+    open_connection,
+    or_abort,
+)
 from gateway.upstream.credentials import TokenSource, bearer_login
 from gateway.upstream.errors import (
     MailboxInUse,
@@ -46,25 +53,27 @@ async def connect(
         error=UpstreamUnavailable,
         passthrough=UpstreamError,
     )
+    return await or_abort(client, _secure(client, server.tls, tls), "connection set-up failed")
+
+
+async def _secure(
+    client: POP3Client, mode: str, tls: IOpenSSLClientConnectionCreator
+) -> POP3Client:
     peer = client.peer
     try:
+        await client.greeting()
+    except ServerError as e:
+        raise UpstreamUnavailable(f"{peer} greeted with {e.status.describe()}") from None
+    await client.read_capabilities()
+    if mode == "starttls":
+        if "STLS" not in client.capabilities:
+            raise UpstreamUnavailable(f"{peer} does not offer STLS; not logging in in clear")
         try:
-            await client.greeting()
+            await client.starttls(tls)
         except ServerError as e:
-            raise UpstreamUnavailable(f"{peer} greeted with {e.status.describe()}") from None
+            raise UpstreamUnavailable(f"{peer} refused STLS: {e.status.describe()}") from None
+        # RFC 2595 section 4: forget what was learnt in clear.
         await client.read_capabilities()
-        if server.tls == "starttls":
-            if "STLS" not in client.capabilities:
-                raise UpstreamUnavailable(f"{peer} does not offer STLS; not logging in in clear")
-            try:
-                await client.starttls(tls)
-            except ServerError as e:
-                raise UpstreamUnavailable(f"{peer} refused STLS: {e.status.describe()}") from None
-            # RFC 2595 section 4: forget what was learnt in clear.
-            await client.read_capabilities()
-    except BaseException:
-        client.abort("connection set-up failed")
-        raise
     return client
 
 
@@ -135,9 +144,5 @@ async def open_session(
 ) -> POP3Client:
     """Connect and log in as `account`; the client is in the TRANSACTION state."""
     client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
-    try:
-        await login(client, account, provider, tokens=tokens)
-    except BaseException:
-        client.abort("login failed")
-        raise
+    await or_abort(client, login(client, account, provider, tokens=tokens), "login failed")
     return client

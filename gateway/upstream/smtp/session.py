@@ -12,8 +12,15 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
 from gateway.model import Account, Provider
-from gateway.upstream.connection import EndpointFactory, hostname_endpoint, open_connection
+from gateway.upstream.connection import (
+    EndpointFactory,
+    hostname_endpoint,
+    open_connection,
+    or_abort,
+)
 from gateway.upstream.credentials import TokenSource, mechanism_for, retry_with_fresh_token
 from gateway.upstream.errors import UpstreamError, UpstreamRejected
 from gateway.upstream.sasl import Login, SASLMechanism
@@ -47,23 +54,26 @@ async def connect(
         # A TLS set-up problem (the CA file) is the administrator's to fix.
         setup_error=lambda detail: SMTPUpstreamError(detail, admin=True),
     )
+    secured = _secure(client, server.tls, tls, helo_name)
+    return await or_abort(client, secured, "connection set-up failed")
+
+
+async def _secure(
+    client: SMTPClient, mode: str, tls: IOpenSSLClientConnectionCreator, helo_name: str
+) -> SMTPClient:
     peer = client.peer
-    try:
-        greeting = await client.greeting()
-        if greeting.code != 220:
-            raise SMTPUpstreamError(f"{peer} greeted with {greeting.describe()}", reply=greeting)
+    greeting = await client.greeting()
+    if greeting.code != 220:
+        raise SMTPUpstreamError(f"{peer} greeted with {greeting.describe()}", reply=greeting)
+    await client.ehlo(helo_name)
+    if mode == "starttls":
+        if "STARTTLS" not in client.extensions:
+            raise SMTPUpstreamError(f"{peer} does not offer STARTTLS; not sending in clear")
+        reply = await client.starttls(tls)
+        if reply.code != 220:
+            raise SMTPUpstreamError(f"{peer} refused STARTTLS: {reply.describe()}", reply=reply)
+        # RFC 3207 4.2: forget what was learnt in clear, ask again.
         await client.ehlo(helo_name)
-        if server.tls == "starttls":
-            if "STARTTLS" not in client.extensions:
-                raise SMTPUpstreamError(f"{peer} does not offer STARTTLS; not sending in clear")
-            reply = await client.starttls(tls)
-            if reply.code != 220:
-                raise SMTPUpstreamError(f"{peer} refused STARTTLS: {reply.describe()}", reply=reply)
-            # RFC 3207 4.2: forget what was learnt in clear, ask again.
-            await client.ehlo(helo_name)
-    except BaseException:
-        client.abort("connection set-up failed")
-        raise
     return client
 
 
@@ -124,11 +134,7 @@ async def open_session(
     client = await connect(
         provider, reactor=reactor, helo_name=helo_name, endpoint_factory=endpoint_factory
     )
-    try:
-        await login(client, account, provider, tokens)
-    except BaseException:
-        client.abort("login failed")
-        raise
+    await or_abort(client, login(client, account, provider, tokens), "login failed")
     return client
 
 
