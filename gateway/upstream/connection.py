@@ -26,21 +26,26 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 
 from gateway.model import Endpoint, Provider
 from gateway.tls import TLSSetupError, client_options
-from gateway.upstream.errors import describe_error
+from gateway.upstream.errors import UpstreamError, UpstreamUnavailable, describe_error
+from gateway.upstream.pipeline import PipelinedClient
 
 EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
 ErrorFactory: TypeAlias = Callable[[str], Exception]
 
-_Client = TypeVar("_Client", bound=Protocol, covariant=True)
+_Client = TypeVar("_Client", bound="PipelinedClient[Any]", covariant=True)
 _T = TypeVar("_T")
 
 
 class Abortable(TypingProtocol):
     def abort(self, detail: str = ...) -> None: ...
+
+
+# Greeting, capabilities and STARTTLS of one protocol, on a connected client.
+SetUp: TypeAlias = Callable[[_Client, str, IOpenSSLClientConnectionCreator], Awaitable[object]]
 
 
 class ClientFactory(TypingProtocol[_Client]):
@@ -70,17 +75,19 @@ async def open_connection(
     *,
     reactor: Any,
     endpoint_factory: EndpointFactory,
-    error: ErrorFactory,
-    passthrough: type[Exception] | tuple[type[Exception], ...],
+    secure: SetUp[_Client],
+    error: ErrorFactory = UpstreamUnavailable,
+    passthrough: type[Exception] | tuple[type[Exception], ...] = UpstreamError,
     setup_error: ErrorFactory | None = None,
-) -> tuple[_Client, IOpenSSLClientConnectionCreator]:
-    """Connect to `server` of `provider` and return the connected client.
+) -> _Client:
+    """Connect to `server` of `provider` and return the client, set up and secured.
 
-    Also returns the verified TLS options, for a STARTTLS later on the same
-    connection. What happens after the TCP (or implicit TLS) connection is up
-    (greeting, capabilities, STARTTLS) is the caller's: it is per protocol.
+    What happens after the TCP (or implicit TLS) connection is up (greeting,
+    capabilities, STARTTLS) is per protocol: `secure(client, server.tls,
+    tls_options)`, given the verified TLS options for a STARTTLS on the same
+    connection. If it fails, the client is dropped (`or_abort`).
 
-    Failures raise `error(detail)`; a TLS setup problem (a bad CA file) raises
+    Failures to connect raise `error(detail)`; a TLS setup problem (a bad CA file) raises
     `setup_error(detail)` when given, as that is the administrator's to fix.
     Exceptions of the `passthrough` types (the protocol's own errors) and
     cancellation are raised as they are. `reactor` must provide IReactorTime
@@ -130,7 +137,8 @@ async def open_connection(
     finally:
         if timer.active():
             timer.cancel()
-    return connected, tls
+    await or_abort(connected, secure(connected, server.tls, tls), "connection set-up failed")
+    return connected
 
 
 async def or_abort(client: Abortable, step: Awaitable[_T], why: str) -> _T:

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.net import set_no_delay
-from gateway.upstream.errors import describe_error
+from gateway.upstream.errors import UpstreamLost, UpstreamUnavailable, describe_error
 
 
 @dataclass(eq=False)
@@ -433,6 +433,8 @@ class PipelinedClient(Protocol, Generic[_C]):
     """
 
     peer: str
+    # After login a broken session is `UpstreamLost`, before it `UpstreamUnavailable`.
+    logged_in = False
     _parser: _Parser
     _pipe: Pipeline[_C]
     # Whether a clean close while nothing was pending goes without error text.
@@ -463,3 +465,12 @@ class PipelinedClient(Protocol, Generic[_C]):
 
     def _describe_loss(self, reason: Failure) -> str:
         return self._pipe.describe_loss(reason, quiet_when_idle=self._quiet_close_when_idle)
+
+    def _error_type(self) -> ErrorFactory:
+        """What a failed session raises: for the maildrop clients, by login state."""
+        return UpstreamLost if self.logged_in else UpstreamUnavailable
+
+
+def verb_of(line: bytes) -> str:
+    """The command's name for messages: never its arguments, which may carry secrets."""
+    return line.split(b" ", 1)[0].decode("ascii", "replace").upper()

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreat
 from twisted.python.failure import Failure
 
 from gateway.model import Secret
-from gateway.upstream.errors import UpstreamError, UpstreamLost, UpstreamUnavailable, printable
+from gateway.upstream.errors import UpstreamLost, printable
 from gateway.upstream.imap.commands import Argument, Literal, astring, wire_pieces
 from gateway.upstream.imap.parser import (
     Continuation,
@@ -104,7 +104,6 @@ class IMAPClient(PipelinedClient[_Command]):
     def __init__(self, clock: IReactorTime, timeout: float, *, peer: str = "upstream") -> None:
         self.peer = peer
         self.capabilities = Capabilities()
-        self.logged_in = False
         # True when the server has not said what it offers since login.
         self.capabilities_stale = False
         self._parser = ResponseParser()
@@ -233,9 +232,6 @@ class IMAPClient(PipelinedClient[_Command]):
         return super()._describe_loss(reason)
 
     # -- internals
-
-    def _error_type(self) -> type[UpstreamError]:
-        return UpstreamLost if self.logged_in else UpstreamUnavailable
 
     def _enqueue(self, cmd: _Command, verb: bytes, args: Sequence[Argument]) -> Deferred[Any]:
         if not self._pipe.ended and not self._pipe.closing:

@@ -43,16 +43,14 @@ async def connect(
     server = provider.imap
     if server is None:
         raise UpstreamRejected(f"provider {provider.name} has no imap endpoint")
-    client, tls = await open_connection(
+    return await open_connection(
         provider,
         server,
         IMAPClient,
         reactor=reactor,
         endpoint_factory=endpoint_factory,
-        error=UpstreamUnavailable,
-        passthrough=UpstreamError,
+        secure=_secure,
     )
-    return await or_abort(client, _secure(client, server.tls, tls), "connection set-up failed")
 
 
 async def _secure(

@@ -27,8 +27,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator, IReactorTime
 
 from gateway.model import Secret
-from gateway.upstream.errors import UpstreamError, UpstreamLost, UpstreamUnavailable
-from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient
+from gateway.upstream.errors import UpstreamLost
+from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient, verb_of
 from gateway.upstream.pop3.parser import (
     BodyChunk,
     Capabilities,
@@ -86,7 +86,6 @@ class POP3Client(PipelinedClient[_Command]):
     def __init__(self, clock: IReactorTime, timeout: float, *, peer: str = "upstream") -> None:
         self.peer = peer
         self.capabilities = Capabilities()
-        self.logged_in = False
         self._parser = ResponseParser()
         self._pipe: Pipeline[_Command] = Pipeline(
             clock,
@@ -208,12 +207,8 @@ class POP3Client(PipelinedClient[_Command]):
 
     # -- internals
 
-    def _error_type(self) -> type[UpstreamError]:
-        return UpstreamLost if self.logged_in else UpstreamUnavailable
-
     def _enqueue(self, line: bytes, **options: Any) -> Deferred[Any]:
-        verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
-        cmd = _Command(verb, self._pipe.new_deferred(), [line + b"\r\n"], **options)
+        cmd = _Command(verb_of(line), self._pipe.new_deferred(), [line + b"\r\n"], **options)
         return self._pipe.enqueue(cmd)
 
     def _process(self) -> None:

@@ -44,16 +44,14 @@ async def connect(
     server = provider.pop3
     if server is None:
         raise UpstreamUnavailable(f"provider {provider.name} has no pop3 endpoint")
-    client, tls = await open_connection(
+    return await open_connection(
         provider,
         server,
         POP3Client,
         reactor=reactor,
         endpoint_factory=endpoint_factory,
-        error=UpstreamUnavailable,
-        passthrough=UpstreamError,
+        secure=_secure,
     )
-    return await or_abort(client, _secure(client, server.tls, tls), "connection set-up failed")
 
 
 async def _secure(

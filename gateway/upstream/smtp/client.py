@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from gateway.dotstuff import DotStuffer
 from gateway.upstream.errors import describe_error
-from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient
+from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient, verb_of
 from gateway.upstream.sasl import SASLMechanism
 from gateway.upstream.smtp.parser import Reply, ReplyParser, SMTPProtocolError
 
@@ -222,8 +222,7 @@ class SMTPClient(PipelinedClient[_Command]):
     # -- internals
 
     def _enqueue(self, line: bytes, **options: Any) -> Deferred[Reply]:
-        verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
-        cmd = _Command(verb, self._pipe.new_deferred(), [line + b"\r\n"], **options)
+        cmd = _Command(verb_of(line), self._pipe.new_deferred(), [line + b"\r\n"], **options)
         return self._pipe.enqueue(cmd)
 
     def _process(self) -> None:

@@ -43,19 +43,22 @@ async def connect(
     server = provider.smtp
     if server is None:
         raise SMTPUpstreamError(f"provider {provider.name} has no smtp endpoint", admin=True)
-    client, tls = await open_connection(
+
+    async def secure(client: SMTPClient, mode: str, tls: IOpenSSLClientConnectionCreator) -> None:
+        await _secure(client, mode, tls, helo_name)
+
+    return await open_connection(
         provider,
         server,
         SMTPClient,
         reactor=reactor,
         endpoint_factory=endpoint_factory,
+        secure=secure,
         error=SMTPUpstreamError,
         passthrough=SMTPUpstreamError,
         # A TLS set-up problem (the CA file) is the administrator's to fix.
         setup_error=lambda detail: SMTPUpstreamError(detail, admin=True),
     )
-    secured = _secure(client, server.tls, tls, helo_name)
-    return await or_abort(client, secured, "connection set-up failed")
 
 
 async def _secure(
