@@ -129,12 +129,12 @@ class Pipeline(Generic[_C]):
         timeout: float,
         *,
         peer: str,
+        process: Callable[[], None],
         error: Callable[[], ErrorFactory],
         closing_error: ErrorFactory,
         mid_answer: Callable[[], bool],
         can_pipeline: Callable[[], bool] = lambda: True,
         read_ahead: Callable[[], bool] | None = None,
-        process: Callable[[], None] | None = None,
     ) -> None:
         self.clock = clock
         self.timeout = timeout
@@ -253,7 +253,7 @@ class Pipeline(Generic[_C]):
 
     def process(self) -> None:
         """Run the client's reply loop, never re-entered (a callback may send)."""
-        if self._processing or self._process is None:
+        if self._processing:
             return
         self._processing = True
         try:
