@@ -80,6 +80,15 @@ class DeviceAuthenticator:
             raise AuthFailed(f"protocol {protocol} not allowed", device.name)
         return device
 
+    def reconfigure(self, devices: Mapping[str, Device]) -> None:
+        """A reloaded configuration: a device removed, or with another
+        password hash, is forgotten, so no login succeeds from memory."""
+        self._devices = devices
+        for name, known in list(self._remembered.items()):
+            device = devices.get(name)
+            if device is None or device.password_hash.reveal() != known.password_hash:
+                del self._remembered[name]
+
     async def _password_matches(self, device: Device, password: bytes) -> bool:
         stored = device.password_hash.reveal()
         digest = hmac.new(self._key, stored.encode() + b"\0" + password, hashlib.sha256).digest()

@@ -31,6 +31,7 @@ from gateway.maildrop.imap import open_imap_maildrop
 from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Config, Listener
+from gateway.reload import ConfigHolder
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
@@ -46,7 +47,8 @@ MakeFactory = Callable[[ReloadableServerTLS | None], IProtocolFactory]
 class Runtime:
     """What the subsystems of one running gateway share."""
 
-    config: Config
+    # The configuration, renewed by SIGHUP (gateway.reload); read `config`.
+    holder: ConfigHolder
     reactor: Any
     identity: ServerIdentity | None
     authenticator: DeviceAuthenticator
@@ -58,6 +60,10 @@ class Runtime:
     # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
     # after twistd has dropped privileges, so the file belongs to the gateway.
     uid_store: UIDStore | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.holder.current
 
     def reload_tls(self) -> None:
         """Read the certificate and key files again (SIGHUP). New sessions get

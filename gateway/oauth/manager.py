@@ -137,6 +137,32 @@ class TokenManager(Service):
         except NoOAuthClient as e:
             return _AccountState(account, None, str(e))
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration (gateway.reload; same state_dir and key file):
+        OAuth2 accounts added get a state, removed ones lose theirs, and an
+        account whose entry or provider changed starts afresh from the store."""
+        old, self._config = self._config, config
+        states: dict[str, _AccountState] = {}
+        now = self._clock.seconds()
+        for account in config.accounts.values():
+            if account.auth != "oauth2":
+                continue
+            state = self._states.get(account.name)
+            provider = config.providers.get(account.provider)
+            if state is None or state.account != account or (
+                old.providers.get(account.provider) != provider
+            ):
+                state = self._new_state(account)
+                if self.running:
+                    self._sync(state)
+                    self._log_start(state, now)
+                    if state.record is not None and state.record.state == "needs_reauth":
+                        state.blocked_lineage = state.record.lineage
+            states[account.name] = state
+        self._states = states
+        if self.running:
+            self._reschedule()
+
     # -- opening the store (after twistd dropped privileges) -----------------
 
     def open(self) -> None:

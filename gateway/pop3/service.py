@@ -6,7 +6,7 @@ import functools
 
 from twisted.application.service import IService
 
-from gateway.model import Listener
+from gateway.model import Config, Listener
 from gateway.pop3.server import POP3ServerFactory
 from gateway.runtime import Runtime, listener_service
 from gateway.tls import ReloadableServerTLS
@@ -14,18 +14,28 @@ from gateway.tls import ReloadableServerTLS
 
 def pop3_services(runtime: Runtime) -> list[IService]:
     config = runtime.config
+    factories: list[POP3ServerFactory] = []
 
     def factory(tls_options: ReloadableServerTLS | None, listener: Listener) -> POP3ServerFactory:
-        return POP3ServerFactory(
+        built = POP3ServerFactory(
             listener=listener,
             tls_options=tls_options,
             authenticator=runtime.authenticator,
-            accounts=config.accounts,
+            # Read at each login: a reload (gateway.reload) shows there at once.
+            accounts=runtime.holder.accounts,
             open_maildrop=runtime.open_maildrop,
             locks=runtime.locks,
             clock=runtime.reactor,
             idle_timeout=config.pop3.idle_timeout,
         )
+        factories.append(built)
+        return built
+
+    def reconfigure(new: Config) -> None:
+        for built in factories:
+            built.idle_timeout = new.pop3.idle_timeout
+
+    runtime.holder.on_reload(reconfigure)
 
     return [
         listener_service(runtime, listener, functools.partial(factory, listener=listener))

@@ -26,7 +26,7 @@ spool/control/; the relay looks there every `control_interval` seconds.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -143,6 +143,23 @@ class Relay(Service):
         if not self._stopping and entry.envelope.account in self.accounts:
             self.worker(entry.envelope.account).wake()
 
+    def accounts_changed(self, removed: Iterable[str], added: Iterable[str]) -> None:
+        """After a config reload (`accounts` shows the new file): a removed
+        account's messages stay queued, its worker idles; an added (or
+        re-added) account's queued messages are tried now."""
+        for name in removed:
+            queued = len(self.spool.queued(name))
+            if queued:
+                log.error(
+                    "smtp spool holds {count} message(s) for account {account}, which is no "
+                    "longer configured; they stay queued",
+                    count=queued,
+                    account=name,
+                )
+        for name in added:
+            if not self._stopping and name in self.accounts and self.spool.queued(name):
+                self.worker(name).wake()
+
     def check_requests(self) -> Deferred[None]:
         """Carry out `gateway queue retry|delete` requests left in spool/control/."""
         return Deferred.fromCoroutine(self._check_requests())
@@ -217,6 +234,8 @@ class AccountWorker:
         `limit` stops the look early: with a backlog of thousands, a lane
         asking for its next message must not scan them all every time.
         """
+        if self.account not in self.relay.accounts:
+            return []  # removed by a config reload: its messages wait
         now = self.relay.clock.seconds()
         found: list[QueueEntry] = []
         for entry in self.relay.spool.iter_queued(self.account):
@@ -243,6 +262,8 @@ class AccountWorker:
     def lane_finished(self) -> None:
         """When no lane runs: sleep until the earliest retry time, if any."""
         if self.relay._stopping or any(lane.running is not None for lane in self.lanes):
+            return
+        if self.account not in self.relay.accounts:
             return
         waiting = [e.state.next_attempt for e in self.relay.spool.iter_queued(self.account)]
         if waiting and self._timer is None:

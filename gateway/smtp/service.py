@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from gateway.model import Account, Listener, Provider
+from gateway.model import Account, Config, Listener, Provider, SMTPSettings
 from gateway.runtime import Runtime, listener_service
 from gateway.smtp.policy import NetworkDevices
 from gateway.smtp.relay import Relay, RetryPolicy
@@ -109,6 +109,23 @@ def fqdn_in_thread(reactor: Any) -> Callable[[], Deferred[str]]:
     return lambda: deferToThreadPool(reactor, reactor.getThreadPool(), socket.getfqdn)
 
 
+def retry_policy(settings: SMTPSettings) -> RetryPolicy:
+    return RetryPolicy(
+        first=settings.retry_first,
+        max_interval=settings.retry_max_interval,
+        lifetime=settings.message_lifetime,
+    )
+
+
+def log_ignored(network: NetworkDevices) -> None:
+    for name in network.ignored:
+        log.error(
+            "device {device} has relay_without_auth but allow_from includes every address; "
+            "it is not trusted without AUTH",
+            device=name,
+        )
+
+
 def smtp_services(runtime: Runtime) -> list[IService]:
     """The spool service and one service per `[[smtp.listen]]`; none without listeners."""
     config = runtime.config
@@ -125,28 +142,20 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             account, provider, reactor=reactor, helo_name=relay.hostname, tokens=runtime.tokens
         )
 
+    holder = runtime.holder
     relay = Relay(
         spool=spool,
-        accounts=config.accounts,
-        providers=config.providers,
+        accounts=holder.accounts,
+        providers=holder.providers,
         open_session=connect_as,
         clock=reactor,
         hostname=hostname,
-        retry=RetryPolicy(
-            first=settings.retry_first,
-            max_interval=settings.retry_max_interval,
-            lifetime=settings.message_lifetime,
-        ),
+        retry=retry_policy(settings),
     )
-    ignored = NetworkDevices.from_devices(config.devices.values()).ignored
-    for name in ignored:
-        log.error(
-            "device {device} has relay_without_auth but allow_from includes every address; "
-            "it is not trusted without AUTH",
-            device=name,
-        )
+    log_ignored(NetworkDevices.from_devices(config.devices.values()))
 
     named: list[Named] = [relay]
+    factories: list[SMTPServerFactory] = []
 
     def factory(tls_options: ReloadableServerTLS | None, listener: Listener) -> SMTPServerFactory:
         built = SMTPServerFactory(
@@ -154,8 +163,8 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             tls_options=tls_options,
             authenticator=runtime.authenticator,
             devices=config.devices,
-            accounts=config.accounts,
-            providers=config.providers,
+            accounts=holder.accounts,
+            providers=holder.providers,
             spool=spool,
             on_queued=relay.submitted,
             clock=reactor,
@@ -165,7 +174,29 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             max_recipients=settings.max_recipients,
         )
         named.append(built)
+        factories.append(built)
         return built
+
+    previous = config
+
+    def reconfigure(new: Config) -> None:
+        # Sessions already open keep what they looked up when they began.
+        nonlocal previous
+        network = NetworkDevices.from_devices(new.devices.values())
+        log_ignored(network)
+        for built in factories:
+            built.network_devices = network
+            built.idle_timeout = new.smtp.idle_timeout
+            built.max_message_size = new.smtp.max_message_size
+            built.max_recipients = new.smtp.max_recipients
+        relay.retry = retry_policy(new.smtp)
+        before, previous = previous, new
+        relay.accounts_changed(
+            removed=set(before.accounts) - set(new.accounts),
+            added=[n for n in new.accounts if before.accounts.get(n) != new.accounts[n]],
+        )
+
+    holder.on_reload(reconfigure)
 
     services: list[IService] = [
         LocalHostname(fqdn_in_thread(reactor), named),
