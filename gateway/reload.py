@@ -279,7 +279,7 @@ class ReloadOnHangup(Service):
 
     def __init__(self, reactor: Any, reload: Callable[[], object]) -> None:
         self._reactor = reactor
-        self._reload = reload
+        self.reload = reload
         self._previous: Any = None
 
     def startService(self) -> None:
@@ -292,4 +292,4 @@ class ReloadOnHangup(Service):
 
     def _hangup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes; do the work in the reactor.
-        self._reactor.callFromThread(self._reload)
+        self._reactor.callFromThread(self.reload)
