@@ -72,6 +72,9 @@ class DeviceAuthenticator:
             raise AuthFailed("unknown device")
         if not await self._password_matches(device, password):
             raise AuthFailed("wrong password", device.name)
+        if self._devices.get(username) != device:
+            # A config reload changed or removed it during the check.
+            raise AuthFailed("device reconfigured during login", device.name)
         # Address and protocol are checked after the password so that a
         # refusal for them does not reveal that the password was right.
         if not device.allowed(peer):

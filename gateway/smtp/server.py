@@ -473,7 +473,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             hint = "authenticate first" if self._auth_allowed() else "STARTTLS and authenticate"
             return self._reply(550, "5.7.1", f"relaying denied: {hint}")
         device, identified_by = who
-        account = self.factory.accounts[device.account]
+        account = self.factory.accounts.get(device.account)
+        if account is None:
+            # Removed by a config reload (gateway.reload) since this session began.
+            return self._reply(451, "4.3.0", "configuration changed, try again later")
         provider = self.factory.providers.get(account.provider)
         if provider is None or provider.smtp is None:
             log.error(

@@ -354,3 +354,43 @@ def test_reconfigure_forgets_only_changed_and_removed_devices(tmp_path: Path) ->
     checks = counted.checks
     login(auth, "printer", "printer-pw")
     assert counted.checks == checks
+
+
+def test_a_device_reconfigured_during_its_password_check_is_refused(tmp_path: Path) -> None:
+    old = base_config(tmp_path)
+    pending: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def later(f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    auth = DeviceAuthenticator(old.devices, run_in_thread=later)
+    results: list[Any] = []
+    for name, pw in (("printer", "printer-pw"), ("copier", "copier-pw")):
+        d = Deferred.fromCoroutine(auth.authenticate(name, pw.encode(), "192.0.2.7", "pop3"))
+        d.addBoth(results.append)
+    # Both checks are running when the reload lands: copier removed, printer kept.
+    auth.reconfigure({"printer": old.devices["printer"]})
+    for d, f, args in pending:
+        d.callback(f(*args))
+    assert isinstance(results[0], Device)
+    assert results[1].check(AuthFailed)
+    assert results[1].value.reason == "device reconfigured during login"
+
+
+def test_an_smtp_session_whose_account_was_removed_gets_a_temporary_refusal(
+    tmp_path: Path,
+) -> None:
+    from tests.unit.test_smtp_server import Gateway
+
+    gw = Gateway(tmp_path)
+    client = gw.connect()
+    client.login()
+    accounts = gw.factory.accounts
+    assert isinstance(accounts, dict)
+    del accounts["scanner"]  # what a reload does to the live mapping
+    assert client.send(b"MAIL FROM:<dev@scan.example.com>") == (
+        b"451 4.3.0 configuration changed, try again later\r\n"
+    )
+    assert not client.closed
