@@ -263,10 +263,19 @@ def test_the_hangup_service_reloads_the_file_of_a_built_gateway(
     path = write_config(tmp_path)
     top = make_service(load_config(path), MemoryReactor())
     hangup = next(service for service in top if isinstance(service, ReloadOnHangup))
+    pop3_factory = top.getServiceNamed("pop3-implicit-0.0.0.0-9950").factory.wrappedFactory
+    smtp_factory = top.getServiceNamed("smtp-starttls-0.0.0.0-5870").factory
+    assert smtp_factory.network_devices.find("10.9.1.1") is None
     text = path.read_text()
     text = text.replace("port = 9950", "port = 9951")
-    text += f'\n[devices.copier]\npassword_hash = "{HASHES["copier-pw"]}"\naccount = "scanner"\n'
-    text = text.replace("[accounts.scanner]", "[smtp]\nmax_recipients = 5\n\n[accounts.scanner]")
+    text += (
+        f'\n[devices.copier]\npassword_hash = "{HASHES["copier-pw"]}"\naccount = "scanner"\n'
+        'allow_from = ["10.9.0.0/16"]\nrelay_without_auth = true\n'
+    )
+    text = text.replace(
+        "[accounts.scanner]",
+        "[pop3]\nidle_timeout = 900\n[smtp]\nmax_recipients = 5\n\n[accounts.scanner]",
+    )
     path.write_text(text)
     hangup.reload()
     assert not any(line.startswith("critical") for line in logged)
@@ -277,8 +286,12 @@ def test_the_hangup_service_reloads_the_file_of_a_built_gateway(
     )
     assert (
         f"info config reloaded from {path}: devices +copier; accounts unchanged; "
-        "providers unchanged; settings ~smtp.max_recipients"
+        "providers unchanged; settings ~pop3.idle_timeout ~smtp.max_recipients"
     ) in logged
+    # What the listeners' factories hand to new sessions.
+    assert smtp_factory.network_devices.find("10.9.1.1").name == "copier"
+    assert smtp_factory.max_recipients == 5
+    assert pop3_factory.idle_timeout == 900
 
 
 def test_a_first_oauth2_account_starts_a_token_manager(tmp_path: Path) -> None:
@@ -394,3 +407,65 @@ def test_an_smtp_session_whose_account_was_removed_gets_a_temporary_refusal(
         b"451 4.3.0 configuration changed, try again later\r\n"
     )
     assert not client.closed
+
+
+# -- the relay and the token manager after a reload ------------------------------------------
+
+
+def test_a_removed_account_keeps_its_messages_queued_until_it_is_back(
+    tmp_path: Path, logged: list[str]
+) -> None:
+    from tests.unit.test_smtp_relay import Harness
+
+    h = Harness(tmp_path)
+    h.upstream.script.down = True
+    entry = h.queue()
+    h.start()
+    assert entry.state.attempts == 1  # backing off: a retry is scheduled
+    accounts = h.relay.accounts
+    assert isinstance(accounts, dict)
+    account = accounts.pop("scanner")  # what a reload does to the live mapping
+    h.relay.accounts_changed(removed=["scanner"], added=[])
+    assert any("no longer configured; they stay queued" in line for line in logged)
+    h.upstream.script.down = False
+    h.advance(3600)
+    assert entry.state.attempts == 1 and h.upstream.connections == 0
+    assert entry.id in h.spool.entries
+    assert len(h.clock.getDelayedCalls()) <= 1  # the control poller; no busy retry loop
+
+    accounts["scanner"] = account
+    h.relay.accounts_changed(removed=[], added=["scanner"])
+    h.settle()
+    assert len(h.upstream.arrived) == 1 and h.spool.entries == {}
+    h.stop()
+
+
+def test_the_token_manager_follows_added_removed_and_changed_accounts(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+
+    from gateway.maildrop import UpstreamRejected
+    from gateway.oauth.manager import TokenManager
+
+    config = oauth_config(tmp_path / "state", accounts=("scanner", "copier"))
+    manager = TokenManager(config, clock=Clock(), environ={})
+
+    def refusal(account: Account) -> str:
+        results: list[Any] = []
+        Deferred.fromCoroutine(manager.access_token(account)).addBoth(results.append)
+        assert results and results[0].check(UpstreamRejected)
+        return str(results[0].value.detail)
+
+    copier = config.accounts["copier"]
+    assert "not an OAuth2 account" not in refusal(copier)
+    added = dataclasses.replace(copier, name="fax")
+    manager.reconfigure(
+        dataclasses.replace(config, accounts={"scanner": config.accounts["scanner"], "fax": added})
+    )
+    assert "not an OAuth2 account" in refusal(copier)
+    assert "not an OAuth2 account" not in refusal(added)
+    # A provider that lost its OAuth2 client: the account's state is rebuilt from it.
+    provider = dataclasses.replace(config.providers["idp"], oauth=None)
+    manager.reconfigure(dataclasses.replace(config, providers={"idp": provider}))
+    assert refusal(config.accounts["scanner"]) == (
+        "account scanner: provider idp has no OAuth2 client configured"
+    )
