@@ -1,7 +1,7 @@
 """Live reload: SIGHUP re-reads the whole configuration file.
 
 Everything that serves devices reads the configuration through one
-`ConfigHolder`: either through its live mappings (`holder.devices`,
+`ConfigHolder` (gateway.holder): either through its live mappings (`holder.devices`,
 `holder.accounts`, `holder.providers`, which always show the current file),
 or by subscribing to it (`holder.on_reload`) for what it derived from the
 configuration (the device authenticator's cache of successful logins, the
@@ -21,68 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
 from gateway.config import ConfigError, load_config
-from gateway.model import Account, Config, Device, Provider
+from gateway.model import Config
 
 if TYPE_CHECKING:
     from gateway.oauth.manager import TokenManager
     from gateway.runtime import Runtime
 
 log = Logger(namespace="gateway.reload")
-
-T = TypeVar("T")
-ReloadListener = Callable[[Config], None]
-
-
-class CurrentMapping(Mapping[str, T], Generic[T]):
-    """A read-only mapping that always shows one section of the current config."""
-
-    def __init__(self, section: Callable[[], Mapping[str, T]]) -> None:
-        self._section = section
-
-    def __getitem__(self, key: str) -> T:
-        return self._section()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._section())
-
-    def __len__(self) -> int:
-        return len(self._section())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._section()
-
-
-class ConfigHolder:
-    """The one place the running configuration lives."""
-
-    def __init__(self, config: Config) -> None:
-        self.current = config
-        self._listeners: list[ReloadListener] = []
-        self.devices: Mapping[str, Device] = CurrentMapping(lambda: self.current.devices)
-        self.accounts: Mapping[str, Account] = CurrentMapping(lambda: self.current.accounts)
-        self.providers: Mapping[str, Provider] = CurrentMapping(lambda: self.current.providers)
-
-    def on_reload(self, listener: ReloadListener) -> None:
-        """Call `listener(new_config)` after each accepted reload, in subscription order."""
-        self._listeners.append(listener)
-
-    def replace(self, config: Config) -> None:
-        self.current = config
-        for listener in list(self._listeners):
-            try:
-                listener(config)
-            except Exception:
-                # One subsystem's bug must not leave the others on the old config.
-                log.failure("config reload: a subsystem failed to take the new config")
 
 
 # -- what changed -----------------------------------------------------------------

@@ -25,13 +25,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.devices import DeviceAuthenticator
+from gateway.holder import ConfigHolder
 from gateway.locks import AccountLocks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
 from gateway.maildrop.imap import open_imap_maildrop
 from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Config, Listener
-from gateway.reload import ConfigHolder
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource

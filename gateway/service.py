@@ -14,10 +14,11 @@ from typing import Any
 from twisted.application.service import MultiService
 
 from gateway.devices import DeviceAuthenticator
+from gateway.holder import ConfigHolder
 from gateway.model import Config
 from gateway.oauth.manager import TokenManager
 from gateway.pop3.service import pop3_services
-from gateway.reload import ConfigHolder, Reloader, ReloadOnHangup
+from gateway.reload import Reloader, ReloadOnHangup
 from gateway.runtime import Runtime
 from gateway.smtp.service import smtp_services
 from gateway.tls import load_server_identity

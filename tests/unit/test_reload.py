@@ -18,6 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.config import ConfigError, Problem, load_config
 from gateway.devices import AuthFailed, DeviceAuthenticator
+from gateway.holder import ConfigHolder
 from gateway.model import (
     Account,
     Config,
@@ -29,7 +30,7 @@ from gateway.model import (
     Secret,
     SMTPSettings,
 )
-from gateway.reload import ConfigChanges, ConfigHolder, Reloader, ReloadOnHangup
+from gateway.reload import ConfigChanges, Reloader, ReloadOnHangup
 from gateway.runtime import Runtime
 from gateway.service import make_service
 from tests.helpers.oauth import oauth_config
