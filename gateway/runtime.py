@@ -47,8 +47,8 @@ MakeFactory = Callable[[ReloadableServerTLS | None], IProtocolFactory]
 class Runtime:
     """What the subsystems of one running gateway share."""
 
-    # The configuration, renewed by SIGHUP (gateway.reload); read `config`.
-    holder: ConfigHolder
+    # The current configuration: SIGHUP renews it through `holder` (gateway.reload).
+    config: Config
     reactor: Any
     identity: ServerIdentity | None
     authenticator: DeviceAuthenticator
@@ -60,10 +60,15 @@ class Runtime:
     # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
     # after twistd has dropped privileges, so the file belongs to the gateway.
     uid_store: UIDStore | None = None
+    # What reads the configuration subscribes here, or reads its live mappings.
+    holder: ConfigHolder = field(init=False)
 
-    @property
-    def config(self) -> Config:
-        return self.holder.current
+    def __post_init__(self) -> None:
+        self.holder = ConfigHolder(self.config)
+        self.holder.on_reload(self._reconfigure)
+
+    def _reconfigure(self, config: Config) -> None:
+        self.config = config
 
     def reload_tls(self) -> None:
         """Read the certificate and key files again (SIGHUP). New sessions get

@@ -14,7 +14,6 @@ from typing import Any
 from twisted.application.service import MultiService
 
 from gateway.devices import DeviceAuthenticator
-from gateway.holder import ConfigHolder
 from gateway.model import Config
 from gateway.oauth.manager import TokenManager
 from gateway.pop3.service import pop3_services
@@ -35,7 +34,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     top = MultiService()
     top.setName("gateway")
     runtime = Runtime(
-        holder=ConfigHolder(config),
+        config=config,
         reactor=reactor,
         identity=load_server_identity(config.tls) if config.tls else None,
         authenticator=DeviceAuthenticator(config.devices),

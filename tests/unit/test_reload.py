@@ -101,7 +101,7 @@ def login(auth: DeviceAuthenticator, name: str, password: str) -> Device | str:
 
 def runtime_for(config: Config, counted: Counted | None = None) -> Runtime:
     return Runtime(
-        holder=ConfigHolder(config),
+        config=config,
         reactor=MemoryReactor(),
         identity=None,
         authenticator=DeviceAuthenticator(config.devices, run_in_thread=counted or Counted()),
