@@ -116,9 +116,9 @@ def logged() -> Any:
         if event.get("log_namespace") == "gateway.proxy":
             lines.append(formatEvent(event))
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     yield lines
-    globalLogPublisher.removeObserver(observer)
+    globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
 
 
 def test_v1_header_gives_the_client_address_and_then_the_greeting() -> None:
