@@ -40,6 +40,9 @@ class Route:
     backend_port: int
     version: ProxyVersion
     front_port: int = field(default_factory=free_port)
+    # TCP health checks of the backend that send a header too: with v2 one
+    # with the LOCAL command (no addresses), which the backend must accept.
+    health_check: bool = False
 
 
 class HAProxy:
@@ -80,7 +83,8 @@ class HAProxy:
                 f"  default_backend back_{route.name}",
                 f"backend back_{route.name}",
                 f"  server gateway {self.backend_host}:{route.backend_port} "
-                + _SERVER_OPTION[route.version],
+                + _SERVER_OPTION[route.version]
+                + (" check check-send-proxy inter 500ms" if route.health_check else ""),
             ]
         return "\n".join(lines) + "\n"
 

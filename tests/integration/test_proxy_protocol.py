@@ -144,14 +144,16 @@ class Log:
     def text(self) -> str:
         return self.gateway.log_text()[self.mark :]
 
-    def wait_for(self, needle: str, timeout: float = 10.0) -> str:
+    def wait_for(self, needle: str, timeout: float = 10.0, count: int = 1) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.text()
-            if needle in text:
+            if text.count(needle) >= count:
                 return text
             time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in the gateway log since the test began:\n{text}")
+        raise AssertionError(
+            f"{needle!r} not {count} times in the gateway log since the test began:\n{text}"
+        )
 
 
 @pytest.fixture
@@ -290,6 +292,19 @@ def test_smtp_starttls_sees_the_client_address(
         with pytest.raises(smtplib.SMTPAuthenticationError):
             client.login("sender", "sender-pw")
     log.wait_for(refused("smtp", "sender", OTHER))
+
+
+def test_health_checks_with_a_v2_local_header_are_accepted(
+    tmp_path: Path, gateway: GatewayProcess, proxy_ports: Ports, log: Log
+) -> None:
+    """HAProxy's health checks send a v2 header with the LOCAL command and no
+    addresses: the gateway takes it, and the real peer (the balancer) stands."""
+    route = Route("checked", proxy_ports.pop3, "v2", health_check=True)
+    with HAProxy(tmp_path / "haproxy", [route]):
+        # One of these may be the harness's probe of the frontend; the rest
+        # are checks, every 500 ms.
+        text = log.wait_for("pop3 session device=- peer=127.0.0.1 ", count=3)
+    assert "proxy protocol: connection from 127.0.0.1" not in text
 
 
 # -- straight to the gateway -------------------------------------------------------------
