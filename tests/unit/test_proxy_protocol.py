@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from gateway.model import IPNetwork
+from gateway.devices import DeviceAuthenticator
+from gateway.model import Config, IPNetwork, Listener, ProxySettings, TLSFiles, TLSMode
 from gateway.proxy_protocol import (
     V2_SIGNATURE,
     BadHeader,
@@ -23,6 +26,9 @@ from gateway.proxy_protocol import (
     ProxyProtocolFactory,
     ProxyProtocolWrapper,
 )
+from gateway.runtime import Runtime, listener_service
+from gateway.tls import load_server_identity
+from tests.harness.certs import make_tls_material
 
 TRUSTED: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("10.0.0.0/8"),
@@ -330,3 +336,42 @@ def test_reader_needs_more_then_fails_on_first_wrong_byte() -> None:
     assert reader.feed(b"PRO") is None
     with pytest.raises(BadHeader):
         reader.feed(b"XX")
+
+
+# -- wiring: where runtime.listener_service puts the wrapper ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("tls", "proxy_protocol"),
+    [("implicit", True), ("starttls", True), ("implicit", False), ("starttls", False)],
+)
+def test_listener_service_wraps_outside_tls(
+    tmp_path: Path, tls: TLSMode, proxy_protocol: bool
+) -> None:
+    material = make_tls_material(tmp_path)
+    files = TLSFiles(material.certificate, material.private_key)
+    config = Config(
+        state_dir=tmp_path,
+        tls=files,
+        proxy=ProxySettings(trusted=TRUSTED, header_timeout=3.0),
+    )
+    clock = MemoryReactorClock()
+    runtime = Runtime(
+        config=config,
+        reactor=clock,
+        identity=load_server_identity(files),
+        authenticator=DeviceAuthenticator({}),
+    )
+    app = Factory.forProtocol(Recorder)
+    listener = Listener("pop3", 995, tls, proxy_protocol=proxy_protocol)
+    service = listener_service(runtime, listener, lambda options: app)
+    factory = service.factory  # type: ignore[attr-defined]
+    if proxy_protocol:
+        assert isinstance(factory, ProxyProtocolFactory)
+        assert factory.trusted == TRUSTED and factory.header_timeout == 3.0
+        assert factory.clock is clock
+        factory = factory.wrapped
+    if tls == "implicit":
+        assert isinstance(factory, TLSMemoryBIOFactory)
+        factory = factory.wrappedFactory
+    assert factory is app
