@@ -27,14 +27,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from gateway.devices import DeviceAuthenticator
 from gateway.locks import AccountLocks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
+from gateway.maildrop.imap import open_imap_maildrop
+from gateway.maildrop.pop3 import open_pop3_maildrop
+from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Config, Listener
 from gateway.proxy_protocol import ProxyProtocolFactory
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
-from gateway.upstream.imap_maildrop import open_imap_maildrop
-from gateway.upstream.pop3_maildrop import open_pop3_maildrop
-from gateway.upstream.uid_store import UIDStore
 
 log = Logger(namespace="gateway.service")
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from twisted.logger import Logger
 
 from gateway.config.accounts import account
-from gateway.config.checks import check_oauth_accounts, check_upstreams
+from gateway.config.checks import check_oauth_accounts, check_upstreams, served_protocols
 from gateway.config.devices import device
 from gateway.config.listeners import check_listener_overlap, check_proxy_listeners, tls_section
 from gateway.config.problems import ConfigError, Problem, os_error
@@ -53,8 +53,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
     )
+    served = served_protocols(accounts, providers)
     devices, _ = _named_section(
-        root.table("devices"), lambda name, table: device(name, table, account_names)
+        root.table("devices"), lambda name, table: device(name, table, account_names, served)
     )
     check_upstreams(devices, accounts, providers, reader, smtp_listening=bool(smtp.listeners))
     check_oauth_accounts(accounts, providers, reader)

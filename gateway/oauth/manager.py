@@ -41,7 +41,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
 from gateway.model import Account, Config
 from gateway.oauth.endpoint import NoOAuthClient, TokenEndpoint
 from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
@@ -56,6 +55,7 @@ from gateway.oauth.store import (
 )
 from gateway.oauth.tokens import Tokens
 from gateway.state import StateError
+from gateway.upstream.errors import UpstreamRejected, UpstreamUnavailable
 
 log = Logger(namespace="gateway.oauth")
 

@@ -1061,6 +1061,41 @@ def test_a_state_dir_that_is_a_file_is_a_problem(config_dir: Path) -> None:
     assert messages(problems_of(path)) == [f"state_dir: {config_dir / 'state'}: not a directory"]
 
 
+def test_a_device_without_protocols_gets_what_its_provider_serves(config_dir: Path) -> None:
+    """A printer meant only to send mail needs no `protocols = ["smtp"]`."""
+    text = edit(VALID, 'protocols = ["pop3"]\n', "")
+    text = edit(
+        text,
+        'pop3 = {{ host = "pop.example.com", port = 995, tls = "implicit" }}'.replace(
+            "{{", "{"
+        ).replace("}}", "}"),
+        'smtp = { host = "smtp.example.com" }',
+    )
+    config = load_config(write(config_dir, text + SMTP))
+    assert config.devices["printer-3f"].protocols == frozenset({"smtp"})
+
+    both = edit(
+        text,
+        'smtp = { host = "smtp.example.com" }',
+        'smtp = { host = "smtp.example.com" }\npop3 = { host = "pop.example.com" }',
+    )
+    config = load_config(write(config_dir, both + SMTP))
+    assert config.devices["printer-3f"].protocols == frozenset({"pop3", "smtp"})
+
+
+def test_a_device_whose_provider_serves_nothing_is_refused(config_dir: Path) -> None:
+    """An IMAP-only provider serves nothing to a POP3-backed account's devices."""
+    text = edit(VALID, 'protocols = ["pop3"]\n', "")
+    text = edit(
+        text, 'pop3 = {{ host = "pop.example.com"'.replace("{{", "{"), 'imap = { host = "i"'
+    )
+    found = all_problems(config_dir, text)
+    assert found == [
+        "devices.printer-3f.account: its provider has no endpoint a device could use "
+        "(pop3, imap or smtp)"
+    ]
+
+
 # -- PROXY protocol -----------------------------------------------------------------------
 
 PROXY = """
