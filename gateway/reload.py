@@ -11,17 +11,17 @@ listeners; sessions already open keep the objects they looked up at login,
 which is what lets a removed device's open session finish.
 
 A file with any problem is refused as a whole and the running configuration
-stays. Settings that only take effect when sockets are bound or state is
-opened (listeners, state_dir and with it the spool, the OAuth key file) are
-kept at their running values and reported as needing a restart, so the held
-configuration always describes what actually runs.
+stays. Settings outside `LIVE` take effect only when sockets are bound or
+state is opened (listeners, state_dir and with it the spool, [proxy], the
+OAuth key file): they are kept at their running values and reported as
+needing a restart, so the held configuration always describes what runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,22 +69,51 @@ class SectionChanges:
         )
 
 
-# Settings read only when sockets are bound or state is opened.
-RESTART_ONLY = ("state_dir", "pop3.listen", "smtp.listen", "oauth.key_file")
+# The settings outside devices, accounts and providers that the running
+# gateway takes at once (each has a subscriber, or is read per session);
+# any other is read only when sockets are bound or state is opened.
+LIVE = frozenset(
+    {
+        "tls",
+        "pop3.idle_timeout",
+        "smtp.idle_timeout",
+        "smtp.max_message_size",
+        "smtp.max_recipients",
+        "smtp.retry_first",
+        "smtp.retry_max_interval",
+        "smtp.message_lifetime",
+        "oauth.refresh_margin",
+        "oauth.idle_refresh_interval",
+    }
+)
+_NOT_SETTINGS = frozenset({"providers", "accounts", "devices", "source", "warnings"})
+
+
+def _key(section: str, name: str) -> str:
+    """A setting's key path as the file spells it (`listeners` is `[[x.listen]]`)."""
+    return f"{section}.{'listen' if name == 'listeners' else name}"
+
+
+def _sections(config: Config) -> Iterator[tuple[str, Any]]:
+    """(name, value) of each top-level setting or `[section]` of `config`."""
+    for item in dataclasses.fields(config):
+        if item.name not in _NOT_SETTINGS:
+            yield item.name, getattr(config, item.name)
+
+
+def _is_section(name: str, value: Any) -> bool:
+    return name != "tls" and dataclasses.is_dataclass(value)
 
 
 def _settings(config: Config) -> dict[str, Any]:
     """Every setting outside the named sections, by its key path in the file."""
-    found: dict[str, Any] = {
-        "state_dir": config.state_dir,
-        "tls": config.tls,
-        "pop3.listen": config.pop3.listeners,
-        "smtp.listen": config.smtp.listeners,
-    }
-    for section in ("pop3", "smtp", "oauth"):
-        for item in dataclasses.fields(getattr(config, section)):
-            if item.name != "listeners":
-                found[f"{section}.{item.name}"] = getattr(getattr(config, section), item.name)
+    found: dict[str, Any] = {}
+    for name, value in _sections(config):
+        if _is_section(name, value):
+            for item in dataclasses.fields(value):
+                found[_key(name, item.name)] = getattr(value, item.name)
+        else:
+            found[name] = value
     return found
 
 
@@ -106,8 +135,8 @@ class ConfigChanges:
             devices=SectionChanges.between(old.devices, new.devices),
             accounts=SectionChanges.between(old.accounts, new.accounts),
             providers=SectionChanges.between(old.providers, new.providers),
-            settings=tuple(k for k in differ if k not in RESTART_ONLY),
-            needs_restart=tuple(k for k in differ if k in RESTART_ONLY),
+            settings=tuple(k for k in differ if k in LIVE),
+            needs_restart=tuple(k for k in differ if k not in LIVE),
         )
 
     def describe(self) -> str:
@@ -123,14 +152,20 @@ class ConfigChanges:
 
 
 def keep_restart_only(running: Config, loaded: Config) -> Config:
-    """`loaded` with the settings that need a restart at their running values."""
-    return dataclasses.replace(
-        loaded,
-        state_dir=running.state_dir,
-        pop3=dataclasses.replace(loaded.pop3, listeners=running.pop3.listeners),
-        smtp=dataclasses.replace(loaded.smtp, listeners=running.smtp.listeners),
-        oauth=dataclasses.replace(loaded.oauth, key_file=running.oauth.key_file),
-    )
+    """`loaded` with every setting outside `LIVE` at its running value."""
+    kept: dict[str, Any] = {}
+    for name, value in _sections(loaded):
+        old = getattr(running, name)
+        if _is_section(name, value):
+            fixed = {
+                item.name: getattr(old, item.name)
+                for item in dataclasses.fields(value)
+                if _key(name, item.name) not in LIVE
+            }
+            kept[name] = dataclasses.replace(value, **fixed)
+        elif name not in LIVE:
+            kept[name] = old
+    return dataclasses.replace(loaded, **kept)
 
 
 # -- doing it ---------------------------------------------------------------------

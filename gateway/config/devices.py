@@ -85,13 +85,13 @@ def _allow_from(table: Table) -> tuple[IPNetwork, ...]:
     if not table.has("allow_from"):
         default: tuple[IPNetwork, ...] = field_default(Device, "allow_from")
         return default
-    networks = [_network(path, text, table.reader) for path, text in table.strings("allow_from")]
+    networks = [network(path, text, table.reader) for path, text in table.strings("allow_from")]
     if table.data["allow_from"] == []:
         table.problem("allow_from", "is empty, so the device could never connect")
     return tuple(network for network in networks if network is not None)
 
 
-def _network(path: str, text: str, reader: Reader) -> IPNetwork | None:
+def network(path: str, text: str, reader: Reader) -> IPNetwork | None:
     """Strict on purpose: '10.0.0.1/8' is as likely a typo for '10.0.0.1/32' as
     for '10.0.0.0/8', and guessing wrong opens or closes a whole network."""
     try:

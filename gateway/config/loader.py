@@ -19,12 +19,12 @@ from twisted.logger import Logger
 from gateway.config.accounts import account
 from gateway.config.checks import check_oauth_accounts, check_upstreams, served_protocols
 from gateway.config.devices import device
-from gateway.config.listeners import check_listener_overlap, tls_section
+from gateway.config.listeners import check_listener_overlap, check_proxy_listeners, tls_section
 from gateway.config.problems import ConfigError, Problem, os_error
 from gateway.config.providers import provider
 from gateway.config.reader import Reader, Table
 from gateway.config.secrets import check_config_file, check_state_dir
-from gateway.config.settings import oauth_section, pop3_section, smtp_section
+from gateway.config.settings import oauth_section, pop3_section, proxy_section, smtp_section
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
@@ -46,6 +46,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     pop3 = pop3_section(root.table("pop3"))
     smtp = smtp_section(root.table("smtp"))
     check_listener_overlap(reader)
+    proxy = proxy_section(root.table("proxy"))
+    check_proxy_listeners(reader, proxy)
     oauth = oauth_section(root.table("oauth"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
@@ -73,6 +75,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         pop3=pop3,
         smtp=smtp,
         oauth=oauth,
+        proxy=proxy,
         providers=providers,
         accounts=accounts,
         devices=devices,

@@ -6,6 +6,7 @@ removed devices."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from gateway.model import (
     Listener,
     POP3Settings,
     Provider,
+    ProxySettings,
     Secret,
     SMTPSettings,
 )
@@ -224,6 +226,7 @@ def test_restart_only_settings_keep_their_running_values(tmp_path: Path, logged:
         state_dir=tmp_path / "elsewhere",
         pop3=POP3Settings(listeners=(), idle_timeout=900.0),
         smtp=SMTPSettings(listeners=(Listener("smtp", 25, "starttls"),)),
+        proxy=ProxySettings(trusted=(ipaddress.ip_network("10.0.0.5/32"),)),
     )
     runtime = runtime_for(old)
     Reloader(runtime, load=Files(new)).reload()
@@ -231,11 +234,12 @@ def test_restart_only_settings_keep_their_running_values(tmp_path: Path, logged:
     assert current.state_dir == old.state_dir
     assert current.pop3.listeners == old.pop3.listeners
     assert current.smtp.listeners == old.smtp.listeners
+    assert current.proxy == old.proxy
     assert current.pop3.idle_timeout == 900.0  # applied
     restart = [line for line in logged if "needs a restart" in line]
     assert [line.split(": ", 1)[1] for line in restart] == [
         f"{key} changed and needs a restart; the running value stays until then"
-        for key in ("state_dir", "pop3.listen", "smtp.listen")
+        for key in ("state_dir", "pop3.listen", "smtp.listen", "proxy.trusted")
     ]
     assert all(line.startswith("warn") for line in restart)
 
