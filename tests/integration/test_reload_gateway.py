@@ -9,6 +9,7 @@ import poplib
 import signal
 import ssl
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,11 @@ def hang_up(gateway: GatewayProcess, needle: str, timeout: float = 10.0) -> str:
     raise AssertionError(f"no new {needle!r} in the gateway log:\n{gateway.log_text()[-3000:]}")
 
 
+Connect = Callable[[int], poplib.POP3_SSL]
+
+
 @pytest.fixture
-def connect(tls_gateway: TLSMaterial):
+def connect(tls_gateway: TLSMaterial) -> Iterator[Connect]:
     ctx = ssl.create_default_context(cafile=str(tls_gateway.ca_file))
     clients: list[poplib.POP3_SSL] = []
 
@@ -85,7 +89,7 @@ def test_sighup_applies_devices_and_refuses_a_broken_file(
     clean_mailboxes: Dovecot,
     tls_upstream: TLSMaterial,
     tls_gateway: TLSMaterial,
-    connect,
+    connect: Connect,
 ) -> None:
     dovecot = clean_mailboxes
     dovecot.deliver("alice", message(1))

@@ -15,7 +15,8 @@ import pytest
 from argon2 import PasswordHasher
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 from gateway.config import ConfigError, Problem, load_config
 from gateway.devices import AuthFailed, DeviceAuthenticator
@@ -67,6 +68,7 @@ def base_config(tmp_path: Path) -> Config:
 def logged() -> Iterator[list[str]]:
     lines: list[str] = []
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if event.get("log_namespace", "").startswith("gateway"):
             lines.append(f"{event['log_level'].name} {formatEvent(event)}")
