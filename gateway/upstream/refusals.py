@@ -105,7 +105,8 @@ class Answer:
 _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\b")
 
 # A provider's own words: (protocols, pattern, code, kind for a password
-# login, kind for a bearer login, advice). Matched case-insensitively.
+# login, kind for a bearer login, advice). Matched case-insensitively. The
+# advice is for the password login when the bearer kind is TOKEN_REFUSED.
 _Rule = tuple[frozenset[str], re.Pattern[str], str, RefusalKind, RefusalKind, str]
 _SMTP, _IMAP, _POP3 = frozenset({"smtp"}), frozenset({"imap"}), frozenset({"pop3"})
 
@@ -272,6 +273,8 @@ def classify_login(answer: Answer, *, bearer: bool, challenge_status: str | None
     """
     for protocols, pattern, code, password_kind, bearer_kind, advice in PROVIDER_TEXTS:
         if answer.protocol in protocols and pattern.search(answer.text):
+            if bearer and bearer_kind is K:
+                return Refusal(K, code, TOKEN_ADVICE)
             return Refusal(bearer_kind if bearer else password_kind, code, advice)
     temporary = _temporary(answer)
     if temporary is not None:
