@@ -16,24 +16,34 @@ status; then the generic codes; last, the kind of login decides (a bare
 refusal of a bearer login is the token's, of a password login the
 password's).
 
-Texts and where they were seen (`docs/` and the README list the sources;
-texts marked "third-party logs" have no primary source):
+Texts and where they were seen ("third-party" means no primary source was
+found: a client's or proxy's published logs, or a vendor's help page):
 
 - Microsoft (Exchange Online): ``535 5.7.139 Authentication unsuccessful,
   SmtpClientAuthentication is disabled for the Tenant. Visit
-  https://aka.ms/smtp_auth_disabled``, other 5.7.139 policy refusals
-  (security defaults), ``535 5.7.3 Authentication unsuccessful`` (MS-SMTPNTLM
-  2.2.1.4), ``432 4.3.2 Concurrent connections limit exceeded``, ``550 5.7.30
-  Basic authentication is not supported for Client Submission``; IMAP ``NO
-  AUTHENTICATE failed.`` and ``BAD User is authenticated but not connected.``
-  (the latter answers the SELECT/EXAMINE after a successful AUTHENTICATE);
-  POP ``-ERR Authentication failure: unknown user name or bad password.``
+  https://aka.ms/smtp_auth_disabled`` and other 5.7.139 policy refusals
+  (security defaults) (third-party troubleshooting pages); ``535 5.7.3
+  Authentication unsuccessful`` (Microsoft's MS-SMTPNTLM 2.2.1.4 gives the
+  code, the OAuth case is third-party); ``432 4.3.2 Concurrent connections
+  limit exceeded.`` (learn.microsoft.com, exchange/troubleshoot/send-emails/
+  smtp-submission-improvements; the 2018 announcement also names ``4.3.2
+  STOREDRV.ClientSubmit; sender thread limit exceeded``, temporary by its
+  4.x.x code); ``550 5.7.30 Basic
+  authentication is not supported for Client Submission`` (third-party, quoting
+  Microsoft's 2026 announcement); IMAP ``NO AUTHENTICATE failed.``
+  (third-party logs) and ``BAD User is authenticated but not connected.``,
+  which answers the SELECT/EXAMINE after a successful AUTHENTICATE
+  (third-party); POP ``-ERR Authentication failure: unknown user name or bad
+  password.`` (third-party logs, also for app-only tokens without mailbox
+  rights).
 - Google: the XOAUTH2 error challenge ``{"status":"401","schemes":...,
-  "scope":...}`` (developers.google.com/gmail/imap/xoauth2-protocol); SMTP
-  ``534-5.7.9 Application-specific password required``, ``535-5.7.8 Username
-  and Password not accepted``; IMAP ``NO [AUTHENTICATIONFAILED] Invalid
-  credentials (Failure)``; POP ``-ERR [SYS/PERM] Your account is not enabled
-  for POP access`` (third-party logs).
+  "scope":...}`` (developers.google.com/gmail/imap/xoauth2-protocol); status
+  400 for a wrong user name or a token without the mail scope (third-party
+  logs); SMTP ``534-5.7.9 Application-specific password required``,
+  ``535-5.7.8 Username and Password not accepted`` and IMAP ``NO
+  [AUTHENTICATIONFAILED] Invalid credentials (Failure)`` (third-party logs);
+  POP ``-ERR [SYS/PERM] Your account is not enabled for POP access``
+  (unverified: the providers notes only).
 - Standards: RFC 3206 (POP3 SYS/TEMP, SYS/PERM, AUTH, IN-USE, LOGIN-DELAY),
   RFC 5530 (IMAP response codes), RFC 3463 (SMTP enhanced status codes),
   RFC 4954 (SMTP AUTH replies), RFC 7628 (OAUTHBEARER's JSON status).
@@ -62,7 +72,8 @@ WRONG_PASSWORD = (
 TOKEN_ADVICE = (
     "the server refused the access token; the gateway refreshed it once and retries "
     "at the next login; if this persists, check that the token's scopes cover this "
-    "protocol and that username is the mailbox the token was issued for"
+    "protocol, that username is the mailbox the token was issued for and, for "
+    "app-only access, the service principal's permission on the mailbox"
 )
 RETRY_LATER = "the server is busy or limiting connections; the gateway tries again later"
 
@@ -153,7 +164,7 @@ PROVIDER_TEXTS: tuple[_Rule, ...] = (
     ),
     _rule(
         _SMTP,
-        r"\b4\.3\.2\b.*Concurrent connections limit",
+        r"\b4\.3\.2\b.*Concurrent connections? limit",
         "432 4.3.2",
         T,
         T,
@@ -240,19 +251,18 @@ _CODE_ADVICE: dict[str, str] = {
     "CANNOT": "the server cannot do this for the account; see its text in the log",
 }
 
+_BAD_BEARER = (
+    "the server could not use the bearer login: check that username is the mailbox the "
+    "token was issued for, that the token has the mail scope (Gmail: "
+    "https://mail.google.com/) and the provider's sasl mechanism"
+)
+
 _BEARER_STATUS: dict[str, tuple[RefusalKind, str]] = {
     "401": (K, TOKEN_ADVICE),
     "invalid_token": (K, TOKEN_ADVICE),
-    "400": (
-        M,
-        "the server could not use the bearer login: check that username is the mailbox "
-        "the token was issued for and the provider's sasl mechanism",
-    ),
-    "invalid_request": (
-        M,
-        "the server could not use the bearer login: check that username is the mailbox "
-        "the token was issued for and the provider's sasl mechanism",
-    ),
+    # Seen from Gmail for a wrong user name or a token without the mail scope.
+    "400": (M, _BAD_BEARER),
+    "invalid_request": (M, _BAD_BEARER),
     "403": (
         M,
         "the token is valid but not for this: check the provider's scopes (the mail "

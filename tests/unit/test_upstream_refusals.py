@@ -89,6 +89,15 @@ def imap(text: str, code: str | None = None) -> Answer:
         (smtp("535 5.7.3 Authentication unsuccessful"), True, None, K, "535 5.7.3", "token"),
         (smtp("535 5.7.3 Authentication unsuccessful"), False, None, M, "535 5.7.3", "password"),
         (smtp("432 4.3.2 Concurrent connections limit exceeded"), True, None, T, "432 4.3.2", "3"),
+        (smtp("432 4.3.2 concurrent connection limit exceeded"), True, None, T, "432 4.3.2", "3"),
+        (
+            smtp("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
+            True,
+            None,
+            T,
+            "432 4.3.2",
+            "later",
+        ),
         (
             smtp("550 5.7.30 Basic authentication is not supported for Client Submission."),
             False,
