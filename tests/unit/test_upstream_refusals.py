@@ -620,3 +620,90 @@ def test_smtp_password_refusals(reply: bytes, code: str, advice: str) -> None:
     assert (error.refusal.kind, error.refusal.code) == (M, code)
     assert advice in error.detail
     assert tokens.refused == []  # password accounts: the log only
+
+
+# -- what the device hears and the admin reads -------------------------------------------
+
+
+class FrontEnd:
+    """The POP3 front end (`tests.unit.test_pop3_server.Gateway`) opening its maildrop
+    through the real POP3 upstream session against a scripted upstream."""
+
+    def __init__(self) -> None:
+        from tests.unit.test_pop3_server import Gateway
+
+        self.upstream = POP3Upstream()
+        self.tokens = Tokens()
+        upstream, tokens = self.upstream, self.tokens
+
+        class Wired(Gateway):
+            async def _open(self, account: Account) -> Any:
+                provider = Provider(name="m365", pop3=Endpoint("pop.example.test", 110, "starttls"))
+                return await open_pop3_maildrop(
+                    OAUTH,
+                    provider,
+                    reactor=upstream.clock,
+                    endpoint_factory=upstream.endpoint_factory,
+                    tokens=tokens,
+                )
+
+        self.gateway = Wired()
+
+    def device_login(self, *answers: bytes) -> bytes:
+        """A device logs in; the upstream answers each AUTH with the next of `answers`."""
+        device = self.gateway.connect()
+        device.send(b"USER printer")
+        device.proto.dataReceived(b"PASS printer-pw\r\n")
+        up = self.upstream
+        up.say(b"+OK ready\r\n")
+        up.expect(b"CAPA\r\n", b"+OK\r\nSTLS\r\n.\r\n")
+        up.expect(b"STLS\r\n", b"+OK Begin TLS\r\n")
+        up.expect(b"CAPA\r\n", b"+OK\r\nSASL XOAUTH2\r\n.\r\n")
+        for answer, token in zip(answers, ("stale-token", "fresh-token"), strict=False):
+            up.expect(b"AUTH XOAUTH2 " + xoauth2(token) + b"\r\n", answer)
+        assert up.sent() == b""
+        return device.read()
+
+
+@pytest.mark.parametrize(
+    ("answers", "reply", "level", "logged", "calls"),
+    [
+        (
+            [b"-ERR [SYS/PERM] Your account is not enabled for POP access.\r\n"],
+            b"-ERR [SYS/PERM] the gateway cannot log in to the mailbox, ask the administrator",
+            "error",
+            "[-ERR [SYS/PERM] not enabled for POP access] gateway or app misconfigured: "
+            "POP is off for this Gmail mailbox",
+            [False],
+        ),
+        (
+            [b"-ERR [SYS/TEMP] Server busy\r\n"],
+            b"-ERR [SYS/TEMP] mailbox temporarily unavailable, try again later",
+            "warn",
+            "[-ERR [SYS/TEMP]] temporary: the server is busy",
+            [False],
+        ),
+        (
+            [b"-ERR Authentication failure: unknown user name or bad password.\r\n"] * 2,
+            b"-ERR [SYS/PERM] the gateway cannot log in to the mailbox, ask the administrator",
+            "error",
+            "after one forced token refresh; [-ERR Authentication failure] token refused",
+            [False, True],
+        ),
+    ],
+)
+def test_device_answer_and_log_line(
+    answers: list[bytes],
+    reply: bytes,
+    level: str,
+    logged: str,
+    calls: list[bool],
+    log_lines: list[str],
+) -> None:
+    front = FrontEnd()
+    assert front.device_login(*answers) == reply + b"\r\n"
+    assert front.tokens.calls == calls
+    lines = [line for line in log_lines if "pop3 upstream login failed" in line]
+    assert len(lines) == 1 and lines[0].startswith(level), lines
+    assert logged in lines[0]
+    assert "stale-token" not in lines[0] and "fresh-token" not in lines[0]
