@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway.cli import config, oauth, queue
+from gateway.cli import check, config, oauth, queue
 from gateway.cli.common import PROG, add_common_options
 
 __all__ = ["build_parser", "main"]
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         config.register_check_config,
         oauth.register,
         queue.register,
+        check.register,
     ):
         register(commands)
     return parser

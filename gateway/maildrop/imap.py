@@ -57,6 +57,7 @@ from gateway.maildrop.uidl_map import (
 )
 from gateway.state import StateError
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
+from gateway.upstream.credentials import note_refused, note_succeeded
 from gateway.upstream.imap import (
     IMAPClient,
     IMAPProtocolError,
@@ -481,7 +482,13 @@ async def open_imap_maildrop(
     client = await open_session(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
-    snapshot = await at_open(
-        client, take_snapshot(client, account.folder), "snapshot at login failed"
-    )
+    try:
+        snapshot = await at_open(
+            client, take_snapshot(client, account.folder), "snapshot at login failed"
+        )
+    except MaildropError as e:
+        # Microsoft refuses a token without mailbox rights here, not at login.
+        note_refused(tokens, account, e)
+        raise
+    note_succeeded(tokens, account)
     return IMAPMaildrop(client, account, snapshot, uid_store=uid_store)

@@ -13,7 +13,9 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
-from gateway.maildrop import MaildropError, UpstreamRejected, UpstreamUnavailable
+from gateway.maildrop import MaildropError, UpstreamUnavailable
+from gateway.oauth.refusal import Refusal, RefusalKind
+from gateway.upstream.credentials import refused
 from gateway.upstream.imap import (
     IMAPClient,
     Response,
@@ -24,7 +26,9 @@ from gateway.upstream.imap import (
     parse_fetch,
     parse_status,
 )
+from gateway.upstream.imap.session import answer_of
 from gateway.upstream.pipeline import outcome
+from gateway.upstream.refusals import RETRY_LATER, classify_folder_open, describe
 
 # The keyword that hides a message from later POP3 sessions (policy "keep",
 # and messages the expunge fallback could not remove yet).
@@ -157,8 +161,15 @@ async def take_snapshot(client: IMAPClient, folder: str) -> Snapshot:
 
 
 def folder_refused(error: ServerError, peer: str, folder: str) -> MaildropError:
-    """SELECT/EXAMINE refused: a missing folder is the admin's to fix, the rest is temporary."""
-    detail = f"{peer} refused to open folder {folder!r}: {error.status.describe()}"
-    if (error.status.code or "") in _TEMPORARY_CODES:
-        return UpstreamUnavailable(detail)
-    return UpstreamRejected(detail)
+    """SELECT/EXAMINE refused: temporary codes are retried, the rest is the admin's
+    to fix: a missing folder, or (Microsoft's ``BAD User is authenticated but not
+    connected``) a login that gives no rights on the mailbox."""
+    status = error.status
+    detail = f"{peer} refused to open folder {folder!r}: {status.describe()}"
+    code = status.code or ""
+    if code in _TEMPORARY_CODES:
+        refusal = Refusal(RefusalKind.TEMPORARY, f"{status.condition} [{code}]", RETRY_LATER)
+        failure: MaildropError = UpstreamUnavailable(f"{detail}; {describe(refusal)}")
+        failure.refusal = refusal
+        return failure
+    return refused(classify_folder_open(answer_of(status)), detail)

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from gateway.maildrop import NoSuchMessage, UpstreamUnavailable
 from gateway.maildrop.opening import at_open
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
+from gateway.upstream.credentials import note_succeeded
 from gateway.upstream.pipeline import outcomes
 from gateway.upstream.pop3 import Expect, Listing, POP3Client, ServerError, open_session
 
@@ -170,6 +171,7 @@ async def open_pop3_maildrop(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
     sizes = await at_open(client, _list(client), "LIST at login failed")
+    note_succeeded(tokens, account)
     return POP3Maildrop(client, sizes, account=account.name)
 
 

@@ -10,7 +10,9 @@ What happens after an attempt:
 
 - every recipient accepted: the spool entry is removed;
 - 4xx, a lost connection, a refused login: the attempt counts, and the message
-  is tried again after `retry_first`, doubling up to `retry_max_interval`;
+  is tried again after `retry_first`, doubling up to `retry_max_interval`
+  (a refused login that only an admin can fix, classified by
+  `gateway.upstream.refusals`, is an error line once per account and change);
   the last try is at the end of its `message_lifetime`, after which the
   remaining recipients fail with 4.4.7 (delivery time expired);
 - 5xx for a recipient: that recipient failed for good.
@@ -38,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
 from gateway.model import Account, Provider
+from gateway.oauth.refusal import RefusalKind
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
 from gateway.smtp.spool import QueueEntry, Spool, new_id
@@ -225,6 +228,9 @@ class AccountWorker:
         self.after_attempt: dict[str, str] = {}
         self.lanes = [Lane(self, n) for n in range(relay.connections)]
         self._timer: IDelayedCall | None = None
+        # The upstream trouble last logged at error level (a refused login's
+        # code, or what an admin must fix): logged again only when it changes.
+        self.trouble: str | None = None
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -467,12 +473,46 @@ class AccountWorker:
             await self.relay._carry_out(verb, entry.id)
 
     def _log_upstream(self, error: SMTPUpstreamError) -> None:
-        emit = log.error if error.admin else log.warn
-        emit(
+        """Log an upstream failure; what only an admin can fix, once per change.
+
+        A refused login (SMTP AUTH disabled, no rights, wrong password) is
+        retried with backoff like any failure, and each message's deferral
+        is logged at warning level, but the error line with the provider's
+        code and the advice comes once, and again only when the answer
+        changes or after the account could log in again in between.
+        """
+        refusal = error.refusal
+        if error.admin or (refusal is not None and refusal.kind is not RefusalKind.TEMPORARY):
+            state = refusal.code if refusal is not None else error.detail
+            if state == self.trouble:
+                log.debug(
+                    "smtp upstream problem for account {account} persists: {detail}",
+                    account=self.account,
+                    detail=error.detail,
+                )
+                return
+            self.trouble = state
+            log.error(
+                "smtp upstream problem for account {account}: {detail}",
+                account=self.account,
+                detail=error.detail,
+            )
+            return
+        log.warn(
             "smtp upstream problem for account {account}: {detail}",
             account=self.account,
             detail=error.detail,
         )
+
+    def session_opened(self) -> None:
+        """An upstream session logged in: a trouble logged before is over."""
+        if self.trouble is not None:
+            log.info(
+                "smtp upstream login for account {account} works again (was: {trouble})",
+                account=self.account,
+                trouble=self.trouble,
+            )
+            self.trouble = None
 
 
 class Lane:
@@ -514,6 +554,7 @@ class Lane:
         relay = self.worker.relay
         account = relay.accounts[self.worker.account]
         self.client = await relay.open_session(account, relay.providers[account.provider])
+        self.worker.session_opened()
         return self.client
 
     def _crashed(self, failure: TwistedFailure) -> None:

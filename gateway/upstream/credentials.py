@@ -10,12 +10,19 @@ and the "refresh once after a 401" rule live in one place.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.logger import Logger
 
 from gateway.model import Account, Provider, Secret
-from gateway.upstream.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
+from gateway.oauth.refusal import Refusal, RefusalKind
+from gateway.upstream.errors import (
+    MailboxInUse,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from gateway.upstream.refusals import IN_USE_CODES, describe
 from gateway.upstream.sasl import BearerError, OAuthBearer, Plain, SASLMechanism, XOAuth2
 
 log = Logger(namespace="gateway.upstream")
@@ -30,6 +37,73 @@ class TokenSource(Protocol):
         `UpstreamUnavailable` (SYS/TEMP) when no valid token can be had now.
         """
         ...
+
+
+@runtime_checkable
+class LoginOutcomes(Protocol):
+    """Where the outcome of an upstream login is recorded for `gateway oauth status`.
+
+    The token manager is the natural keeper (it already writes each OAuth2
+    account's state and last error to the store); when the `TokenSource`
+    a login is given also provides these two methods, refusals and recoveries
+    reach it, otherwise they reach only the log.
+    """
+
+    def login_refused(self, account: Account, refusal: Refusal) -> None:
+        """A mail server refused `account`'s login (after any retry): record it."""
+        ...
+
+    def login_succeeded(self, account: Account) -> None:
+        """`account` logged in and opened its mailbox: clear a recorded refusal.
+
+        Called at every successful login: cheap when nothing is recorded.
+        """
+        ...
+
+
+def is_bearer(mechanism: SASLMechanism | None) -> bool:
+    return isinstance(mechanism, (XOAuth2, OAuthBearer))
+
+
+def refused(refusal: Refusal, detail: str) -> UpstreamError:
+    """The device's error for a classified refusal; the log detail ends with the advice.
+
+    TEMPORARY is SYS/TEMP (or IN-USE when the server said so); every other
+    kind is SYS/PERM: only an admin can change the answer.
+    """
+    error: UpstreamError
+    full = f"{detail}; {describe(refusal)}"
+    if refusal.kind is RefusalKind.TEMPORARY:
+        in_use = any(f"[{code}]" in refusal.code for code in IN_USE_CODES)
+        error = MailboxInUse(full) if in_use else UpstreamUnavailable(full)
+    else:
+        error = UpstreamRejected(full)
+    error.refusal = refusal
+    return error
+
+
+def note_refused(tokens: object, account: Account, error: BaseException) -> None:
+    """Record a classified login refusal of an OAuth2 account where `oauth status` sees it."""
+    refusal = getattr(error, "refusal", None)
+    if (
+        isinstance(refusal, Refusal)
+        and account.auth == "oauth2"
+        and isinstance(tokens, LoginOutcomes)
+    ):
+        try:
+            tokens.login_refused(account, refusal)
+        except Exception:
+            log.failure(
+                "recording the login refusal of account {account} failed", account=account.name
+            )
+
+
+def note_succeeded(tokens: object, account: Account) -> None:
+    if account.auth == "oauth2" and isinstance(tokens, LoginOutcomes):
+        try:
+            tokens.login_succeeded(account)
+        except Exception:
+            log.failure("recording the login of account {account} failed", account=account.name)
 
 
 def bearer_mechanism_name(provider: Provider, offered: Collection[str]) -> str:
@@ -97,16 +171,23 @@ def bearer_error(mechanism: SASLMechanism) -> BearerError | None:
     return error if isinstance(error, BearerError) else None
 
 
-def retry_with_fresh_token(mechanism: SASLMechanism, *, already_forced: bool) -> bool:
+def retry_with_fresh_token(
+    mechanism: SASLMechanism, *, already_forced: bool, refusal: Refusal | None = None
+) -> bool:
     """After a refused login: is one more attempt with a force-refreshed token worth it?
 
     Only for bearer mechanisms, only once per login (`already_forced`), and
-    only when the server blamed the token (401 / invalid_token) or gave no
-    reason: a 403 or a scope error will not be cured by a new token, and
-    retrying those would only add load at the provider.
+    only when the refusal is the token's (`RefusalKind.TOKEN_REFUSED`, see
+    `gateway.upstream.refusals`): SMTP AUTH disabled, missing mailbox
+    rights, a 403 or a connection limit will not be cured by a new token,
+    and retrying those would only add load at the provider. Without a
+    classified `refusal`, the JSON challenge decides (401 / invalid_token,
+    or none at all).
     """
-    if already_forced or not isinstance(mechanism, (XOAuth2, OAuthBearer)):
+    if already_forced or not is_bearer(mechanism):
         return False
+    if refusal is not None:
+        return refusal.kind is RefusalKind.TOKEN_REFUSED
     error = bearer_error(mechanism)
     return error is None or error.token_rejected
 
@@ -118,7 +199,7 @@ async def bearer_login(
     tokens: TokenSource | None,
     *,
     server_error: type[Exception],
-    refusal: Callable[[Any, str], UpstreamError],
+    refusal: Callable[[Any, str, SASLMechanism, str], UpstreamError],
 ) -> None:
     """Log in with the account's bearer token (XOAUTH2 or OAUTHBEARER), for
     any client whose `authenticate(mechanism)` raises `server_error` when the
@@ -128,7 +209,9 @@ async def bearer_login(
     the clocks disagree) gets exactly one forced refresh and one retry on the
     same connection; a second refusal is final, so a bad token never loops.
     The server's JSON status goes to the log detail, never the token.
-    `refusal(error, peer)` maps the final refusal to the device's error.
+    `refusal(error, peer, mechanism, note)` classifies the server's answer
+    and maps it to the device's error (carrying the `Refusal`); only a
+    TOKEN_REFUSED is retried.
     """
     forced = False
     while True:
@@ -141,19 +224,20 @@ async def bearer_login(
         except server_error as e:
             error = bearer_error(mechanism)
             status = f" (token {error.describe()})" if error else ""
-            if retry_with_fresh_token(mechanism, already_forced=forced):
+            note = f"{status}; mechanism {mechanism.name}"
+            if forced:
+                note += ", after one forced token refresh"
+            final = refusal(e, client.peer, mechanism, note)
+            if retry_with_fresh_token(mechanism, already_forced=forced, refusal=final.refusal):
                 log.warn(
                     "{peer} refused the access token of account {account} with "
-                    "{mechanism}{status}; refreshing it once and retrying",
+                    "{mechanism}{status} [{code}]; refreshing it once and retrying",
                     peer=client.peer,
                     account=account.name,
                     mechanism=mechanism.name,
                     status=status,
+                    code=final.refusal.code if final.refusal else "",
                 )
                 forced = True
                 continue
-            refused = refusal(e, client.peer)
-            refused.detail += f"{status}; mechanism {mechanism.name}"
-            if forced:
-                refused.detail += ", after one forced token refresh"
-            raise refused from None
+            raise final from None

@@ -9,12 +9,20 @@ maildrop seam (`gateway.maildrop`) builds its error family on this one.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.oauth.refusal import Refusal
+
 
 class UpstreamError(Exception):
     """An upstream problem, with the texts and response code the device sees."""
 
     code: str | None = "SYS/TEMP"
     device_text = "mailbox temporarily unavailable, try again later"
+    # What the provider's refusal meant, when this error is one (a login
+    # refused); see gateway.upstream.refusals.
+    refusal: Refusal | None = None
 
     def __init__(self, detail: str = "", device_text: str | None = None) -> None:
         super().__init__(device_text or self.device_text)

@@ -43,6 +43,9 @@ class Script:
     data_reply: bytes = b"250 2.0.0 queued"
     # Drop the connection when this many content bytes have arrived.
     drop_after_content: int | None = None
+    # Scripted final answers to AUTH, one per attempt (a provider's refusal
+    # texts, lines joined with CRLF); when empty, AUTH checks as above.
+    auth_replies: list[bytes] = field(default_factory=list)
 
 
 class FakeUpstream(Protocol):
@@ -109,9 +112,15 @@ class FakeUpstream(Protocol):
                 self.reply(b"250" + (b" " if i == len(lines) - 1 else b"-") + text)
         elif verb == b"AUTH":
             mech, _, initial = arg.partition(b" ")
+            self.up.auth_attempts.append(mech)
             if mech == b"XOAUTH2":
                 fields = base64.b64decode(initial).split(b"\x01")
                 token = fields[1].removeprefix(b"auth=Bearer ").decode()
+            if script.auth_replies:
+                if mech == b"XOAUTH2":
+                    self.up.tokens_seen.append(token)
+                return self.reply(script.auth_replies.pop(0))
+            if mech == b"XOAUTH2":
                 self.up.tokens_seen.append(token)
                 if token in script.tokens:
                     return self.reply(b"235 2.7.0 ok")
@@ -179,6 +188,7 @@ class Upstream:
         self.log: list[bytes] = []
         self.connections = 0
         self.tokens_seen: list[str] = []
+        self.auth_attempts: list[bytes] = []
         self.quits = 0
 
     def connect(self) -> tuple[SMTPClient, iosim.IOPump]:

@@ -17,15 +17,24 @@ from gateway.upstream.connection import (
     open_connection,
     or_abort,
 )
-from gateway.upstream.credentials import TokenSource, bearer_login, mechanism_for
+from gateway.upstream.credentials import (
+    TokenSource,
+    bearer_error,
+    bearer_login,
+    is_bearer,
+    mechanism_for,
+    note_refused,
+    refused,
+)
 from gateway.upstream.errors import (
-    MailboxInUse,
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
 from gateway.upstream.imap.client import IMAPClient
-from gateway.upstream.imap.responses import ServerError
+from gateway.upstream.imap.responses import ServerError, Status
+from gateway.upstream.refusals import Answer, classify_login
+from gateway.upstream.sasl import SASLMechanism
 
 
 async def connect(
@@ -84,19 +93,24 @@ async def _secure(
     return client
 
 
-# RFC 5530 response codes that say "not now" rather than "never with these credentials".
-_TEMPORARY_CODES = frozenset({"UNAVAILABLE", "LIMIT", "SERVERBUG", "OVERQUOTA"})
+def answer_of(status: Status) -> Answer:
+    """An IMAP status response, as `gateway.upstream.refusals` reads it."""
+    return Answer("imap", status.describe(), response_code=status.code)
 
 
-def login_refused(error: ServerError, peer: str) -> UpstreamError:
-    """Map a refused LOGIN/AUTHENTICATE to what the device should be told."""
-    code = error.status.code or ""
-    detail = f"{peer} refused the login ({error.verb}): {error.status.describe()}"
-    if code == "INUSE":
-        return MailboxInUse(detail)
-    if code in _TEMPORARY_CODES:
-        return UpstreamUnavailable(detail)
-    return UpstreamRejected(detail)
+def login_refused(
+    error: ServerError, peer: str, mechanism: SASLMechanism | None = None, note: str = ""
+) -> UpstreamError:
+    """Classify a refused LOGIN/AUTHENTICATE (`gateway.upstream.refusals`) and map
+    it to what the device should be told: [IN-USE], SYS/TEMP or SYS/PERM."""
+    status = error.status
+    challenge = bearer_error(mechanism) if mechanism is not None else None
+    refusal = classify_login(
+        answer_of(status),
+        bearer=is_bearer(mechanism),
+        challenge_status=challenge.status if challenge is not None else None,
+    )
+    return refused(refusal, f"{peer} refused the login ({error.verb}): {status.describe()}{note}")
 
 
 async def login(
@@ -111,15 +125,20 @@ async def login(
     Password accounts use AUTHENTICATE PLAIN when offered, else LOGIN (never
     both: a wrong password would count twice against the upstream's penalty).
     OAuth2 accounts use XOAUTH2/OAUTHBEARER with one forced token refresh
-    after a refused token, as `gateway.upstream.credentials` rules.
+    after a refused token, as `gateway.upstream.credentials` rules. A
+    classified refusal is also recorded for `gateway oauth status`.
     """
     announced = client.capabilities
-    if account.auth == "oauth2":
-        await bearer_login(
-            client, account, provider, tokens, server_error=ServerError, refusal=login_refused
-        )
-    else:
-        await _password_login(client, account, provider)
+    try:
+        if account.auth == "oauth2":
+            await bearer_login(
+                client, account, provider, tokens, server_error=ServerError, refusal=login_refused
+            )
+        else:
+            await _password_login(client, account, provider)
+    except UpstreamError as e:
+        note_refused(tokens, account, e)
+        raise
     client.logged_in = True
     # Servers may offer more once logged in (RFC 3501 6.2.3); most say so in
     # the login answer. If this one did not, ask later, when it matters.

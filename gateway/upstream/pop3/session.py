@@ -17,15 +17,22 @@ from gateway.upstream.connection import (
     open_connection,
     or_abort,
 )
-from gateway.upstream.credentials import TokenSource, bearer_login
+from gateway.upstream.credentials import (
+    TokenSource,
+    bearer_error,
+    bearer_login,
+    is_bearer,
+    note_refused,
+    refused,
+)
 from gateway.upstream.errors import (
-    MailboxInUse,
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
 from gateway.upstream.pop3.client import POP3Client
 from gateway.upstream.pop3.parser import Capabilities, ServerError
+from gateway.upstream.refusals import Answer, classify_login
 from gateway.upstream.sasl import Plain, SASLMechanism
 
 
@@ -75,15 +82,19 @@ async def _secure(
     return client
 
 
-def login_refused(error: ServerError, peer: str) -> UpstreamError:
-    """Map a refused USER/PASS/AUTH to what the device should be told."""
-    code = error.status.code or ""
-    detail = f"{peer} refused the login ({error.verb}): {error.status.describe()}"
-    if code == "IN-USE":
-        return MailboxInUse(detail)
-    if code.startswith("SYS/TEMP") or code == "LOGIN-DELAY":
-        return UpstreamUnavailable(detail)
-    return UpstreamRejected(detail)
+def login_refused(
+    error: ServerError, peer: str, mechanism: SASLMechanism | None = None, note: str = ""
+) -> UpstreamError:
+    """Classify a refused USER/PASS/AUTH (`gateway.upstream.refusals`) and map it
+    to what the device should be told: [IN-USE], SYS/TEMP or SYS/PERM."""
+    status = error.status
+    challenge = bearer_error(mechanism) if mechanism is not None else None
+    refusal = classify_login(
+        Answer("pop3", status.describe(), response_code=status.code),
+        bearer=is_bearer(mechanism),
+        challenge_status=challenge.status if challenge is not None else None,
+    )
+    return refused(refusal, f"{peer} refused the login ({error.verb}): {status.describe()}{note}")
 
 
 def login_method(provider: Provider, capabilities: Capabilities) -> str:
@@ -104,8 +115,19 @@ async def login(
 
     A refused AUTH PLAIN does not fall back to USER/PASS: a wrong password
     would count twice against the upstream's failed-login penalty. OAuth2
-    accounts log in with a bearer token from `tokens` (`bearer_login`).
+    accounts log in with a bearer token from `tokens` (`bearer_login`). A
+    classified refusal is also recorded for `gateway oauth status`.
     """
+    try:
+        await _login(client, account, provider, tokens)
+    except UpstreamError as e:
+        note_refused(tokens, account, e)
+        raise
+
+
+async def _login(
+    client: POP3Client, account: Account, provider: Provider, tokens: TokenSource | None
+) -> None:
     if account.auth == "oauth2":
         await bearer_login(
             client, account, provider, tokens, server_error=ServerError, refusal=login_refused

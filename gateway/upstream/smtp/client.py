@@ -32,6 +32,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from gateway.dotstuff import DotStuffer
+from gateway.oauth.refusal import Refusal
 from gateway.upstream.errors import describe_error
 from gateway.upstream.pipeline import Command, Pipeline, PipelinedClient, verb_of
 from gateway.upstream.sasl import SASLMechanism
@@ -50,13 +51,23 @@ class SMTPUpstreamError(Exception):
     `detail` is for the log; `reply` is the server's answer when there was one.
     `admin` marks what retrying alone will not fix (credentials refused,
     account not configured): the relay still retries, but logs it as an error.
+    `refusal` says what a refused login meant and what to do about it.
     """
 
-    def __init__(self, detail: str, *, reply: Reply | None = None, admin: bool = False) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        reply: Reply | None = None,
+        admin: bool = False,
+        refusal: Refusal | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.reply = reply
         self.admin = admin
+        # A refused login, classified (`gateway.upstream.refusals`).
+        self.refusal = refusal
 
 
 @dataclass(eq=False)

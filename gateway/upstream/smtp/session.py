@@ -15,14 +15,24 @@ from typing import Any, BinaryIO
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.model import Account, Provider
+from gateway.oauth.refusal import Refusal, RefusalKind
 from gateway.upstream.connection import (
     EndpointFactory,
     hostname_endpoint,
     open_connection,
     or_abort,
 )
-from gateway.upstream.credentials import TokenSource, mechanism_for, retry_with_fresh_token
+from gateway.upstream.credentials import (
+    TokenSource,
+    bearer_error,
+    is_bearer,
+    mechanism_for,
+    note_refused,
+    note_succeeded,
+    retry_with_fresh_token,
+)
 from gateway.upstream.errors import UpstreamError, UpstreamRejected
+from gateway.upstream.refusals import Answer, classify_login, describe
 from gateway.upstream.sasl import Login, SASLMechanism
 from gateway.upstream.smtp.client import SMTPClient, SMTPUpstreamError
 from gateway.upstream.smtp.parser import Reply
@@ -90,11 +100,37 @@ def choose_mechanism_name(account: Account, offered: Collection[str]) -> str | N
     return "PLAIN"
 
 
+def classify_auth_reply(reply: Reply, mechanism: SASLMechanism) -> Refusal:
+    """What a refused AUTH means (`gateway.upstream.refusals`)."""
+    challenge = bearer_error(mechanism)
+    return classify_login(
+        Answer("smtp", reply.describe(), reply_code=reply.code),
+        bearer=is_bearer(mechanism),
+        challenge_status=challenge.status if challenge is not None else None,
+    )
+
+
 async def login(
     client: SMTPClient, account: Account, provider: Provider, tokens: TokenSource | None
 ) -> None:
     """AUTH as the account (PLAIN/LOGIN with its password, XOAUTH2/OAUTHBEARER with
-    a token); one retry with a refreshed token when the server blamed the token."""
+    a token); one retry with a refreshed token when the refusal is the token's.
+
+    A refusal is classified; it is recorded for `gateway oauth status` and
+    raised as an `SMTPUpstreamError` carrying it (the relay retries it).
+    """
+    try:
+        await _login(client, account, provider, tokens)
+    except SMTPUpstreamError as e:
+        if e.refusal is not None:
+            note_refused(tokens, account, e)
+        raise
+    note_succeeded(tokens, account)
+
+
+async def _login(
+    client: SMTPClient, account: Account, provider: Provider, tokens: TokenSource | None
+) -> None:
     offered = client.extensions.get("AUTH", "").split()
     forced = False
     while True:
@@ -113,14 +149,19 @@ async def login(
         reply = await client.authenticate(mechanism)
         if reply.code == 235:
             return
-        if retry_with_fresh_token(mechanism, already_forced=forced) and reply.permanent:
+        refusal = classify_auth_reply(reply, mechanism)
+        if retry_with_fresh_token(mechanism, already_forced=forced, refusal=refusal):
             forced = True
             continue
+        challenge = bearer_error(mechanism)
+        status = f" (token {challenge.describe()})" if challenge else ""
+        again = ", after one forced token refresh" if forced else ""
         raise SMTPUpstreamError(
             f"{client.peer} refused the login of account {account.name} "
-            f"({mechanism.name}): {reply.describe()}",
+            f"({mechanism.name}{again}): {reply.describe()}{status}; {describe(refusal)}",
             reply=reply,
-            admin=reply.permanent,
+            admin=refusal.kind is not RefusalKind.TEMPORARY,
+            refusal=refusal,
         )
 
 
