@@ -40,9 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
 from gateway.model import Account, Provider
-from gateway.oauth.refusal import RefusalKind
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
+from gateway.smtp.relay_trouble import UpstreamTrouble
 from gateway.smtp.spool import QueueEntry, Spool, new_id
 from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError, send_message
 
@@ -228,9 +228,7 @@ class AccountWorker:
         self.after_attempt: dict[str, str] = {}
         self.lanes = [Lane(self, n) for n in range(relay.connections)]
         self._timer: IDelayedCall | None = None
-        # The upstream trouble last logged at error level (a refused login's
-        # code, or what an admin must fix): logged again only when it changes.
-        self.trouble: str | None = None
+        self.trouble = UpstreamTrouble(account)
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -291,7 +289,7 @@ class AccountWorker:
 
     async def connection_failed(self, error: SMTPUpstreamError) -> None:
         """No session could be opened: one failed attempt for every due message."""
-        self._log_upstream(error)
+        self.trouble.failed(error)
         entries = self.due()
         # Claimed, so that a lane with a working connection does not deliver
         # one of them while its failed attempt is being written.
@@ -320,7 +318,7 @@ class AccountWorker:
                     )
             except SMTPUpstreamError as e:
                 lane.client = None
-                self._log_upstream(e)
+                self.trouble.failed(e)
                 await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail)
                 return
             except Exception as e:
@@ -472,49 +470,6 @@ class AccountWorker:
         if verb is not None and entry.id in self.relay.spool.entries:
             await self.relay._carry_out(verb, entry.id)
 
-    def _log_upstream(self, error: SMTPUpstreamError) -> None:
-        """Log an upstream failure; what only an admin can fix, once per change.
-
-        A refused login (SMTP AUTH disabled, no rights, wrong password) is
-        retried with backoff like any failure, and each message's deferral
-        is logged at warning level, but the error line with the provider's
-        code and the advice comes once, and again only when the answer
-        changes or after the account could log in again in between.
-        """
-        refusal = error.refusal
-        if error.admin or (refusal is not None and refusal.kind is not RefusalKind.TEMPORARY):
-            state = refusal.code if refusal is not None else error.detail
-            if state == self.trouble:
-                log.debug(
-                    "smtp upstream problem for account {account} persists: {detail}",
-                    account=self.account,
-                    detail=error.detail,
-                )
-                return
-            self.trouble = state
-            log.error(
-                "smtp upstream problem for account {account}: {detail}",
-                account=self.account,
-                detail=error.detail,
-            )
-            return
-        log.warn(
-            "smtp upstream problem for account {account}: {detail}",
-            account=self.account,
-            detail=error.detail,
-        )
-
-    def session_opened(self) -> None:
-        """An upstream session logged in: a trouble logged before is over."""
-        if self.trouble is not None:
-            log.info(
-                "smtp upstream login for account {account} works again (was: {trouble})",
-                account=self.account,
-                trouble=self.trouble,
-            )
-            self.trouble = None
-
-
 class Lane:
     """One upstream connection of an account, reused while messages keep coming
     and closed with QUIT after `keepalive` idle seconds."""
@@ -554,7 +509,7 @@ class Lane:
         relay = self.worker.relay
         account = relay.accounts[self.worker.account]
         self.client = await relay.open_session(account, relay.providers[account.provider])
-        self.worker.session_opened()
+        self.worker.trouble.logged_in()
         return self.client
 
     def _crashed(self, failure: TwistedFailure) -> None:
