@@ -1,23 +1,38 @@
-"""What the device-facing servers (POP3 and SMTP) share about a device connection.
+"""What the device-facing servers (POP3 and SMTP) share about a device session.
 
 Both servers write one log line per session from a record they fill in as
-the session goes, and treat the device's transport the same way: its peer
-address, Nagle off, and the TLS version and cipher once TLS is up. The
-protocol-specific counters stay in each server's own record.
+the session goes, describe the device's transport the same way (peer
+address, TLS version and cipher once TLS is up), and refuse a login the same
+way: one log line fail2ban can match, a pause before the answer, and a limit
+of failures per connection. The protocol-specific counters and reply texts
+stay in each server.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from gateway.devices import AuthFailed
 from gateway.tls import describe
+
+# Refuse further logins on a connection after this many failures.
+MAX_AUTH_FAILURES = 3
 
 
 @dataclass
 class BaseSessionRecord:
-    """The fields of the one session log line that every device protocol has."""
+    """The fields of the one session log line that every device protocol has.
+
+    `started` is the injected clock's time at connect, so a test's memory
+    clock decides the logged duration, as the reactor does in production.
+    """
 
     peer: str
     started: float
@@ -28,7 +43,7 @@ class BaseSessionRecord:
     outcome: str = "dropped"
     auth_failures: list[str] = field(default_factory=list)
 
-    def log_fields(self) -> dict[str, Any]:
+    def log_fields(self, now: float) -> dict[str, Any]:
         """The fields every protocol's session line has, named alike in all of them."""
         return {
             "device": self.device,
@@ -36,7 +51,7 @@ class BaseSessionRecord:
             "account": self.account,
             "tls_version": self.tls_version,
             "tls_cipher": self.tls_cipher,
-            "duration": time.monotonic() - self.started,
+            "duration": now - self.started,
             "outcome": self.outcome,
         }
 
@@ -58,16 +73,54 @@ def peer_host(transport: Any) -> str:
     return getattr(peer, "host", str(peer))
 
 
-def set_no_delay(transport: Any) -> None:
-    """Nagle plus the peer's delayed ACK costs ~40 ms per reply: turn it off.
+class Refused(Enum):
+    """What the server does after `LoginRefusals.refuse`."""
 
-    Under TLS the protocol's transport is the TLS wrapper; the TCP transport
-    is the wrapper's own `transport`.
+    ANSWER = "answer"  # send the protocol's refusal; the device may try again
+    CLOSE = "close"  # send the refusal, then close: too many failures
+    GONE = "gone"  # the device left during the pause: nothing to send
+
+
+class LoginRefusals:
+    """A refused device login, the same for POP3 and SMTP.
+
+    The pause before each refusal makes guessing slow without holding a
+    worker: it is a timer on the injected clock, not a sleeping thread.
     """
-    tcp = getattr(transport, "transport", transport)
-    setter = getattr(tcp, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass
+
+    def __init__(
+        self,
+        protocol: str,
+        log: Logger,
+        record: BaseSessionRecord,
+        clock: IReactorTime,
+        delay: float,
+        limit: int = MAX_AUTH_FAILURES,
+    ) -> None:
+        self._protocol = protocol
+        self._log = log
+        self._record = record
+        self._clock = clock
+        self._delay = delay
+        self._limit = limit
+
+    async def refuse(
+        self, user: str, refusal: AuthFailed, connected: Callable[[], bool]
+    ) -> Refused:
+        """Log the refusal, pause, and say what to answer. `connected()` tells
+        whether the device is still there after the pause."""
+        self._record.auth_failures.append(refusal.reason)
+        self._log.warn(
+            "{protocol} login refused for device {device} from {peer}: {reason}",
+            protocol=self._protocol,
+            device=refusal.device or user,
+            peer=self._record.peer,
+            reason=refusal.reason,
+        )
+        await deferLater(self._clock, self._delay, lambda: None)
+        if not connected():
+            return Refused.GONE
+        if len(self._record.auth_failures) >= self._limit:
+            self._record.outcome = "too many login failures"
+            return Refused.CLOSE
+        return Refused.ANSWER

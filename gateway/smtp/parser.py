@@ -20,6 +20,7 @@ Kept pure so that every framing rule is tested without a transport:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
@@ -269,6 +270,25 @@ def parse_path_command(arg: str, keyword: str) -> PathCommand | PathError:
             return PathError(501, "5.5.4", f"malformed parameter {word[:40]!r}")
         params[name.upper()] = value if eq else None
     return PathCommand(address, params)
+
+
+def mail_params_problem(params: Mapping[str, str | None], max_size: int) -> PathError | None:
+    """Why MAIL's parameters (RFC 1870 SIZE, RFC 6152 BODY) are refused, or None."""
+    for name, value in params.items():
+        if name == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 15:
+                return PathError(501, "5.5.4", "SIZE needs a number")
+            if int(value) > max_size:
+                return PathError(
+                    552, "5.3.4", f"message larger than the limit of {max_size} octets"
+                )
+        elif name == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return PathError(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+        elif name != "AUTH":
+            # AUTH= (RFC 4954 section 5) is accepted and ignored.
+            return PathError(555, "5.5.4", f"MAIL parameter {name} not supported")
+    return None
 
 
 def _usage(keyword: str) -> str:

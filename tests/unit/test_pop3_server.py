@@ -409,3 +409,20 @@ def test_retr_unstuffs_to_the_original(lines: list[bytes], dots: list[bytes], ch
     wire = rest[: -len(b".\r\n")]
     assert b"\r\n.\r\n" not in b"\r\n" + wire
     assert unstuff(wire) == message
+
+
+def test_session_duration_comes_from_the_injected_clock() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        gw = Gateway()
+        dev = gw.connect()
+        gw.clock.advance(42.25)
+        dev.send(b"QUIT")  # and one more second
+        dev.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import formatEvent
+
+    (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("pop3 session")]
+    assert "duration=43.250s" in line

@@ -12,6 +12,7 @@ from argon2 import PasswordHasher
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.devices import DeviceAuthenticator
 from gateway.model import ANY_ADDRESS, Account, Device, Endpoint, Listener, Provider, Secret
@@ -433,3 +434,17 @@ def test_a_large_message_is_spooled_whole(gw: Gateway) -> None:
     lines = [b"%06d " % i + b"z" * 70 for i in range(20_000)]
     assert client.send(*lines, b".").startswith(b"250")
     assert gw.message(gw.queued[0]) == b"".join(line + b"\r\n" for line in lines)
+
+
+def test_session_duration_comes_from_the_injected_clock(gw: Gateway) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = gw.connect()
+        gw.clock.advance(42.25)
+        client.send(b"QUIT")  # and one more second
+        client.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("smtp session")]
+    assert "duration=43.250s" in line

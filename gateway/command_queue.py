@@ -1,0 +1,171 @@
+"""The command queue both device-facing servers hold.
+
+A device may pipeline (RFC 2449, RFC 2920), but its commands run strictly in
+order, one at a time: a command that waits (a password check, the upstream,
+the spool's fsync) holds the rest until its answer is complete. The queue
+also owns what goes with that:
+
+- the idle timer, on the injected clock: silence counts only while no
+  command waits, since a wait is the gateway's doing, not the device's;
+- the pause of reading from a device whose pipelined backlog grows past a
+  bound, so a client cannot make the gateway buffer without limit.
+
+Each server says what "the next command" is (`next_command`): its own
+parser and state machine turn input into work; the queue only decides when
+that work runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from enum import Enum
+from typing import Any, Literal
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITLSTransport,
+)
+from twisted.python.failure import Failure
+
+Work = Coroutine[Any, Any, None]
+
+
+class IDeviceTransport(ITLSTransport, IPushProducer, IConsumer):
+    """What the servers use of a device's transport: a TCP transport that can
+    start TLS (or a TLS one), whose reading can be paused, and that accepts a
+    producer (a maildrop streaming a message)."""
+
+
+class Empty(Enum):
+    """`next_command` has nothing complete to run until more bytes arrive."""
+
+    EMPTY = "empty"
+
+
+EMPTY: Literal[Empty.EMPTY] = Empty.EMPTY
+# What a server's `next_command` returns: work to wait for, None for a command
+# answered at once, EMPTY when nothing complete is left.
+Step = Work | Literal[Empty.EMPTY] | None
+
+
+class Deadline:
+    """One timer on the injected clock that can be started, pushed back and stopped."""
+
+    def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self._expired = expired
+        self._call: IDelayedCall | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._call is not None
+
+    def start(self) -> None:
+        """Expire `seconds` from now, whether or not the timer was running."""
+        if self._call is not None:
+            self._call.reset(self.seconds)
+        else:
+            self._call = self._clock.callLater(self.seconds, self._fire)
+
+    def reset(self) -> None:
+        """Push a running timer back to `seconds` from now; a stopped one stays stopped."""
+        if self._call is not None:
+            self._call.reset(self.seconds)
+
+    def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _fire(self) -> None:
+        self._call = None
+        self._expired()
+
+
+class CommandQueue:
+    """Runs a device's commands in order; one that returns work holds the queue."""
+
+    def __init__(
+        self,
+        transport: IPushProducer,
+        clock: IReactorTime,
+        *,
+        idle_timeout: float,
+        next_command: Callable[[], Step],
+        connected: Callable[[], bool],
+        backlog: Callable[[], int],
+        max_backlog: int,
+        on_idle: Callable[[], None],
+        on_error: Callable[[Failure], None],
+        after_batch: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._transport = transport
+        self._next_command = next_command
+        self._connected = connected
+        self._backlog = backlog
+        self._max_backlog = max_backlog
+        self._on_error = on_error
+        self._after_batch = after_batch
+        self._idle = Deadline(clock, idle_timeout, on_idle)
+        self._busy = False
+        self._draining = False
+        self._reading_paused = False
+        self._idle.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command is waiting for its answer."""
+        return self._busy
+
+    def received(self) -> None:
+        """Bytes arrived and went to the parser: silence starts over; run what is complete."""
+        self._idle.reset()
+        self.drain()
+
+    def drain(self) -> None:
+        """Run what is complete, in order, until a command waits or input runs out."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._connected() and not self._busy:
+                work = self._next_command()
+                if work is EMPTY:
+                    break
+                if work is not None:
+                    self._start(work)
+            self._flow_control()
+        finally:
+            self._draining = False
+            self._after_batch()
+
+    def stop(self) -> None:
+        """The connection is gone (or going): no timer may fire any more."""
+        self._idle.stop()
+
+    def _start(self, work: Work) -> None:
+        self._busy = True
+        self._idle.stop()
+        d = Deferred.fromCoroutine(work)
+        d.addErrback(self._on_error)
+        d.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self._busy = False
+        if self._connected():
+            self._idle.start()
+            self.drain()
+
+    def _flow_control(self) -> None:
+        backlog = self._backlog()
+        if not self._reading_paused and backlog > self._max_backlog:
+            self._reading_paused = True
+            self._transport.pauseProducing()
+        elif self._reading_paused and backlog <= self._max_backlog // 2:
+            self._reading_paused = False
+            self._transport.resumeProducing()
