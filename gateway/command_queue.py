@@ -8,7 +8,17 @@ also owns what goes with that:
 - the idle timer, on the injected clock: silence counts only while no
   command waits, since a wait is the gateway's doing, not the device's;
 - the pause of reading from a device whose pipelined backlog grows past a
-  bound, so a client cannot make the gateway buffer without limit.
+  bound, so a client cannot make the gateway buffer without limit;
+- the same for what goes out: the queue is the transport's producer for the
+  whole connection, so the transport pauses it once the replies it has not
+  yet sent pass its buffer size (64 KiB for TCP). While paused, no command
+  runs, and reading stops as soon as a command waits: a client that
+  pipelines `CAPA` or `NOOP` and never reads the answers costs that much
+  memory and no more, and is closed if it stays that way past
+  `stall_timeout`. (Reading is not stopped before a command waits: during a
+  TLS handshake the TLS layer pauses the queue too, and needs to read to
+  finish.) A maildrop streaming a message registers its producer with the
+  queue (`output`), which passes the pause on.
 
 Each server says what "the next command" is (`next_command`): its own
 parser and state machine turn input into work; the queue only decides when
@@ -25,11 +35,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
+    IProducer,
     IPushProducer,
     IReactorTime,
     ITLSTransport,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 Work = Coroutine[Any, Any, None]
 
@@ -87,20 +99,72 @@ class Deadline:
         self._expired()
 
 
+@implementer(IPushProducer, IConsumer)
+class OutputFlow:
+    """The device transport's producer for the whole connection.
+
+    The transport pauses it while its unsent bytes exceed its buffer size and
+    resumes it once they are written. A producer registered here (a maildrop
+    streaming a message) is paused and resumed with it.
+    """
+
+    def __init__(self, blocked: Callable[[], None], unblocked: Callable[[], None]) -> None:
+        self.paused = False
+        self._blocked = blocked
+        self._unblocked = unblocked
+        self._inner: IPushProducer | None = None
+
+    def pauseProducing(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        if self._inner is not None:
+            self._inner.pauseProducing()
+        self._blocked()
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self._inner is not None:
+            self._inner.resumeProducing()
+        self._unblocked()
+
+    def stopProducing(self) -> None:
+        if self._inner is not None:
+            self._inner.stopProducing()
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        if not streaming or not IPushProducer.providedBy(producer):
+            raise ValueError("a maildrop streams with a push producer")
+        self._inner = producer
+        if self.paused:
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        # Like a transport, this does not resume a producer it paused.
+        self._inner = None
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError("write to the transport; this only passes on the flow")
+
+
 class CommandQueue:
     """Runs a device's commands in order; one that returns work holds the queue."""
 
     def __init__(
         self,
-        transport: IPushProducer,
+        transport: IDeviceTransport,
         clock: IReactorTime,
         *,
         idle_timeout: float,
+        stall_timeout: float,
         next_command: Callable[[], Step],
         connected: Callable[[], bool],
         backlog: Callable[[], int],
         max_backlog: int,
         on_idle: Callable[[], None],
+        on_stalled: Callable[[], None],
         on_error: Callable[[Failure], None],
         after_batch: Callable[[], None] = lambda: None,
     ) -> None:
@@ -112,9 +176,12 @@ class CommandQueue:
         self._on_error = on_error
         self._after_batch = after_batch
         self._idle = Deadline(clock, idle_timeout, on_idle)
+        self._stalled = Deadline(clock, stall_timeout, on_stalled)
         self._busy = False
         self._draining = False
         self._reading_paused = False
+        self.output = OutputFlow(self._output_blocked, self._output_unblocked)
+        transport.registerProducer(self.output, True)
         self._idle.start()
 
     @property
@@ -133,7 +200,7 @@ class CommandQueue:
             return
         self._draining = True
         try:
-            while self._connected() and not self._busy:
+            while self._connected() and not self._busy and not self.output.paused:
                 work = self._next_command()
                 if work is EMPTY:
                     break
@@ -147,6 +214,7 @@ class CommandQueue:
     def stop(self) -> None:
         """The connection is gone (or going): no timer may fire any more."""
         self._idle.stop()
+        self._stalled.stop()
 
     def _start(self, work: Work) -> None:
         self._busy = True
@@ -162,10 +230,22 @@ class CommandQueue:
             self.drain()
 
     def _flow_control(self) -> None:
+        # While replies cannot go out, nothing more is read once a command waits.
+        limit = 0 if self.output.paused else self._max_backlog
         backlog = self._backlog()
-        if not self._reading_paused and backlog > self._max_backlog:
+        if not self._reading_paused and backlog > limit:
             self._reading_paused = True
             self._transport.pauseProducing()
-        elif self._reading_paused and backlog <= self._max_backlog // 2:
+        elif self._reading_paused and backlog <= limit // 2 and self._connected():
             self._reading_paused = False
             self._transport.resumeProducing()
+
+    def _output_blocked(self) -> None:
+        self._stalled.start()
+        if not self._draining:
+            self._flow_control()
+
+    def _output_unblocked(self) -> None:
+        self._stalled.stop()
+        if self._connected():
+            self.drain()

@@ -82,8 +82,9 @@ class _MessageSink:
     status line sent just before the first byte, byte counting, and the
     guarantee that the terminating "." starts a line of its own."""
 
-    def __init__(self, transport: IDeviceTransport) -> None:
+    def __init__(self, transport: IDeviceTransport, flow: IConsumer) -> None:
         self._transport = transport
+        self._flow = flow
         self.started = False
         self.octets = 0
         self._tail = b"\r\n"
@@ -102,10 +103,10 @@ class _MessageSink:
         self._transport.write(data)
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        self._transport.registerProducer(producer, streaming)
+        self._flow.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
+        self._flow.unregisterProducer()
 
     def finish(self) -> None:
         self._start()
@@ -145,11 +146,13 @@ class POP3Server(Protocol):
             self.transport,
             factory.clock,
             idle_timeout=factory.idle_timeout,
+            stall_timeout=factory.stall_timeout,
             next_command=self._next_command,
             connected=lambda: self._connected,
             backlog=lambda: len(self._pending),
             max_backlog=MAX_QUEUED_COMMANDS,
             on_idle=self.timeoutConnection,
+            on_stalled=self._stalled,
             on_error=self._unexpected_error,
         )
         self._tls = factory.listener.tls == "implicit"
@@ -165,6 +168,11 @@ class POP3Server(Protocol):
     def timeoutConnection(self) -> None:
         self.record.outcome = "idle timeout"
         self._write_line(b"-ERR idle timeout, closing connection")
+        self.transport.abortConnection()
+
+    def _stalled(self) -> None:
+        # Nothing more can be sent to a device that does not read.
+        self.record.outcome = "not reading replies"
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -435,7 +443,7 @@ class POP3Server(Protocol):
         return None if msg is None else self._send(msg, lines)
 
     async def _send(self, msg: int, lines: int | None) -> None:
-        sink = _MessageSink(self.transport)
+        sink = _MessageSink(self.transport, self._queue.output)
         try:
             await self._drop.retrieve(msg, sink, lines)
         except MaildropError as e:
@@ -575,6 +583,7 @@ class POP3ServerFactory(Factory[POP3Server]):
         locks: AccountLocks,
         clock: IReactorTime,
         idle_timeout: float = 600.0,
+        stall_timeout: float = 120.0,
         auth_failure_delay: float = 1.0,
     ) -> None:
         self.listener = listener
@@ -585,4 +594,5 @@ class POP3ServerFactory(Factory[POP3Server]):
         self.locks = locks
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.stall_timeout = stall_timeout
         self.auth_failure_delay = auth_failure_delay

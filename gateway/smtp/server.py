@@ -63,6 +63,8 @@ _Handler = Callable[["SMTPServer", Command], Work | None]
 MAX_ERRORS = 20
 # Stop reading from a client that pipelines more than this while a command waits.
 MAX_PIPELINED = 256 * 1024
+# Replies of one pipelined run held back for a single write, at most.
+FLUSH_REPLIES = 64
 
 
 class Phase(Enum):
@@ -118,11 +120,13 @@ class SMTPServer(Protocol):
             self.transport,
             factory.clock,
             idle_timeout=factory.idle_timeout,
+            stall_timeout=factory.stall_timeout,
             next_command=self._next_command,
             connected=lambda: self._connected,
             backlog=lambda: self._input.buffered,
             max_backlog=MAX_PIPELINED,
             on_idle=self.timeoutConnection,
+            on_stalled=self._stalled,
             on_error=self._unexpected_error,
             # One write per batch: a pipelined group's replies share a TLS record.
             after_batch=self._flush,
@@ -145,6 +149,12 @@ class SMTPServer(Protocol):
         self._flush()
         self.transport.abortConnection()
 
+    def _stalled(self) -> None:
+        # Nothing more can be sent to a client that does not read.
+        self.record.outcome = "not reading replies"
+        self._out.clear()
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
         self._queue.stop()
@@ -159,6 +169,10 @@ class SMTPServer(Protocol):
 
     def _next_command(self) -> Step:
         """The next thing to do with what arrived: a command line, or message data."""
+        if len(self._out) >= FLUSH_REPLIES:
+            # A long pipelined run goes out in parts, so that a client that
+            # does not read is noticed (the transport pauses the queue) early.
+            self._flush()
         if self._input.in_data:
             chunk = self._input.next_data()
             if chunk is None:
@@ -562,6 +576,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
         clock: IReactorTime,
         hostname: str,
         idle_timeout: float = 300.0,
+        stall_timeout: float = 120.0,
         max_message_size: int = 35 * 1024 * 1024,
         max_recipients: int = 100,
         max_line_length: int = MAX_TEXT_LINE,
@@ -578,6 +593,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
         self.clock = clock
         self.hostname = hostname
         self.idle_timeout = idle_timeout
+        self.stall_timeout = stall_timeout
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
         self.max_line_length = max_line_length

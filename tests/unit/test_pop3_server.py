@@ -38,6 +38,33 @@ class TLSRecordingTransport(StringTransport):
         self.tls_started_with = options
 
 
+class UnreadTransport(TLSRecordingTransport):
+    """A TCP-like transport whose peer reads only when told to: like Twisted's
+    FileDescriptor, it pauses its producer once more than 64 KiB wait unsent,
+    and resumes it when the peer has read them all."""
+
+    buffer_size = 65536
+    unread = 0
+    producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        if self.producer is not None and not self.producer_paused:
+            if self.unread > self.buffer_size:
+                self.producer_paused = True
+                self.producer.pauseProducing()
+
+    def peer_reads(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.unread = 0
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
 class Gateway:
     """One gateway front end with two devices on one account, in memory."""
 
@@ -92,9 +119,13 @@ class Gateway:
         self.maildrops.append(drop)
         return drop
 
-    def connect(self, peer: str = "10.1.2.3") -> Device_:
+    def connect(
+        self,
+        peer: str = "10.1.2.3",
+        transport_class: type[TLSRecordingTransport] = TLSRecordingTransport,
+    ) -> Device_:
         proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
         proto.makeConnection(transport)
         client = Device_(proto, transport, self.clock)
         assert client.read() == b"+OK POP3 gateway ready\r\n"
@@ -426,3 +457,68 @@ def test_session_duration_comes_from_the_injected_clock() -> None:
 
     (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("pop3 session")]
     assert "duration=43.250s" in line
+
+
+def pipeline_until_paused(transport: UnreadTransport, proto: Any, command: bytes) -> int:
+    """Send `command` over and over, 64 KiB at a time, as long as the gateway
+    reads (up to 4 MiB); the number of bytes sent."""
+    chunk = command * (65536 // len(command))
+    sent = 0
+    while transport.producerState == "producing" and sent < 4 * 2**20:
+        proto.dataReceived(chunk)
+        sent += len(chunk)
+    return sent
+
+
+def test_a_client_that_never_reads_replies_is_not_read_and_then_closed() -> None:
+    gw = Gateway()
+    dev = gw.connect(transport_class=UnreadTransport)
+    transport = dev.transport
+    assert isinstance(transport, UnreadTransport)
+    sent = pipeline_until_paused(transport, dev.proto, b"CAPA\r\n")
+    # Reading stopped after the first packet; what waits to be sent stays
+    # within the transport's buffer plus one reply.
+    assert transport.producerState == "paused"
+    assert sent == 65536 - 65536 % 6
+    assert transport.unread <= 65536 + 200
+    # Stuck for less than the deadline, then it reads a little: not closed.
+    gw.clock.advance(100)
+    assert transport.peer_reads().count(b"+OK capability list follows") > 100
+    assert not transport.disconnecting and transport.unread <= 65536 + 200
+    gw.clock.advance(100)
+    assert not transport.disconnecting
+    # Stuck past the deadline: closed, and the session line says why.
+    gw.clock.advance(20)
+    assert transport.disconnecting
+    assert dev.proto.record.outcome == "not reading replies"
+
+
+def test_a_pipelining_client_that_reads_gets_every_reply() -> None:
+    gw = Gateway()
+    dev = gw.connect(transport_class=UnreadTransport)
+    transport = dev.transport
+    assert isinstance(transport, UnreadTransport)
+    dev.proto.dataReceived(b"CAPA\r\n" * 3000)
+    replies = b""
+    while chunk := transport.peer_reads():
+        replies += chunk
+    assert replies.count(b"+OK capability list follows\r\n") == 3000
+    assert replies.endswith(b"IMPLEMENTATION mail-gateway\r\n.\r\n")
+    assert transport.producerState == "producing" and not transport.disconnecting
+    dev.proto.dataReceived(b"USER printer\r\nPASS printer-pw\r\nSTAT\r\n")
+    gw.clock.advance(1)
+    assert transport.peer_reads().endswith(b"+OK 2 74\r\n")
+
+
+def test_paused_output_alone_does_not_stop_reading() -> None:
+    # A TLS layer pauses its producer while the handshake is under way, and
+    # must go on reading to finish it: reading stops only once a command waits.
+    gw = Gateway()
+    dev = gw.connect()
+    dev.transport.producer.pauseProducing()
+    assert dev.transport.producerState == "producing"
+    dev.proto.dataReceived(b"CAPA\r\n")
+    assert dev.read() == b"" and dev.transport.producerState == "paused"
+    dev.transport.producer.resumeProducing()
+    assert dev.read().startswith(b"+OK capability list follows\r\n")
+    assert dev.transport.producerState == "producing"

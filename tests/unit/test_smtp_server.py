@@ -33,6 +33,33 @@ class TLSRecordingTransport(StringTransport):
         self.tls_started_with = options
 
 
+class UnreadTransport(TLSRecordingTransport):
+    """A TCP-like transport whose peer reads only when told to: like Twisted's
+    FileDescriptor, it pauses its producer once more than 64 KiB wait unsent,
+    and resumes it when the peer has read them all."""
+
+    buffer_size = 65536
+    unread = 0
+    producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        if self.producer is not None and not self.producer_paused:
+            if self.unread > self.buffer_size:
+                self.producer_paused = True
+                self.producer.pauseProducing()
+
+    def peer_reads(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.unread = 0
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
 def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
 
@@ -109,9 +136,13 @@ class Gateway:
             max_recipients=max_recipients,
         )
 
-    def connect(self, peer: str = "10.1.2.3") -> Client:
+    def connect(
+        self,
+        peer: str = "10.1.2.3",
+        transport_class: type[TLSRecordingTransport] = TLSRecordingTransport,
+    ) -> Client:
         proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
         proto.makeConnection(transport)
         client = Client(proto, transport, self.clock)
         assert client.read() == b"220 gw.test ESMTP mail gateway ready\r\n"
@@ -448,3 +479,50 @@ def test_session_duration_comes_from_the_injected_clock(gw: Gateway) -> None:
         globalLogPublisher.removeObserver(events.append)
     (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("smtp session")]
     assert "duration=43.250s" in line
+
+
+def pipeline_until_paused(transport: UnreadTransport, proto: Any, command: bytes) -> int:
+    """Send `command` over and over, 64 KiB at a time, as long as the gateway
+    reads (up to 4 MiB); the number of bytes sent."""
+    chunk = command * (65536 // len(command))
+    sent = 0
+    while transport.producerState == "producing" and sent < 4 * 2**20:
+        proto.dataReceived(chunk)
+        sent += len(chunk)
+    return sent
+
+
+@pytest.mark.parametrize("command", [b"NOOP\r\n", b"EHLO x\r\n"])
+def test_a_client_that_never_reads_replies_is_not_read_and_then_closed(
+    gw: Gateway, command: bytes
+) -> None:
+    client = gw.connect(transport_class=UnreadTransport)
+    transport = client.transport
+    assert isinstance(transport, UnreadTransport)
+    sent = pipeline_until_paused(transport, client.proto, command)
+    assert transport.producerState == "paused"
+    assert sent <= 65536
+    # The transport's buffer plus one batch of replies at most.
+    assert transport.unread <= 65536 + 64 * 200
+    gw.clock.advance(100)
+    assert len(transport.peer_reads()) > 65536
+    assert not transport.disconnecting
+    gw.clock.advance(100)
+    assert not transport.disconnecting
+    gw.clock.advance(20)
+    assert transport.disconnecting
+    assert client.proto.record.outcome == "not reading replies"
+
+
+def test_a_pipelining_client_that_reads_gets_every_reply(gw: Gateway) -> None:
+    client = gw.connect(transport_class=UnreadTransport)
+    transport = client.transport
+    assert isinstance(transport, UnreadTransport)
+    client.proto.dataReceived(b"EHLO x\r\n" + b"NOOP\r\n" * 10000)
+    replies = b""
+    while chunk := transport.peer_reads():
+        replies += chunk
+    assert replies.count(b"250 2.0.0 OK\r\n") == 10000
+    assert transport.producerState == "producing" and not transport.disconnecting
+    client.proto.dataReceived(b"QUIT\r\n")
+    assert transport.peer_reads() == b"221 2.0.0 bye\r\n"
