@@ -6,10 +6,17 @@ address, TLS version and cipher once TLS is up), and refuse a login the same
 way: one log line fail2ban can match, a pause before the answer, and a limit
 of failures per connection. The protocol-specific counters and reply texts
 stay in each server.
+
+Every value in a log line goes through `log_value`: a user name a device
+sent is as untrusted as any other input, and a line must not be forgeable
+(a LF starts a new one) nor readable two ways (`ghost from 10.77.77.77:
+wrong password` as a user name reads as a refusal for that address).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,6 +31,23 @@ from gateway.tls import describe
 
 # Refuse further logins on a connection after this many failures.
 MAX_AUTH_FAILURES = 3
+
+# Written as they are: names, addresses, numbers. Nothing here can end a
+# field or a line, or open a quoted value.
+_BARE = re.compile(r"[A-Za-z0-9._@+:/,-]+")
+
+
+def log_value(value: str) -> str:
+    """`value` as one unambiguous field of a log line.
+
+    Names and addresses stay as they are; anything else (spaces, quotes,
+    control characters, non-ASCII, the empty string) becomes a JSON string
+    in double quotes, so it cannot end the field or the line, and reads back
+    exactly with `json.loads`.
+    """
+    if _BARE.fullmatch(value):
+        return value
+    return json.dumps(value, ensure_ascii=True)
 
 
 @dataclass
@@ -46,13 +70,13 @@ class BaseSessionRecord:
     def log_fields(self, now: float) -> dict[str, Any]:
         """The fields every protocol's session line has, named alike in all of them."""
         return {
-            "device": self.device,
-            "peer": self.peer,
-            "account": self.account,
-            "tls_version": self.tls_version,
-            "tls_cipher": self.tls_cipher,
+            "device": log_value(self.device),
+            "peer": log_value(self.peer),
+            "account": log_value(self.account),
+            "tls_version": log_value(self.tls_version),
+            "tls_cipher": log_value(self.tls_cipher),
             "duration": now - self.started,
-            "outcome": self.outcome,
+            "outcome": log_value(self.outcome),
         }
 
     def note_tls(self, transport: Any) -> None:
@@ -108,13 +132,18 @@ class LoginRefusals:
         self, user: str, refusal: AuthFailed, connected: Callable[[], bool]
     ) -> Refused:
         """Log the refusal, pause, and say what to answer. `connected()` tells
-        whether the device is still there after the pause."""
+        whether the device is still there after the pause.
+
+        The line is what etc/fail2ban/filter.d/gateway.conf matches: only the
+        gateway's own text comes before the peer address, and the one value a
+        device chose (the user name) is a single `log_value` field.
+        """
         self._record.auth_failures.append(refusal.reason)
         self._log.warn(
             "{protocol} login refused for device {device} from {peer}: {reason}",
             protocol=self._protocol,
-            device=refusal.device or user,
-            peer=self._record.peer,
+            device=log_value(refusal.device or user),
+            peer=log_value(self._record.peer),
             reason=refusal.reason,
         )
         await deferLater(self._clock, self._delay, lambda: None)

@@ -50,7 +50,7 @@ from gateway.pop3.parser import (
     parse_line_count,
     parse_message_number,
 )
-from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, peer_host
+from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, log_value, peer_host
 
 log = Logger(namespace="gateway.pop3")
 
@@ -192,7 +192,9 @@ class POP3Server(Protocol):
         return self._handle(self._pending.popleft())
 
     def _unexpected_error(self, failure: Failure) -> None:
-        log.failure("pop3 internal error for device {device}", failure, device=self.record.device)
+        log.failure(
+            "pop3 internal error for device {device}", failure, device=log_value(self.record.device)
+        )
         self.record.outcome = "internal error"
         if self._connected:
             self._write_line(b"-ERR [SYS/TEMP] internal error, closing connection")
@@ -333,10 +335,10 @@ class POP3Server(Protocol):
         if not factory.locks.acquire(lock, device.name):
             log.info(
                 "pop3 device {device} from {peer}: account {account} is in use by {holder}",
-                device=device.name,
-                peer=self.record.peer,
-                account=account.name,
-                holder=factory.locks.holder(lock),
+                device=log_value(device.name),
+                peer=log_value(self.record.peer),
+                account=log_value(account.name),
+                holder=log_value(factory.locks.holder(lock) or "-"),
             )
             return self._err("mailbox in use by another session", "IN-USE")
         self._mailbox_lock = lock
@@ -509,8 +511,8 @@ class POP3Server(Protocol):
         emit(
             "pop3 upstream {step} failed for account {account} (device {device}): {kind}: {detail}",
             step=step,
-            account=self.record.account,
-            device=self.record.device,
+            account=log_value(self.record.account),
+            device=log_value(self.record.device),
             kind=type(error).__name__,
             detail=error.detail or str(error),
         )
@@ -566,33 +568,20 @@ _COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
 }
 
 
+@dataclass(eq=False, kw_only=True)
 class POP3ServerFactory(Factory[POP3Server]):
     """Everything a device session needs, injected, so unit tests can pass a
     fake clock, an in-memory maildrop opener and a synchronous authenticator."""
 
     protocol = POP3Server
 
-    def __init__(
-        self,
-        *,
-        listener: Listener,
-        tls_options: IOpenSSLServerConnectionCreator | None,
-        authenticator: DeviceAuthenticator,
-        accounts: Mapping[str, Account],
-        open_maildrop: MaildropOpener,
-        locks: AccountLocks,
-        clock: IReactorTime,
-        idle_timeout: float = 600.0,
-        stall_timeout: float = 120.0,
-        auth_failure_delay: float = 1.0,
-    ) -> None:
-        self.listener = listener
-        self.tls_options = tls_options
-        self.authenticator = authenticator
-        self.accounts = accounts
-        self.open_maildrop = open_maildrop
-        self.locks = locks
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.stall_timeout = stall_timeout
-        self.auth_failure_delay = auth_failure_delay
+    listener: Listener
+    tls_options: IOpenSSLServerConnectionCreator | None
+    authenticator: DeviceAuthenticator
+    accounts: Mapping[str, Account]
+    open_maildrop: MaildropOpener
+    locks: AccountLocks
+    clock: IReactorTime
+    idle_timeout: float = 600.0
+    stall_timeout: float = 120.0
+    auth_failure_delay: float = 1.0

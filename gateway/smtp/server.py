@@ -30,7 +30,7 @@ from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, W
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.model import Account, Device, Listener, Provider
 from gateway.net import set_no_delay
-from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, peer_host
+from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
 from gateway.smtp.intake import MessageIntake, Transaction
 from gateway.smtp.parser import (
@@ -184,7 +184,9 @@ class SMTPServer(Protocol):
         return EMPTY if event is None else self._handle(event)
 
     def _unexpected_error(self, failure: Failure) -> None:
-        log.failure("smtp internal error for device {device}", failure, device=self.record.device)
+        log.failure(
+            "smtp internal error for device {device}", failure, device=log_value(self.record.device)
+        )
         self.record.outcome = "internal error"
         if self._connected:
             self._reply(421, "4.3.0", "internal error, closing connection")
@@ -395,7 +397,7 @@ class SMTPServer(Protocol):
             self.record.refused += 1
             log.info(
                 "smtp relay refused for {peer}: not authenticated and not an allowed network",
-                peer=self.record.peer,
+                peer=log_value(self.record.peer),
             )
             hint = "authenticate first" if self._auth_allowed() else "STARTTLS and authenticate"
             return self._reply(550, "5.7.1", f"relaying denied: {hint}")
@@ -405,8 +407,8 @@ class SMTPServer(Protocol):
         if provider is None or provider.smtp is None:
             log.error(
                 "smtp device {device}: account {account} has no upstream smtp endpoint",
-                device=device.name,
-                account=account.name,
+                device=log_value(device.name),
+                account=log_value(account.name),
             )
             return self._reply(554, "5.3.5", "relaying is not configured for this device")
         problem = mail_params_problem(parsed.params, self.factory.max_message_size)
@@ -416,9 +418,9 @@ class SMTPServer(Protocol):
             self.record.refused += 1
             log.info(
                 "smtp sender <{sender}> refused for device {device} (account {account})",
-                sender=parsed.address,
-                device=device.name,
-                account=account.name,
+                sender=log_value(parsed.address),
+                device=log_value(device.name),
+                account=log_value(account.name),
             )
             return self._reply(550, "5.7.1", f"sender <{parsed.address}> not allowed")
         self.record.device, self.record.account = device.name, account.name
@@ -480,7 +482,7 @@ class SMTPServer(Protocol):
             refusal = intake.refusal
             log.info(
                 "smtp message refused for device {device}: {reason}",
-                device=txn.device.name,
+                device=log_value(txn.device.name),
                 reason=refusal.text,
             )
             self._reset_transaction()
@@ -523,8 +525,8 @@ class SMTPServer(Protocol):
             "bytes={bytes_in} refused={refused} auth_failures={failures} "
             "duration={duration:.3f}s outcome={outcome}",
             **r.log_fields(self.factory.clock.seconds()),
-            identified_by=r.identified_by,
-            queued=_id_list(r.queued),
+            identified_by=log_value(r.identified_by),
+            queued=log_value(_id_list(r.queued)),
             recipients=r.recipients,
             bytes_in=r.bytes_in,
             refused=r.refused,
@@ -556,48 +558,32 @@ _COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
 }
 
 
+@dataclass(eq=False, kw_only=True)
 class SMTPServerFactory(Factory[SMTPServer]):
     """Everything a device session needs, injected: tests pass a memory clock,
     a synchronous authenticator and a spool whose fsync runs inline."""
 
     protocol = SMTPServer
 
-    def __init__(
-        self,
-        *,
-        listener: Listener,
-        tls_options: IOpenSSLServerConnectionCreator | None,
-        authenticator: DeviceAuthenticator,
-        devices: Mapping[str, Device],
-        accounts: Mapping[str, Account],
-        providers: Mapping[str, Provider],
-        spool: Spool,
-        on_queued: Callable[[QueueEntry], None],
-        clock: IReactorTime,
-        hostname: str,
-        idle_timeout: float = 300.0,
-        stall_timeout: float = 120.0,
-        max_message_size: int = 35 * 1024 * 1024,
-        max_recipients: int = 100,
-        max_line_length: int = MAX_TEXT_LINE,
-        auth_failure_delay: float = 1.0,
-    ) -> None:
-        self.listener = listener
-        self.tls_options = tls_options
-        self.authenticator = authenticator
-        self.network_devices = NetworkDevices.from_devices(devices.values())
-        self.accounts = accounts
-        self.providers = providers
-        self.spool = spool
-        self.on_queued = on_queued
-        self.clock = clock
-        self.hostname = hostname
-        self.idle_timeout = idle_timeout
-        self.stall_timeout = stall_timeout
-        self.max_message_size = max_message_size
-        self.max_recipients = max_recipients
-        self.max_line_length = max_line_length
-        self.auth_failure_delay = auth_failure_delay
+    listener: Listener
+    tls_options: IOpenSSLServerConnectionCreator | None
+    authenticator: DeviceAuthenticator
+    devices: Mapping[str, Device]
+    accounts: Mapping[str, Account]
+    providers: Mapping[str, Provider]
+    spool: Spool
+    on_queued: Callable[[QueueEntry], None]
+    clock: IReactorTime
+    hostname: str
+    idle_timeout: float = 300.0
+    stall_timeout: float = 120.0
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = MAX_TEXT_LINE
+    auth_failure_delay: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.network_devices = NetworkDevices.from_devices(self.devices.values())
 
 
 def _id_list(ids: list[str], shown: int = 20) -> str:

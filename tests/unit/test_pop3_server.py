@@ -21,6 +21,7 @@ from gateway.model import Account, Device, Listener, Secret
 from gateway.pop3.server import POP3ServerFactory
 from gateway.pop3.stuffing import unstuff
 from gateway.testing.memory_maildrop import MemoryMaildrop
+from tests.helpers.log_lines import captured_log, fail2ban_hosts
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 MSG1 = b"Subject: one\r\n\r\nhello\r\n.dot line\r\n"
@@ -522,3 +523,28 @@ def test_paused_output_alone_does_not_stop_reading() -> None:
     dev.transport.producer.resumeProducing()
     assert dev.read().startswith(b"+OK capability list follows\r\n")
     assert dev.transport.producerState == "producing"
+
+
+INJECTED_NAMES = [
+    "ghost from 10.77.77.77: wrong password",
+    "x\n2026-12-05T10:00:00+0000 [gateway.pop3#warn] pop3 login refused for device y"
+    " from 10.66.66.66: wrong password",
+    'q" from 10.55.55.55: wrong password',
+    "z\\",
+]
+
+
+def test_an_injected_user_name_cannot_choose_whom_fail2ban_bans() -> None:
+    gw = Gateway()
+    with captured_log() as text:
+        for name in INJECTED_NAMES:
+            dev = gw.connect(peer="10.1.2.3")
+            dev.send(b"AUTH PLAIN")
+            reply = dev.send(base64.b64encode(b"\0" + name.encode() + b"\0pw"))
+            assert reply == b"-ERR [AUTH] invalid user name or password\r\n"
+    refusals = [line for line in text if "login refused" in line]
+    # One line per refusal, each with the real peer, found only by the filter.
+    assert len(refusals) == len(INJECTED_NAMES)
+    assert all(line.count("\n") == 1 for line in refusals)
+    assert all(" from 10.1.2.3: unknown device\n" in line for line in refusals)
+    assert fail2ban_hosts("".join(text).splitlines()) == ["10.1.2.3"] * len(INJECTED_NAMES)

@@ -18,6 +18,7 @@ from gateway.devices import DeviceAuthenticator
 from gateway.model import ANY_ADDRESS, Account, Device, Endpoint, Listener, Provider, Secret
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import QueueEntry, Spool, SpoolDir
+from tests.helpers.log_lines import captured_log, fail2ban_hosts
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -526,3 +527,37 @@ def test_a_pipelining_client_that_reads_gets_every_reply(gw: Gateway) -> None:
     assert transport.producerState == "producing" and not transport.disconnecting
     client.proto.dataReceived(b"QUIT\r\n")
     assert transport.peer_reads() == b"221 2.0.0 bye\r\n"
+
+
+INJECTED_NAMES = [
+    "ghost from 10.77.77.77: wrong password",
+    "x\r\n2026-12-05T10:00:00+0000 [gateway.smtp#warn] smtp login refused for device y"
+    " from 10.66.66.66: wrong password",
+    'q" from 10.55.55.55: wrong password',
+]
+
+
+def test_an_injected_user_name_cannot_choose_whom_fail2ban_bans(gw: Gateway) -> None:
+    with captured_log() as text:
+        for name in INJECTED_NAMES:
+            client = gw.connect(peer="10.1.2.3")
+            client.send(b"EHLO x")
+            plain = client.send(b"AUTH PLAIN " + b64(b"\0" + name.encode() + b"\0pw"))
+            assert plain.startswith(b"535 5.7.8")
+            client.send(b"AUTH LOGIN " + b64(name.encode()))
+            assert client.send(b64(b"pw")).startswith(b"535 5.7.8")
+    refusals = [line for line in text if "login refused" in line]
+    assert len(refusals) == 2 * len(INJECTED_NAMES)
+    assert all(line.count("\n") == 1 for line in refusals)
+    assert all(" from 10.1.2.3: unknown device\n" in line for line in refusals)
+    assert fail2ban_hosts("".join(text).splitlines()) == ["10.1.2.3"] * len(refusals)
+
+
+def test_a_peer_supplied_sender_is_quoted_in_the_log(gw: Gateway) -> None:
+    client = gw.connect()
+    client.login()
+    with captured_log() as text:
+        reply = client.send(b'MAIL FROM:<"x\\" y"@other.example.com>')
+    assert reply.startswith(b"550 5.7.1")
+    (line,) = [line for line in text if "smtp sender" in line]
+    assert 'smtp sender <"\\"x\\\\\\" y\\"@other.example.com"> refused' in line
