@@ -7,7 +7,9 @@ digest (HMAC-SHA256 under a per-process random key) of the password that
 worked, and later logins compare against that in microseconds. The digest
 never leaves memory and is useless without the key, which never leaves the
 process either. Failures are never cached and always pay for a full check,
-with a bounded number running at once, so guessing stays expensive.
+with a bounded number running at once, so guessing stays expensive. Neither
+is a login refused for its address or protocol: it pays for a full check
+whether or not the password is right, so its timing cannot tell which.
 
 An unknown device name is checked against a dummy hash made with the same
 argon2 parameters as the configured devices' hashes: a check costs what its
@@ -94,14 +96,20 @@ class DeviceAuthenticator:
         if device is None:
             await self._checks.run(self._run_in_thread, self._verify_unknown, password)
             raise AuthFailed("unknown device")
+        refusal = None
+        if not device.allowed(peer):
+            refusal = f"address {peer} not in allow_from"
+        elif protocol not in device.protocols:
+            refusal = f"protocol {protocol} not allowed"
+        if refusal is not None:
+            # Refused whatever the password: it gets the full argon2 check,
+            # never the remembered digest, right or wrong, so the time the
+            # refusal takes says nothing about it. The log still tells an
+            # admin which it was.
+            right = await self._slow_check(device.password_hash.reveal(), password)
+            raise AuthFailed(refusal if right else "wrong password", device.name)
         if not await self._password_matches(device, password):
             raise AuthFailed("wrong password", device.name)
-        # Address and protocol are checked after the password so that a
-        # refusal for them does not reveal that the password was right.
-        if not device.allowed(peer):
-            raise AuthFailed(f"address {peer} not in allow_from", device.name)
-        if protocol not in device.protocols:
-            raise AuthFailed(f"protocol {protocol} not allowed", device.name)
         return device
 
     async def _password_matches(self, device: Device, password: bytes) -> bool:

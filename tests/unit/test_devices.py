@@ -3,6 +3,7 @@ refusal costs."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
@@ -65,3 +66,38 @@ def test_dummy_hash_is_made_on_first_use_not_at_import() -> None:
     with pytest.raises(AuthFailed, match="unknown device"):
         outcome(auth.authenticate("ghost", b"x", "10.0.0.1", "pop3"))
     assert auth._dummy is not None
+
+
+def test_a_refusal_for_address_or_protocol_costs_the_same_right_or_wrong() -> None:
+    checks: list[tuple[str, tuple[Any, ...]]] = []
+
+    def counting(f: Any, *args: Any) -> Deferred[Any]:
+        checks.append((f.__name__, args[:1]))
+        return succeed(f(*args))
+
+    printer = Device(
+        name="printer",
+        password_hash=Secret(FAST_HASHER.hash("printer-pw")),
+        account="a",
+        allow_from=(ipaddress.ip_network("10.0.0.0/8"),),
+        protocols=frozenset({"pop3"}),
+    )
+    auth = DeviceAuthenticator({"printer": printer}, run_in_thread=counting)
+    # Logged in once since start: the keyed digest of its password is remembered.
+    assert outcome(auth.authenticate("printer", b"printer-pw", "10.1.1.1", "pop3")) is printer
+    assert outcome(auth.authenticate("printer", b"printer-pw", "10.1.1.1", "pop3")) is printer
+    checks.clear()
+    work: dict[tuple[str, str, bytes], list[tuple[str, tuple[Any, ...]]]] = {}
+    for peer, protocol in [("192.0.2.1", "pop3"), ("10.1.1.1", "smtp")]:
+        for password in (b"printer-pw", b"wrong"):
+            with pytest.raises(AuthFailed) as refused:
+                outcome(auth.authenticate("printer", password, peer, protocol))
+            work[peer, protocol, password] = checks[:]
+            checks.clear()
+            if password == b"wrong":
+                assert refused.value.reason == "wrong password"
+            else:
+                assert refused.value.reason != "wrong password"
+    # One full argon2 check against the device's hash, right password or wrong.
+    full_check = [("_verify", (printer.password_hash.reveal(),))]
+    assert all(done == full_check for done in work.values()), work
