@@ -182,6 +182,7 @@ class CommandQueue:
         self._reading_paused = False
         self.output = OutputFlow(self._output_blocked, self._output_unblocked)
         transport.registerProducer(self.output, True)
+        self._registered = True
         self._idle.start()
 
     @property
@@ -210,6 +211,19 @@ class CommandQueue:
         finally:
             self._draining = False
             self._after_batch()
+
+    def lose_connection(self) -> None:
+        """Close the connection once what was written is sent.
+
+        The queue stops being the transport's producer first: a TLS transport
+        does not shut down while a producer is registered, and a TCP one
+        resumes a paused producer instead of closing. If the device does not
+        read what is left, the stall deadline still aborts the connection.
+        """
+        if self._registered:
+            self._registered = False
+            self._transport.unregisterProducer()
+        self._transport.loseConnection()
 
     def stop(self) -> None:
         """The connection is gone (or going): no timer may fire any more."""

@@ -198,7 +198,7 @@ class POP3Server(Protocol):
         self.record.outcome = "internal error"
         if self._connected:
             self._write_line(b"-ERR [SYS/TEMP] internal error, closing connection")
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     def _handle(self, event: Line | Overlong) -> Work | None:
         if self._sasl_pending:
@@ -365,12 +365,12 @@ class POP3Server(Protocol):
             return
         self._err("invalid user name or password", "AUTH")
         if verdict is Refused.CLOSE:
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     def do_quit_authorization(self, command: Command) -> None:
         self.record.outcome = "quit before login"
         self._ok("bye")
-        self.transport.loseConnection()
+        self._queue.lose_connection()
 
     # -- TRANSACTION -----------------------------------------------------
 
@@ -480,14 +480,14 @@ class POP3Server(Protocol):
             self._release_maildrop(abort=True)
             if self._connected:
                 self._err("some deleted messages were not removed", "SYS/TEMP")
-                self.transport.loseConnection()
+                self._queue.lose_connection()
             return
         self.record.deleted = len(deleted)
         self.record.outcome = "quit"
         self._release_maildrop(abort=False)
         if self._connected:
             self._ok(f"bye, {len(deleted)} messages deleted")
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     # -- upstream trouble and cleanup -----------------------------------
 
@@ -504,7 +504,7 @@ class POP3Server(Protocol):
         self._err(str(error), error.code)
         if isinstance(error, UpstreamLost):
             self.record.outcome = f"upstream lost during {step}"
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     def _log_upstream_error(self, error: MaildropError, step: str) -> None:
         emit = log.error if isinstance(error, UpstreamRejected) else log.warn

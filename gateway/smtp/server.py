@@ -191,7 +191,7 @@ class SMTPServer(Protocol):
         if self._connected:
             self._reply(421, "4.3.0", "internal error, closing connection")
             self._flush()
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     def _handle(self, event: Line | Overlong) -> Work | None:
         if self._sasl is not None:
@@ -255,7 +255,7 @@ class SMTPServer(Protocol):
     def _close(self) -> None:
         self._flush()
         self._input.discard()
-        self.transport.loseConnection()
+        self._queue.lose_connection()
         self._connected = False
 
     # -- greeting and session ------------------------------------------------

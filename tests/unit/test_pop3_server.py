@@ -22,6 +22,7 @@ from gateway.pop3.server import POP3ServerFactory
 from gateway.pop3.stuffing import unstuff
 from gateway.testing.memory_maildrop import MemoryMaildrop
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
+from tests.helpers.tls_pair import tls_pair
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 MSG1 = b"Subject: one\r\n\r\nhello\r\n.dot line\r\n"
@@ -548,3 +549,15 @@ def test_an_injected_user_name_cannot_choose_whom_fail2ban_bans() -> None:
     assert all(line.count("\n") == 1 for line in refusals)
     assert all(" from 10.1.2.3: unknown device\n" in line for line in refusals)
     assert fail2ban_hosts("".join(text).splitlines()) == ["10.1.2.3"] * len(INJECTED_NAMES)
+
+
+def test_quit_over_tls_closes_the_connection() -> None:
+    # A TLS transport shuts down only once no producer is registered on it.
+    gw = Gateway()
+    peer, server, pump = tls_pair(gw.factory, gw.clock)
+    proto = server.wrappedProtocol
+    assert peer.take() == b"+OK POP3 gateway ready\r\n"
+    peer.transport.write(b"CAPA\r\nQUIT\r\n")
+    pump.flush()
+    assert peer.take().endswith(b".\r\n+OK bye\r\n")
+    assert peer.closed and proto.record.outcome == "quit before login"

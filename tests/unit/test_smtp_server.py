@@ -19,6 +19,7 @@ from gateway.model import ANY_ADDRESS, Account, Device, Endpoint, Listener, Prov
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import QueueEntry, Spool, SpoolDir
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
+from tests.helpers.tls_pair import tls_pair
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -561,3 +562,14 @@ def test_a_peer_supplied_sender_is_quoted_in_the_log(gw: Gateway) -> None:
     assert reply.startswith(b"550 5.7.1")
     (line,) = [line for line in text if "smtp sender" in line]
     assert 'smtp sender <"\\"x\\\\\\" y\\"@other.example.com"> refused' in line
+
+
+def test_quit_over_tls_closes_the_connection(gw: Gateway) -> None:
+    # A TLS transport shuts down only once no producer is registered on it.
+    peer, server, pump = tls_pair(gw.factory, gw.clock)
+    proto = server.wrappedProtocol
+    assert peer.take() == b"220 gw.test ESMTP mail gateway ready\r\n"
+    peer.transport.write(b"EHLO x\r\nQUIT\r\n")
+    pump.flush()
+    assert peer.take().endswith(b"221 2.0.0 bye\r\n")
+    assert peer.closed and proto.record.outcome == "quit"
