@@ -7,6 +7,9 @@ also owns what goes with that:
 
 - the idle timer, on the injected clock: silence counts only while no
   command waits, since a wait is the gateway's doing, not the device's;
+- the line deadline: a command line must end within `line_timeout` of its
+  first byte, so a client trickling a byte now and then (each one resets the
+  idle timer) cannot hold a connection for ever;
 - the pause of reading from a device whose pipelined backlog grows past a
   bound, so a client cannot make the gateway buffer without limit;
 - the same for what goes out: the queue is the transport's producer for the
@@ -159,12 +162,15 @@ class CommandQueue:
         *,
         idle_timeout: float,
         stall_timeout: float,
+        line_timeout: float,
         next_command: Callable[[], Step],
+        partial_line: Callable[[], bool],
         connected: Callable[[], bool],
         backlog: Callable[[], int],
         max_backlog: int,
         on_idle: Callable[[], None],
         on_stalled: Callable[[], None],
+        on_line_timeout: Callable[[], None],
         on_error: Callable[[Failure], None],
         after_batch: Callable[[], None] = lambda: None,
     ) -> None:
@@ -177,6 +183,8 @@ class CommandQueue:
         self._after_batch = after_batch
         self._idle = Deadline(clock, idle_timeout, on_idle)
         self._stalled = Deadline(clock, stall_timeout, on_stalled)
+        self._line = Deadline(clock, line_timeout, on_line_timeout)
+        self._partial_line = partial_line
         self._busy = False
         self._draining = False
         self._reading_paused = False
@@ -190,9 +198,12 @@ class CommandQueue:
         """Whether a command is waiting for its answer."""
         return self._busy
 
-    def received(self) -> None:
-        """Bytes arrived and went to the parser: silence starts over; run what is complete."""
+    def received(self, data: bytes) -> None:
+        """`data` arrived and went to the parser: silence starts over; run what is
+        complete. A line that ended gives the next one a deadline of its own."""
         self._idle.reset()
+        if self._line.armed and b"\n" in data:
+            self._line.stop()
         self.drain()
 
     def drain(self) -> None:
@@ -208,6 +219,7 @@ class CommandQueue:
                 if work is not None:
                     self._start(work)
             self._flow_control()
+            self._watch_line()
         finally:
             self._draining = False
             self._after_batch()
@@ -229,6 +241,7 @@ class CommandQueue:
         """The connection is gone (or going): no timer may fire any more."""
         self._idle.stop()
         self._stalled.stop()
+        self._line.stop()
 
     def _start(self, work: Work) -> None:
         self._busy = True
@@ -253,6 +266,14 @@ class CommandQueue:
         elif self._reading_paused and backlog <= limit // 2 and self._connected():
             self._reading_paused = False
             self._transport.resumeProducing()
+
+    def _watch_line(self) -> None:
+        # While reading is paused the line cannot end: its deadline waits too.
+        if self._partial_line() and not self._reading_paused:
+            if not self._line.armed:
+                self._line.start()
+        else:
+            self._line.stop()
 
     def _output_blocked(self) -> None:
         self._stalled.start()

@@ -147,12 +147,15 @@ class POP3Server(Protocol):
             factory.clock,
             idle_timeout=factory.idle_timeout,
             stall_timeout=factory.stall_timeout,
+            line_timeout=factory.line_timeout,
             next_command=self._next_command,
+            partial_line=lambda: self._reader.partial,
             connected=lambda: self._connected,
             backlog=lambda: len(self._pending),
             max_backlog=MAX_QUEUED_COMMANDS,
             on_idle=self.timeoutConnection,
             on_stalled=self._stalled,
+            on_line_timeout=self._line_timeout,
             on_error=self._unexpected_error,
         )
         self._tls = factory.listener.tls == "implicit"
@@ -163,12 +166,17 @@ class POP3Server(Protocol):
         if self._tls and not self._tls_described:
             self._describe_tls()
         self._pending.extend(self._reader.feed(data))
-        self._queue.received()
+        self._queue.received(data)
 
     def timeoutConnection(self) -> None:
         self.record.outcome = "idle timeout"
         self._write_line(b"-ERR idle timeout, closing connection")
         self.transport.abortConnection()
+
+    def _line_timeout(self) -> None:
+        self.record.outcome = "command line not completed in time"
+        self._write_line(b"-ERR command line not completed in time, closing connection")
+        self._queue.lose_connection()
 
     def _stalled(self) -> None:
         # Nothing more can be sent to a device that does not read.
@@ -584,4 +592,5 @@ class POP3ServerFactory(Factory[POP3Server]):
     clock: IReactorTime
     idle_timeout: float = 600.0
     stall_timeout: float = 120.0
+    line_timeout: float = 60.0
     auth_failure_delay: float = 1.0

@@ -85,6 +85,13 @@ class SMTPInput:
     def in_data(self) -> bool:
         return self._in_data
 
+    @property
+    def partial_line(self) -> bool:
+        """Whether a command line has begun and not ended (its deadline is running)."""
+        if self._in_data:
+            return False
+        return self._discarding or (bool(self._buffer) and self._buffer[-1] != 0x0A)
+
     def discard(self) -> None:
         """Forget everything buffered: after STARTTLS nothing sent in clear may run."""
         self._buffer.clear()

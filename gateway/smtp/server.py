@@ -18,7 +18,7 @@ the spool and fsynced; the relay takes it from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
@@ -30,7 +30,7 @@ from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, W
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.model import Account, Device, Listener, Provider
 from gateway.net import set_no_delay
-from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, log_value, peer_host
+from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
 from gateway.smtp.intake import MessageIntake, Transaction
 from gateway.smtp.parser import (
@@ -52,6 +52,8 @@ from gateway.smtp.policy import (
     relay_device,
     sender_allowed,
 )
+from gateway.smtp.record import LINE as session_line
+from gateway.smtp.record import SessionRecord
 from gateway.smtp.spool import QueueEntry, Spool
 
 log = Logger(namespace="gateway.smtp")
@@ -72,17 +74,6 @@ class Phase(Enum):
     READY = "ready"  # greeted, no mail transaction
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
-
-
-@dataclass
-class SessionRecord(BaseSessionRecord):
-    """What the one log line per session says (beyond `BaseSessionRecord`)."""
-
-    identified_by: str = "none"
-    queued: list[str] = field(default_factory=list)
-    recipients: int = 0
-    bytes_in: int = 0
-    refused: int = 0
 
 
 class SMTPServer(Protocol):
@@ -121,12 +112,15 @@ class SMTPServer(Protocol):
             factory.clock,
             idle_timeout=factory.idle_timeout,
             stall_timeout=factory.stall_timeout,
+            line_timeout=factory.line_timeout,
             next_command=self._next_command,
+            partial_line=lambda: self._input.partial_line,
             connected=lambda: self._connected,
             backlog=lambda: self._input.buffered,
             max_backlog=MAX_PIPELINED,
             on_idle=self.timeoutConnection,
             on_stalled=self._stalled,
+            on_line_timeout=self._line_timeout,
             on_error=self._unexpected_error,
             # One write per batch: a pipelined group's replies share a TLS record.
             after_batch=self._flush,
@@ -141,13 +135,18 @@ class SMTPServer(Protocol):
         if self._tls and not self._tls_described:
             self._describe_tls()
         self._input.feed(data)
-        self._queue.received()
+        self._queue.received(data)
 
     def timeoutConnection(self) -> None:
         self.record.outcome = "idle timeout"
         self._reply(421, "4.4.2", f"{self.factory.hostname} idle timeout, closing connection")
         self._flush()
         self.transport.abortConnection()
+
+    def _line_timeout(self) -> None:
+        self.record.outcome = "command line not completed in time"
+        self._reply(421, "4.4.2", "command line not completed in time, closing connection")
+        self._close()
 
     def _stalled(self) -> None:
         # Nothing more can be sent to a client that does not read.
@@ -518,20 +517,7 @@ class SMTPServer(Protocol):
         self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
-        r = self.record
-        log.info(
-            "smtp session device={device} peer={peer} account={account} by={identified_by} "
-            "tls={tls_version} cipher={tls_cipher} queued={queued} rcpts={recipients} "
-            "bytes={bytes_in} refused={refused} auth_failures={failures} "
-            "duration={duration:.3f}s outcome={outcome}",
-            **r.log_fields(self.factory.clock.seconds()),
-            identified_by=log_value(r.identified_by),
-            queued=log_value(_id_list(r.queued)),
-            recipients=r.recipients,
-            bytes_in=r.bytes_in,
-            refused=r.refused,
-            failures=len(r.auth_failures),
-        )
+        log.info(session_line, **self.record.log_fields(self.factory.clock.seconds()))
 
 
 _ALWAYS: Mapping[str, _Handler] = {
@@ -577,6 +563,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     hostname: str
     idle_timeout: float = 300.0
     stall_timeout: float = 120.0
+    line_timeout: float = 60.0
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = MAX_TEXT_LINE
@@ -584,11 +571,3 @@ class SMTPServerFactory(Factory[SMTPServer]):
 
     def __post_init__(self) -> None:
         self.network_devices = NetworkDevices.from_devices(self.devices.values())
-
-
-def _id_list(ids: list[str], shown: int = 20) -> str:
-    """Queue ids for the session line: "-", "ID,ID" or the first 20 and "+N"."""
-    if not ids:
-        return "-"
-    more = f",+{len(ids) - shown}" if len(ids) > shown else ""
-    return ",".join(ids[:shown]) + more

@@ -561,3 +561,36 @@ def test_quit_over_tls_closes_the_connection() -> None:
     pump.flush()
     assert peer.take().endswith(b".\r\n+OK bye\r\n")
     assert peer.closed and proto.record.outcome == "quit before login"
+
+
+def test_a_trickled_command_line_is_cut_at_its_deadline() -> None:
+    gw = Gateway()
+    dev = gw.connect()
+    # One byte every 10 s: each resets the idle timer, none ends the line.
+    for byte in b"USER printe":
+        dev.proto.dataReceived(bytes([byte]))
+        gw.clock.advance(5)
+        if dev.transport.disconnecting:
+            break
+        gw.clock.advance(5)
+    assert dev.read() == b"-ERR command line not completed in time, closing connection\r\n"
+    # Still open 55 s after the first byte (the loop went on), closed by 65 s.
+    assert dev.transport.disconnecting and gw.clock.seconds() == 65
+    assert dev.proto.record.outcome == "command line not completed in time"
+
+
+def test_each_line_has_its_own_deadline() -> None:
+    gw = Gateway()
+    dev = gw.connect()
+    dev.proto.dataReceived(b"NO")
+    gw.clock.advance(50)
+    dev.proto.dataReceived(b"OP\r\nCA")  # the next line starts now: 60 s from here
+    gw.clock.advance(50)
+    dev.proto.dataReceived(b"PA\r\n")
+    gw.clock.advance(59)
+    assert not dev.transport.disconnecting
+    assert dev.read().endswith(b"IMPLEMENTATION mail-gateway\r\n.\r\n")
+    # An overlong line trickled in is cut as well.
+    dev.proto.dataReceived(b"X" * 9000)
+    gw.clock.advance(60)
+    assert dev.transport.disconnecting

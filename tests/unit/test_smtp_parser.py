@@ -231,3 +231,16 @@ def test_address_problems() -> None:
     assert address_problem("a b@c.example", null_ok=False)
     assert address_problem("a@-bad_domain!", null_ok=False)
     assert address_problem("a@" + "x" * 260, null_ok=False)
+
+
+def test_partial_line_says_whether_a_command_line_is_under_way() -> None:
+    parser = SMTPInput(max_line=10)
+    assert not parser.partial_line
+    parser.feed(b"NOOP\r\nDA")
+    assert parser.partial_line
+    parser.feed(b"TA\r\n")
+    assert not parser.partial_line  # complete lines waiting are not partial
+    assert parser.next_line() is not None and parser.next_line() is not None
+    parser.start_data()
+    parser.feed(b"no line end in message data")
+    assert not parser.partial_line

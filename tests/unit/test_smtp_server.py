@@ -573,3 +573,31 @@ def test_quit_over_tls_closes_the_connection(gw: Gateway) -> None:
     pump.flush()
     assert peer.take().endswith(b"221 2.0.0 bye\r\n")
     assert peer.closed and proto.record.outcome == "quit"
+
+
+def test_a_trickled_command_line_is_cut_at_its_deadline(gw: Gateway) -> None:
+    client = gw.connect()
+    for byte in b"EHLO printer.loc":
+        client.proto.dataReceived(bytes([byte]))
+        gw.clock.advance(5)
+        if client.closed:
+            break
+        gw.clock.advance(5)
+    assert client.read() == (
+        b"421 4.4.2 command line not completed in time, closing connection\r\n"
+    )
+    assert client.closed and client.proto.record.outcome == "command line not completed in time"
+
+
+def test_message_data_and_quick_lines_have_no_line_deadline(gw: Gateway) -> None:
+    client = gw.connect()
+    client.login()
+    client.send(b"MAIL FROM:<a@scan.example.com>", b"RCPT TO:<b@example.org>")
+    assert client.send(b"DATA").startswith(b"354")
+    # Message data may come slowly: only the idle timer (300 s) applies to it.
+    for _ in range(5):
+        client.proto.dataReceived(b"Subject: slow")
+        gw.clock.advance(50)
+    client.proto.dataReceived(b"\r\n\r\nbody\r\n.\r\n")
+    assert client.read().startswith(b"250 2.0.0 OK queued as")
+    assert not client.closed
