@@ -215,8 +215,13 @@ class BadCommand:
 
 
 def parse_command(line: bytes) -> Command | BadCommand:
-    """Turn one command line into a verb and its argument text."""
-    if len(line) + 2 > MAX_COMMAND_LINE:
+    """Turn one command line into a verb and its argument text.
+
+    Only AUTH may be longer than 512 octets: RFC 4954 section 4 allows 12288
+    for it, so that an initial response fits on the command line.
+    """
+    limit = MAX_LINE if line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
+    if len(line) + 2 > limit:
         return BadCommand("line too long")
     if not line.isascii():
         return BadCommand("8-bit characters in a command (SMTPUTF8 is not offered)")

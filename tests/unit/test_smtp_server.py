@@ -601,3 +601,16 @@ def test_message_data_and_quick_lines_have_no_line_deadline(gw: Gateway) -> None
     client.proto.dataReceived(b"\r\n\r\nbody\r\n.\r\n")
     assert client.read().startswith(b"250 2.0.0 OK queued as")
     assert not client.closed
+
+
+def test_a_long_auth_initial_response_is_accepted(gw: Gateway) -> None:
+    client = gw.connect()
+    client.send(b"EHLO x")
+    # RFC 4954 allows 12288 octets: a long password fits in the initial response.
+    response = b64(b"\0printer\0" + b"p" * 9000)
+    assert len(b"AUTH PLAIN " + response + b"\r\n") > 12000
+    assert client.send(b"AUTH PLAIN " + response).startswith(b"535 5.7.8")
+    assert client.send(b"AUTH PLAIN " + b64(b"\0printer\0printer-pw")).startswith(b"235")
+    # Beyond 12288 octets, and any other command beyond 512, is too long.
+    assert client.send(b"AUTH PLAIN " + b"A" * 12300).startswith(b"500 5.5.6")
+    assert client.send(b"NOOP " + b"x" * 600).startswith(b"500 5.5.2 line too long")
