@@ -3,8 +3,8 @@ codes, RFC 2595 STLS and RFC 5034 AUTH PLAIN.
 
 The command table below is the state machine: which verbs each phase accepts
 and which method answers them. Commands are executed strictly one after the
-other (RFC 2449 PIPELINING): a command that waits on the upstream holds the
-queue until its answer is complete. Everything that touches the upstream goes
+other (RFC 2449 PIPELINING, `gateway.command_queue`): a command that waits on
+the upstream holds the queue until its answer is complete. Everything that touches the upstream goes
 through a `Maildrop`, whose inside this module does not know.
 """
 

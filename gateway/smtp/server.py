@@ -3,9 +3,10 @@ LOGIN (4954), SIZE (1870), 8BITMIME (6152), PIPELINING (2920) and enhanced
 status codes (2034, 3463).
 
 The command tables below are the state machine: which verbs each phase of a
-session accepts and which method answers them. Commands run strictly in order;
-one that waits (a password check, the spool's fsync) holds the queue, and
-replies to a pipelined group go out in one write. Framing belongs to
+session accepts and which method answers them. Commands run strictly in order
+(`gateway.command_queue`); one that waits (a password check, the spool's
+fsync) holds the queue, and replies to a pipelined group go out in one write
+(up to 64 of them). SASL decoding is `gateway.smtp.sasl`. Framing belongs to
 `gateway.smtp.parser.SMTPInput`; this module only switches it, at `354` (data)
 and at `220` to STARTTLS (discard what was sent in clear, forget the session).
 
