@@ -10,9 +10,11 @@ from argon2 import PasswordHasher
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from gateway.devices import DeviceAuthenticator
 from gateway.locks import AccountLocks
@@ -594,3 +596,60 @@ def test_each_line_has_its_own_deadline() -> None:
     dev.proto.dataReceived(b"X" * 9000)
     gw.clock.advance(60)
     assert dev.transport.disconnecting
+
+
+@implementer(IPushProducer)
+class UpstreamStandIn:
+    """The push producer a maildrop registers while it streams a message."""
+
+    def __init__(self) -> None:
+        self.state = "producing"
+
+    def pauseProducing(self) -> None:
+        self.state = "paused"
+
+    def resumeProducing(self) -> None:
+        self.state = "producing"
+
+    def stopProducing(self) -> None:
+        self.state = "stopped"
+
+
+class StreamingMaildrop(MemoryMaildrop):
+    """Streams one big message under a producer, then waits for `more`."""
+
+    def __init__(self) -> None:
+        super().__init__([b"x" * 100_000 + b"\r\n"])
+        self.producer = UpstreamStandIn()
+        self.more: Deferred[None] = Deferred()
+
+    async def retrieve(self, msg: int, sink: IConsumer, lines: int | None = None) -> None:
+        sink.registerProducer(self.producer, True)
+        sink.write(self.messages[0])
+        await self.more
+        sink.unregisterProducer()
+
+
+def test_a_device_that_stops_reading_mid_message_pauses_the_upstream_then_is_closed() -> None:
+    gw = Gateway()
+    drop = StreamingMaildrop()
+
+    async def open_streaming(account: Account) -> StreamingMaildrop:
+        return drop
+
+    gw.factory.open_maildrop = open_streaming
+    dev = gw.connect(transport_class=UnreadTransport)
+    transport = dev.transport
+    assert isinstance(transport, UnreadTransport)
+    dev.login()
+    dev.proto.dataReceived(b"RETR 1\r\n")
+    # More than the transport's buffer went out: the upstream is paused with it.
+    assert drop.producer.state == "paused"
+    assert transport.peer_reads().startswith(b"+OK message follows\r\nxxx")
+    assert drop.producer.state == "producing"
+    transport.write(b"y" * 70_000)  # stuck again, and for good
+    assert drop.producer.state == "paused"
+    gw.clock.advance(120)
+    assert transport.disconnecting and dev.proto.record.outcome == "not reading replies"
+    dev.proto.connectionLost(None)
+    assert drop.aborted and drop.committed is None
