@@ -7,7 +7,14 @@ digest (HMAC-SHA256 under a per-process random key) of the password that
 worked, and later logins compare against that in microseconds. The digest
 never leaves memory and is useless without the key, which never leaves the
 process either. Failures are never cached and always pay for a full check,
-with a bounded number running at once, so guessing stays expensive.
+with a bounded number running at once, so guessing stays expensive. Neither
+is a login refused for its address or protocol: it pays for a full check
+whether or not the password is right, so its timing cannot tell which.
+
+An unknown device name is checked against a dummy hash made with the same
+argon2 parameters as the configured devices' hashes: a check costs what its
+parameters say, so only then do an unknown name and a wrong password take
+equally long. It is made on first use, in the worker thread, not at import.
 """
 
 from __future__ import annotations
@@ -15,20 +22,38 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
+from argon2 import Parameters, PasswordHasher, extract_parameters, profiles
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThread
 
 from gateway.model import Device
 
-# Checked when the device is unknown, so that an unknown name costs the same
-# as a wrong password and the two cannot be told apart by timing.
-_DUMMY_HASH = PasswordHasher().hash(secrets.token_urlsafe(16))
+# What `gateway hash-password` makes: RFC 9106's second recommended profile
+# (64 MiB, t=3, p=4), named rather than the library's defaults, which change
+# across argon2-cffi upgrades.
+DEVICE_HASH_PROFILE: Parameters = profiles.RFC_9106_LOW_MEMORY
+
+
+def device_password_hasher() -> PasswordHasher:
+    """The hasher that makes device password hashes."""
+    return PasswordHasher.from_parameters(DEVICE_HASH_PROFILE)
+
+
+def usual_parameters(hashes: Iterable[str]) -> Parameters:
+    """The argon2 parameters most of `hashes` use; the pinned profile if none parse."""
+    found: list[Parameters] = []
+    for stored in hashes:
+        try:
+            found.append(extract_parameters(stored))
+        except InvalidHashError:
+            continue
+    # Parameters is not hashable: count by position in `found`.
+    return max(found, key=found.count) if found else DEVICE_HASH_PROFILE
 
 
 class AuthFailed(Exception):
@@ -62,25 +87,32 @@ class DeviceAuthenticator:
         self._checks = DeferredSemaphore(concurrent_checks)
         self._key = secrets.token_bytes(32)
         self._remembered: dict[str, _Remembered] = {}
+        self._dummy: str | None = None
 
     async def authenticate(
         self, username: str, password: bytes, peer: str, protocol: str
     ) -> Device:
         device = self._devices.get(username)
         if device is None:
-            await self._slow_check(_DUMMY_HASH, password)
+            await self._checks.run(self._run_in_thread, self._verify_unknown, password)
             raise AuthFailed("unknown device")
+        refusal = None
+        if not device.allowed(peer):
+            refusal = f"address {peer} not in allow_from"
+        elif protocol not in device.protocols:
+            refusal = f"protocol {protocol} not allowed"
+        if refusal is not None:
+            # Refused whatever the password: it gets the full argon2 check,
+            # never the remembered digest, right or wrong, so the time the
+            # refusal takes says nothing about it. The log still tells an
+            # admin which it was.
+            right = await self._slow_check(device.password_hash.reveal(), password)
+            raise AuthFailed(refusal if right else "wrong password", device.name)
         if not await self._password_matches(device, password):
             raise AuthFailed("wrong password", device.name)
         if self._devices.get(username) != device:
             # A config reload changed or removed it during the check.
             raise AuthFailed("device reconfigured during login", device.name)
-        # Address and protocol are checked after the password so that a
-        # refusal for them does not reveal that the password was right.
-        if not device.allowed(peer):
-            raise AuthFailed(f"address {peer} not in allow_from", device.name)
-        if protocol not in device.protocols:
-            raise AuthFailed(f"protocol {protocol} not allowed", device.name)
         return device
 
     def reconfigure(self, devices: Mapping[str, Device]) -> None:
@@ -106,6 +138,16 @@ class DeviceAuthenticator:
 
     async def _slow_check(self, stored: str, password: bytes) -> bool:
         return await self._checks.run(self._run_in_thread, self._verify, stored, password)
+
+    def dummy_hash(self) -> str:
+        """The hash an unknown device name is checked against (made on first use)."""
+        if self._dummy is None:
+            params = usual_parameters(d.password_hash.reveal() for d in self._devices.values())
+            self._dummy = PasswordHasher.from_parameters(params).hash(secrets.token_urlsafe(16))
+        return self._dummy
+
+    def _verify_unknown(self, password: bytes) -> bool:
+        return self._verify(self.dummy_hash(), password)
 
     def _verify(self, stored: str, password: bytes) -> bool:
         try:

@@ -79,6 +79,11 @@ class LineReader:
             buffer.clear()
         return events
 
+    @property
+    def partial(self) -> bool:
+        """Whether a line has begun and not ended (its deadline is running)."""
+        return bool(self._buffer) or self._discarding
+
     def discard(self) -> None:
         """Forget buffered input: after STLS nothing sent in clear may be executed."""
         self._buffer.clear()

@@ -3,8 +3,8 @@ codes, RFC 2595 STLS and RFC 5034 AUTH PLAIN.
 
 The command table below is the state machine: which verbs each phase accepts
 and which method answers them. Commands are executed strictly one after the
-other (RFC 2449 PIPELINING): a command that waits on the upstream holds the
-queue until its answer is complete. Everything that touches the upstream goes
+other (RFC 2449 PIPELINING, `gateway.command_queue`): a command that waits on
+the upstream holds the queue until its answer is complete. Everything that touches the upstream goes
 through a `Maildrop`, whose inside this module does not know.
 """
 
@@ -12,26 +12,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IOpenSSLServerConnectionCreator,
+    IProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.locks import AccountLocks, mailbox_key
-from gateway.maildrop import Maildrop, MaildropError, UpstreamLost, UpstreamRejected
+from gateway.maildrop import (
+    Maildrop,
+    MaildropError,
+    MaildropOpener,
+    UpstreamLost,
+    UpstreamRejected,
+)
 from gateway.model import Account, Listener
+from gateway.net import set_no_delay
 from gateway.pop3.parser import (
     BadCommand,
     Command,
@@ -42,15 +50,12 @@ from gateway.pop3.parser import (
     parse_line_count,
     parse_message_number,
 )
-from gateway.sessions import BaseSessionRecord, peer_host, set_no_delay
+from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, log_value, peer_host
 
 log = Logger(namespace="gateway.pop3")
 
-MaildropOpener = Callable[[Account], Awaitable[Maildrop]]
-_Handler = Callable[["POP3Server", Command], Coroutine[Any, Any, None] | None]
+_Handler = Callable[["POP3Server", Command], Work | None]
 
-# Refuse further logins on a connection after this many failures.
-MAX_AUTH_FAILURES = 3
 # Stop reading from a device that pipelines more than this many commands.
 MAX_QUEUED_COMMANDS = 64
 
@@ -77,8 +82,9 @@ class _MessageSink:
     status line sent just before the first byte, byte counting, and the
     guarantee that the terminating "." starts a line of its own."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: IDeviceTransport, flow: IConsumer) -> None:
         self._transport = transport
+        self._flow = flow
         self.started = False
         self.octets = 0
         self._tail = b"\r\n"
@@ -96,28 +102,28 @@ class _MessageSink:
         self._tail = (self._tail + data)[-2:] if len(data) < 2 else data[-2:]
         self._transport.write(data)
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._transport.registerProducer(producer, streaming)
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._flow.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
+        self._flow.unregisterProducer()
 
     def finish(self) -> None:
         self._start()
         self._transport.write(b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n")
 
 
-class POP3Server(Protocol, TimeoutMixin):
+class POP3Server(Protocol):
     factory: POP3ServerFactory
+    transport: IDeviceTransport
+    _queue: CommandQueue
+    _refusals: LoginRefusals
 
     def __init__(self) -> None:
         self.phase = Phase.AUTHORIZATION
         self._reader = LineReader()
         self._pending: deque[Line | Overlong] = deque()
-        self._busy = False
-        self._draining = False
         self._connected = False
-        self._reading_paused = False
         self._tls = False
         self._tls_described = False
         self._user: str | None = None
@@ -130,88 +136,97 @@ class POP3Server(Protocol, TimeoutMixin):
     # -- Twisted glue ----------------------------------------------------
 
     def connectionMade(self) -> None:
+        factory = self.factory
         self._connected = True
-        self.callLater = self.factory.clock.callLater
-        self.record = SessionRecord(peer=peer_host(self.transport), started=time.monotonic())
-        self._tls = self.factory.listener.tls == "implicit"
+        self.record = SessionRecord(peer=peer_host(self.transport), started=factory.clock.seconds())
+        self._refusals = LoginRefusals(
+            "pop3", log, self.record, factory.clock, factory.auth_failure_delay
+        )
+        self._queue = CommandQueue(
+            self.transport,
+            factory.clock,
+            idle_timeout=factory.idle_timeout,
+            stall_timeout=factory.stall_timeout,
+            line_timeout=factory.line_timeout,
+            next_command=self._next_command,
+            partial_line=lambda: self._reader.partial,
+            connected=lambda: self._connected,
+            backlog=lambda: len(self._pending),
+            max_backlog=MAX_QUEUED_COMMANDS,
+            on_idle=self.timeoutConnection,
+            on_stalled=self._stalled,
+            on_line_timeout=self._line_timeout,
+            on_error=self._unexpected_error,
+        )
+        self._tls = factory.listener.tls == "implicit"
         set_no_delay(self.transport)
-        self.setTimeout(self.factory.idle_timeout)
         self._write_line(b"+OK POP3 gateway ready")
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
         if self._tls and not self._tls_described:
             self._describe_tls()
         self._pending.extend(self._reader.feed(data))
-        if len(self._pending) > MAX_QUEUED_COMMANDS and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
-        self._drain()
+        self._queue.received(data)
 
     def timeoutConnection(self) -> None:
         self.record.outcome = "idle timeout"
         self._write_line(b"-ERR idle timeout, closing connection")
         self.transport.abortConnection()
 
+    def _line_timeout(self) -> None:
+        self.record.outcome = "command line not completed in time"
+        self._write_line(b"-ERR command line not completed in time, closing connection")
+        self._queue.lose_connection()
+
+    def _stalled(self) -> None:
+        # Nothing more can be sent to a device that does not read.
+        self.record.outcome = "not reading replies"
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
-        self.setTimeout(None)
+        self._queue.stop()
         if self.phase is not Phase.UPDATE:
             # RFC 1939: a session that ends without QUIT never enters UPDATE;
             # the upstream is dropped without QUIT so nothing is deleted.
             self._release_maildrop(abort=True)
         self._log_session()
 
-    # -- command queue ---------------------------------------------------
+    # -- commands --------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Run queued commands in order; an async one holds the queue."""
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while self._pending and not self._busy and self._connected:
-                work = self._handle(self._pending.popleft())
-                if work is not None:
-                    self._busy = True
-                    self.setTimeout(None)
-                    d = Deferred.fromCoroutine(work)
-                    d.addErrback(self._unexpected_error)
-                    d.addBoth(self._command_done)
-            if self._reading_paused and len(self._pending) < MAX_QUEUED_COMMANDS // 2:
-                self._reading_paused = False
-                self.transport.resumeProducing()
-        finally:
-            self._draining = False
-
-    def _command_done(self, _: object) -> None:
-        self._busy = False
-        if self._connected:
-            self.setTimeout(self.factory.idle_timeout)
-            self._drain()
+    def _next_command(self) -> Step:
+        if not self._pending:
+            return EMPTY
+        return self._handle(self._pending.popleft())
 
     def _unexpected_error(self, failure: Failure) -> None:
-        log.failure("pop3 internal error for device {device}", failure, device=self.record.device)
+        log.failure(
+            "pop3 internal error for device {device}", failure, device=log_value(self.record.device)
+        )
         self.record.outcome = "internal error"
         if self._connected:
             self._write_line(b"-ERR [SYS/TEMP] internal error, closing connection")
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
-    def _handle(self, event: Line | Overlong) -> Coroutine[Any, Any, None] | None:
+    def _handle(self, event: Line | Overlong) -> Work | None:
         if self._sasl_pending:
             self._sasl_pending = False
             if isinstance(event, Overlong):
-                return self._err("authentication response too long")
+                self._err("authentication response too long")
+                return None
             return self._sasl_plain_response(event.data)
         if isinstance(event, Overlong):
-            return self._err("command line too long")
+            self._err("command line too long")
+            return None
         command = parse_command(event.data)
         if isinstance(command, BadCommand):
-            return self._err(command.reason)
+            self._err(command.reason)
+            return None
         handler = _COMMANDS[self.phase].get(command.verb)
         if handler is None:
             known = any(command.verb in table for table in _COMMANDS.values())
-            return self._err("command not valid in this state" if known else "unknown command")
+            self._err("command not valid in this state" if known else "unknown command")
+            return None
         return handler(self, command)
 
     # -- replies ---------------------------------------------------------
@@ -267,40 +282,48 @@ class POP3Server(Protocol, TimeoutMixin):
         self._user = command.args[0]
         self._ok("send PASS")
 
-    def do_pass(self, command: Command) -> Coroutine[Any, Any, None] | None:
+    def do_pass(self, command: Command) -> Work | None:
         if not self._auth_allowed():
-            return self._err("log in only after STLS")
-        if self._user is None:
-            return self._err("send USER first")
-        if not command.rest:
-            return self._err("PASS needs a password")
-        user, self._user = self._user, None
-        return self._login(user, command.rest.encode())
+            self._err("log in only after STLS")
+        elif self._user is None:
+            self._err("send USER first")
+        elif not command.rest:
+            self._err("PASS needs a password")
+        else:
+            user, self._user = self._user, None
+            return self._login(user, command.rest.encode())
+        return None
 
-    def do_auth(self, command: Command) -> Coroutine[Any, Any, None] | None:
+    def do_auth(self, command: Command) -> Work | None:
         if not self._auth_allowed():
-            return self._err("log in only after STLS")
+            self._err("log in only after STLS")
+            return None
         if not command.args:
-            return self._multiline("methods follow", ["PLAIN"])
+            self._multiline("methods follow", ["PLAIN"])
+            return None
         if command.args[0].upper() != "PLAIN" or len(command.args) > 2:
-            return self._err("unsupported authentication mechanism, use PLAIN")
+            self._err("unsupported authentication mechanism, use PLAIN")
+            return None
         if len(command.args) == 2:
             return self._sasl_plain_response(command.args[1].encode())
         self._sasl_pending = True
         self._write_line(b"+ ")
         return None
 
-    def _sasl_plain_response(self, response: bytes) -> Coroutine[Any, Any, None] | None:
+    def _sasl_plain_response(self, response: bytes) -> Work | None:
         if response == b"*":
-            return self._err("authentication cancelled")
+            self._err("authentication cancelled")
+            return None
         try:
             decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
             authzid, authcid, password = decoded.split(b"\0")
             user = authcid.decode("utf-8")
         except (binascii.Error, ValueError):
-            return self._err("malformed AUTH PLAIN response")
+            self._err("malformed AUTH PLAIN response")
+            return None
         if authzid and authzid != authcid:
-            return self._err("authorization identity must match the user", "AUTH")
+            self._err("authorization identity must match the user", "AUTH")
+            return None
         return self._login(user, password)
 
     async def _login(self, user: str, password: bytes) -> None:
@@ -320,10 +343,10 @@ class POP3Server(Protocol, TimeoutMixin):
         if not factory.locks.acquire(lock, device.name):
             log.info(
                 "pop3 device {device} from {peer}: account {account} is in use by {holder}",
-                device=device.name,
-                peer=self.record.peer,
-                account=account.name,
-                holder=factory.locks.holder(lock),
+                device=log_value(device.name),
+                peer=log_value(self.record.peer),
+                account=log_value(account.name),
+                holder=log_value(factory.locks.holder(lock) or "-"),
             )
             return self._err("mailbox in use by another session", "IN-USE")
         self._mailbox_lock = lock
@@ -345,27 +368,17 @@ class POP3Server(Protocol, TimeoutMixin):
         self._ok(f"maildrop has {count} messages ({octets} octets)")
 
     async def _refuse_login(self, user: str, refusal: AuthFailed) -> None:
-        self.record.auth_failures.append(refusal.reason)
-        log.warn(
-            "pop3 login refused for device {device} from {peer}: {reason}",
-            device=refusal.device or user,
-            peer=self.record.peer,
-            reason=refusal.reason,
-        )
-        # A pause before each refusal makes guessing slow without holding
-        # a worker: the delay is a timer, not a sleeping thread.
-        await deferLater(self.factory.clock, self.factory.auth_failure_delay, lambda: None)
-        if not self._connected:
+        verdict = await self._refusals.refuse(user, refusal, lambda: self._connected)
+        if verdict is Refused.GONE:
             return
         self._err("invalid user name or password", "AUTH")
-        if len(self.record.auth_failures) >= MAX_AUTH_FAILURES:
-            self.record.outcome = "too many login failures"
-            self.transport.loseConnection()
+        if verdict is Refused.CLOSE:
+            self._queue.lose_connection()
 
     def do_quit_authorization(self, command: Command) -> None:
         self.record.outcome = "quit before login"
         self._ok("bye")
-        self.transport.loseConnection()
+        self._queue.lose_connection()
 
     # -- TRANSACTION -----------------------------------------------------
 
@@ -421,23 +434,26 @@ class POP3Server(Protocol, TimeoutMixin):
         lines = [f"{n} {uid}" for n, uid in enumerate(uids, 1) if n not in self._deleted]
         self._multiline("unique-id listing follows", lines)
 
-    def do_retr(self, command: Command) -> Coroutine[Any, Any, None] | None:
+    def do_retr(self, command: Command) -> Work | None:
         if len(command.args) != 1:
-            return self._err("RETR takes one message number")
+            self._err("RETR takes one message number")
+            return None
         msg = self._message(command.args[0])
         return None if msg is None else self._send(msg, None)
 
-    def do_top(self, command: Command) -> Coroutine[Any, Any, None] | None:
+    def do_top(self, command: Command) -> Work | None:
         if len(command.args) != 2:
-            return self._err("TOP takes a message number and a line count")
+            self._err("TOP takes a message number and a line count")
+            return None
         lines = parse_line_count(command.args[1])
         if isinstance(lines, str):
-            return self._err(lines)
+            self._err(lines)
+            return None
         msg = self._message(command.args[0])
         return None if msg is None else self._send(msg, lines)
 
     async def _send(self, msg: int, lines: int | None) -> None:
-        sink = _MessageSink(self.transport)
+        sink = _MessageSink(self.transport, self._queue.output)
         try:
             await self._drop.retrieve(msg, sink, lines)
         except MaildropError as e:
@@ -472,14 +488,14 @@ class POP3Server(Protocol, TimeoutMixin):
             self._release_maildrop(abort=True)
             if self._connected:
                 self._err("some deleted messages were not removed", "SYS/TEMP")
-                self.transport.loseConnection()
+                self._queue.lose_connection()
             return
         self.record.deleted = len(deleted)
         self.record.outcome = "quit"
         self._release_maildrop(abort=False)
         if self._connected:
             self._ok(f"bye, {len(deleted)} messages deleted")
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     # -- upstream trouble and cleanup -----------------------------------
 
@@ -496,15 +512,15 @@ class POP3Server(Protocol, TimeoutMixin):
         self._err(str(error), error.code)
         if isinstance(error, UpstreamLost):
             self.record.outcome = f"upstream lost during {step}"
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
     def _log_upstream_error(self, error: MaildropError, step: str) -> None:
         emit = log.error if isinstance(error, UpstreamRejected) else log.warn
         emit(
             "pop3 upstream {step} failed for account {account} (device {device}): {kind}: {detail}",
             step=step,
-            account=self.record.account,
-            device=self.record.device,
+            account=log_value(self.record.account),
+            device=log_value(self.record.device),
             kind=type(error).__name__,
             detail=error.detail or str(error),
         )
@@ -527,7 +543,7 @@ class POP3Server(Protocol, TimeoutMixin):
             "pop3 session device={device} peer={peer} account={account} tls={tls_version} "
             "cipher={tls_cipher} listed={listed} retrieved={retrieved} deleted={deleted} "
             "bytes={bytes_out} duration={duration:.3f}s outcome={outcome}",
-            **r.log_fields(),
+            **r.log_fields(self.factory.clock.seconds()),
             listed=r.listed,
             retrieved=r.retrieved,
             deleted=r.deleted,
@@ -560,31 +576,21 @@ _COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
 }
 
 
-class POP3ServerFactory(Factory):
+@dataclass(eq=False, kw_only=True)
+class POP3ServerFactory(Factory[POP3Server]):
     """Everything a device session needs, injected, so unit tests can pass a
     fake clock, an in-memory maildrop opener and a synchronous authenticator."""
 
     protocol = POP3Server
 
-    def __init__(
-        self,
-        *,
-        listener: Listener,
-        tls_options: IOpenSSLServerConnectionCreator | None,
-        authenticator: DeviceAuthenticator,
-        accounts: Mapping[str, Account],
-        open_maildrop: MaildropOpener,
-        locks: AccountLocks,
-        clock: IReactorTime,
-        idle_timeout: float = 600.0,
-        auth_failure_delay: float = 1.0,
-    ) -> None:
-        self.listener = listener
-        self.tls_options = tls_options
-        self.authenticator = authenticator
-        self.accounts = accounts
-        self.open_maildrop = open_maildrop
-        self.locks = locks
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.auth_failure_delay = auth_failure_delay
+    listener: Listener
+    tls_options: IOpenSSLServerConnectionCreator | None
+    authenticator: DeviceAuthenticator
+    accounts: Mapping[str, Account]
+    open_maildrop: MaildropOpener
+    locks: AccountLocks
+    clock: IReactorTime
+    idle_timeout: float = 600.0
+    stall_timeout: float = 120.0
+    line_timeout: float = 60.0
+    auth_failure_delay: float = 1.0

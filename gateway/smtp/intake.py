@@ -10,11 +10,43 @@ refusal is the reply to that ".".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from gateway.model import Account, Device
 from gateway.smtp.headers import FromRewriter
 from gateway.smtp.parser import LineMeter
-from gateway.smtp.spool import IncomingMessage
+from gateway.smtp.spool import Envelope, IncomingMessage
+
+
+@dataclass
+class Transaction:
+    """One mail transaction, from an accepted MAIL to the end of its data."""
+
+    device: Device
+    account: Account
+    identified_by: str
+    original_sender: str
+    sender: str
+    body: str | None
+    recipients: list[str] = field(default_factory=list)
+
+    def envelope(self, intake: MessageIntake, peer: str, received: float) -> Envelope:
+        """What the spool keeps next to the message the intake took in."""
+        return Envelope(
+            id=intake.incoming.id,
+            account=self.account.name,
+            device=self.device.name,
+            peer=peer,
+            identified_by=self.identified_by,
+            original_sender=self.original_sender,
+            sender=self.sender,
+            recipients=tuple(self.recipients),
+            received=received,
+            size=intake.incoming.size,
+            eight_bit=intake.eight_bit,
+            body=self.body.upper() if self.body else None,
+            from_rewritten=intake.from_rewritten,
+        )
 
 
 @dataclass(frozen=True)

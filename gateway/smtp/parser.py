@@ -20,6 +20,7 @@ Kept pure so that every framing rule is tested without a transport:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
@@ -83,6 +84,13 @@ class SMTPInput:
     @property
     def in_data(self) -> bool:
         return self._in_data
+
+    @property
+    def partial_line(self) -> bool:
+        """Whether a command line has begun and not ended (its deadline is running)."""
+        if self._in_data:
+            return False
+        return self._discarding or (bool(self._buffer) and self._buffer[-1] != 0x0A)
 
     def discard(self) -> None:
         """Forget everything buffered: after STARTTLS nothing sent in clear may run."""
@@ -207,8 +215,13 @@ class BadCommand:
 
 
 def parse_command(line: bytes) -> Command | BadCommand:
-    """Turn one command line into a verb and its argument text."""
-    if len(line) + 2 > MAX_COMMAND_LINE:
+    """Turn one command line into a verb and its argument text.
+
+    Only AUTH may be longer than 512 octets: RFC 4954 section 4 allows 12288
+    for it, so that an initial response fits on the command line.
+    """
+    limit = MAX_LINE if line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
+    if len(line) + 2 > limit:
         return BadCommand("line too long")
     if not line.isascii():
         return BadCommand("8-bit characters in a command (SMTPUTF8 is not offered)")
@@ -269,6 +282,25 @@ def parse_path_command(arg: str, keyword: str) -> PathCommand | PathError:
             return PathError(501, "5.5.4", f"malformed parameter {word[:40]!r}")
         params[name.upper()] = value if eq else None
     return PathCommand(address, params)
+
+
+def mail_params_problem(params: Mapping[str, str | None], max_size: int) -> PathError | None:
+    """Why MAIL's parameters (RFC 1870 SIZE, RFC 6152 BODY) are refused, or None."""
+    for name, value in params.items():
+        if name == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 15:
+                return PathError(501, "5.5.4", "SIZE needs a number")
+            if int(value) > max_size:
+                return PathError(
+                    552, "5.3.4", f"message larger than the limit of {max_size} octets"
+                )
+        elif name == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return PathError(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+        elif name != "AUTH":
+            # AUTH= (RFC 4954 section 5) is accepted and ignored.
+            return PathError(555, "5.5.4", f"MAIL parameter {name} not supported")
+    return None
 
 
 def _usage(keyword: str) -> str:

@@ -3,9 +3,10 @@ LOGIN (4954), SIZE (1870), 8BITMIME (6152), PIPELINING (2920) and enhanced
 status codes (2034, 3463).
 
 The command tables below are the state machine: which verbs each phase of a
-session accepts and which method answers them. Commands run strictly in order;
-one that waits (a password check, the spool's fsync) holds the queue, and
-replies to a pipelined group go out in one write. Framing belongs to
+session accepts and which method answers them. Commands run strictly in order
+(`gateway.command_queue`); one that waits (a password check, the spool's
+fsync) holds the queue, and replies to a pipelined group go out in one write
+(up to 64 of them). SASL decoding is `gateway.smtp.sasl`. Framing belongs to
 `gateway.smtp.parser.SMTPInput`; this module only switches it, at `354` (data)
 and at `220` to STARTTLS (discard what was sent in clear, forget the session).
 
@@ -17,26 +18,22 @@ the spool and fsynced; the relay takes it from there.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import time
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.model import Account, Device, Listener, Provider
-from gateway.sessions import BaseSessionRecord, peer_host, set_no_delay
-from gateway.smtp.intake import MessageIntake
+from gateway.net import set_no_delay
+from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
+from gateway.smtp import sasl
+from gateway.smtp.intake import MessageIntake, Transaction
 from gateway.smtp.parser import (
     MAX_TEXT_LINE,
     BadCommand,
@@ -45,6 +42,7 @@ from gateway.smtp.parser import (
     Overlong,
     PathCommand,
     SMTPInput,
+    mail_params_problem,
     parse_command,
     parse_path_command,
 )
@@ -55,22 +53,21 @@ from gateway.smtp.policy import (
     relay_device,
     sender_allowed,
 )
-from gateway.smtp.spool import Envelope, QueueEntry, Spool
+from gateway.smtp.record import LINE as session_line
+from gateway.smtp.record import SessionRecord
+from gateway.smtp.spool import QueueEntry, Spool
 
 log = Logger(namespace="gateway.smtp")
 
-_Work = Coroutine[Any, Any, None]
-_Handler = Callable[["SMTPServer", Command], _Work | None]
+_Handler = Callable[["SMTPServer", Command], Work | None]
 
-MAX_AUTH_FAILURES = 3
 # Unknown or out-of-sequence commands before the session is closed: a client
 # that keeps getting them wrong is not a mail client (or is an attack).
 MAX_ERRORS = 20
 # Stop reading from a client that pipelines more than this while a command waits.
 MAX_PIPELINED = 256 * 1024
-
-_USERNAME_PROMPT = base64.b64encode(b"Username:")
-_PASSWORD_PROMPT = base64.b64encode(b"Password:")
+# Replies of one pipelined run held back for a single write, at most.
+FLUSH_REPLIES = 64
 
 
 class Phase(Enum):
@@ -80,45 +77,23 @@ class Phase(Enum):
     RCPT = "rcpt"  # at least one recipient accepted
 
 
-@dataclass
-class Transaction:
-    device: Device
-    account: Account
-    identified_by: str
-    original_sender: str
-    sender: str
-    body: str | None
-    recipients: list[str] = field(default_factory=list)
-
-
-@dataclass
-class SessionRecord(BaseSessionRecord):
-    """What the one log line per session says (beyond `BaseSessionRecord`)."""
-
-    identified_by: str = "none"
-    queued: list[str] = field(default_factory=list)
-    recipients: int = 0
-    bytes_in: int = 0
-    refused: int = 0
-
-
-class SMTPServer(Protocol, TimeoutMixin):
+class SMTPServer(Protocol):
     factory: SMTPServerFactory
+    transport: IDeviceTransport
+    _queue: CommandQueue
+    _refusals: LoginRefusals
 
     def __init__(self) -> None:
         self.phase = Phase.CONNECTED
         self._input = SMTPInput()
         self._out: list[bytes] = []
-        self._busy = False
-        self._draining = False
         self._connected = False
-        self._reading_paused = False
         self._tls = False
         self._tls_described = False
         self._helo: str | None = None
         self._authenticated: Device | None = None
         self._network_device: Device | None = None
-        self._sasl: Callable[[bytes], _Work | None] | None = None
+        self._sasl: Callable[[bytes], sasl.Outcome] | None = None
         self._txn: Transaction | None = None
         self._intake: MessageIntake | None = None
         self._errors = 0
@@ -127,22 +102,41 @@ class SMTPServer(Protocol, TimeoutMixin):
     # -- Twisted glue ----------------------------------------------------
 
     def connectionMade(self) -> None:
+        factory = self.factory
         self._connected = True
-        self.callLater = self.factory.clock.callLater
-        self.record = SessionRecord(peer=peer_host(self.transport), started=time.monotonic())
-        self._tls = self.factory.listener.tls == "implicit"
-        self._network_device = self.factory.network_devices.find(self.record.peer)
+        self.record = SessionRecord(peer=peer_host(self.transport), started=factory.clock.seconds())
+        self._refusals = LoginRefusals(
+            "smtp", log, self.record, factory.clock, factory.auth_failure_delay
+        )
+        self._queue = CommandQueue(
+            self.transport,
+            factory.clock,
+            idle_timeout=factory.idle_timeout,
+            stall_timeout=factory.stall_timeout,
+            line_timeout=factory.line_timeout,
+            next_command=self._next_command,
+            partial_line=lambda: self._input.partial_line,
+            connected=lambda: self._connected,
+            backlog=lambda: self._input.buffered,
+            max_backlog=MAX_PIPELINED,
+            on_idle=self.timeoutConnection,
+            on_stalled=self._stalled,
+            on_line_timeout=self._line_timeout,
+            on_error=self._unexpected_error,
+            # One write per batch: a pipelined group's replies share a TLS record.
+            after_batch=self._flush,
+        )
+        self._tls = factory.listener.tls == "implicit"
+        self._network_device = factory.network_devices.find(self.record.peer)
         set_no_delay(self.transport)
-        self.setTimeout(self.factory.idle_timeout)
-        self._reply(220, None, f"{self.factory.hostname} ESMTP mail gateway ready")
+        self._reply(220, None, f"{factory.hostname} ESMTP mail gateway ready")
         self._flush()
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
         if self._tls and not self._tls_described:
             self._describe_tls()
         self._input.feed(data)
-        self._drain()
+        self._queue.received(data)
 
     def timeoutConnection(self) -> None:
         self.record.outcome = "idle timeout"
@@ -150,9 +144,20 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._flush()
         self.transport.abortConnection()
 
+    def _line_timeout(self) -> None:
+        self.record.outcome = "command line not completed in time"
+        self._reply(421, "4.4.2", "command line not completed in time, closing connection")
+        self._close()
+
+    def _stalled(self) -> None:
+        # Nothing more can be sent to a client that does not read.
+        self.record.outcome = "not reading replies"
+        self._out.clear()
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
-        self.setTimeout(None)
+        self._queue.stop()
         if self._intake is not None:
             # Cut off in the middle of DATA: no 250 was sent, nothing is kept.
             self._intake.incoming.abort()
@@ -160,78 +165,52 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.record.outcome = "dropped during DATA"
         self._log_session()
 
-    # -- input queue -------------------------------------------------------
+    # -- input -------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Run what arrived, in order; a command that waits holds the rest."""
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while self._connected and not self._busy:
-                if self._input.in_data:
-                    chunk = self._input.next_data()
-                    if chunk is None:
-                        break
-                    assert self._intake is not None
-                    self._intake.feed(chunk.data)
-                    if chunk.end:
-                        self._start(self._end_of_data())
-                    continue
-                event = self._input.next_line()
-                if event is None:
-                    break
-                self._start(self._handle(event))
-            self._flow_control()
-        finally:
-            self._draining = False
+    def _next_command(self) -> Step:
+        """The next thing to do with what arrived: a command line, or message data."""
+        if len(self._out) >= FLUSH_REPLIES:
+            # A long pipelined run goes out in parts, so that a client that
+            # does not read is noticed (the transport pauses the queue) early.
             self._flush()
-
-    def _start(self, work: _Work | None) -> None:
-        if work is None:
-            return
-        self._busy = True
-        self.setTimeout(None)
-        d = Deferred.fromCoroutine(work)
-        d.addErrback(self._unexpected_error)
-        d.addBoth(self._work_done)
-
-    def _work_done(self, _: object) -> None:
-        self._busy = False
-        if self._connected:
-            self.setTimeout(self.factory.idle_timeout)
-            self._drain()
-
-    def _flow_control(self) -> None:
-        if not self._reading_paused and self._input.buffered > MAX_PIPELINED:
-            self._reading_paused = True
-            self.transport.pauseProducing()
-        elif self._reading_paused and self._input.buffered <= MAX_PIPELINED // 2:
-            self._reading_paused = False
-            self.transport.resumeProducing()
+        if self._input.in_data:
+            chunk = self._input.next_data()
+            if chunk is None:
+                return EMPTY
+            assert self._intake is not None
+            self._intake.feed(chunk.data)
+            return self._end_of_data() if chunk.end else None
+        event = self._input.next_line()
+        return EMPTY if event is None else self._handle(event)
 
     def _unexpected_error(self, failure: Failure) -> None:
-        log.failure("smtp internal error for device {device}", failure, device=self.record.device)
+        log.failure(
+            "smtp internal error for device {device}", failure, device=log_value(self.record.device)
+        )
         self.record.outcome = "internal error"
         if self._connected:
             self._reply(421, "4.3.0", "internal error, closing connection")
             self._flush()
-            self.transport.loseConnection()
+            self._queue.lose_connection()
 
-    def _handle(self, event: Line | Overlong) -> _Work | None:
+    def _handle(self, event: Line | Overlong) -> Work | None:
         if self._sasl is not None:
             answer, self._sasl = self._sasl, None
             if isinstance(event, Overlong):
-                return self._error(500, "5.5.6", "authentication response too long")
-            return answer(event.data)
+                self._error(500, "5.5.6", "authentication response too long")
+                return None
+            return self._sasl_step(answer(event.data))
         if isinstance(event, Overlong):
-            return self._error(500, "5.5.6", "line too long")
+            self._error(500, "5.5.6", "line too long")
+            return None
         command = parse_command(event.data)
         if isinstance(command, BadCommand):
-            return self._error(500, "5.5.2", command.reason)
+            self._error(500, "5.5.2", command.reason)
+            return None
         handler = _COMMANDS[self.phase].get(command.verb)
         if handler is None:
-            return self._out_of_sequence(command.verb)
+            self._out_of_sequence(command.verb)
+            return None
         return handler(self, command)
 
     def _out_of_sequence(self, verb: str) -> None:
@@ -276,7 +255,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _close(self) -> None:
         self._flush()
         self._input.discard()
-        self.transport.loseConnection()
+        self._queue.lose_connection()
         self._connected = False
 
     # -- greeting and session ------------------------------------------------
@@ -362,68 +341,26 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     # -- AUTH ----------------------------------------------------------------
 
-    def do_auth(self, command: Command) -> _Work | None:
+    def do_auth(self, command: Command) -> Work | None:
         if self._authenticated is not None:
-            return self._error(503, "5.5.1", "already authenticated")
+            self._error(503, "5.5.1", "already authenticated")
+            return None
         if not self._auth_allowed():
-            return self._error(538, "5.7.11", "encryption required: send STARTTLS first")
+            self._error(538, "5.7.11", "encryption required: send STARTTLS first")
+            return None
         mechanism, _, initial = command.arg.partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if mechanism == "PLAIN":
-            if initial:
-                return self._auth_plain(initial.encode())
-            return self._challenge(b"", self._auth_plain)
-        if mechanism == "LOGIN":
-            if initial:
-                return self._login_username(initial.encode())
-            return self._challenge(_USERNAME_PROMPT, self._login_username)
-        return self._error(504, "5.5.4", "unrecognized authentication type; use PLAIN or LOGIN")
+        return self._sasl_step(sasl.start(mechanism, initial.strip()))
 
-    def _challenge(self, prompt: bytes, then: Callable[[bytes], _Work | None]) -> None:
-        self._out.append(b"334 " + prompt + b"\r\n")
-        self._sasl = then
-
-    def _decode(self, response: bytes) -> bytes | None:
-        """A base64 SASL response, or None after replying to a cancel or bad one."""
-        if response == b"*":
-            self._reply(501, "5.0.0", "authentication cancelled")
-            return None
-        try:
-            return base64.b64decode(response, validate=True)
-        except (binascii.Error, ValueError):
-            self._error(501, "5.5.2", "cannot decode the response (base64)")
-            return None
-
-    def _auth_plain(self, response: bytes) -> _Work | None:
-        decoded = self._decode(b"" if response == b"=" else response)
-        if decoded is None:
-            return None
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            return self._error(501, "5.5.2", "malformed PLAIN response")
-        authzid, authcid, password = parts
-        try:
-            user = authcid.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._error(501, "5.5.2", "malformed PLAIN response")
-        if authzid and authzid != authcid:
-            return self._error(535, "5.7.8", "authorization identity must match the user")
-        return self._login(user, password)
-
-    def _login_username(self, response: bytes) -> None:
-        decoded = self._decode(response)
-        if decoded is None:
-            return None
-        try:
-            user = decoded.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._error(501, "5.5.2", "malformed user name")
-        self._challenge(_PASSWORD_PROMPT, lambda r: self._login_password(user, r))
+    def _sasl_step(self, outcome: sasl.Outcome) -> Work | None:
+        if isinstance(outcome, sasl.Challenge):
+            self._out.append(b"334 " + outcome.prompt + b"\r\n")
+            self._sasl = outcome.answer
+        elif isinstance(outcome, sasl.SASLError):
+            reply = self._error if outcome.counted else self._reply
+            reply(outcome.code, outcome.enhanced, outcome.text)
+        else:
+            return self._login(outcome.user, outcome.password)
         return None
-
-    def _login_password(self, user: str, response: bytes) -> _Work | None:
-        decoded = self._decode(response)
-        return None if decoded is None else self._login(user, decoded)
 
     async def _login(self, user: str, password: bytes) -> None:
         try:
@@ -441,19 +378,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._reply(235, "2.7.0", "authentication successful")
 
     async def _refuse_login(self, user: str, refusal: AuthFailed) -> None:
-        self.record.auth_failures.append(refusal.reason)
-        log.warn(
-            "smtp login refused for device {device} from {peer}: {reason}",
-            device=refusal.device or user,
-            peer=self.record.peer,
-            reason=refusal.reason,
-        )
-        await deferLater(self.factory.clock, self.factory.auth_failure_delay, lambda: None)
-        if not self._connected:
+        verdict = await self._refusals.refuse(user, refusal, lambda: self._connected)
+        if verdict is Refused.GONE:
             return
         self._reply(535, "5.7.8", "authentication credentials invalid")
-        if len(self.record.auth_failures) >= MAX_AUTH_FAILURES:
-            self.record.outcome = "too many login failures"
+        if verdict is Refused.CLOSE:
             self._reply(421, "4.7.0", "too many failed logins, closing connection")
             self._close()
 
@@ -468,7 +397,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.record.refused += 1
             log.info(
                 "smtp relay refused for {peer}: not authenticated and not an allowed network",
-                peer=self.record.peer,
+                peer=log_value(self.record.peer),
             )
             hint = "authenticate first" if self._auth_allowed() else "STARTTLS and authenticate"
             return self._reply(550, "5.7.1", f"relaying denied: {hint}")
@@ -481,20 +410,20 @@ class SMTPServer(Protocol, TimeoutMixin):
         if provider is None or provider.smtp is None:
             log.error(
                 "smtp device {device}: account {account} has no upstream smtp endpoint",
-                device=device.name,
-                account=account.name,
+                device=log_value(device.name),
+                account=log_value(account.name),
             )
             return self._reply(554, "5.3.5", "relaying is not configured for this device")
-        problem = self._mail_params(parsed.params)
+        problem = mail_params_problem(parsed.params, self.factory.max_message_size)
         if problem is not None:
-            return self._error(*problem)
+            return self._error(problem.code, problem.enhanced, problem.reason)
         if not sender_allowed(account, parsed.address):
             self.record.refused += 1
             log.info(
                 "smtp sender <{sender}> refused for device {device} (account {account})",
-                sender=parsed.address,
-                device=device.name,
-                account=account.name,
+                sender=log_value(parsed.address),
+                device=log_value(device.name),
+                account=log_value(account.name),
             )
             return self._reply(550, "5.7.1", f"sender <{parsed.address}> not allowed")
         self.record.device, self.record.account = device.name, account.name
@@ -509,22 +438,6 @@ class SMTPServer(Protocol, TimeoutMixin):
         )
         self.phase = Phase.MAIL
         self._reply(250, "2.1.0", "sender OK")
-
-    def _mail_params(self, params: Mapping[str, str | None]) -> tuple[int, str, str] | None:
-        for name, value in params.items():
-            if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 15:
-                    return (501, "5.5.4", "SIZE needs a number")
-                if int(value) > self.factory.max_message_size:
-                    limit = self.factory.max_message_size
-                    return (552, "5.3.4", f"message larger than the limit of {limit} octets")
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return (501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-            elif name != "AUTH":
-                # AUTH= (RFC 4954 section 5) is accepted and ignored.
-                return (555, "5.5.4", f"MAIL parameter {name} not supported")
-        return None
 
     def do_rcpt(self, command: Command) -> None:
         assert self._txn is not None
@@ -572,28 +485,14 @@ class SMTPServer(Protocol, TimeoutMixin):
             refusal = intake.refusal
             log.info(
                 "smtp message refused for device {device}: {reason}",
-                device=txn.device.name,
+                device=log_value(txn.device.name),
                 reason=refusal.text,
             )
             self._reset_transaction()
             self._reply(refusal.code, refusal.enhanced, refusal.text)
             return
         incoming = intake.incoming
-        envelope = Envelope(
-            id=incoming.id,
-            account=txn.account.name,
-            device=txn.device.name,
-            peer=self.record.peer,
-            identified_by=txn.identified_by,
-            original_sender=txn.original_sender,
-            sender=txn.sender,
-            recipients=tuple(txn.recipients),
-            received=self.factory.clock.seconds(),
-            size=incoming.size,
-            eight_bit=intake.eight_bit,
-            body=txn.body.upper() if txn.body else None,
-            from_rewritten=intake.from_rewritten,
-        )
+        envelope = txn.envelope(intake, self.record.peer, self.factory.clock.seconds())
         try:
             entry = await self.factory.spool.commit(incoming, envelope)
         except OSError as e:
@@ -622,20 +521,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
-        r = self.record
-        log.info(
-            "smtp session device={device} peer={peer} account={account} by={identified_by} "
-            "tls={tls_version} cipher={tls_cipher} queued={queued} rcpts={recipients} "
-            "bytes={bytes_in} refused={refused} auth_failures={failures} "
-            "duration={duration:.3f}s outcome={outcome}",
-            **r.log_fields(),
-            identified_by=r.identified_by,
-            queued=_id_list(r.queued),
-            recipients=r.recipients,
-            bytes_in=r.bytes_in,
-            refused=r.refused,
-            failures=len(r.auth_failures),
-        )
+        log.info(session_line, **self.record.log_fields(self.factory.clock.seconds()))
 
 
 _ALWAYS: Mapping[str, _Handler] = {
@@ -662,51 +548,30 @@ _COMMANDS: Mapping[Phase, Mapping[str, _Handler]] = {
 }
 
 
-class SMTPServerFactory(Factory):
+@dataclass(eq=False, kw_only=True)
+class SMTPServerFactory(Factory[SMTPServer]):
     """Everything a device session needs, injected: tests pass a memory clock,
     a synchronous authenticator and a spool whose fsync runs inline."""
 
     protocol = SMTPServer
 
-    def __init__(
-        self,
-        *,
-        listener: Listener,
-        tls_options: IOpenSSLServerConnectionCreator | None,
-        authenticator: DeviceAuthenticator,
-        devices: Mapping[str, Device],
-        accounts: Mapping[str, Account],
-        providers: Mapping[str, Provider],
-        spool: Spool,
-        on_queued: Callable[[QueueEntry], None],
-        clock: IReactorTime,
-        hostname: str,
-        idle_timeout: float = 300.0,
-        max_message_size: int = 35 * 1024 * 1024,
-        max_recipients: int = 100,
-        max_line_length: int = MAX_TEXT_LINE,
-        auth_failure_delay: float = 1.0,
-    ) -> None:
-        self.listener = listener
-        self.tls_options = tls_options
-        self.authenticator = authenticator
-        self.network_devices = NetworkDevices.from_devices(devices.values())
-        self.accounts = accounts
-        self.providers = providers
-        self.spool = spool
-        self.on_queued = on_queued
-        self.clock = clock
-        self.hostname = hostname
-        self.idle_timeout = idle_timeout
-        self.max_message_size = max_message_size
-        self.max_recipients = max_recipients
-        self.max_line_length = max_line_length
-        self.auth_failure_delay = auth_failure_delay
+    listener: Listener
+    tls_options: IOpenSSLServerConnectionCreator | None
+    authenticator: DeviceAuthenticator
+    devices: Mapping[str, Device]
+    accounts: Mapping[str, Account]
+    providers: Mapping[str, Provider]
+    spool: Spool
+    on_queued: Callable[[QueueEntry], None]
+    clock: IReactorTime
+    hostname: str
+    idle_timeout: float = 300.0
+    stall_timeout: float = 120.0
+    line_timeout: float = 60.0
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = MAX_TEXT_LINE
+    auth_failure_delay: float = 1.0
 
-
-def _id_list(ids: list[str], shown: int = 20) -> str:
-    """Queue ids for the session line: "-", "ID,ID" or the first 20 and "+N"."""
-    if not ids:
-        return "-"
-    more = f",+{len(ids) - shown}" if len(ids) > shown else ""
-    return ",".join(ids[:shown]) + more
+    def __post_init__(self) -> None:
+        self.network_devices = NetworkDevices.from_devices(self.devices.values())

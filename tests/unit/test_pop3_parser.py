@@ -85,3 +85,16 @@ def test_stuffing_is_exact_at_every_chunk_boundary(message: bytes, cuts: list[in
     assert b"\r\n.\r\n" not in b"\r\n" + wire
     if message.endswith(b"\r\n") or not message:
         assert unstuff(wire) == message
+
+
+def test_partial_says_whether_a_line_is_under_way() -> None:
+    reader = LineReader(max_line=10)
+    assert not reader.partial
+    reader.feed(b"NOOP\r\nST")
+    assert reader.partial
+    reader.feed(b"AT\r\n")
+    assert not reader.partial
+    reader.feed(b"X" * 20)  # overlong: thrown away, but still not ended
+    assert reader.partial
+    reader.feed(b"\n")
+    assert not reader.partial

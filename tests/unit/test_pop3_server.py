@@ -10,9 +10,11 @@ from argon2 import PasswordHasher
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from gateway.devices import DeviceAuthenticator
 from gateway.dotstuff import unstuff
@@ -21,6 +23,8 @@ from gateway.maildrop import MailboxInUse, UpstreamRejected, UpstreamUnavailable
 from gateway.maildrop.memory import MemoryMaildrop
 from gateway.model import Account, Device, Listener, Secret
 from gateway.pop3.server import POP3ServerFactory
+from tests.helpers.log_lines import captured_log, fail2ban_hosts
+from tests.helpers.tls_pair import tls_pair
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 MSG1 = b"Subject: one\r\n\r\nhello\r\n.dot line\r\n"
@@ -36,6 +40,33 @@ class TLSRecordingTransport(StringTransport):
 
     def startTLS(self, options: object) -> None:
         self.tls_started_with = options
+
+
+class UnreadTransport(TLSRecordingTransport):
+    """A TCP-like transport whose peer reads only when told to: like Twisted's
+    FileDescriptor, it pauses its producer once more than 64 KiB wait unsent,
+    and resumes it when the peer has read them all."""
+
+    buffer_size = 65536
+    unread = 0
+    producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        if self.producer is not None and not self.producer_paused:
+            if self.unread > self.buffer_size:
+                self.producer_paused = True
+                self.producer.pauseProducing()
+
+    def peer_reads(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.unread = 0
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
 
 
 class Gateway:
@@ -92,9 +123,13 @@ class Gateway:
         self.maildrops.append(drop)
         return drop
 
-    def connect(self, peer: str = "10.1.2.3") -> Device_:
+    def connect(
+        self,
+        peer: str = "10.1.2.3",
+        transport_class: type[TLSRecordingTransport] = TLSRecordingTransport,
+    ) -> Device_:
         proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
         proto.makeConnection(transport)
         client = Device_(proto, transport, self.clock)
         assert client.read() == b"+OK POP3 gateway ready\r\n"
@@ -409,3 +444,212 @@ def test_retr_unstuffs_to_the_original(lines: list[bytes], dots: list[bytes], ch
     wire = rest[: -len(b".\r\n")]
     assert b"\r\n.\r\n" not in b"\r\n" + wire
     assert unstuff(wire) == message
+
+
+def test_session_duration_comes_from_the_injected_clock() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        gw = Gateway()
+        dev = gw.connect()
+        gw.clock.advance(42.25)
+        dev.send(b"QUIT")  # and one more second
+        dev.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import formatEvent
+
+    (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("pop3 session")]
+    assert "duration=43.250s" in line
+
+
+def pipeline_until_paused(transport: UnreadTransport, proto: Any, command: bytes) -> int:
+    """Send `command` over and over, 64 KiB at a time, as long as the gateway
+    reads (up to 4 MiB); the number of bytes sent."""
+    chunk = command * (65536 // len(command))
+    sent = 0
+    while transport.producerState == "producing" and sent < 4 * 2**20:
+        proto.dataReceived(chunk)
+        sent += len(chunk)
+    return sent
+
+
+def test_a_client_that_never_reads_replies_is_not_read_and_then_closed() -> None:
+    gw = Gateway()
+    dev = gw.connect(transport_class=UnreadTransport)
+    transport = dev.transport
+    assert isinstance(transport, UnreadTransport)
+    sent = pipeline_until_paused(transport, dev.proto, b"CAPA\r\n")
+    # Reading stopped after the first packet; what waits to be sent stays
+    # within the transport's buffer plus one reply.
+    assert transport.producerState == "paused"
+    assert sent == 65536 - 65536 % 6
+    assert transport.unread <= 65536 + 200
+    # Stuck for less than the deadline, then it reads a little: not closed.
+    gw.clock.advance(100)
+    assert transport.peer_reads().count(b"+OK capability list follows") > 100
+    assert not transport.disconnecting and transport.unread <= 65536 + 200
+    gw.clock.advance(100)
+    assert not transport.disconnecting
+    # Stuck past the deadline: closed, and the session line says why.
+    gw.clock.advance(20)
+    assert transport.disconnecting
+    assert dev.proto.record.outcome == "not reading replies"
+
+
+def test_a_pipelining_client_that_reads_gets_every_reply() -> None:
+    gw = Gateway()
+    dev = gw.connect(transport_class=UnreadTransport)
+    transport = dev.transport
+    assert isinstance(transport, UnreadTransport)
+    dev.proto.dataReceived(b"CAPA\r\n" * 3000)
+    replies = b""
+    while chunk := transport.peer_reads():
+        replies += chunk
+    assert replies.count(b"+OK capability list follows\r\n") == 3000
+    assert replies.endswith(b"IMPLEMENTATION mail-gateway\r\n.\r\n")
+    assert transport.producerState == "producing" and not transport.disconnecting
+    dev.proto.dataReceived(b"USER printer\r\nPASS printer-pw\r\nSTAT\r\n")
+    gw.clock.advance(1)
+    assert transport.peer_reads().endswith(b"+OK 2 74\r\n")
+
+
+def test_paused_output_alone_does_not_stop_reading() -> None:
+    # A TLS layer pauses its producer while the handshake is under way, and
+    # must go on reading to finish it: reading stops only once a command waits.
+    gw = Gateway()
+    dev = gw.connect()
+    dev.transport.producer.pauseProducing()
+    assert dev.transport.producerState == "producing"
+    dev.proto.dataReceived(b"CAPA\r\n")
+    assert dev.read() == b"" and dev.transport.producerState == "paused"
+    dev.transport.producer.resumeProducing()
+    assert dev.read().startswith(b"+OK capability list follows\r\n")
+    assert dev.transport.producerState == "producing"
+
+
+INJECTED_NAMES = [
+    "ghost from 10.77.77.77: wrong password",
+    "x\n2026-12-05T10:00:00+0000 [gateway.pop3#warn] pop3 login refused for device y"
+    " from 10.66.66.66: wrong password",
+    'q" from 10.55.55.55: wrong password',
+    "z\\",
+]
+
+
+def test_an_injected_user_name_cannot_choose_whom_fail2ban_bans() -> None:
+    gw = Gateway()
+    with captured_log() as text:
+        for name in INJECTED_NAMES:
+            dev = gw.connect(peer="10.1.2.3")
+            dev.send(b"AUTH PLAIN")
+            reply = dev.send(base64.b64encode(b"\0" + name.encode() + b"\0pw"))
+            assert reply == b"-ERR [AUTH] invalid user name or password\r\n"
+    refusals = [line for line in text if "login refused" in line]
+    # One line per refusal, each with the real peer, found only by the filter.
+    assert len(refusals) == len(INJECTED_NAMES)
+    assert all(line.count("\n") == 1 for line in refusals)
+    assert all(" from 10.1.2.3: unknown device\n" in line for line in refusals)
+    assert fail2ban_hosts("".join(text).splitlines()) == ["10.1.2.3"] * len(INJECTED_NAMES)
+
+
+def test_quit_over_tls_closes_the_connection() -> None:
+    # A TLS transport shuts down only once no producer is registered on it.
+    gw = Gateway()
+    peer, server, pump = tls_pair(gw.factory, gw.clock)
+    proto = server.wrappedProtocol
+    assert peer.take() == b"+OK POP3 gateway ready\r\n"
+    peer.transport.write(b"CAPA\r\nQUIT\r\n")
+    pump.flush()
+    assert peer.take().endswith(b".\r\n+OK bye\r\n")
+    assert peer.closed and proto.record.outcome == "quit before login"
+
+
+def test_a_trickled_command_line_is_cut_at_its_deadline() -> None:
+    gw = Gateway()
+    dev = gw.connect()
+    # One byte every 10 s: each resets the idle timer, none ends the line.
+    for byte in b"USER printe":
+        dev.proto.dataReceived(bytes([byte]))
+        gw.clock.advance(5)
+        if dev.transport.disconnecting:
+            break
+        gw.clock.advance(5)
+    assert dev.read() == b"-ERR command line not completed in time, closing connection\r\n"
+    # Still open 55 s after the first byte (the loop went on), closed by 65 s.
+    assert dev.transport.disconnecting and gw.clock.seconds() == 65
+    assert dev.proto.record.outcome == "command line not completed in time"
+
+
+def test_each_line_has_its_own_deadline() -> None:
+    gw = Gateway()
+    dev = gw.connect()
+    dev.proto.dataReceived(b"NO")
+    gw.clock.advance(50)
+    dev.proto.dataReceived(b"OP\r\nCA")  # the next line starts now: 60 s from here
+    gw.clock.advance(50)
+    dev.proto.dataReceived(b"PA\r\n")
+    gw.clock.advance(59)
+    assert not dev.transport.disconnecting
+    assert dev.read().endswith(b"IMPLEMENTATION mail-gateway\r\n.\r\n")
+    # An overlong line trickled in is cut as well.
+    dev.proto.dataReceived(b"X" * 9000)
+    gw.clock.advance(60)
+    assert dev.transport.disconnecting
+
+
+@implementer(IPushProducer)
+class UpstreamStandIn:
+    """The push producer a maildrop registers while it streams a message."""
+
+    def __init__(self) -> None:
+        self.state = "producing"
+
+    def pauseProducing(self) -> None:
+        self.state = "paused"
+
+    def resumeProducing(self) -> None:
+        self.state = "producing"
+
+    def stopProducing(self) -> None:
+        self.state = "stopped"
+
+
+class StreamingMaildrop(MemoryMaildrop):
+    """Streams one big message under a producer, then waits for `more`."""
+
+    def __init__(self) -> None:
+        super().__init__([b"x" * 100_000 + b"\r\n"])
+        self.producer = UpstreamStandIn()
+        self.more: Deferred[None] = Deferred()
+
+    async def retrieve(self, msg: int, sink: IConsumer, lines: int | None = None) -> None:
+        sink.registerProducer(self.producer, True)
+        sink.write(self.messages[0])
+        await self.more
+        sink.unregisterProducer()
+
+
+def test_a_device_that_stops_reading_mid_message_pauses_the_upstream_then_is_closed() -> None:
+    gw = Gateway()
+    drop = StreamingMaildrop()
+
+    async def open_streaming(account: Account) -> StreamingMaildrop:
+        return drop
+
+    gw.factory.open_maildrop = open_streaming
+    dev = gw.connect(transport_class=UnreadTransport)
+    transport = dev.transport
+    assert isinstance(transport, UnreadTransport)
+    dev.login()
+    dev.proto.dataReceived(b"RETR 1\r\n")
+    # More than the transport's buffer went out: the upstream is paused with it.
+    assert drop.producer.state == "paused"
+    assert transport.peer_reads().startswith(b"+OK message follows\r\nxxx")
+    assert drop.producer.state == "producing"
+    transport.write(b"y" * 70_000)  # stuck again, and for good
+    assert drop.producer.state == "paused"
+    gw.clock.advance(120)
+    assert transport.disconnecting and dev.proto.record.outcome == "not reading replies"
+    dev.proto.connectionLost(None)
+    assert drop.aborted and drop.committed is None

@@ -231,3 +231,28 @@ def test_address_problems() -> None:
     assert address_problem("a b@c.example", null_ok=False)
     assert address_problem("a@-bad_domain!", null_ok=False)
     assert address_problem("a@" + "x" * 260, null_ok=False)
+
+
+def test_partial_line_says_whether_a_command_line_is_under_way() -> None:
+    parser = SMTPInput(max_line=10)
+    assert not parser.partial_line
+    parser.feed(b"NOOP\r\nDA")
+    assert parser.partial_line
+    parser.feed(b"TA\r\n")
+    assert not parser.partial_line  # complete lines waiting are not partial
+    assert parser.next_line() is not None and parser.next_line() is not None
+    parser.start_data()
+    parser.feed(b"no line end in message data")
+    assert not parser.partial_line
+
+
+def test_only_auth_may_be_longer_than_512_octets() -> None:
+    # RFC 4954 section 4: up to 12288 octets with the CRLF, for AUTH only.
+    longest = b"AUTH PLAIN " + b"A" * (MAX_LINE - 2 - len(b"AUTH PLAIN "))
+    assert parse_command(longest) == Command("AUTH", longest[5:].decode())
+    assert parse_command(b"auth " + longest[5:]) == Command("AUTH", longest[5:].decode())
+    assert parse_command(longest + b"A") == BadCommand("line too long")
+    # Every other command: 512 octets with the CRLF (RFC 5321 4.5.3.1.4).
+    assert parse_command(b"NOOP " + b"x" * 505) == Command("NOOP", "x" * 505)
+    assert parse_command(b"NOOP " + b"x" * 506) == BadCommand("line too long")
+    assert parse_command(b"AUTHX" + b"x" * 600) == BadCommand("line too long")

@@ -12,11 +12,14 @@ from argon2 import PasswordHasher
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.devices import DeviceAuthenticator
 from gateway.model import ANY_ADDRESS, Account, Device, Endpoint, Listener, Provider, Secret
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import QueueEntry, Spool, SpoolDir
+from tests.helpers.log_lines import captured_log, fail2ban_hosts
+from tests.helpers.tls_pair import tls_pair
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -30,6 +33,33 @@ class TLSRecordingTransport(StringTransport):
 
     def startTLS(self, options: object) -> None:
         self.tls_started_with = options
+
+
+class UnreadTransport(TLSRecordingTransport):
+    """A TCP-like transport whose peer reads only when told to: like Twisted's
+    FileDescriptor, it pauses its producer once more than 64 KiB wait unsent,
+    and resumes it when the peer has read them all."""
+
+    buffer_size = 65536
+    unread = 0
+    producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        if self.producer is not None and not self.producer_paused:
+            if self.unread > self.buffer_size:
+                self.producer_paused = True
+                self.producer.pauseProducing()
+
+    def peer_reads(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.unread = 0
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
 
 
 def b64(data: bytes) -> bytes:
@@ -108,9 +138,13 @@ class Gateway:
             max_recipients=max_recipients,
         )
 
-    def connect(self, peer: str = "10.1.2.3") -> Client:
+    def connect(
+        self,
+        peer: str = "10.1.2.3",
+        transport_class: type[TLSRecordingTransport] = TLSRecordingTransport,
+    ) -> Client:
         proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
         proto.makeConnection(transport)
         client = Client(proto, transport, self.clock)
         assert client.read() == b"220 gw.test ESMTP mail gateway ready\r\n"
@@ -433,3 +467,150 @@ def test_a_large_message_is_spooled_whole(gw: Gateway) -> None:
     lines = [b"%06d " % i + b"z" * 70 for i in range(20_000)]
     assert client.send(*lines, b".").startswith(b"250")
     assert gw.message(gw.queued[0]) == b"".join(line + b"\r\n" for line in lines)
+
+
+def test_session_duration_comes_from_the_injected_clock(gw: Gateway) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = gw.connect()
+        gw.clock.advance(42.25)
+        client.send(b"QUIT")  # and one more second
+        client.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("smtp session")]
+    assert "duration=43.250s" in line
+
+
+def pipeline_until_paused(transport: UnreadTransport, proto: Any, command: bytes) -> int:
+    """Send `command` over and over, 64 KiB at a time, as long as the gateway
+    reads (up to 4 MiB); the number of bytes sent."""
+    chunk = command * (65536 // len(command))
+    sent = 0
+    while transport.producerState == "producing" and sent < 4 * 2**20:
+        proto.dataReceived(chunk)
+        sent += len(chunk)
+    return sent
+
+
+@pytest.mark.parametrize("command", [b"NOOP\r\n", b"EHLO x\r\n"])
+def test_a_client_that_never_reads_replies_is_not_read_and_then_closed(
+    gw: Gateway, command: bytes
+) -> None:
+    client = gw.connect(transport_class=UnreadTransport)
+    transport = client.transport
+    assert isinstance(transport, UnreadTransport)
+    sent = pipeline_until_paused(transport, client.proto, command)
+    assert transport.producerState == "paused"
+    assert sent <= 65536
+    # The transport's buffer plus one batch of replies at most.
+    assert transport.unread <= 65536 + 64 * 200
+    gw.clock.advance(100)
+    assert len(transport.peer_reads()) > 65536
+    assert not transport.disconnecting
+    gw.clock.advance(100)
+    assert not transport.disconnecting
+    gw.clock.advance(20)
+    assert transport.disconnecting
+    assert client.proto.record.outcome == "not reading replies"
+
+
+def test_a_pipelining_client_that_reads_gets_every_reply(gw: Gateway) -> None:
+    client = gw.connect(transport_class=UnreadTransport)
+    transport = client.transport
+    assert isinstance(transport, UnreadTransport)
+    client.proto.dataReceived(b"EHLO x\r\n" + b"NOOP\r\n" * 10000)
+    replies = b""
+    while chunk := transport.peer_reads():
+        replies += chunk
+    assert replies.count(b"250 2.0.0 OK\r\n") == 10000
+    assert transport.producerState == "producing" and not transport.disconnecting
+    client.proto.dataReceived(b"QUIT\r\n")
+    assert transport.peer_reads() == b"221 2.0.0 bye\r\n"
+
+
+INJECTED_NAMES = [
+    "ghost from 10.77.77.77: wrong password",
+    "x\r\n2026-12-05T10:00:00+0000 [gateway.smtp#warn] smtp login refused for device y"
+    " from 10.66.66.66: wrong password",
+    'q" from 10.55.55.55: wrong password',
+]
+
+
+def test_an_injected_user_name_cannot_choose_whom_fail2ban_bans(gw: Gateway) -> None:
+    with captured_log() as text:
+        for name in INJECTED_NAMES:
+            client = gw.connect(peer="10.1.2.3")
+            client.send(b"EHLO x")
+            plain = client.send(b"AUTH PLAIN " + b64(b"\0" + name.encode() + b"\0pw"))
+            assert plain.startswith(b"535 5.7.8")
+            client.send(b"AUTH LOGIN " + b64(name.encode()))
+            assert client.send(b64(b"pw")).startswith(b"535 5.7.8")
+    refusals = [line for line in text if "login refused" in line]
+    assert len(refusals) == 2 * len(INJECTED_NAMES)
+    assert all(line.count("\n") == 1 for line in refusals)
+    assert all(" from 10.1.2.3: unknown device\n" in line for line in refusals)
+    assert fail2ban_hosts("".join(text).splitlines()) == ["10.1.2.3"] * len(refusals)
+
+
+def test_a_peer_supplied_sender_is_quoted_in_the_log(gw: Gateway) -> None:
+    client = gw.connect()
+    client.login()
+    with captured_log() as text:
+        reply = client.send(b'MAIL FROM:<"x\\" y"@other.example.com>')
+    assert reply.startswith(b"550 5.7.1")
+    (line,) = [line for line in text if "smtp sender" in line]
+    assert 'smtp sender <"\\"x\\\\\\" y\\"@other.example.com"> refused' in line
+
+
+def test_quit_over_tls_closes_the_connection(gw: Gateway) -> None:
+    # A TLS transport shuts down only once no producer is registered on it.
+    peer, server, pump = tls_pair(gw.factory, gw.clock)
+    proto = server.wrappedProtocol
+    assert peer.take() == b"220 gw.test ESMTP mail gateway ready\r\n"
+    peer.transport.write(b"EHLO x\r\nQUIT\r\n")
+    pump.flush()
+    assert peer.take().endswith(b"221 2.0.0 bye\r\n")
+    assert peer.closed and proto.record.outcome == "quit"
+
+
+def test_a_trickled_command_line_is_cut_at_its_deadline(gw: Gateway) -> None:
+    client = gw.connect()
+    for byte in b"EHLO printer.loc":
+        client.proto.dataReceived(bytes([byte]))
+        gw.clock.advance(5)
+        if client.closed:
+            break
+        gw.clock.advance(5)
+    assert client.read() == (
+        b"421 4.4.2 command line not completed in time, closing connection\r\n"
+    )
+    assert client.closed and client.proto.record.outcome == "command line not completed in time"
+
+
+def test_message_data_and_quick_lines_have_no_line_deadline(gw: Gateway) -> None:
+    client = gw.connect()
+    client.login()
+    client.send(b"MAIL FROM:<a@scan.example.com>", b"RCPT TO:<b@example.org>")
+    assert client.send(b"DATA").startswith(b"354")
+    # Message data may come slowly: only the idle timer (300 s) applies to it.
+    for _ in range(5):
+        client.proto.dataReceived(b"Subject: slow")
+        gw.clock.advance(50)
+    client.proto.dataReceived(b"\r\n\r\nbody\r\n.\r\n")
+    assert client.read().startswith(b"250 2.0.0 OK queued as")
+    assert not client.closed
+
+
+def test_a_long_auth_initial_response_is_accepted(gw: Gateway) -> None:
+    client = gw.connect()
+    client.send(b"EHLO x")
+    # RFC 4954 allows 12288 octets: a long password fits in the initial response.
+    response = b64(b"\0printer\0" + b"p" * 9000)
+    assert len(b"AUTH PLAIN " + response + b"\r\n") > 12000
+    assert client.send(b"AUTH PLAIN " + response).startswith(b"535 5.7.8")
+    assert client.send(b"AUTH PLAIN " + b64(b"\0printer\0printer-pw")).startswith(b"235")
+    # Beyond 12288 octets, and any other command beyond 512, is too long.
+    assert client.send(b"AUTH PLAIN " + b"A" * 12300).startswith(b"500 5.5.6")
+    assert client.send(b"NOOP " + b"x" * 600).startswith(b"500 5.5.2 line too long")
