@@ -208,7 +208,6 @@ GOOGLE_CODES: dict[str, tuple[RefusalKind, str]] = {
     "rate_limit_exceeded": (T, "the provider's quota is exhausted; the gateway retries later"),
     "temporarily_unavailable": (T, "the provider is busy; the gateway retries later"),
     "server_error": (T, "the provider had an internal error; the gateway retries later"),
-    "slow_down": (T, "the provider asked to poll more slowly; the gateway retries later"),
 }
 
 _AADSTS = re.compile(r"AADSTS(\d{4,9})")
