@@ -79,3 +79,23 @@ class InsecureEndpoint(OAuthError):
 
 class AuthorizationFailed(OAuthError):
     """An interactive grant ended without tokens (denied, expired, state mismatch)."""
+
+
+def refusal_of(error: Exception) -> Refusal:
+    """The classified refusal an exception carries, or one made from what it says."""
+    carried = getattr(error, "refusal", None)
+    if isinstance(carried, Refusal):
+        return carried
+    if isinstance(error, OAuthEndpointError):
+        if error.needs_reauthorization:
+            return Refusal(
+                RefusalKind.REAUTHORIZE, error.code, "run `gateway oauth authorize ACCOUNT` again"
+            )
+        return Refusal(
+            RefusalKind.MISCONFIGURED, error.code, "check the provider's OAuth2 client settings"
+        )
+    if isinstance(error, OAuthUnavailable):
+        return Refusal(RefusalKind.TEMPORARY, "network", "the gateway retries later")
+    return Refusal(
+        RefusalKind.MISCONFIGURED, "configuration", "check the provider's OAuth2 client settings"
+    )

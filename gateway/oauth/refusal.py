@@ -78,6 +78,10 @@ class Refusal:
     def __str__(self) -> str:
         return f"{self.code} ({self.kind.label}): {self.advice}"
 
+    def for_account(self, name: str) -> Refusal:
+        """The advice with the account's name where it says ACCOUNT."""
+        return Refusal(self.kind, self.code, self.advice.replace("ACCOUNT", name))
+
     def as_dict(self) -> dict[str, str]:
         return {"kind": self.kind.value, "code": self.code, "advice": self.advice}
 
@@ -183,8 +187,8 @@ GOOGLE_CODES: dict[str, tuple[RefusalKind, str]] = {
     ),
     "invalid_client": (
         M,
-        "the client id or secret is wrong or of the wrong type; check client_id and "
-        "client_secret_file against the provider's console",
+        "the client id or secret is wrong or of the wrong type; check the provider's "
+        "OAuth2 client settings (client_id, client_secret_file) against its console",
     ),
     "unauthorized_client": (
         M,
