@@ -156,7 +156,11 @@ def _run_authorize(args: argparse.Namespace) -> int:
 
     try:
         result = run_on_reactor(flow)
-    except (CommandFailed, OAuthError, StateError, NoOAuthClient) as e:
+    except OAuthError as e:
+        refusal = getattr(e, "refusal", None)
+        advice = f" [{refusal.for_account(args.account)}]" if refusal is not None else ""
+        return fail("oauth authorize", f"{e}{advice}")
+    except (CommandFailed, StateError, NoOAuthClient) as e:
         return fail("oauth authorize", str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)
