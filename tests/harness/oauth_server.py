@@ -446,7 +446,8 @@ class _Root(Resource):
     def render_GET(self, request: Request) -> bytes:
         path = request.path.decode()
         query = _single(parse_qs(urlsplit(request.uri.decode()).query))
-        if path.endswith("/authorize"):
+        # Ours and Microsoft's end in /authorize, Google's in /o/oauth2/v2/auth.
+        if path.endswith(("/authorize", "/auth")):
             status, where = self.server.authorize(query)
             request.setResponseCode(status)
             if status == 302:
