@@ -274,7 +274,7 @@ def test_unusable_key_files(document: Any, message: str) -> None:
         load_service_account(text)
 
 
-# -- app-only accounts fetch their own tokens ----------------------------------------------------------
+# -- app-only accounts fetch their own tokens ---------------------------------------------
 
 
 def manager(
