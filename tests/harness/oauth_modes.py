@@ -333,12 +333,14 @@ def _unb64(text: str) -> bytes:
 
 
 def revoke(server: AuthServer, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """Revoke the grant the token belongs to: the refresh token (or the access
+    token) named, nothing of the user's other grants."""
     server.counts["revoke"] += 1
     token = form.get("token", "")
     refresh = server.refresh.get(token)
     access = server.access.get(token)
-    username = refresh.username if refresh else access.username if access else None
-    if username is None or (refresh is not None and not refresh.active):
+    known = refresh if refresh is not None else access
+    if known is None or not known.active:
         return 400, {"error": "invalid_token", "error_description": "Token expired or revoked"}
-    server.revoke(username)
+    known.active = False
     return 200, {}

@@ -9,8 +9,6 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 
-from tests.harness import oauth_modes as modes
-
 if TYPE_CHECKING:
     from tests.harness.oauth_server import AuthServer
 
@@ -51,9 +49,9 @@ class InMemoryPoster:
         if path.endswith("/token"):
             status, body = self.server.token(form, path)
         elif path.endswith(DEVICE_PATHS):
-            status, body = self.server.device_authorization(form)
+            status, body = self.server.device_authorization(form, path)
         elif path.endswith("/revoke"):
-            status, body = modes.revoke(self.server, form)
+            status, body = self.server.revocation(form, path)
             if status == 200:  # Google answers an empty body
                 return interpret_response(url, status, b"")
         else:

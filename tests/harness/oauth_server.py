@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,10 +139,6 @@ class AuthServer:
     # An IReactorTime (a MemoryReactorClock in unit tests); None: real time.
     clock: Any = None
 
-    def __post_init__(self) -> None:
-        if self.mode == "google":
-            self.rotate_refresh_tokens = False  # Google keeps refresh tokens
-
     def now(self) -> float:
         base = self.clock.seconds() if self.clock is not None else time.time()
         return base + self.offset
@@ -216,7 +214,32 @@ class AuthServer:
 
     # -- endpoints ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def acting_for(self, path: str) -> Iterator[None]:
+        """With mode "providers", behave per request as the provider whose URL
+        layout the path has: ``/google/...`` Google, ``/{tenant}/oauth2/v2.0/...``
+        Entra ID, anything else this server's own rules. One server (and one
+        introspection URL for Dovecot) then stands in for both providers."""
+        if self.mode != "providers":
+            yield
+            return
+        self.mode = (
+            "google"
+            if path.startswith("/google/")
+            else "entra"
+            if modes.tenant_of(path) is not None
+            else "generic"
+        )
+        try:
+            yield
+        finally:
+            self.mode = "providers"
+
     def token(self, form: dict[str, str], path: str = "/token") -> tuple[int, dict[str, Any]]:
+        with self.acting_for(path):
+            return self._token(form, path)
+
+    def _token(self, form: dict[str, str], path: str) -> tuple[int, dict[str, Any]]:
         grant = form.get("grant_type", "")
         self.counts[f"token:{grant}"] += 1
         if "client_secret" in form:
@@ -244,13 +267,15 @@ class AuthServer:
                     "error": "invalid_grant",
                     "error_description": "refresh token revoked, expired or already used",
                 }
-            if self.rotate_refresh_tokens:
+            # Google keeps refresh tokens; Entra (and we, strictly) rotate them.
+            rotate = self.rotate_refresh_tokens and self.mode != "google"
+            if rotate:
                 record.active = False
             answer = self._issue(
                 record.username,
                 self.client_id,
                 scope or record.scope,
-                refresh=self.rotate_refresh_tokens,
+                refresh=rotate,
                 public=record.public,
             )
             return 200, answer
@@ -304,7 +329,13 @@ class AuthServer:
             device.username, self.client_id, device.scope, refresh=True, public=public
         )
 
-    def device_authorization(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    def device_authorization(
+        self, form: dict[str, str], path: str = "/device"
+    ) -> tuple[int, dict[str, Any]]:
+        with self.acting_for(path):
+            return self._device_authorization(form)
+
+    def _device_authorization(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         self.counts["device"] += 1
         if form.get("client_id") != self.client_id:
             return 401, {"error": "invalid_client"}
@@ -325,8 +356,16 @@ class AuthServer:
         }
         return 200, modes.device_answer(self, answer)
 
-    def authorize(self, query: dict[str, str]) -> tuple[int, str]:
+    def authorize(self, query: dict[str, str], path: str = "/authorize") -> tuple[int, str]:
         """The browser step: returns (status, Location or error text)."""
+        with self.acting_for(path):
+            return self._authorize(query)
+
+    def revocation(self, form: dict[str, str], path: str = "/revoke") -> tuple[int, dict[str, Any]]:
+        with self.acting_for(path):
+            return modes.revoke(self, form)
+
+    def _authorize(self, query: dict[str, str]) -> tuple[int, str]:
         self.counts["authorize"] += 1
         redirect = query.get("redirect_uri", "")
         if query.get("client_id") != self.client_id or not redirect:
@@ -448,7 +487,7 @@ class _Root(Resource):
         query = _single(parse_qs(urlsplit(request.uri.decode()).query))
         # Ours and Microsoft's end in /authorize, Google's in /o/oauth2/v2/auth.
         if path.endswith(("/authorize", "/auth")):
-            status, where = self.server.authorize(query)
+            status, where = self.server.authorize(query, path)
             request.setResponseCode(status)
             if status == 302:
                 request.setHeader(b"location", where.encode())
@@ -471,9 +510,9 @@ class _Root(Resource):
         if path == "/introspect":
             return _json(request, 200, self.server.introspect(form))
         if path.endswith(DEVICE_PATHS):
-            return _json(request, *self.server.device_authorization(form))
+            return _json(request, *self.server.device_authorization(form, path))
         if path.endswith("/revoke"):
-            status, body = modes.revoke(self.server, form)
+            status, body = self.server.revocation(form, path)
             request.setResponseCode(status)
             return b"" if status == 200 else _json(request, status, body)
         if path.endswith("/token"):
