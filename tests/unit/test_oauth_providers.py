@@ -426,3 +426,32 @@ def test_assertion_secret_never_in_a_repr(clock: Clock) -> None:
     account, key_file = service_account(server, ["alice"])
     assert key_file["private_key"] not in repr(account)
     assert isinstance(account.private_key, Secret)
+
+
+def test_without_public_client_flows_the_device_flow_is_a_configuration_problem(
+    clock: Clock,
+) -> None:
+    """ "Allow public client flows" left off: Entra wants a secret (AADSTS7000218)."""
+    server = entra(clock, public_client=False)
+    endpoint = TokenEndpoint(preset_provider("microsoft365", BASE), InMemoryPoster(server), clock)
+    authorization = run(endpoint.start_device_authorization())
+    server.approve(authorization.user_code, "alice")
+    with pytest.raises(OAuthEndpointError) as info:
+        run(endpoint.poll_device(authorization.device_code))
+    refusal = info.value.refusal
+    assert refusal is not None and refusal.code == "AADSTS7000218"
+    assert refusal.kind is RefusalKind.MISCONFIGURED and "Allow public client" in refusal.advice
+
+
+def test_entra_loop_detection_is_temporary_even_in_a_400() -> None:
+    from gateway.oauth.errors import OAuthUnavailable
+    from gateway.oauth.http import interpret_response
+
+    status, body = oauth_modes.entra_error(400, "invalid_request", 50196)
+    with pytest.raises(OAuthUnavailable) as info:
+        interpret_response("https://login.example/token", status, json.dumps(body).encode())
+    assert info.value.refusal is not None
+    assert (info.value.refusal.kind, info.value.refusal.code) == (
+        RefusalKind.TEMPORARY,
+        "AADSTS50196",
+    )
