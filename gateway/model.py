@@ -30,7 +30,13 @@ POP3Auth = Literal["auto", "user", "plain"]
 AccountAuth = Literal["password", "oauth2"]
 MailboxKind = Literal["pop3", "imap"]
 SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
-Grant = Literal["device_code", "authorization_code", "client_credentials"]
+Grant = Literal["device_code", "authorization_code", "client_credentials", "service_account"]
+# Whether the app registration may hold its secret (RFC 6749 2.1). "auto": the
+# preset decides (Microsoft: public; Google's installed-app clients send
+# theirs); without a preset, a configured secret is sent.
+ClientType = Literal["auto", "public", "confidential"]
+# Microsoft's cloud instances (gateway.oauth.clouds has their hosts).
+Cloud = Literal["global", "usgov", "dod", "china"]
 DeletePolicy = Literal["expunge", "move", "keep"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,10 +49,15 @@ ACCOUNT_AUTH_CHOICES: Final[tuple[AccountAuth, ...]] = get_args(AccountAuth)
 MAILBOX_CHOICES: Final[tuple[MailboxKind, ...]] = get_args(MailboxKind)
 SASL_CHOICES: Final[tuple[SASLChoice, ...]] = get_args(SASLChoice)
 GRANTS: Final[tuple[Grant, ...]] = get_args(Grant)
+CLIENT_TYPES: Final[tuple[ClientType, ...]] = get_args(ClientType)
+CLOUDS: Final[tuple[Cloud, ...]] = get_args(Cloud)
+# Grants the gateway runs by itself, with no admin at a browser: it fetches
+# their tokens at first use and before expiry.
+APP_ONLY_GRANTS: Final[frozenset[Grant]] = frozenset({"client_credentials", "service_account"})
 DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
 
-# An OAuth2 account without `grant` gets this one: the device-code grant
-# needs nothing but a browser somewhere.
+# An OAuth2 account without `grant` gets its preset's default grant, or this
+# one: the device-code grant needs nothing but a browser somewhere.
 DEFAULT_GRANT: Final[Grant] = "device_code"
 DEFAULT_STATE_DIR: Final = Path("/var/lib/gateway")
 
@@ -89,6 +100,17 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class ServiceAccountKey:
+    """A Google service account's JSON key file, as far as the JWT bearer grant
+    (RFC 7523) needs it: who signs, with which RSA key, for which token URL."""
+
+    client_email: str
+    private_key: Secret
+    token_uri: str
+    private_key_id: str | None = None
+
+
+@dataclass(frozen=True)
 class OAuthClient:
     """The gateway's registration at a provider's OAuth2 authorization server.
 
@@ -105,6 +127,16 @@ class OAuthClient:
     client_secret: Secret | None = None
     scopes: tuple[str, ...] = ()
     app_scopes: tuple[str, ...] = ()
+    client_type: ClientType = "auto"
+    # RFC 7009 token revocation (Google has one; Microsoft has none for
+    # refresh tokens).
+    revocation_url: str | None = None
+    # The host of the code grant's loopback redirect, in the form the
+    # provider documents: Microsoft registers http://localhost (any port),
+    # Google's desktop clients http://127.0.0.1:PORT.
+    loopback_host: str = "localhost"
+    # Google Workspace: the service account that signs JWT bearer grants.
+    service_account: ServiceAccountKey | None = None
 
 
 @dataclass(frozen=True)
@@ -121,11 +153,19 @@ class Provider:
     # How to log in to POP3 with a password: "user" (USER/PASS) or "plain"
     # (AUTH PLAIN). "auto" picks AUTH PLAIN when CAPA offers it.
     pop3_auth: POP3Auth = "auto"
-    # "microsoft365", "gmail" or None; a preset fills endpoints and `oauth`.
+    # "microsoft365", "outlook", "gmail" or None; a preset fills endpoints,
+    # `oauth`, `sasl` and the default grant.
     preset: str | None = None
     oauth: OAuthClient | None = None
     # Bearer-token SASL mechanism; "auto" picks from what the server offers.
     sasl: SASLChoice = "auto"
+    # Microsoft presets: the tenant and cloud instance the URLs were built for.
+    tenant: str | None = None
+    cloud: Cloud | None = None
+    # Microsoft Graph's service root for this cloud (the Graph upstream).
+    graph_url: str | None = None
+    # The grant of an account that names none (the preset's, else DEFAULT_GRANT).
+    default_grant: Grant = DEFAULT_GRANT
 
 
 @dataclass(frozen=True)
@@ -137,7 +177,8 @@ class Account:
     username: str
     password: Secret | None = None
     auth: AccountAuth = "password"
-    # OAuth2 accounts only: how the admin obtains the first tokens.
+    # OAuth2 accounts only: how the tokens are obtained (the loader fills in
+    # the provider's default grant when the file names none).
     grant: Grant | None = None
     # Where a device's POP3 maildrop comes from: the upstream's POP3 service,
     # or one folder of its IMAP service.

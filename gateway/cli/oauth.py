@@ -1,13 +1,17 @@
 """`gateway oauth ...`: onboard OAuth2 accounts and look after their tokens.
 
-- ``gateway oauth authorize ACCOUNT``: runs the account's grant (device code by
-  default, authorization code with PKCE, or client credentials) and stores the
-  tokens, encrypted, in the gateway's state directory. A running gateway picks
-  them up by itself (it notices the file change); no restart.
+- ``gateway oauth authorize ACCOUNT``: runs the account's grant (device code,
+  authorization code with PKCE; for app-only client credentials and service
+  account grants, which the gateway runs by itself anyway, it proves the
+  set-up) and stores the tokens, encrypted, in the gateway's state
+  directory. A running gateway picks them up by itself (it notices the file
+  change); no restart.
 - ``gateway oauth status [ACCOUNT...]``: per account, its state, token expiry,
   last refresh and last error, as the running gateway last recorded them.
-- ``gateway oauth revoke ACCOUNT``: forgets the account's tokens; devices get
-  "not authorised" until the next `authorize`.
+- ``gateway oauth revoke ACCOUNT``: asks the provider to revoke the grant
+  where it has a revocation endpoint (Google), then forgets the account's
+  tokens whatever the provider answered; devices get "not authorised" until
+  the next `authorize`.
 - ``gateway oauth new-key``: prints a fresh gateway key, for GATEWAY_KEY.
 
 The work is done by `gateway.oauth.admin`; this module wires it to argparse,
@@ -31,7 +35,9 @@ from gateway.oauth.admin import (
     CommandFailed,
     authorize_account,
     format_status,
+    has_revocation,
     revoke_account,
+    revoke_at_provider,
     status_report,
 )
 from gateway.oauth.endpoint import NoOAuthClient
@@ -67,9 +73,11 @@ def register(commands: Commands) -> None:
         "obtain and store tokens for an account (its configured grant)",
         "Run the account's grant and store its tokens, encrypted, under the state "
         "directory. Device code: prints a URL and a code to enter in any browser. "
-        "Authorization code: prints a URL; the redirect is caught on localhost or "
-        "pasted back here. Client credentials: fetches an app-only token to check "
-        "the setup. A running gateway uses the new tokens without a restart.",
+        "Authorization code: prints a URL; the redirect is caught on the loopback "
+        "address (127.0.0.1 and ::1) or pasted back here. Client credentials and "
+        "service account (app-only): the gateway fetches these tokens itself; this "
+        "fetches one now to check the set-up. A running gateway uses the new tokens "
+        "without a restart.",
     )
     authorize.add_argument("account", metavar="ACCOUNT")
     authorize.add_argument(
@@ -81,7 +89,8 @@ def register(commands: Commands) -> None:
     authorize.add_argument(
         "--redirect-uri",
         help="authorization code: the redirect URI registered for the app "
-        "(default http://localhost:PORT/)",
+        "(default: the provider's loopback form, http://localhost:PORT for "
+        "Microsoft, http://127.0.0.1:PORT for Google)",
     )
     authorize.add_argument(
         "--no-listen",
@@ -100,10 +109,11 @@ def register(commands: Commands) -> None:
         sub,
         "revoke",
         _run_revoke,
-        "forget an account's tokens",
-        "Delete the account's tokens from the gateway's store. Devices of the "
-        "account are refused until it is authorised again. Consent given at the "
-        "provider is not withdrawn; do that in the provider's portal.",
+        "revoke the grant at the provider (where possible) and forget the tokens",
+        "Ask the provider to revoke the account's grant where it has a revocation "
+        "endpoint (Google does; Microsoft has none for refresh tokens), then delete "
+        "the tokens from the gateway's store, even if the provider's call failed. "
+        "Devices of the account are refused until it is authorised again.",
     )
     revoke.add_argument("account", metavar="ACCOUNT")
     add_command(
@@ -146,7 +156,11 @@ def _run_authorize(args: argparse.Namespace) -> int:
 
     try:
         result = run_on_reactor(flow)
-    except (CommandFailed, OAuthError, StateError, NoOAuthClient) as e:
+    except OAuthError as e:
+        refusal = getattr(e, "refusal", None)
+        advice = f" [{refusal.for_account(args.account)}]" if refusal is not None else ""
+        return fail("oauth authorize", f"{e}{advice}")
+    except (CommandFailed, StateError, NoOAuthClient) as e:
         return fail("oauth authorize", str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -175,18 +189,50 @@ def _run_revoke(args: argparse.Namespace) -> int:
     config = load_or_report(args)
     if config is None:
         return 1
+
+    async def at_provider(reactor: Any) -> str:
+        return await revoke_at_provider(
+            config, args.account, poster=TreqPoster(reactor), clock=reactor
+        )
+
+    try:
+        # Only a provider with a revocation endpoint needs the reactor.
+        provider_outcome = (
+            run_on_reactor(at_provider) if has_revocation(config, args.account) else "no_endpoint"
+        )
+    except (CommandFailed, StateError) as e:
+        return fail("oauth revoke", str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     try:
         result = revoke_account(config, args.account, now=time.time())
     except (CommandFailed, StateError) as e:
         return fail("oauth revoke", str(e))
-    _print_result(
-        args,
-        result,
-        f"account {args.account}: tokens deleted from the gateway; its devices are refused "
-        f"until `gateway oauth authorize {args.account}`. Withdraw the consent at the "
-        "provider too if the gateway should lose access there.",
-    )
+    result["provider_revocation"] = provider_outcome
+    _print_result(args, result, _describe_revoked(args.account, provider_outcome))
     return 0
+
+
+def _describe_revoked(name: str, outcome: str) -> str:
+    local = (
+        f"account {name}: tokens deleted from the gateway; its devices are refused "
+        f"until `gateway oauth authorize {name}`."
+    )
+    if outcome == "revoked":
+        return local + " The provider revoked the grant too."
+    if outcome == "no_tokens":
+        return local + " There were no tokens to revoke at the provider."
+    if outcome == "no_endpoint":
+        return local + (
+            " The provider has no revocation endpoint (Microsoft has none for refresh "
+            "tokens): withdraw the consent or the app's permissions in its portal if the "
+            "gateway should lose access there."
+        )
+    return local + (
+        f" The provider's revocation call {outcome}; the tokens were forgotten here all "
+        "the same: revoke the app's access at the provider too."
+    )
 
 
 def _run_new_key(args: argparse.Namespace) -> int:

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from typing import Final
 
-from gateway.config.reader import Table
+from gateway.config.reader import Reader, Table, key_path
 from gateway.config.secrets import check_secret_file, read_secret_file
 from gateway.model import (
     ACCOUNT_AUTH_CHOICES,
-    DEFAULT_GRANT,
     DELETE_POLICIES,
     GRANTS,
     MAILBOX_CHOICES,
     Account,
     Grant,
+    Provider,
     Secret,
     field_default,
 )
+from gateway.oauth.presets import grant_problem
 
 _SENDER: Final = re.compile(r"(\*|[^@\s*]+)@[^@\s*]+\.?[^@\s*]*")
 
@@ -33,7 +35,8 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
     password = None
     grant: Grant | None = None
     if auth == "oauth2":
-        grant = table.choice("grant", GRANTS, DEFAULT_GRANT)
+        # None: the provider's default grant, filled in by check_oauth_accounts.
+        grant = table.choice("grant", GRANTS, None)
         for key in ("password", "password_file"):
             if table.has(key):
                 table.problem(key, 'not used with auth = "oauth2": the gateway holds tokens')
@@ -88,6 +91,26 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
         rewrite_sender=rewrite_sender,
         rewrite_from_header=rewrite_from_header,
     )
+
+
+def check_oauth_accounts(
+    accounts: dict[str, Account], providers: dict[str, Provider], reader: Reader
+) -> None:
+    """An OAuth2 account needs its provider's OAuth client, with what its grant
+    uses, and a grant the provider allows (`presets.grant_problem` says what
+    to do instead). An account that names no grant gets its provider's
+    default (Gmail: authorization_code; others: device_code) here, in
+    `accounts`, so everything after the loader sees the grant in use."""
+    for name, account in list(accounts.items()):
+        provider = providers.get(account.provider)
+        if account.auth != "oauth2" or provider is None:
+            continue
+        if account.grant is None:
+            account = dataclasses.replace(account, grant=provider.default_grant)
+            accounts[name] = account
+        problem = grant_problem(account, provider)
+        if problem is not None:
+            reader.add(key_path(key_path("accounts", name), "provider"), problem)
 
 
 def _senders(table: Table) -> Iterator[str]:

@@ -6,6 +6,9 @@ problem of its own is not blamed a second time here.
 
 from __future__ import annotations
 
+# Moved next to the account builder (it also fills in each account's default
+# grant); re-exported here for the loader.
+from gateway.config.accounts import check_oauth_accounts
 from gateway.config.reader import Reader, key_path
 from gateway.model import Account, Device, Provider
 
@@ -65,28 +68,4 @@ def check_upstreams(
                 )
 
 
-def check_oauth_accounts(
-    accounts: dict[str, Account], providers: dict[str, Provider], reader: Reader
-) -> None:
-    """An OAuth2 account needs its provider's OAuth client, with what its grant uses."""
-    for account in accounts.values():
-        provider = providers.get(account.provider)
-        if account.auth != "oauth2" or provider is None:
-            continue
-        where = key_path(key_path("accounts", account.name), "provider")
-        oauth = provider.oauth
-        if oauth is None:
-            reader.add(
-                where,
-                f"provider {provider.name!r} has no OAuth2 client: add a preset or an oauth table",
-            )
-        elif account.grant == "device_code" and not oauth.device_authorization_url:
-            reader.add(where, f"provider {provider.name!r} has no device_authorization_url")
-        elif account.grant == "authorization_code" and not oauth.authorization_url:
-            reader.add(where, f"provider {provider.name!r} has no authorization_url")
-        elif account.grant == "client_credentials" and oauth.client_secret is None:
-            reader.add(
-                where,
-                f"provider {provider.name!r} has no client secret, which the "
-                "client_credentials grant needs",
-            )
+__all__ = ["check_oauth_accounts", "check_upstreams", "served_protocols"]

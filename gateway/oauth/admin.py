@@ -19,12 +19,14 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.model import Account, Config
+from gateway.model import APP_ONLY_GRANTS, Account, Config
 from gateway.oauth.code_flow import LoopbackListener, run_code_flow
 from gateway.oauth.device_flow import run_device_flow
 from gateway.oauth.endpoint import DeviceAuthorization, TokenEndpoint
+from gateway.oauth.errors import OAuthError
 from gateway.oauth.http import FormPoster
 from gateway.oauth.keys import KEY_ENV, GatewayKeyError, key_path, load_key
+from gateway.oauth.refusal import KINDS_BY_NAME
 from gateway.oauth.store import StoreUnreadable, TokenRecord, TokenStore, TokenStoreError
 from gateway.oauth.tokens import Tokens
 
@@ -32,6 +34,7 @@ GRANT_NAMES = {
     "device_code": "device code grant",
     "authorization_code": "authorization code grant with PKCE",
     "client_credentials": "client credentials grant (app-only)",
+    "service_account": "JWT bearer grant of the service account (app-only)",
 }
 
 
@@ -94,7 +97,7 @@ async def authorize_account(
     # show before the admin has gone through a sign-in.
     store = open_store(config, create_key=True, environ=environ)
     assert store is not None
-    grant = account.grant or "device_code"
+    grant = account.grant or provider.default_grant
     print(
         f"Account {name} ({account.username}) at provider {provider.name}: {GRANT_NAMES[grant]}.",
         file=out,
@@ -118,6 +121,8 @@ async def authorize_account(
             listener=LoopbackListener(reactor, port) if listen else None,
             redirect_uri=redirect_uri,
         )
+    elif grant == "service_account":
+        tokens = await endpoint.service_account(account.username)
     else:
         tokens = await endpoint.client_credentials()
     now = clock.seconds()
@@ -193,23 +198,28 @@ def status_report(
                 record = store.load(account.name)
             except StoreUnreadable as e:
                 unreadable = e.reason
-        report.append(_account_status(account, record, unreadable, now))
+        report.append(_account_status(account, _grant(config, account), record, unreadable, now))
     return report
 
 
+def _grant(config: Config, account: Account) -> str:
+    provider = config.providers.get(account.provider)
+    return account.grant or (provider.default_grant if provider else "device_code")
+
+
 def _account_status(
-    account: Account, record: TokenRecord | None, unreadable: str | None, now: float
+    account: Account, grant: str, record: TokenRecord | None, unreadable: str | None, now: float
 ) -> dict[str, Any]:
     document: dict[str, Any] = {
         "account": account.name,
         "provider": account.provider,
         "username": account.username,
-        "grant": account.grant or "device_code",
+        "grant": grant,
     }
     if unreadable is not None:
         return {**document, "state": "unreadable", "last_error": unreadable}
     if record is None:
-        return {**document, "state": "not_authorized"}
+        return {**document, "state": "app_only" if grant in APP_ONLY_GRANTS else "not_authorized"}
     tokens = record.tokens
     document.update(
         state=record.state,
@@ -217,6 +227,10 @@ def _account_status(
         last_refresh=_iso(record.last_refresh),
         last_error=record.last_error,
         last_error_at=_iso(record.last_error_at),
+        # The classified refusal: kind, the provider's code, what to do.
+        error_kind=record.error_kind,
+        error_code=record.error_code,
+        error_advice=record.error_advice,
         expires_at=_iso(tokens.expires_at) if tokens else None,
         access_token_valid=bool(tokens and tokens.valid_at(now)),
         refresh_token=bool(tokens and tokens.refresh_token),
@@ -235,6 +249,12 @@ def format_status(report: list[dict[str, Any]]) -> list[str]:
         if state == "not_authorized":
             lines.append(f"  no tokens yet: run `gateway oauth authorize {name}`")
             continue
+        if state == "app_only":
+            lines.append("  no token yet: the gateway fetches one at the first login")
+            lines.append(
+                f"  (`gateway oauth authorize {name}` fetches one now, to check the set-up)"
+            )
+            continue
         if state == "unreadable":
             lines.append(f"  token file unreadable: {entry['last_error']}")
             lines.append(f"  supply the right key, or run `gateway oauth authorize {name}`")
@@ -246,7 +266,13 @@ def format_status(report: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  last refresh {entry['last_refresh']}")
         if entry.get("last_error"):
             lines.append(f"  last error {entry['last_error_at']}: {entry['last_error']}")
-        if state in ("needs_reauth", "revoked"):
+        if entry.get("error_code"):
+            kind = KINDS_BY_NAME.get(entry.get("error_kind") or "")
+            label = f" ({kind.label})" if kind is not None else ""
+            lines.append(f"  provider code {entry['error_code']}{label}")
+        if entry.get("error_advice"):
+            lines.append(f"  what to do: {entry['error_advice']}")
+        elif state in ("needs_reauth", "revoked"):
             lines.append(f"  run `gateway oauth authorize {name}`")
     return lines
 
@@ -260,7 +286,7 @@ def revoke_account(
 
     def revoke(current: TokenRecord | None) -> TokenRecord:
         if current is None:
-            current = TokenRecord(name, account.grant or "device_code", "none")
+            current = TokenRecord(name, _grant(config, account), "none")
         return current.revoked(now)
 
     try:
@@ -268,6 +294,51 @@ def revoke_account(
     except (StoreUnreadable, TokenStoreError) as e:
         raise CommandFailed(str(e)) from None
     return {"account": name, "state": "revoked"}
+
+
+def has_revocation(config: Config, name: str) -> bool:
+    """Whether the account's provider has a revocation endpoint to call."""
+    account = oauth_account(config, name)
+    provider = config.providers[account.provider]
+    return provider.oauth is not None and provider.oauth.revocation_url is not None
+
+
+async def revoke_at_provider(
+    config: Config,
+    name: str,
+    *,
+    poster: FormPoster,
+    clock: IReactorTime,
+    environ: Mapping[str, str] = os.environ,
+) -> str:
+    """Ask the provider to revoke the account's grant (RFC 7009), before the
+    tokens are forgotten here. Returns what happened, for the admin:
+    "revoked", "no_endpoint" (Microsoft has none for refresh tokens),
+    "no_tokens", or "failed: <reason>". Never raises for the provider's
+    answer: forgetting the tokens locally must happen all the same."""
+    account = oauth_account(config, name)
+    provider = config.providers[account.provider]
+    if provider.oauth is None or provider.oauth.revocation_url is None:
+        return "no_endpoint"
+    store = open_store(config, create_key=False, environ=environ)
+    try:
+        record = store.load(name) if store is not None else None
+    except StoreUnreadable:
+        record = None
+    tokens = record.tokens if record is not None else None
+    if tokens is None:
+        return "no_tokens"
+    # Revoking the refresh token ends the whole grant at Google.
+    token, hint = (
+        (tokens.refresh_token, "refresh_token")
+        if tokens.refresh_token is not None
+        else (tokens.access_token, "access_token")
+    )
+    try:
+        await TokenEndpoint(provider, poster, clock).revoke(token, hint)
+    except OAuthError as e:
+        return f"failed: {e}"
+    return "revoked"
 
 
 def _iso(when: float | None) -> str | None:

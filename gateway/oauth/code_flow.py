@@ -1,9 +1,13 @@
 """The authorization code grant with PKCE (RFC 6749 4.1, RFC 7636 S256).
 
-For admins whose provider or policy does not allow the device grant. The
-command prints the authorization URL; the admin signs in with a browser and
-the provider redirects to ``http://localhost:PORT/``. If that browser runs on
-the gateway machine, a one-shot listener on 127.0.0.1 catches the redirect.
+For admins whose provider or policy does not allow the device grant (Gmail
+always). The command prints the authorization URL; the admin signs in with a
+browser and the provider redirects to the loopback address in the form the
+provider documents: ``http://localhost:PORT`` for Microsoft (which registers
+``http://localhost`` and ignores the port), ``http://127.0.0.1:PORT`` for
+Google's desktop clients. If that browser runs on the gateway machine, a
+one-shot listener catches the redirect; it listens on both 127.0.0.1 and ::1
+with the same port, because a browser may resolve localhost to either.
 If it does not (the usual headless case), the page fails to load and the
 admin pastes the address bar's URL into the command. Both paths run at once
 and the first valid answer wins; `state` is checked either way, so a stray
@@ -13,6 +17,7 @@ or forged redirect is refused.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import hmac
 import secrets
@@ -23,7 +28,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -138,23 +144,44 @@ class _Callback(Resource):
 
 
 class LoopbackListener:
-    """A one-shot HTTP listener on 127.0.0.1 for the provider's redirect."""
+    """A one-shot HTTP listener on 127.0.0.1 and ::1 (one port) for the redirect."""
+
+    # Attempts at finding a port free on both stacks when any port will do.
+    ATTEMPTS = 5
 
     def __init__(self, reactor: Any, port: int = 0) -> None:
         self._reactor = reactor
         self._port_number = port
         self.result: Deferred[str] = Deferred()
-        self._port: IListeningPort | None = None
+        self._ports: list[IListeningPort] = []
 
     async def start(self, expected_state: str) -> int:
         """Listen; returns the port. Only a redirect carrying `expected_state` counts."""
         site = Site(_Callback(expected_state, self._found))
         site.noisy = False
-        endpoint = TCP4ServerEndpoint(self._reactor, self._port_number, interface="127.0.0.1")
-        self._port = await endpoint.listen(site)
-        address = self._port.getHost()
-        assert isinstance(address, IPv4Address)
-        return address.port
+        for _attempt in range(self.ATTEMPTS if self._port_number == 0 else 1):
+            v4 = await TCP4ServerEndpoint(
+                self._reactor, self._port_number, interface="127.0.0.1"
+            ).listen(site)
+            address = v4.getHost()
+            assert isinstance(address, IPv4Address)
+            self._ports = [v4]
+            try:
+                v6 = await TCP6ServerEndpoint(self._reactor, address.port, interface="::1").listen(
+                    site
+                )
+            except CannotListenError as e:
+                if _ipv6_unavailable(e):
+                    return address.port  # no IPv6 loopback here: 127.0.0.1 it is
+                await self.stop()
+                continue  # the port is taken on ::1: try another one
+            self._ports.append(v6)
+            return address.port
+        raise AuthorizationFailed(
+            "no loopback port free on both 127.0.0.1 and ::1"
+            + (f" (port {self._port_number})" if self._port_number else "")
+            + "; give another --port or use --no-listen"
+        )
 
     def _found(self, outcome: str | AuthorizationFailed) -> None:
         if self.result.called:
@@ -165,11 +192,23 @@ class LoopbackListener:
             self.result.callback(outcome)
 
     async def stop(self) -> None:
-        if self._port is not None:
-            port, self._port = self._port, None
+        ports, self._ports = self._ports, []
+        for port in ports:
             stopped = port.stopListening()
             if stopped is not None:
                 await stopped
+
+
+def _ipv6_unavailable(error: CannotListenError) -> bool:
+    """A host without IPv6 (or without ::1) cannot bind it at all; that is not a
+    clash with another process."""
+    number = getattr(error.socketError, "errno", None)
+    return number in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+
+
+def loopback_redirect(endpoint: TokenEndpoint, port: int) -> str:
+    """The redirect URI in the provider's documented loopback form."""
+    return f"http://{endpoint.client.loopback_host}:{port}"
 
 
 async def run_code_flow(
@@ -197,7 +236,7 @@ async def run_code_flow(
     try:
         if listener is not None:
             port = await listener.start(state)
-            redirect_uri = redirect_uri or f"http://localhost:{port}/"
+            redirect_uri = redirect_uri or loopback_redirect(endpoint, port)
             sources.append(listener.result)
         if redirect_uri is None:
             raise AuthorizationFailed("give a redirect URI when not listening for the redirect")
@@ -224,6 +263,7 @@ async def _first(sources: list[Deferred[str]], clock: IReactorTime, wait: float)
 
     for source in sources:
         source.addBoth(settle)
+
     def give_up() -> None:
         if not winner.called:
             winner.errback(

@@ -61,14 +61,22 @@ async def run_device_flow(
                 raise AuthorizationFailed(
                     "the code expired before anyone signed in; run the command again"
                 ) from None
-            if e.code == "access_denied":
+            # RFC 8628 says access_denied; Microsoft says authorization_declined.
+            if e.code in ("access_denied", "authorization_declined"):
                 raise AuthorizationFailed(
-                    "the sign-in was declined (access_denied); nothing was stored"
+                    f"the sign-in was declined ({e.code}); nothing was stored"
                 ) from None
-            raise AuthorizationFailed(f"the provider refused the grant: {e}") from None
+            raise AuthorizationFailed(f"the provider refused the grant: {_explain(e)}") from None
         except OAuthUnavailable as e:
             # RFC 8628 3.5: back off exponentially on connection problems.
             network_interval = min(MAX_NETWORK_INTERVAL, max(network_interval, interval) * 2)
             note(f"polling failed ({e}); retrying in {network_interval:g} s")
             continue
         return tokens
+
+
+def _explain(error: OAuthEndpointError) -> str:
+    """The provider's words, then what to do about them when they are known."""
+    if error.refusal is None:
+        return str(error)
+    return f"{error} [{error.refusal.code}: {error.refusal.advice}]"

@@ -7,8 +7,10 @@ in `device_flow.py` and `code_flow.py`; the token manager only needs
 `refresh` and `client_credentials`.
 
 Client authentication is `client_secret_post` (the secret in the form), which
-Microsoft and Google both accept; a public client (no secret) sends only its
-client id.
+Microsoft and Google both accept, and only where the client is confidential
+for that grant (`sends_secret`): a public Microsoft client that presents a
+secret is refused (AADSTS700025), so a provider may hold a secret for its
+app-only accounts while its device-code accounts never send it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from gateway.model import OAuthClient, Provider, Secret
 from gateway.oauth.errors import OAuthEndpointError, OAuthUnavailable
 from gateway.oauth.http import FormPoster, safe_text
+from gateway.oauth.jwt_bearer import JWT_BEARER_GRANT, signed_assertion
 from gateway.oauth.tokens import Tokens, parse_token_response
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -40,6 +43,24 @@ class DeviceAuthorization:
     interval: float
 
 
+def sends_secret(client: OAuthClient, grant: str | None) -> bool:
+    """Whether a request of `grant` (None: a delegated grant's refresh) carries
+    the client secret.
+
+    Client credentials always do (the secret is the credential); the JWT
+    bearer grant never does (the signed assertion is). Delegated grants send
+    it only from a confidential client: "public" (Microsoft's presets, for
+    device code and the native code flow) never, "confidential" (Google's
+    desktop clients, a Microsoft web app) always, "auto" (no preset) whenever
+    one is configured, as RFC 6749 2.3.1 asks of a client that has one.
+    """
+    if client.client_secret is None or grant == "service_account":
+        return False
+    if grant == "client_credentials":
+        return True
+    return client.client_type != "public"
+
+
 class NoOAuthClient(Exception):
     """The provider has no `oauth` registration, or lacks the endpoint a grant needs."""
 
@@ -57,12 +78,16 @@ class TokenEndpoint:
 
     # -- grants -------------------------------------------------------------
 
-    async def refresh(self, refresh_token: Secret) -> Tokens:
-        """RFC 6749 6; the answer keeps the old refresh token unless it rotated."""
+    async def refresh(self, refresh_token: Secret, grant: str | None = None) -> Tokens:
+        """RFC 6749 6; the answer keeps the old refresh token unless it rotated.
+
+        `grant` is the grant that issued the refresh token: the refresh
+        authenticates the client the same way (a public client stays public).
+        """
         fields = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
         if self.client.scopes:
             fields["scope"] = " ".join(self.client.scopes)
-        tokens = await self._token_request(fields)
+        tokens = await self._token_request(fields, grant)
         return tokens.with_refresh_token(refresh_token)
 
     async def client_credentials(self) -> Tokens:
@@ -76,9 +101,46 @@ class TokenEndpoint:
         fields = {"grant_type": "client_credentials"}
         if scopes:
             fields["scope"] = " ".join(scopes)
-        tokens = await self._token_request(fields)
+        tokens = await self._token_request(fields, "client_credentials")
         # A refresh token makes no sense here (RFC 6749 4.4.3); never keep one.
         return Tokens(tokens.access_token, tokens.expires_at, None, tokens.scope)
+
+    async def service_account(self, subject: str) -> Tokens:
+        """RFC 7523 2.1 with a Google service account: an access token for the
+        mailbox `subject` (domain-wide delegation). No client id or secret:
+        the signed assertion names the service account."""
+        account = self.client.service_account
+        if account is None:
+            raise NoOAuthClient(
+                f"provider {self.provider.name}: the service_account grant needs "
+                "service_account_file (the service account's JSON key)"
+            )
+        assertion = signed_assertion(
+            account,
+            subject=subject,
+            scopes=self.client.app_scopes or self.client.scopes,
+            # The token URL the assertion is presented at (overridable for tests).
+            audience=self.client.token_url,
+            now=self._clock.seconds(),
+        )
+        document = await self._poster.post_form(
+            self.client.token_url,
+            {"grant_type": JWT_BEARER_GRANT, "assertion": assertion},
+            ca_file=self.provider.ca_file,
+        )
+        tokens = parse_token_response(document, self._clock.seconds())
+        return Tokens(tokens.access_token, tokens.expires_at, None, tokens.scope)
+
+    async def revoke(self, token: Secret, hint: str = "refresh_token") -> bool:
+        """RFC 7009 token revocation; False when the provider has no endpoint
+        (Microsoft has none for refresh tokens). Raises like any request."""
+        url = self.client.revocation_url
+        if url is None:
+            return False
+        await self._poster.post_form(
+            url, {"token": token.reveal(), "token_type_hint": hint}, ca_file=self.provider.ca_file
+        )
+        return True
 
     async def exchange_code(self, code: str, verifier: str, redirect_uri: str) -> Tokens:
         """RFC 6749 4.1.3 with the PKCE verifier (RFC 7636 4.5)."""
@@ -88,7 +150,8 @@ class TokenEndpoint:
                 "code": code,
                 "redirect_uri": redirect_uri,
                 "code_verifier": verifier,
-            }
+            },
+            "authorization_code",
         )
 
     async def start_device_authorization(self) -> DeviceAuthorization:
@@ -96,7 +159,7 @@ class TokenEndpoint:
         url = self.client.device_authorization_url
         if url is None:
             raise NoOAuthClient(f"provider {self.provider.name} has no device_authorization_url")
-        fields = self._client_fields()
+        fields = self._client_fields("device_code")
         if self.client.scopes:
             fields["scope"] = " ".join(self.client.scopes)
         document = await self._poster.post_form(url, fields, ca_file=self.provider.ca_file)
@@ -107,21 +170,22 @@ class TokenEndpoint:
         ``authorization_pending`` / ``slow_down`` / ``expired_token`` /
         ``access_denied`` until the user has acted."""
         return await self._token_request(
-            {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code.reveal()}
+            {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code.reveal()}, "device_code"
         )
 
     # -- plumbing -----------------------------------------------------------
 
-    def _client_fields(self) -> dict[str, str]:
+    def _client_fields(self, grant: str | None) -> dict[str, str]:
         fields = {"client_id": self.client.client_id}
-        if self.client.client_secret is not None:
-            fields["client_secret"] = self.client.client_secret.reveal()
+        secret = self.client.client_secret
+        if secret is not None and sends_secret(self.client, grant):
+            fields["client_secret"] = secret.reveal()
         return fields
 
-    async def _token_request(self, fields: dict[str, str]) -> Tokens:
+    async def _token_request(self, fields: dict[str, str], grant: str | None) -> Tokens:
         document = await self._poster.post_form(
             self.client.token_url,
-            {**fields, **self._client_fields()},
+            {**fields, **self._client_fields(grant)},
             ca_file=self.provider.ca_file,
         )
         return parse_token_response(document, self._clock.seconds())
@@ -160,4 +224,5 @@ __all__ = [
     "NoOAuthClient",
     "OAuthEndpointError",
     "TokenEndpoint",
+    "sends_secret",
 ]

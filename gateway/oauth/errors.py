@@ -9,6 +9,8 @@ and the provider's own (bounded, printable) error code and description.
 
 from __future__ import annotations
 
+from gateway.oauth.refusal import Refusal, RefusalKind
+
 # OAuth error codes (RFC 6749 5.2, RFC 8628 3.5, OpenID Connect) that mean the
 # user's grant is gone: only a new `gateway oauth authorize` helps.
 REAUTHORIZE_CODES = frozenset(
@@ -26,7 +28,13 @@ class OAuthUnavailable(OAuthError):
     """The server could not be asked now: network, timeout, TLS, 5xx, garbage.
 
     Retrying later may succeed; nothing about the grant is known to be wrong.
+    `refusal` is the classified answer when the server gave one (a 429, a
+    503, Entra's AADSTS50196 loop detection).
     """
+
+    def __init__(self, text: str, *, refusal: Refusal | None = None) -> None:
+        super().__init__(text)
+        self.refusal = refusal
 
 
 class OAuthEndpointError(OAuthError):
@@ -36,19 +44,32 @@ class OAuthEndpointError(OAuthError):
     ``http_<status>`` when a 4xx came without one.
     """
 
-    def __init__(self, code: str, description: str = "", *, status: int = 400) -> None:
+    def __init__(
+        self,
+        code: str,
+        description: str = "",
+        *,
+        status: int = 400,
+        refusal: Refusal | None = None,
+    ) -> None:
         self.code = code
         self.description = description
         self.status = status
+        # What an admin does about it (gateway.oauth.refusal), when classified.
+        self.refusal = refusal
         text = f"{code}" + (f": {description}" if description else "")
         super().__init__(text)
 
     @property
     def needs_reauthorization(self) -> bool:
+        if self.refusal is not None:
+            return self.refusal.kind is RefusalKind.REAUTHORIZE
         return self.code in REAUTHORIZE_CODES
 
     @property
     def transient(self) -> bool:
+        if self.refusal is not None and self.refusal.kind is RefusalKind.TEMPORARY:
+            return True
         return self.code in TRANSIENT_CODES
 
 
@@ -58,3 +79,23 @@ class InsecureEndpoint(OAuthError):
 
 class AuthorizationFailed(OAuthError):
     """An interactive grant ended without tokens (denied, expired, state mismatch)."""
+
+
+def refusal_of(error: Exception) -> Refusal:
+    """The classified refusal an exception carries, or one made from what it says."""
+    carried = getattr(error, "refusal", None)
+    if isinstance(carried, Refusal):
+        return carried
+    if isinstance(error, OAuthEndpointError):
+        if error.needs_reauthorization:
+            return Refusal(
+                RefusalKind.REAUTHORIZE, error.code, "run `gateway oauth authorize ACCOUNT` again"
+            )
+        return Refusal(
+            RefusalKind.MISCONFIGURED, error.code, "check the provider's OAuth2 client settings"
+        )
+    if isinstance(error, OAuthUnavailable):
+        return Refusal(RefusalKind.TEMPORARY, "network", "the gateway retries later")
+    return Refusal(
+        RefusalKind.MISCONFIGURED, "configuration", "check the provider's OAuth2 client settings"
+    )

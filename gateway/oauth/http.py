@@ -38,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
+from gateway.oauth.refusal import classify_token_answer
 from gateway.tls import TLSSetupError, load_trust_root
 
 # A token response is a few kilobytes; anything this large is not one.
@@ -173,23 +174,34 @@ def interpret_response(url: str, status: int, body: bytes) -> dict[str, Any]:
     """Sort one HTTP answer from an OAuth endpoint into a result or an exception."""
     document = _json_object(body)
     if 200 <= status < 300:
+        if not body.strip():
+            # RFC 7009 2.2: a revocation answer's body means nothing.
+            return {}
         if document is None:
             raise OAuthUnavailable(f"{_where(url)}: HTTP {status} without a JSON object")
         return document
+    refusal = classify_token_answer(status, document)
     if status >= 500 or status in _TRANSIENT_STATUSES:
-        raise OAuthUnavailable(f"{_where(url)}: HTTP {status}{_error_suffix(document)}")
+        raise OAuthUnavailable(
+            f"{_where(url)}: HTTP {status}{_error_suffix(document)}", refusal=refusal
+        )
     if document is not None and isinstance(document.get("error"), str):
         error = OAuthEndpointError(
             safe_text(document["error"], 80),
             safe_text(document.get("error_description"), 300),
             status=status,
+            refusal=refusal,
         )
         if error.transient:
-            raise OAuthUnavailable(f"{_where(url)}: HTTP {status} {error}")
+            raise OAuthUnavailable(f"{_where(url)}: HTTP {status} {error}", refusal=refusal)
         raise error
     if 300 <= status < 400:
-        raise OAuthEndpointError(f"http_{status}", "redirect refused", status=status)
-    raise OAuthEndpointError(f"http_{status}", "no OAuth error in the answer", status=status)
+        raise OAuthEndpointError(
+            f"http_{status}", "redirect refused", status=status, refusal=refusal
+        )
+    raise OAuthEndpointError(
+        f"http_{status}", "no OAuth error in the answer", status=status, refusal=refusal
+    )
 
 
 async def _read_bounded(response: Any) -> bytes:

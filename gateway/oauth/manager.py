@@ -14,13 +14,21 @@ avoided, and must never cause a second refresh while one is running, so:
   a refresh token (Microsoft expires refresh tokens unused for 90 days), and
   looks at the store at least once a minute.
 
-Failures are sorted once, here, into what devices see:
+Client-credentials and service-account accounts (app-only) need no admin at
+a browser: their first login fetches a token, and the timer fetches the
+next one before it expires, exactly like a refresh.
 
-- the provider refused the grant (``invalid_grant`` and friends): the account
-  is marked ``needs_reauth`` in the store (visible in `gateway oauth status`),
-  an error is logged with the provider's code, and devices get SYS/PERM with a
-  short reason once no valid access token is left. No further refresh is
-  tried for that authorisation until an admin re-authorises.
+Failures are sorted once, here, into what devices see, by the classified
+refusal (`gateway.oauth.refusal`) the token endpoint's answer carries:
+
+- the provider refused the grant (``invalid_grant``, AADSTS700082 and
+  friends: REAUTHORIZE) or the set-up (bad or expired secret, app not in the
+  tenant, public/confidential mismatch: MISCONFIGURED): the account is marked
+  ``needs_reauth`` or ``failed`` in the store with the provider's code and one
+  sentence on what to do (visible in `gateway oauth status`), the same is
+  logged, and devices get SYS/PERM with a short reason once no valid access
+  token is left. No further refresh is tried for that authorisation until an
+  admin re-authorises (app-only accounts: until `authorize` or a restart).
 - network, timeouts, 5xx, 429: retried with exponential backoff (5 s up to
   5 min); devices get SYS/TEMP only if no valid access token is left.
 
@@ -41,13 +49,21 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.model import Account, Config
+from gateway.model import APP_ONLY_GRANTS, Account, Config
 from gateway.oauth.endpoint import NoOAuthClient, TokenEndpoint
-from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
+from gateway.oauth.errors import (
+    InsecureEndpoint,
+    OAuthEndpointError,
+    OAuthUnavailable,
+    refusal_of,
+)
 from gateway.oauth.http import FormPoster, TreqPoster
 from gateway.oauth.keys import GatewayKey, GatewayKeyError, load_key
+from gateway.oauth.refusal import Refusal, RefusalKind, network_refusal
+from gateway.oauth.startup_log import log_loaded
 from gateway.oauth.store import (
     Signature,
+    State,
     StoreUnreadable,
     TokenRecord,
     TokenStore,
@@ -74,6 +90,7 @@ MAX_SLEEP = 60.0
 DEVICE_TEXT_REAUTH = "mailbox authorisation expired, ask the administrator"
 DEVICE_TEXT_UNAUTHORISED = "mailbox not authorised yet, ask the administrator"
 DEVICE_TEXT_BROKEN = "gateway cannot use its stored authorisation, ask the administrator"
+DEVICE_TEXT_MISCONFIGURED = "mailbox access misconfigured, ask the administrator"
 
 
 class _PermanentFailure(Exception):
@@ -195,8 +212,15 @@ class TokenManager(Service):
         for state in self._states.values():
             self._sync(state)
             self._log_start(state, now)
-            if state.record is not None and state.record.state == "needs_reauth":
-                state.blocked_lineage = state.record.lineage
+            record = state.record
+            # App-only accounts retry after a restart: their fix (consent, a
+            # new secret) is made at the provider or in the configuration.
+            if (
+                record is not None
+                and record.state == "needs_reauth"
+                and state.account.grant not in APP_ONLY_GRANTS
+            ):
+                state.blocked_lineage = record.lineage
         super().startService()
         self._reschedule()
 
@@ -260,6 +284,8 @@ class TokenManager(Service):
                 DEVICE_TEXT_BROKEN,
             )
         record = state.record
+        if record is None and account.grant in APP_ONLY_GRANTS:
+            record = self._first_app_only_record(state)
         if record is None:
             raise UpstreamRejected(
                 f"account {account.name} is not authorised yet: run "
@@ -273,6 +299,25 @@ class TokenManager(Service):
                 DEVICE_TEXT_UNAUTHORISED,
             )
         return state
+
+    def _first_app_only_record(self, state: _AccountState) -> TokenRecord | None:
+        """Start an app-only account's record, so its first token is fetched
+        like any refresh (single flight, backoff, refusals recorded)."""
+        account, store = state.account, self._store
+        assert account.grant is not None and store is not None
+        fresh = TokenRecord.app_only(account.name, account.grant)
+        try:
+            state.record = store.update(account.name, lambda current: current or fresh)
+            state.signature = store.signature(account.name)
+        except (StoreUnreadable, TokenStoreError) as e:
+            log.error(
+                "oauth account {account}: cannot save to the token store ({reason}); "
+                "keeping the result in memory only",
+                account=account.name,
+                reason=str(e),
+            )
+            state.record = fresh
+        return state.record
 
     def _check_refreshable(self, state: _AccountState, now: float, usable: bool) -> None:
         """Raise what the device should see when no refresh may be started now."""
@@ -291,9 +336,19 @@ class TokenManager(Service):
         record = state.record
         reason = record.last_error if record is not None else None
         name = state.account.name
+        if record is not None and record.error_kind == RefusalKind.MISCONFIGURED.value:
+            return UpstreamRejected(
+                f"account {name}: the provider refused the gateway's set-up "
+                f"({record.error_code or reason}): {record.error_advice or 'check the provider'}",
+                DEVICE_TEXT_MISCONFIGURED,
+            )
+        advice = (
+            record.error_advice
+            if record is not None and record.error_advice
+            else f"run `gateway oauth authorize {name}`"
+        )
         return UpstreamRejected(
-            f"account {name} needs re-authorisation ({reason or 'refresh refused'}): "
-            f"run `gateway oauth authorize {name}`",
+            f"account {name} needs re-authorisation ({reason or 'refresh refused'}): {advice}",
             DEVICE_TEXT_REAUTH,
         )
 
@@ -371,7 +426,7 @@ class TokenManager(Service):
         lineage = record.lineage
         state.refresh_requests += 1
         try:
-            tokens = await self._request(endpoint, record)
+            tokens = await self._request(endpoint, record, state.account)
         except (OAuthEndpointError, NoOAuthClient, InsecureEndpoint) as e:
             self._permanent_failure(state, lineage, e)
             raise _PermanentFailure() from None
@@ -402,48 +457,57 @@ class TokenManager(Service):
             if saved.tokens is not None:
                 return saved.tokens
         log.info(
-            "oauth account {account}: access token refreshed, valid for {lifetime:.0f} s{rotated}",
+            "oauth account {account}: access token {how}, valid for {lifetime:.0f} s{rotated}",
             account=name,
+            how="fetched (app-only)" if record.grant in APP_ONLY_GRANTS else "refreshed",
             lifetime=tokens.expires_at - now,
             rotated=", refresh token rotated and saved" if rotated else "",
         )
         return tokens
 
-    async def _request(self, endpoint: TokenEndpoint, record: TokenRecord) -> Tokens:
+    async def _request(
+        self, endpoint: TokenEndpoint, record: TokenRecord, account: Account
+    ) -> Tokens:
         if record.grant == "client_credentials":
             return await endpoint.client_credentials()
+        if record.grant == "service_account":
+            return await endpoint.service_account(account.username)
         refresh = record.tokens.refresh_token if record.tokens is not None else None
         if refresh is None:
             raise OAuthEndpointError(
                 "no_refresh_token",
                 "the provider issued no refresh token (offline_access scope missing?)",
+                refusal=Refusal(
+                    RefusalKind.MISCONFIGURED,
+                    "no_refresh_token",
+                    "the provider issued no refresh token: add offline_access to the "
+                    "scopes (Google: access_type=offline) and authorize ACCOUNT again",
+                ),
             )
-        return await endpoint.refresh(refresh)
+        return await endpoint.refresh(refresh, record.grant)
 
     def _permanent_failure(self, state: _AccountState, lineage: str, error: Exception) -> None:
         name = state.account.name
         now = self._clock.seconds()
-        if isinstance(error, OAuthEndpointError):
-            kind = "needs_reauth" if error.needs_reauthorization else "failed"
-            text = f"{error.code}" + (f": {error.description}" if error.description else "")
-            code = error.code
-        else:
-            kind, text, code = "failed", str(error), "configuration"
+        refusal = refusal_of(error)
+        text = str(error)
+        refusal = refusal.for_account(name)
+        kind: State = "needs_reauth" if refusal.kind is RefusalKind.REAUTHORIZE else "failed"
         state.blocked_lineage = lineage
         log.error(
-            "oauth account {account}: provider {provider} refused the token refresh "
-            "({code}); {action}. Detail: {detail}",
+            "oauth account {account}: provider {provider} refused the token "
+            "{request} ({code}): {label}; {action}. Detail: {detail}",
             account=name,
             provider=state.account.provider,
-            code=code,
-            action=(
-                f"run `gateway oauth authorize {name}`"
-                if kind == "needs_reauth"
-                else "check the provider's OAuth2 client settings"
-            ),
+            request="request" if state.account.grant in APP_ONLY_GRANTS else "refresh",
+            code=refusal.code,
+            label=refusal.kind.label,
+            action=refusal.advice,
             detail=text,
         )
-        self._save(state, lineage, lambda current: current.failed(kind, text, now), now=now)
+        self._save(
+            state, lineage, lambda current: current.failed(kind, text, now, refusal), now=now
+        )
 
     def _transient_failure(self, state: _AccountState, lineage: str, error: Exception) -> None:
         now = self._clock.seconds()
@@ -459,10 +523,11 @@ class TokenManager(Service):
             delay=delay,
         )
         text = f"temporary: {error}"
+        refusal = getattr(error, "refusal", None) or network_refusal()
         self._save(
             state,
             lineage,
-            lambda current: current.failed(current.state, text, now),
+            lambda current: current.failed(current.state, text, now, refusal),
             now=now,
         )
 
@@ -521,7 +586,7 @@ class TokenManager(Service):
         # tokens shorter than the margin must not cause a refresh loop.
         margin = min(self._config.oauth.refresh_margin, max(lifetime, 0.0) / 2)
         when = tokens.expires_at - margin
-        if record.grant != "client_credentials" and record.last_refresh is not None:
+        if record.grant not in APP_ONLY_GRANTS and record.last_refresh is not None:
             when = min(when, record.last_refresh + self._config.oauth.idle_refresh_interval)
         return max(when, state.retry_at)
 
@@ -543,41 +608,14 @@ class TokenManager(Service):
         if self.running and self._timer is None:
             self._reschedule()
 
-    # -- reporting ----------------------------------------------------------------------
-
     def refresh_requests(self, account: str) -> int:
         """Refresh requests sent for `account` by this process (tests, benchmarks)."""
         return self._states[account].refresh_requests
 
     def _log_start(self, state: _AccountState, now: float) -> None:
-        name = state.account.name
-        record = state.record
-        if state.setup_error is not None:
-            log.error("oauth account {account}: {reason}", account=name, reason=state.setup_error)
-        elif self._broken is not None or state.unreadable is not None:
-            pass  # already logged, with the reason
-        elif record is None:
-            log.warn(
-                "oauth account {account} is not authorised yet: run "
-                "`gateway oauth authorize {account}`",
-                account=name,
-            )
-        elif record.state in ("needs_reauth", "revoked"):
-            log.error(
-                "oauth account {account}: {state} ({error}); run `gateway oauth authorize "
-                "{account}`",
-                account=name,
-                state=record.state,
-                error=record.last_error or "no detail",
-            )
-        else:
-            expires = record.tokens.expires_at - now if record.tokens else 0.0
-            log.info(
-                "oauth account {account}: {grant} tokens loaded, access token {validity}",
-                account=name,
-                grant=record.grant,
-                validity=f"valid for {expires:.0f} s" if expires > 0 else "expired",
-            )
+        if state.setup_error is None and (self._broken is not None or state.unreadable):
+            return  # already logged, with the reason
+        log_loaded(log, state.account, state.record, state.setup_error, now)
 
 
 def _skew(record: TokenRecord | None) -> float:

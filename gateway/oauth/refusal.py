@@ -78,6 +78,10 @@ class Refusal:
     def __str__(self) -> str:
         return f"{self.code} ({self.kind.label}): {self.advice}"
 
+    def for_account(self, name: str) -> Refusal:
+        """The advice with the account's name where it says ACCOUNT."""
+        return Refusal(self.kind, self.code, self.advice.replace("ACCOUNT", name))
+
     def as_dict(self) -> dict[str, str]:
         return {"kind": self.kind.value, "code": self.code, "advice": self.advice}
 
@@ -183,8 +187,8 @@ GOOGLE_CODES: dict[str, tuple[RefusalKind, str]] = {
     ),
     "invalid_client": (
         M,
-        "the client id or secret is wrong or of the wrong type; check client_id and "
-        "client_secret_file against the provider's console",
+        "the client id or secret is wrong or of the wrong type; check the provider's "
+        "OAuth2 client settings (client_id, client_secret_file) against its console",
     ),
     "unauthorized_client": (
         M,
@@ -208,7 +212,6 @@ GOOGLE_CODES: dict[str, tuple[RefusalKind, str]] = {
     "rate_limit_exceeded": (T, "the provider's quota is exhausted; the gateway retries later"),
     "temporarily_unavailable": (T, "the provider is busy; the gateway retries later"),
     "server_error": (T, "the provider had an internal error; the gateway retries later"),
-    "slow_down": (T, "the provider asked to poll more slowly; the gateway retries later"),
 }
 
 _AADSTS = re.compile(r"AADSTS(\d{4,9})")

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.model import Secret
 from gateway.oauth.keys import GatewayKey
+from gateway.oauth.refusal import Refusal
 from gateway.oauth.tokens import Tokens
 from gateway.state import (
     StateError,
@@ -93,6 +94,12 @@ class TokenRecord:
     last_refresh: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    # The last refusal, classified (gateway.oauth.refusal): its kind
+    # ("reauthorize", "misconfigured", "temporary"), the provider's code
+    # (AADSTS700082, invalid_grant...) and one sentence on what to do.
+    error_kind: str | None = None
+    error_code: str | None = None
+    error_advice: str | None = None
 
     @classmethod
     def authorized(cls, account: str, grant: str, tokens: Tokens, now: float) -> TokenRecord:
@@ -106,13 +113,37 @@ class TokenRecord:
             last_refresh=now,
         )
 
+    @classmethod
+    def app_only(cls, account: str, grant: str) -> TokenRecord:
+        """The record of an app-only account (client credentials, service
+        account) before the gateway's first fetch: nobody authorises those."""
+        return cls(account=account, grant=grant, lineage=secrets.token_hex(8))
+
     def refreshed(self, tokens: Tokens, now: float) -> TokenRecord:
         return replace(
-            self, state="ok", tokens=tokens, last_refresh=now, last_error=None, last_error_at=None
+            self,
+            state="ok",
+            tokens=tokens,
+            last_refresh=now,
+            last_error=None,
+            last_error_at=None,
+            error_kind=None,
+            error_code=None,
+            error_advice=None,
         )
 
-    def failed(self, state: State, error: str, now: float) -> TokenRecord:
-        return replace(self, state=state, last_error=error, last_error_at=now)
+    def failed(
+        self, state: State, error: str, now: float, refusal: Refusal | None = None
+    ) -> TokenRecord:
+        return replace(
+            self,
+            state=state,
+            last_error=error,
+            last_error_at=now,
+            error_kind=refusal.kind.value if refusal is not None else None,
+            error_code=refusal.code if refusal is not None else None,
+            error_advice=refusal.advice if refusal is not None else None,
+        )
 
     def revoked(self, now: float) -> TokenRecord:
         return replace(
@@ -122,6 +153,9 @@ class TokenRecord:
             lineage=secrets.token_hex(8),
             last_error="revoked by the administrator",
             last_error_at=now,
+            error_kind=None,
+            error_code=None,
+            error_advice=None,
         )
 
     # -- serialisation (inside the encryption only) --------------------------

@@ -13,8 +13,15 @@ end to end, strictly, so that mistakes fail here rather than at a provider:
 - ``POST /introspect``: RFC 7662, which Dovecot's oauth2 passdb asks about
   every bearer token;
 - ``/control/...``: what a test does to the server (approve a device code,
-  revoke a user, expire tokens, inject errors, hold requests) and
-  ``GET /control/stats``, the request counts tests assert on.
+  revoke a user, expire tokens, inject errors, hold requests, register a
+  service account) and ``GET /control/stats``, the request counts tests
+  assert on.
+
+``mode = "entra"`` or ``"google"`` makes it behave as that provider
+documents (errors, client authentication, device-flow scopes, JWT bearer
+grant, revocation): see `tests.harness.oauth_modes`. Endpoints are matched
+on the end of the path (``.../token``, ``.../devicecode``, ``.../revoke``),
+so a preset's URL layout can be reproduced under the server's base URL.
 
 Client authentication is checked (``invalid_client``). Tokens expire by the
 server's clock (real time plus `offset`, which ``/control/advance`` moves).
@@ -29,15 +36,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +53,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from tests.harness import oauth_modes as modes
+
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# Device authorization: ours, Microsoft's and Google's paths.
+DEVICE_PATHS = ("/device", "/devicecode", "/device/code")
 
 
 @dataclass
@@ -65,6 +74,9 @@ class _Refresh:
     username: str
     scope: str
     active: bool = True
+    # Issued to a public client (no secret presented): Entra refuses a secret
+    # on its refresh.
+    public: bool = False
 
 
 @dataclass
@@ -117,6 +129,12 @@ class AuthServer:
     slow_down: int = 0
     hold: bool = False
     held: list[Deferred[None]] = field(default_factory=list)
+    # "generic" (this server's own strict rules), "entra" or "google".
+    mode: str = "generic"
+    # Entra: the app registration allows public client flows.
+    public_client: bool = True
+    # Google: client_email -> {"public_key", "key_id", "mailboxes"}.
+    service_accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # An IReactorTime (a MemoryReactorClock in unit tests); None: real time.
     clock: Any = None
@@ -177,7 +195,9 @@ class AuthServer:
 
     # -- issuing ----------------------------------------------------------------
 
-    def _issue(self, username: str, client_id: str, scope: str, *, refresh: bool) -> dict[str, Any]:
+    def _issue(
+        self, username: str, client_id: str, scope: str, *, refresh: bool, public: bool = False
+    ) -> dict[str, Any]:
         token = _random(self.token_length)
         self.access[token] = _Access(username, client_id, scope, self.now() + self.access_ttl)
         answer: dict[str, Any] = {
@@ -188,36 +208,75 @@ class AuthServer:
         }
         if refresh and self.issue_refresh_tokens:
             refresh_token = "rt-" + _random(32)
-            self.refresh[refresh_token] = _Refresh(username, scope)
+            self.refresh[refresh_token] = _Refresh(username, scope, public=public)
             answer["refresh_token"] = refresh_token
         return answer
 
     # -- endpoints ----------------------------------------------------------------
 
-    def token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    @contextlib.contextmanager
+    def acting_for(self, path: str) -> Iterator[None]:
+        """With mode "providers", behave per request as the provider whose URL
+        layout the path has: ``/google/...`` Google, ``/{tenant}/oauth2/v2.0/...``
+        Entra ID, anything else this server's own rules. One server (and one
+        introspection URL for Dovecot) then stands in for both providers."""
+        if self.mode != "providers":
+            yield
+            return
+        self.mode = (
+            "google"
+            if path.startswith("/google/")
+            else "entra"
+            if modes.tenant_of(path) is not None
+            else "generic"
+        )
+        try:
+            yield
+        finally:
+            self.mode = "providers"
+
+    def token(self, form: dict[str, str], path: str = "/token") -> tuple[int, dict[str, Any]]:
+        with self.acting_for(path):
+            return self._token(form, path)
+
+    def _token(self, form: dict[str, str], path: str) -> tuple[int, dict[str, Any]]:
         grant = form.get("grant_type", "")
         self.counts[f"token:{grant}"] += 1
+        if "client_secret" in form:
+            self.counts[f"secret:{grant}"] += 1
         if self.failures:
             return self.failures.pop(0)
-        if form.get("client_id") != self.client_id or (
-            self.client_secret is not None and form.get("client_secret") != self.client_secret
+        if grant == modes.JWT_BEARER and self.mode == "google":
+            return modes.jwt_bearer(self, form, path)
+        refused = modes.refuse_client(self, grant, form, path)
+        if refused is not None:
+            return refused
+        if self.mode == "generic" and (
+            form.get("client_id") != self.client_id
+            or (self.client_secret is not None and form.get("client_secret") != self.client_secret)
         ):
             return 401, {"error": "invalid_client"}
         scope = form.get("scope", "")
         if grant == "refresh_token":
             record = self.refresh.get(form.get("refresh_token", ""))
             if record is None or not record.active:
+                if self.mode != "generic":
+                    detail = "revoked" if record is not None else "expired"
+                    return modes.grant_error(self, 400, "invalid_grant", detail)
                 return 400, {
                     "error": "invalid_grant",
                     "error_description": "refresh token revoked, expired or already used",
                 }
-            if self.rotate_refresh_tokens:
+            # Google keeps refresh tokens; Entra (and we, strictly) rotate them.
+            rotate = self.rotate_refresh_tokens and self.mode != "google"
+            if rotate:
                 record.active = False
             answer = self._issue(
                 record.username,
                 self.client_id,
                 scope or record.scope,
-                refresh=self.rotate_refresh_tokens,
+                refresh=rotate,
+                public=record.public,
             )
             return 200, answer
         if grant == "client_credentials":
@@ -246,7 +305,10 @@ class AuthServer:
         digest = hashlib.sha256(verifier.encode()).digest()
         if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != code.challenge:
             return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
-        return 200, self._issue(code.username, code.client_id, code.scope, refresh=True)
+        public = "client_secret" not in form
+        return 200, self._issue(
+            code.username, code.client_id, code.scope, refresh=True, public=public
+        )
 
     def _poll_device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         device = self.devices.get(form.get("device_code", ""))
@@ -255,40 +317,64 @@ class AuthServer:
         if self.now() >= device.expires_at:
             return 400, {"error": "expired_token"}
         if device.denied:
-            return 400, {"error": "access_denied"}
+            return modes.grant_error(self, 400, "access_denied", "plain")
         if self.slow_down > 0:
             self.slow_down -= 1
             return 400, {"error": "slow_down"}
         if device.username is None:
-            return 400, {"error": "authorization_pending"}
+            return modes.grant_error(self, 400, "authorization_pending", "authorization_pending")
         device.redeemed = True
-        return 200, self._issue(device.username, self.client_id, device.scope, refresh=True)
+        public = "client_secret" not in form
+        return 200, self._issue(
+            device.username, self.client_id, device.scope, refresh=True, public=public
+        )
 
-    def device_authorization(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    def device_authorization(
+        self, form: dict[str, str], path: str = "/device"
+    ) -> tuple[int, dict[str, Any]]:
+        with self.acting_for(path):
+            return self._device_authorization(form)
+
+    def _device_authorization(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         self.counts["device"] += 1
         if form.get("client_id") != self.client_id:
             return 401, {"error": "invalid_client"}
+        refused = modes.refuse_device(self, form)
+        if refused is not None:
+            return refused
         device_code = "dc-" + _random(32)
         user_code = "-".join(_random(4, "BCDFGHJKLMNPQRSTVWXZ") for _ in range(2))
         self.devices[device_code] = _DeviceCode(
             user_code, form.get("scope", ""), self.now() + self.device_ttl
         )
-        return 200, {
+        answer = {
             "device_code": device_code,
             "user_code": user_code,
             "verification_uri": f"{self.base_url}/verify",
             "expires_in": int(self.device_ttl),
             "interval": self.device_interval,
         }
+        return 200, modes.device_answer(self, answer)
 
-    def authorize(self, query: dict[str, str]) -> tuple[int, str]:
+    def authorize(self, query: dict[str, str], path: str = "/authorize") -> tuple[int, str]:
         """The browser step: returns (status, Location or error text)."""
+        with self.acting_for(path):
+            return self._authorize(query)
+
+    def revocation(self, form: dict[str, str], path: str = "/revoke") -> tuple[int, dict[str, Any]]:
+        with self.acting_for(path):
+            return modes.revoke(self, form)
+
+    def _authorize(self, query: dict[str, str]) -> tuple[int, str]:
         self.counts["authorize"] += 1
         redirect = query.get("redirect_uri", "")
         if query.get("client_id") != self.client_id or not redirect:
             return 400, "unknown client or missing redirect_uri"
         if query.get("response_type") != "code" or query.get("code_challenge_method") != "S256":
             return 400, "code flow with PKCE S256 required"
+        if not modes.redirect_allowed(self, redirect):
+            self.counts["redirect_mismatch"] += 1
+            return 400, f"redirect_uri_mismatch: {redirect} is not registered"
         state = query.get("state", "")
         if self.consent_user is None:
             params = {"error": "access_denied", "state": state}
@@ -340,6 +426,8 @@ class AuthServer:
                 if key not in _SETTABLE:
                     raise KeyError(key)
                 setattr(self, key, value)
+        elif action == "service_account":
+            return modes.new_service_account(self, body["email"], body["mailboxes"])
         elif action == "reset_counts":
             self.counts.clear()
         elif action == "secrets":
@@ -373,6 +461,7 @@ _SETTABLE = frozenset(
         "consent_user",
         "client_credentials_user",
         "slow_down",
+        "public_client",
     }
 )
 
@@ -396,8 +485,9 @@ class _Root(Resource):
     def render_GET(self, request: Request) -> bytes:
         path = request.path.decode()
         query = _single(parse_qs(urlsplit(request.uri.decode()).query))
-        if path == "/authorize":
-            status, where = self.server.authorize(query)
+        # Ours and Microsoft's end in /authorize, Google's in /o/oauth2/v2/auth.
+        if path.endswith(("/authorize", "/auth")):
+            status, where = self.server.authorize(query, path)
             request.setResponseCode(status)
             if status == 302:
                 request.setHeader(b"location", where.encode())
@@ -419,16 +509,20 @@ class _Root(Resource):
         form = _single(parse_qs(raw.decode(), keep_blank_values=True))
         if path == "/introspect":
             return _json(request, 200, self.server.introspect(form))
-        if path == "/device":
-            return _json(request, *self.server.device_authorization(form))
-        if path == "/token":
+        if path.endswith(DEVICE_PATHS):
+            return _json(request, *self.server.device_authorization(form, path))
+        if path.endswith("/revoke"):
+            status, body = self.server.revocation(form, path)
+            request.setResponseCode(status)
+            return b"" if status == 200 else _json(request, status, body)
+        if path.endswith("/token"):
             if self.server.hold:
                 gate: Deferred[None] = Deferred()
                 self.server.held.append(gate)
                 self.server.counts["held"] += 1
 
                 def answer(_: None) -> None:
-                    status, body = self.server.token(form)
+                    status, body = self.server.token(form, path)
                     if request._disconnected:  # the client gave up meanwhile
                         return
                     request.write(_json(request, status, body))
@@ -436,7 +530,7 @@ class _Root(Resource):
 
                 gate.addCallback(answer)
                 return NOT_DONE_YET
-            return _json(request, *self.server.token(form))
+            return _json(request, *self.server.token(form, path))
         return _json(request, 404, {"error": "not_found"})
 
 
@@ -449,151 +543,6 @@ def _json(request: Request, status: int, body: dict[str, Any]) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body).encode()
-
-
-# -- in memory, for unit tests ---------------------------------------------------------
-
-
-class InMemoryPoster:
-    """A `FormPoster` answered by an `AuthServer` directly, without sockets.
-
-    With `hold` set, answers wait until `release()`, so a test can line up
-    concurrent callers behind one request in flight. `requests` records the
-    (path, fields) of every POST, for asserting what was sent.
-    """
-
-    def __init__(self, server: AuthServer) -> None:
-        self.server = server
-        self.hold = False
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self._held: list[tuple[Deferred[None], Deferred[dict[str, Any]]]] = []
-        # Raise this instead of answering (e.g. OAuthUnavailable), once each.
-        self.raise_next: list[Exception] = []
-
-    async def post_form(
-        self, url: str, fields: Any, *, ca_file: Path | None = None
-    ) -> dict[str, Any]:
-        from gateway.oauth.http import check_endpoint_url, interpret_response
-
-        check_endpoint_url(url)
-        path = urlsplit(url).path
-        form = dict(fields)
-        self.requests.append((path, form))
-        if self.hold:
-            gate: Deferred[None] = Deferred()
-            self._held.append((gate, Deferred()))
-            await gate
-        if self.raise_next:
-            raise self.raise_next.pop(0)
-        if path == "/token":
-            status, body = self.server.token(form)
-        elif path == "/device":
-            status, body = self.server.device_authorization(form)
-        else:
-            status, body = 404, {"error": "not_found"}
-        return interpret_response(url, status, json.dumps(body).encode())
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
-    def release(self) -> None:
-        self.hold = False
-        held, self._held = self._held, []
-        for gate, _ in held:
-            gate.callback(None)
-
-    def count(self, path: str, grant: str | None = None) -> int:
-        return sum(
-            1
-            for p, form in self.requests
-            if p == path and (grant is None or form.get("grant_type") == grant)
-        )
-
-
-# -- as a child process ---------------------------------------------------------
-
-
-class OAuthServerProcess:
-    """`python -m tests.harness.oauth_server` as a child, controlled over HTTP."""
-
-    def __init__(self, base_dir: Path, **settings: Any) -> None:
-        self.base_dir = base_dir
-        self.settings = settings
-        self.port_file = base_dir / "oauth-server.port"
-        self.log_file = base_dir / "oauth-server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> OAuthServerProcess:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.port_file.unlink(missing_ok=True)
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.harness.oauth_server",
-                    "--port-file",
-                    str(self.port_file),
-                    "--settings",
-                    json.dumps(self.settings),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-            )
-        deadline = time.monotonic() + timeout
-        while not self.port_file.exists() or not self.port_file.read_text().strip():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"oauth test server did not start:\n{self.log_text()}")
-            time.sleep(0.02)
-        self.port = int(self.port_file.read_text())
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def control(self, action: str, **body: Any) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"{self.url}/control/{action}",
-            data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            result: dict[str, Any] = json.loads(response.read())
-            return result
-
-    def stats(self) -> dict[str, Any]:
-        return self.control("stats")
-
-    def count(self, name: str) -> int:
-        return int(self.stats()["counts"].get(name, 0))
-
-    def __enter__(self) -> OAuthServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -611,6 +560,12 @@ def main(argv: list[str] | None = None) -> None:
     tmp.replace(args.port_file)
     reactor.run()  # type: ignore[attr-defined]
 
+
+# Kept importable from here, where the tests have always found them.
+from tests.harness.oauth_poster import InMemoryPoster  # noqa: E402
+from tests.harness.oauth_process import OAuthServerProcess  # noqa: E402
+
+__all__ = ["DEVICE_GRANT", "AuthServer", "InMemoryPoster", "OAuthServerProcess", "main"]
 
 if __name__ == "__main__":
     main()

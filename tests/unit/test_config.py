@@ -1166,3 +1166,182 @@ def test_proxy_protocol_must_be_a_boolean(config_dir: Path) -> None:
     text = edit(VALID, "allow_plaintext_auth = true\n", 'proxy_protocol = "v2"\n')
     found = all_problems(config_dir, text + PROXY)
     assert found == ["pop3.listen[1].proxy_protocol: expected true or false, got a string"]
+
+
+# -- presets as the providers document them (issue 9) --------------------------------------
+
+
+def provider_text(body: str, account: str = "") -> str:
+    return (
+        VALID
+        + f'\n[providers.p]\n{body}\n[accounts.a]\nprovider = "p"\n'
+        + ('username = "alice@example.com"\nauth = "oauth2"\n' + account)
+    )
+
+
+def test_gmail_defaults_to_the_code_grant_with_xoauth2_and_a_loopback_ip(
+    config_dir: Path,
+) -> None:
+    config = load_config(
+        write(
+            config_dir,
+            provider_text('preset = "gmail"\nclient_id = "id.apps.googleusercontent.com"'),
+        )
+    )
+    gmail = config.providers["p"]
+    assert (gmail.sasl, gmail.default_grant) == ("xoauth2", "authorization_code")
+    assert gmail.oauth is not None and gmail.oauth.loopback_host == "127.0.0.1"
+    assert gmail.oauth.revocation_url == "https://oauth2.googleapis.com/revoke"
+    assert gmail.oauth.device_authorization_url is None
+    assert config.accounts["a"].grant == "authorization_code"
+
+
+@pytest.mark.parametrize(
+    ("grant", "says"),
+    [
+        ("device_code", "Google's device flow does not allow the Gmail scope"),
+        (
+            "client_credentials",
+            "Google has no client credentials grant: for app-only access to "
+            'Workspace mailboxes use grant = "service_account"',
+        ),
+        ("service_account", "has no service_account_file"),
+    ],
+)
+def test_gmail_refuses_the_grants_google_does_not_offer(
+    config_dir: Path, grant: str, says: str
+) -> None:
+    text = provider_text('preset = "gmail"\nclient_id = "id"', f'grant = "{grant}"\n')
+    (problem,) = all_problems(config_dir, text)
+    assert problem.startswith(
+        "accounts.a.provider: provider 'p' (gmail): "
+        if grant != "service_account"
+        else "accounts.a.provider: provider 'p' has no"
+    )
+    assert says in problem
+
+
+def service_account_file(config_dir: Path, document: dict[str, str]) -> Path:
+    path = config_dir / "secrets" / "sa.json"
+    path.write_text(json.dumps(document))
+    path.chmod(0o600)
+    return path
+
+
+def test_gmail_service_account_from_its_key_file(config_dir: Path) -> None:
+    from tests.harness.oauth_modes import new_service_account
+    from tests.harness.oauth_server import AuthServer
+
+    key = new_service_account(AuthServer(), "gw@p.iam.gserviceaccount.com", ["alice"])
+    path = service_account_file(config_dir, key)
+    text = provider_text(
+        f'preset = "gmail"\nclient_id = "id"\nservice_account_file = "{path}"',
+        'grant = "service_account"\n',
+    )
+    config = load_config(write(config_dir, text))
+    oauth = config.providers["p"].oauth
+    assert oauth is not None and oauth.service_account is not None
+    assert oauth.service_account.client_email == "gw@p.iam.gserviceaccount.com"
+    assert key["private_key"] not in repr(config)
+    service_account_file(config_dir, {"type": "authorized_user"})
+    (problem,) = all_problems(config_dir, text)
+    assert problem.startswith("providers.p.service_account_file: ")
+    assert "not 'service_account'" in problem
+
+
+@pytest.mark.parametrize("tenant", ["common", "organizations", "consumers"])
+def test_client_credentials_need_a_real_tenant(config_dir: Path, tenant: str) -> None:
+    (config_dir / "secrets" / "m365").write_text("s3cret\n")
+    text = provider_text(
+        f'preset = "microsoft365"\ntenant = "{tenant}"\nclient_id = "id"\n'
+        'client_secret_file = "secrets/m365"',
+        'grant = "client_credentials"\n',
+    )
+    (problem,) = all_problems(config_dir, text)
+    assert "AADSTS9001023" in problem and "tenant id or its domain" in problem
+
+
+def test_microsoft_presets_are_public_clients_speaking_xoauth2(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID + OAUTH_PROVIDER))
+    m365 = config.providers["m365"]
+    assert m365.sasl == "xoauth2" and m365.oauth is not None
+    assert (m365.oauth.client_type, m365.oauth.loopback_host) == ("public", "localhost")
+    assert m365.oauth.revocation_url is None and m365.graph_url == "https://graph.microsoft.com"
+    assert (m365.tenant, m365.cloud) == ("contoso.onmicrosoft.com", "global")
+
+
+def test_confidential_microsoft_client_refuses_the_device_flow(config_dir: Path) -> None:
+    text = provider_text(
+        'preset = "microsoft365"\ntenant = "contoso.com"\nclient_id = "id"\n'
+        'client_type = "confidential"'
+    )
+    (problem,) = all_problems(config_dir, text)
+    assert "AADSTS700025" in problem and "public client flow" in problem
+
+
+def test_outlook_preset(config_dir: Path) -> None:
+    config = load_config(write(config_dir, provider_text('preset = "outlook"\nclient_id = "id"')))
+    outlook = config.providers["p"]
+    assert outlook.smtp is not None and outlook.smtp.host == "smtp-mail.outlook.com"
+    assert outlook.pop3 is not None and outlook.pop3.host == "outlook.office365.com"
+    assert outlook.imap is not None and outlook.imap.host == "outlook.office365.com"
+    assert outlook.oauth is not None
+    assert (
+        outlook.oauth.token_url == "https://login.microsoftonline.com/consumers/oauth2/v2.0/token"
+    )
+    text = provider_text('preset = "outlook"\nclient_id = "id"', 'grant = "client_credentials"\n')
+    (problem,) = all_problems(config_dir, text)
+    assert "Outlook.com mailboxes have no app-only access" in problem
+
+
+@pytest.mark.parametrize(
+    ("cloud", "login", "exchange", "graph"),
+    [
+        ("usgov", "login.microsoftonline.us", "outlook.office365.us", "graph.microsoft.us"),
+        ("dod", "login.microsoftonline.us", "outlook-dod.office365.us", "dod-graph.microsoft.us"),
+        (
+            "china",
+            "login.partner.microsoftonline.cn",
+            "partner.outlook.cn",
+            "microsoftgraph.chinacloudapi.cn",
+        ),
+    ],
+)
+def test_national_clouds(
+    config_dir: Path, cloud: str, login: str, exchange: str, graph: str
+) -> None:
+    text = provider_text(
+        f'preset = "microsoft365"\ntenant = "contoso.com"\nclient_id = "id"\ncloud = "{cloud}"'
+    )
+    provider = load_config(write(config_dir, text)).providers["p"]
+    assert provider.oauth is not None and provider.pop3 is not None
+    assert provider.oauth.token_url == f"https://{login}/contoso.com/oauth2/v2.0/token"
+    assert provider.pop3.host == exchange and provider.graph_url == f"https://{graph}"
+    assert provider.oauth.app_scopes == (f"https://{exchange}/.default",)
+    assert provider.cloud == cloud
+
+
+def test_cloud_is_for_microsoft365_only(config_dir: Path) -> None:
+    text = provider_text('preset = "gmail"\nclient_id = "id"\ncloud = "usgov"')
+    assert all_problems(config_dir, text) == [
+        'providers.p.cloud: only used with preset "microsoft365" (Microsoft\'s national clouds)'
+    ]
+
+
+def test_an_oauth_table_overrides_only_what_it_names(config_dir: Path) -> None:
+    text = provider_text(
+        'preset = "microsoft365"\ntenant = "contoso.com"\nclient_id = "id"\n'
+        'graph_url = "https://graph.example.net"\n'
+        'oauth = { token_url = "http://127.0.0.1:8080/contoso.com/oauth2/v2.0/token" }'
+    )
+    provider = load_config(write(config_dir, text)).providers["p"]
+    assert provider.oauth is not None
+    assert provider.oauth.token_url == "http://127.0.0.1:8080/contoso.com/oauth2/v2.0/token"
+    assert provider.oauth.client_id == "id" and "offline_access" in provider.oauth.scopes
+    assert provider.oauth.client_type == "public"
+    assert provider.graph_url == "https://graph.example.net"
+
+
+def test_an_explicit_sasl_beats_the_presets(config_dir: Path) -> None:
+    text = provider_text('preset = "gmail"\nclient_id = "id"\nsasl = "oauthbearer"')
+    assert load_config(write(config_dir, text)).providers["p"].sasl == "oauthbearer"

@@ -16,18 +16,21 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from gateway.model import Config
 from gateway.oauth.admin import authorize_account, format_status, revoke_account, status_report
-from gateway.oauth.code_flow import PKCE, code_from_redirect
+from gateway.oauth.code_flow import PKCE, LoopbackListener, code_from_redirect
 from gateway.oauth.errors import AuthorizationFailed
 from gateway.oauth.http import TreqPoster
 from gateway.oauth.keys import KEY_ENV, encode_key, load_key, new_key
 from gateway.oauth.store import TokenStore
 from tests.harness.oauth_server import DEVICE_GRANT, AuthServer
-from tests.helpers.oauth import CLIENT_SECRET, oauth_config
+from tests.helpers.oauth import CLIENT_SECRET, oauth_config, preset_config, preset_provider
 
 START = 1_700_000_000.0
 ENV = {KEY_ENV: encode_key(new_key())}
@@ -400,3 +403,96 @@ def test_unknown_or_password_account_refused(tmp_path: Path) -> None:
     config = oauth_config(tmp_path / "state")
     with pytest.raises(CommandFailed, match=r"no account 'nope'.*OAuth2 accounts: scanner"):
         status_report(config, ["nope"], now=0.0, environ=ENV)
+
+
+# -- the code grant in each provider's loopback form (issue 9) ---------------------------------
+
+
+class _RawGet(Protocol):
+    """An HTTP/1.0 GET by hand: treq cannot address an IPv6 literal host."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(f"GET {self.target} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(self.data)
+
+
+async def raw_get(host: str, port: int, target: str) -> bytes:
+    """GET `target` from `host` (an address literal, IPv4 or IPv6) and return the answer."""
+    endpoint = (
+        TCP6ClientEndpoint(reactor, host, port)
+        if ":" in host
+        else TCP4ClientEndpoint(reactor, host, port)
+    )
+    protocol = _RawGet(target)
+    await connectProtocol(endpoint, protocol)
+    return await protocol.done
+
+
+@pytest.fixture
+def provider_server(clock: Clock, request: pytest.FixtureRequest) -> Iterator[AuthServer]:
+    auth = AuthServer(
+        mode=request.param, client_secret=CLIENT_SECRET, clock=clock, consent_user="alice"
+    )
+    port = auth.listen(reactor)
+    yield auth
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest.mark.parametrize(
+    ("provider_server", "preset", "redirect", "browser_host"),
+    [
+        # Microsoft: http://localhost, which a browser may resolve to ::1.
+        ("entra", "microsoft365", "http://localhost:", "::1"),
+        # Google: the IP literal its desktop clients document.
+        ("google", "gmail", "http://127.0.0.1:", "127.0.0.1"),
+    ],
+    indirect=["provider_server"],
+)
+@pytest_twisted.ensureDeferred
+async def test_code_grant_in_the_providers_loopback_form(
+    tmp_path: Path,
+    clock: Clock,
+    provider_server: AuthServer,
+    preset: str,
+    redirect: str,
+    browser_host: str,
+) -> None:
+    provider = preset_provider(preset, provider_server.base_url, secret=CLIENT_SECRET)
+    config = preset_config(tmp_path / "state", provider, grant="authorization_code")
+    admin = Admin(config, clock, listen=True, paste=None)
+    await until(lambda: "?response_type=code" in admin.text)
+    url = re.search(r"(http://\S+\?response_type=code\S+)", admin.text).group(1)  # type: ignore[union-attr]
+    _, location = await browser_follow(url)
+    assert location.startswith(redirect) and provider_server.counts["redirect_mismatch"] == 0
+    port = int(location.split(":")[2].split("?")[0].rstrip("/"))
+    page = await raw_get(browser_host, port, "/?" + location.split("?", 1)[1])
+    assert page.startswith(b"HTTP/1.0 200") and b"Signed in" in page
+    await until(lambda: admin.done.called)
+    assert admin.outcome()["refresh_token"]
+    # Microsoft's public client sent no secret; Google's desktop client did.
+    sent = provider_server.counts["secret:authorization_code"]
+    assert sent == (1 if preset == "gmail" else 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listener_answers_on_both_loopback_addresses() -> None:
+    listener = LoopbackListener(reactor)
+    port = await listener.start("st")
+    try:
+        for host in ("127.0.0.1", "::1"):
+            answer = await raw_get(host, port, "/?state=wrong")
+            # Our listener, refusing a stray request.
+            assert answer.startswith(b"HTTP/1.0 400") and b"Not accepted" in answer
+    finally:
+        await listener.stop()

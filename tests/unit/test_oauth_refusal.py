@@ -218,3 +218,13 @@ def test_the_kinds_travel_as_their_values() -> None:
         "TEMPORARY",
         "TOKEN_REFUSED",
     }
+
+
+def test_the_admin_guide_lists_every_classified_code() -> None:
+    from pathlib import Path
+
+    from gateway.oauth.refusal import ENTRA_CODES, GOOGLE_CODES
+
+    guide = (Path(__file__).parents[2] / "docs" / "oauth-errors.md").read_text()
+    assert [n for n in ENTRA_CODES if f"| AADSTS{n} |" not in guide] == []
+    assert [e for e in GOOGLE_CODES if f"| `{e}` |" not in guide] == []
