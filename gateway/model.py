@@ -32,6 +32,7 @@ MailboxKind = Literal["pop3", "imap"]
 SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
 Grant = Literal["device_code", "authorization_code", "client_credentials"]
 DeletePolicy = Literal["expunge", "move", "keep"]
+LogFormat = Literal["text", "json"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TLS_MODES: Final[tuple[TLSMode, ...]] = get_args(TLSMode)
@@ -44,6 +45,7 @@ MAILBOX_CHOICES: Final[tuple[MailboxKind, ...]] = get_args(MailboxKind)
 SASL_CHOICES: Final[tuple[SASLChoice, ...]] = get_args(SASLChoice)
 GRANTS: Final[tuple[Grant, ...]] = get_args(Grant)
 DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
 
 # An OAuth2 account without `grant` gets this one: the device-code grant
 # needs nothing but a browser somewhere.
@@ -229,12 +231,43 @@ class OAuthSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The admin HTTP listener (`[admin]`): metrics, health, later the web console.
+
+    It exists only when the file has an `[admin]` section. Loopback by
+    default: what it shows names devices and accounts.
+    """
+
+    address: str = "127.0.0.1"
+    port: int = 9925
+    # None: HTTPS with the [tls] certificate unless `address` is a loopback
+    # address, plain HTTP there.
+    tls: bool | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        if self.tls is not None:
+            return self.tls
+        return not ipaddress.ip_address(self.address).is_loopback
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    # "text": twistd's lines; "json": one JSON object per line, with the
+    # fields of each event (session, delivery, ...) as keys.
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     tls: TLSFiles | None
     pop3: POP3Settings = field(default_factory=POP3Settings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    # None: no admin listener (no `[admin]` section).
+    admin: AdminSettings | None = None
+    log: LogSettings = field(default_factory=LogSettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
@@ -256,3 +289,9 @@ def field_default(cls: type[Any], name: str) -> Any:
             return item.default_factory()
         break
     raise LookupError(f"{cls.__name__}.{name} has no default")
+
+
+def listener_name(listener: Listener) -> str:
+    """How logs, metrics and the service tree name a listener:
+    "pop3-implicit-0.0.0.0-995"."""
+    return f"{listener.protocol}-{listener.tls}-{listener.address}-{listener.port}"

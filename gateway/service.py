@@ -3,8 +3,9 @@
 `make_service` builds one `Runtime` (gateway.runtime: what every subsystem
 shares) and composes the services of each subsystem: the OAuth2 token
 manager, the POP3 listeners (gateway.pop3.service), the SMTP spool, relay
-and listeners (gateway.smtp.service), and the SIGHUP handler that renews
-the listeners' certificate.
+and listeners (gateway.smtp.service), the admin listener with metrics and
+health (gateway.admin.service), and the SIGHUP handler that renews the
+listeners' certificate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 
+from gateway.admin.service import admin_services
 from gateway.devices import DeviceAuthenticator
 from gateway.model import Config
 from gateway.oauth.manager import TokenManager
@@ -45,7 +47,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         # has dropped privileges), ahead of the first device login.
         tokens.setServiceParent(top)
         runtime.tokens = tokens
-    for service in pop3_services(runtime) + smtp_services(runtime):
+    services = pop3_services(runtime) + smtp_services(runtime)
+    # The admin listener (if configured) watches the services built above.
+    for service in services + admin_services(runtime, services):
         service.setServiceParent(top)
     ReloadOnHangup(runtime).setServiceParent(top)
     return top

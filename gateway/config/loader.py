@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from twisted.logger import Logger
 
 from gateway.config.accounts import account
+from gateway.config.admin import admin_section, log_section
 from gateway.config.checks import check_oauth_accounts, check_upstreams
 from gateway.config.devices import device
 from gateway.config.listeners import check_listener_overlap, tls_section
@@ -46,6 +47,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     pop3 = pop3_section(root.table("pop3"))
     smtp = smtp_section(root.table("smtp"))
     check_listener_overlap(reader)
+    admin = admin_section(root, tls)
+    log_settings = log_section(root.table("log"))
     oauth = oauth_section(root.table("oauth"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
@@ -72,6 +75,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         pop3=pop3,
         smtp=smtp,
         oauth=oauth,
+        admin=admin,
+        log=log_settings,
         providers=providers,
         accounts=accounts,
         devices=devices,

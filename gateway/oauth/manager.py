@@ -31,8 +31,9 @@ run all of this on a `MemoryReactorClock` with requests answered by hand.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
@@ -99,6 +100,23 @@ class _AccountState:
     # When this process last completed a refresh for the account.
     refreshed_at: float | None = None
     refresh_requests: int = 0
+    # Refreshes finished by this process, by outcome ("ok", "failed", "refused").
+    refresh_outcomes: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class TokenStatus:
+    """One OAuth2 account as the metrics see it: no token, only its state and times.
+
+    `state` is the stored record's ("ok", "needs_reauth", "failed",
+    "revoked") or what stands in for one: "unauthorised" (nothing stored),
+    "unreadable" (its file), "unusable" (the store or the provider setup).
+    """
+
+    account: str
+    state: str
+    expires_at: float | None
+    refresh_outcomes: Mapping[str, int]
 
 
 class TokenManager(Service):
@@ -347,12 +365,15 @@ class TokenManager(Service):
         try:
             tokens = await self._request(endpoint, record)
         except (OAuthEndpointError, NoOAuthClient, InsecureEndpoint) as e:
+            state.refresh_outcomes["refused"] += 1
             self._permanent_failure(state, lineage, e)
             raise _PermanentFailure() from None
         except OAuthUnavailable as e:
+            state.refresh_outcomes["failed"] += 1
             self._transient_failure(state, lineage, e)
             raise
         except Exception as e:
+            state.refresh_outcomes["failed"] += 1
             # A bug must cost a retry, not the device session or the timer.
             log.failure("oauth account {account}: unexpected error while refreshing", account=name)
             failure = OAuthUnavailable(f"unexpected {type(e).__name__}")
@@ -368,6 +389,7 @@ class TokenManager(Service):
         state.failures = 0
         state.retry_at = 0.0
         state.refreshed_at = now
+        state.refresh_outcomes["ok"] += 1
         if saved is not None and saved.lineage != lineage:
             # An admin re-authorised while this refresh ran: theirs wins.
             log.info(
@@ -518,6 +540,38 @@ class TokenManager(Service):
             self._reschedule()
 
     # -- reporting ----------------------------------------------------------------------
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why the token store cannot be used (key or directory), None if it can
+        (or has not been opened yet)."""
+        return self._broken
+
+    def statuses(self) -> list[TokenStatus]:
+        """Every OAuth2 account's state from memory, without touching the store:
+        what a metrics scrape reads."""
+        result = []
+        for name, state in self._states.items():
+            record = state.record
+            status: str
+            if state.setup_error is not None or self._broken is not None:
+                status = "unusable"
+            elif state.unreadable is not None:
+                status = "unreadable"
+            elif record is None:
+                status = "unauthorised"
+            else:
+                status = record.state
+            tokens = record.tokens if record is not None else None
+            result.append(
+                TokenStatus(
+                    account=name,
+                    state=status,
+                    expires_at=tokens.expires_at if tokens is not None else None,
+                    refresh_outcomes=dict(state.refresh_outcomes),
+                )
+            )
+        return result
 
     def refresh_requests(self, account: str) -> int:
         """Refresh requests sent for `account` by this process (tests, benchmarks)."""

@@ -22,6 +22,10 @@ listed by `gateway queue list`) with an error line in the log.
 
 `gateway queue retry|delete` from another process leaves a request file in
 spool/control/; the relay looks there every `control_interval` seconds.
+
+Each outcome's log event carries a `delivery` field ("delivered",
+"deferred", "expired", "dead_letter"): the metrics count those, and JSON
+logs can be filtered on it.
 """
 
 from __future__ import annotations
@@ -325,6 +329,7 @@ class AccountWorker:
                 "smtp relayed {id} device={device} account={account} from=<{sender}> "
                 "sent_as=<{envelope_sender}> rcpts={count}/{total} size={size} "
                 "from_rewritten={rewritten} via {peer} attempts={attempts}",
+                delivery="delivered",
                 id=entry.id,
                 device=envelope.device,
                 account=self.account,
@@ -357,6 +362,7 @@ class AccountWorker:
                 state.failed[recipient] = f"delivery time expired; last error: {error}"
             log.warn(
                 "smtp message {id} for account {account} expired after {attempts} attempts",
+                delivery="expired",
                 id=entry.id,
                 account=self.account,
                 attempts=state.attempts,
@@ -368,6 +374,7 @@ class AccountWorker:
         log.warn(
             "smtp deferred {id} account={account} attempt={attempts} retry_in={delay:.0f}s: "
             "{error}",
+            delivery="deferred",
             id=entry.id,
             account=self.account,
             attempts=state.attempts,
@@ -397,6 +404,7 @@ class AccountWorker:
         log.error(
             "smtp message {id} from device {device} (account {account}, sender <{sender}>) "
             "is a dead letter, {bounce}: {reason}",
+            delivery="dead_letter",
             id=entry.id,
             device=entry.envelope.device,
             account=self.account,
