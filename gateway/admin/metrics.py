@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
@@ -142,6 +142,9 @@ class GatewayMetrics:
         listeners: Callable[[], Collection[str]],
         process: bool = True,
     ) -> None:
+        # A `_created` series per counter doubles the exposition for a
+        # timestamp Prometheus does not use (process-wide switch).
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         self.listeners = listeners
         r = self.registry

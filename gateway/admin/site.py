@@ -17,7 +17,8 @@ from typing import Any
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from twisted.web.http import Request as HTTPRequest
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from gateway.admin.health import Readiness
@@ -74,11 +75,10 @@ class ReadyPage(Resource):
 class Index(Resource):
     """`/`: what is here, for an admin who opens the address in a browser."""
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return self
-        child: Resource = super().getChild(path, request)
-        return child
+        return notFound()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")

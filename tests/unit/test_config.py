@@ -17,8 +17,8 @@ from gateway.config import ConfigError, Problem, load_config
 from gateway.config import reader as config_reader
 from gateway.model import (
     ANY_ADDRESS,
-    AdminSettings,
     Account,
+    AdminSettings,
     Config,
     Device,
     Endpoint,
