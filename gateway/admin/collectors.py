@@ -9,16 +9,23 @@ they cannot drift from it, and cost nothing between scrapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.admin.listeners import ListenerWatch
-from gateway.oauth.manager import TokenManager
+from gateway.oauth.manager import TokenStatus
 from gateway.smtp.spool import Spool
 
 TOKEN_STATES = ("ok", "needs_reauth", "failed", "revoked", "unauthorised", "unreadable", "unusable")
+
+
+class TokenStatuses(Protocol):
+    """What the token collector reads (`gateway.oauth.manager.TokenManager`)."""
+
+    def statuses(self) -> list[TokenStatus]: ...
 
 
 class ListenerCollector(Collector):
@@ -80,7 +87,7 @@ class SpoolCollector(Collector):
 class TokenCollector(Collector):
     """Each OAuth2 account's token state, time to expiry and refreshes."""
 
-    def __init__(self, manager: TokenManager, now: Callable[[], float]) -> None:
+    def __init__(self, manager: TokenStatuses, now: Callable[[], float]) -> None:
         self._manager = manager
         self._now = now
 
