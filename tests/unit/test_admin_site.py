@@ -13,6 +13,7 @@ from gateway.admin.health import (
     directory_writable,
     listeners_bound,
     spool_open,
+    token_store_usable,
 )
 from gateway.admin.metrics import GatewayMetrics
 from gateway.admin.site import AdminSite
@@ -132,3 +133,23 @@ def test_spool_check(tmp_path: Path) -> None:
         assert "missing" in (check() or "")
     finally:
         spool.unlock()
+
+
+class FakeStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+
+class FakeManager:
+    def __init__(self, problem: str | None, store: FakeStore | None) -> None:
+        self.store_problem, self.store = problem, store
+
+
+def test_token_store_check(tmp_path: Path) -> None:
+    def problem(manager: FakeManager) -> str | None:
+        return token_store_usable(manager)()  # type: ignore[arg-type]
+
+    assert problem(FakeManager("key file must be 0600", None)) == "key file must be 0600"
+    assert problem(FakeManager(None, None)) == "token store not opened yet"
+    assert "No such file" in (problem(FakeManager(None, FakeStore(tmp_path / "gone"))) or "")
+    assert problem(FakeManager(None, FakeStore(tmp_path))) is None
