@@ -18,6 +18,8 @@ from typing import Final, TypeVar
 
 from prometheus_client import Histogram
 
+from gateway.model import Endpoint, Provider
+
 _T = TypeVar("_T")
 
 # The steps of an upstream session, in order; anything else counts as "other".
@@ -35,6 +37,15 @@ UPSTREAM_STEP_SECONDS: Final = Histogram(
 
 # Seconds on a monotonic clock; a test may replace it.
 clock: Callable[[], float] = time.monotonic
+
+
+def protocol_of(provider: Provider, server: Endpoint) -> str:
+    """Which of the provider's endpoints `server` is: "pop3", "imap", "smtp"
+    (for code that holds only the endpoint, like `open_connection`)."""
+    for name in sorted(PROTOCOLS):
+        if getattr(provider, name) is server:
+            return name
+    return "other"
 
 
 def observe_step(protocol: str, provider: str, step: str, seconds: float, *, ok: bool) -> None:

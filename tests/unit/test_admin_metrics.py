@@ -454,6 +454,16 @@ def test_timed_step_records_successes_and_failures(monkeypatch: pytest.MonkeyPat
     )
 
 
+def test_protocol_of_an_endpoint() -> None:
+    from gateway.model import Endpoint, Provider
+
+    smtp = Endpoint("smtp.example.com", 465)
+    provider = Provider("corp", pop3=Endpoint("pop.example.com", 995), smtp=smtp)
+    assert upstream_timing.protocol_of(provider, smtp) == "smtp"
+    assert upstream_timing.protocol_of(provider, provider.pop3) == "pop3"  # type: ignore[arg-type]
+    assert upstream_timing.protocol_of(provider, Endpoint("smtp.example.com", 465)) == "other"
+
+
 # -- the exposition ---------------------------------------------------------------------
 
 
