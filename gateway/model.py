@@ -188,6 +188,10 @@ class Listener:
     # Accept USER/PASS/AUTH on a starttls listener before STLS. Off by default:
     # a device's password would cross the network in clear.
     allow_plaintext_auth: bool = False
+    # Every connection starts with a PROXY protocol header (v1 or v2, from
+    # HAProxy's send-proxy / send-proxy-v2) naming the device's address; only
+    # peers in `ProxySettings.trusted` may connect, and a missing header closes.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,18 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ProxySettings:
+    """Who may put a PROXY protocol header in front of a listener's connections."""
+
+    # The load balancers' networks. Empty: no listener may set proxy_protocol,
+    # since the header is a claim anyone could otherwise make.
+    trusted: tuple[IPNetwork, ...] = ()
+    # A trusted peer that has sent no whole header by then is closed, so a
+    # silent connection does not hold a socket.
+    header_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     tls: TLSFiles | None
@@ -268,6 +284,7 @@ class Config:
     # None: no admin listener (no `[admin]` section).
     admin: AdminSettings | None = None
     log: LogSettings = field(default_factory=LogSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)

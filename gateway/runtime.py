@@ -27,13 +27,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from gateway.devices import DeviceAuthenticator
 from gateway.locks import AccountLocks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
+from gateway.maildrop.imap import open_imap_maildrop
+from gateway.maildrop.pop3 import open_pop3_maildrop
+from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Config, Listener
+from gateway.proxy_protocol import ProxyProtocolFactory
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
-from gateway.upstream.imap_maildrop import open_imap_maildrop
-from gateway.upstream.pop3_maildrop import open_pop3_maildrop
-from gateway.upstream.uid_store import UIDStore
 
 log = Logger(namespace="gateway.service")
 
@@ -103,9 +104,7 @@ class Runtime:
                 uid_store=self.imap_uid_store(),
                 tokens=self.tokens,
             )
-        return await open_pop3_maildrop(
-            account, provider, reactor=self.reactor, tokens=self.tokens
-        )
+        return await open_pop3_maildrop(account, provider, reactor=self.reactor, tokens=self.tokens)
 
 
 def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
@@ -114,14 +113,13 @@ def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
     return endpoint(reactor, listener.port, interface=listener.address)
 
 
-def listener_service(
-    runtime: Runtime, listener: Listener, make_factory: MakeFactory
-) -> IService:
+def listener_service(runtime: Runtime, listener: Listener, make_factory: MakeFactory) -> IService:
     """A listening service with the listener's TLS policy.
 
     `make_factory(tls_options)` builds the protocol factory; it gets the
     options for STARTTLS/STLS on a "starttls" listener and None on an
-    "implicit" one, which is wrapped in TLS here.
+    "implicit" one, which is wrapped in TLS here. A `proxy_protocol`
+    listener is wrapped once more, outside TLS, to read the PROXY header first.
     """
     assert runtime.identity is not None, "config validation requires [tls] for listeners"
     tls_options = ReloadableServerTLS(runtime.identity, listener)
@@ -129,14 +127,26 @@ def listener_service(
     factory = make_factory(tls_options if listener.tls == "starttls" else None)
     if listener.tls == "implicit":
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
+    if listener.proxy_protocol:
+        # Outside TLS: the proxy writes its header before the device's
+        # ClientHello, and before any greeting on a STARTTLS listener.
+        factory = ProxyProtocolFactory(
+            factory,
+            trusted=runtime.config.proxy.trusted,
+            clock=runtime.reactor,
+            header_timeout=runtime.config.proxy.header_timeout,
+            name=f"{listener.protocol} {listener.address}:{listener.port}",
+        )
     service = StreamServerEndpointService(listen_endpoint(runtime.reactor, listener), factory)
     service.setName(f"{listener.protocol}-{listener.tls}-{listener.address}-{listener.port}")
     log.info(
-        "{protocol} listener on {address}:{port} tls={tls} min_tls={min_tls}",
+        "{protocol} listener on {address}:{port} tls={tls} min_tls={min_tls}"
+        " proxy_protocol={proxy_protocol}",
         protocol=listener.protocol,
         address=listener.address,
         port=listener.port,
         tls=listener.tls,
         min_tls=listener.min_tls,
+        proxy_protocol="required" if listener.proxy_protocol else "no",
     )
     return service

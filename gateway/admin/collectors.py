@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.admin.listeners import ListenerWatch
-from gateway.oauth.manager import TokenStatus
+from gateway.oauth.status import TokenStatus
 from gateway.smtp.spool import Spool
 
 TOKEN_STATES = ("ok", "needs_reauth", "failed", "revoked", "unauthorised", "unreadable", "unusable")

@@ -149,6 +149,7 @@ def _listener_json(listener: Listener) -> dict[str, Any]:
         "tls": listener.tls,
         "min_tls": listener.min_tls,
         "allow_plaintext_auth": listener.allow_plaintext_auth,
+        "proxy_protocol": listener.proxy_protocol,
     }
 
 
@@ -162,6 +163,8 @@ def _describe_listener(listener: Listener) -> str:
         text += ", plaintext login allowed before " + (
             "STLS" if listener.protocol == "pop3" else "STARTTLS"
         )
+    if listener.proxy_protocol:
+        text += ", behind a proxy (PROXY protocol header required)"
     return text
 
 

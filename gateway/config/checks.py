@@ -10,6 +10,26 @@ from gateway.config.reader import Reader, key_path
 from gateway.model import Account, Device, Provider
 
 
+def served_protocols(
+    accounts: dict[str, Account], providers: dict[str, Provider]
+) -> dict[str, frozenset[str]]:
+    """The device protocols each account's provider can serve: POP3 when it has
+    the account's maildrop endpoint (pop3, or imap for an IMAP-backed account),
+    SMTP when it has an smtp endpoint."""
+    served: dict[str, frozenset[str]] = {}
+    for account in accounts.values():
+        provider = providers.get(account.provider)
+        if provider is None:
+            continue
+        protocols = set()
+        if getattr(provider, account.mailbox) is not None:
+            protocols.add("pop3")
+        if provider.smtp is not None:
+            protocols.add("smtp")
+        served[account.name] = frozenset(protocols)
+    return served
+
+
 def check_upstreams(
     devices: dict[str, Device],
     accounts: dict[str, Account],

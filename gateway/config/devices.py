@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Final
 
 import argon2
@@ -13,14 +14,19 @@ from gateway.model import DEVICE_PROTOCOLS, Device, IPNetwork, Secret, field_def
 _ARGON2_PREFIXES: Final = ("$argon2id$", "$argon2i$", "$argon2d$")
 
 
-def device(name: str, table: Table, accounts: set[str]) -> Device | None:
+def device(
+    name: str, table: Table, accounts: set[str], served: Mapping[str, frozenset[str]]
+) -> Device | None:
+    """`served` maps each built account to the device protocols its provider can
+    serve: what a device gets when it does not list `protocols`, so a printer
+    meant only to send mail needs no `protocols = ["smtp"]`."""
     mark = table.reader.mark()
     password_hash = _password_hash(table)
     account = table.string("account")
     if account is not None and account not in accounts:
         table.problem("account", f"unknown account {account!r}")
     allow_from = _allow_from(table)
-    protocols = _protocols(table)
+    protocols = _protocols(table, served.get(account) if account is not None else None)
     relay_without_auth = table.boolean(
         "relay_without_auth", field_default(Device, "relay_without_auth")
     )
@@ -79,13 +85,13 @@ def _allow_from(table: Table) -> tuple[IPNetwork, ...]:
     if not table.has("allow_from"):
         default: tuple[IPNetwork, ...] = field_default(Device, "allow_from")
         return default
-    networks = [_network(path, text, table.reader) for path, text in table.strings("allow_from")]
+    networks = [network(path, text, table.reader) for path, text in table.strings("allow_from")]
     if table.data["allow_from"] == []:
         table.problem("allow_from", "is empty, so the device could never connect")
     return tuple(network for network in networks if network is not None)
 
 
-def _network(path: str, text: str, reader: Reader) -> IPNetwork | None:
+def network(path: str, text: str, reader: Reader) -> IPNetwork | None:
     """Strict on purpose: '10.0.0.1/8' is as likely a typo for '10.0.0.1/32' as
     for '10.0.0.0/8', and guessing wrong opens or closes a whole network."""
     try:
@@ -106,11 +112,21 @@ def _network(path: str, text: str, reader: Reader) -> IPNetwork | None:
     return None
 
 
-def _protocols(table: Table) -> frozenset[str]:
-    """Partial after a reported problem; `device` then builds nothing."""
+def _protocols(table: Table, served: frozenset[str] | None) -> frozenset[str]:
+    """Partial after a reported problem; `device` then builds nothing.
+
+    Without `protocols`, what the account's provider can serve (all of them
+    when the account itself is broken: that is reported where it is)."""
     if not table.has("protocols"):
-        default: frozenset[str] = field_default(Device, "protocols")
-        return default
+        if served is None:
+            default: frozenset[str] = field_default(Device, "protocols")
+            return default
+        if not served:
+            table.problem(
+                "account",
+                "its provider has no endpoint a device could use (pop3, imap or smtp)",
+            )
+        return served
     names = ", ".join(DEVICE_PROTOCOLS)
     protocols = set()
     for path, text in table.strings("protocols"):

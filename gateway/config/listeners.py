@@ -1,5 +1,6 @@
 """The device-facing side: `[tls]`, the `[[pop3.listen]]` / `[[smtp.listen]]`
-tables, and the check that no two listeners want one port."""
+tables, the check that no two listeners want one port, and that a listener
+expecting a PROXY protocol header has proxies to trust."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gateway.model import (
     TLS_VERSIONS,
     DeviceProtocol,
     Listener,
+    ProxySettings,
     TLSFiles,
     UpstreamProtocol,
     field_default,
@@ -92,6 +94,7 @@ def _listener(table: Table, protocol: DeviceProtocol) -> Listener | None:
     plaintext = table.boolean(
         "allow_plaintext_auth", field_default(Listener, "allow_plaintext_auth")
     )
+    proxy_protocol = table.boolean("proxy_protocol", field_default(Listener, "proxy_protocol"))
     table.finish()
     if (
         not table.reader.clean_since(mark)
@@ -100,6 +103,7 @@ def _listener(table: Table, protocol: DeviceProtocol) -> Listener | None:
         or address is None
         or min_tls is None
         or plaintext is None
+        or proxy_protocol is None
     ):
         return None
     return Listener(
@@ -109,6 +113,7 @@ def _listener(table: Table, protocol: DeviceProtocol) -> Listener | None:
         address=address,
         min_tls=min_tls,
         allow_plaintext_auth=plaintext,
+        proxy_protocol=proxy_protocol,
     )
 
 
@@ -144,3 +149,16 @@ def _addresses_overlap(a: str, b: str) -> bool:
         if wildcard.is_unspecified and (wildcard.version == 6 or other.version == 4):
             return True
     return False
+
+
+def check_proxy_listeners(reader: Reader, proxy: ProxySettings) -> None:
+    """A header is a claim anyone could make: without trusted networks a
+    listener expecting one would refuse every connection."""
+    if proxy.trusted:
+        return
+    for path, listener in reader.listeners:
+        if listener.proxy_protocol:
+            reader.add(
+                f"{path}.proxy_protocol",
+                "needs [proxy] trusted naming the networks of the proxies that send the header",
+            )

@@ -18,14 +18,14 @@ from twisted.logger import Logger
 
 from gateway.config.accounts import account
 from gateway.config.admin import admin_section, log_section
-from gateway.config.checks import check_oauth_accounts, check_upstreams
+from gateway.config.checks import check_oauth_accounts, check_upstreams, served_protocols
 from gateway.config.devices import device
-from gateway.config.listeners import check_listener_overlap, tls_section
+from gateway.config.listeners import check_listener_overlap, check_proxy_listeners, tls_section
 from gateway.config.problems import ConfigError, Problem, os_error
 from gateway.config.providers import provider
 from gateway.config.reader import Reader, Table
 from gateway.config.secrets import check_config_file, check_state_dir
-from gateway.config.settings import oauth_section, pop3_section, smtp_section
+from gateway.config.settings import oauth_section, pop3_section, proxy_section, smtp_section
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
@@ -49,13 +49,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     check_listener_overlap(reader)
     admin = admin_section(root, tls)
     log_settings = log_section(root.table("log"))
+    proxy = proxy_section(root.table("proxy"))
+    check_proxy_listeners(reader, proxy)
     oauth = oauth_section(root.table("oauth"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
     )
+    served = served_protocols(accounts, providers)
     devices, _ = _named_section(
-        root.table("devices"), lambda name, table: device(name, table, account_names)
+        root.table("devices"), lambda name, table: device(name, table, account_names, served)
     )
     check_upstreams(devices, accounts, providers, reader, smtp_listening=bool(smtp.listeners))
     check_oauth_accounts(accounts, providers, reader)
@@ -77,6 +80,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         oauth=oauth,
         admin=admin,
         log=log_settings,
+        proxy=proxy,
         providers=providers,
         accounts=accounts,
         devices=devices,

@@ -1,4 +1,4 @@
-"""`[pop3]`, `[smtp]` and `[oauth]`: listeners and the tunables of each service.
+"""`[pop3]`, `[smtp]`, `[oauth]` and `[proxy]`: listeners and the tunables of each service.
 
 A tunable that had a problem falls back to the model's default here; the
 object is never used then, since the loader raises for every problem.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from gateway.config.devices import network
 from gateway.config.listeners import listeners
 from gateway.config.reader import Table
 from gateway.config.secrets import check_secret_file
-from gateway.model import OAuthSettings, POP3Settings, SMTPSettings
+from gateway.model import OAuthSettings, POP3Settings, ProxySettings, SMTPSettings
 
 T = TypeVar("T")
 
@@ -61,4 +62,24 @@ def oauth_section(table: Table) -> OAuthSettings:
         key_file=key_file,
         refresh_margin=_or(refresh_margin, d.refresh_margin),
         idle_refresh_interval=_or(idle_refresh_interval, d.idle_refresh_interval),
+    )
+
+
+def proxy_section(table: Table) -> ProxySettings:
+    """The networks allowed to send a PROXY protocol header. Every address is
+    refused: anyone could then claim to be any device, `allow_from` and
+    `relay_without_auth` included."""
+    d = ProxySettings()
+    trusted = [network(path, text, table.reader) for path, text in table.strings("trusted")]
+    for built in trusted:
+        if built is not None and built.prefixlen == 0:
+            table.problem(
+                "trusted",
+                f"{built} includes every address: anyone could claim any client address",
+            )
+    header_timeout = table.seconds("header_timeout", d.header_timeout)
+    table.finish()
+    return ProxySettings(
+        trusted=tuple(built for built in trusted if built is not None),
+        header_timeout=_or(header_timeout, d.header_timeout),
     )

@@ -42,12 +42,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
 from gateway.model import Account, Config
 from gateway.oauth.endpoint import NoOAuthClient, TokenEndpoint
 from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
 from gateway.oauth.http import FormPoster, TreqPoster
 from gateway.oauth.keys import GatewayKey, GatewayKeyError, load_key
+from gateway.oauth.status import TokenStatus, token_status
 from gateway.oauth.store import (
     Signature,
     StoreUnreadable,
@@ -57,6 +57,7 @@ from gateway.oauth.store import (
 )
 from gateway.oauth.tokens import Tokens
 from gateway.state import StateError
+from gateway.upstream.errors import UpstreamRejected, UpstreamUnavailable
 
 log = Logger(namespace="gateway.oauth")
 
@@ -102,21 +103,6 @@ class _AccountState:
     refresh_requests: int = 0
     # Refreshes finished by this process, by outcome ("ok", "failed", "refused").
     refresh_outcomes: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True)
-class TokenStatus:
-    """One OAuth2 account as the metrics see it: no token, only its state and times.
-
-    `state` is the stored record's ("ok", "needs_reauth", "failed",
-    "revoked") or what stands in for one: "unauthorised" (nothing stored),
-    "unreadable" (its file), "unusable" (the store or the provider setup).
-    """
-
-    account: str
-    state: str
-    expires_at: float | None
-    refresh_outcomes: Mapping[str, int]
 
 
 class TokenManager(Service):
@@ -543,35 +529,21 @@ class TokenManager(Service):
 
     @property
     def store_problem(self) -> str | None:
-        """Why the token store cannot be used (key or directory), None if it can
-        (or has not been opened yet)."""
+        """Why the token store cannot be used, None if it can (or is not open yet)."""
         return self._broken
 
     def statuses(self) -> list[TokenStatus]:
-        """Every OAuth2 account's state from memory, without touching the store:
-        what a metrics scrape reads."""
-        result = []
-        for name, state in self._states.items():
-            record = state.record
-            status: str
-            if state.setup_error is not None or self._broken is not None:
-                status = "unusable"
-            elif state.unreadable is not None:
-                status = "unreadable"
-            elif record is None:
-                status = "unauthorised"
-            else:
-                status = record.state
-            tokens = record.tokens if record is not None else None
-            result.append(
-                TokenStatus(
-                    account=name,
-                    state=status,
-                    expires_at=tokens.expires_at if tokens is not None else None,
-                    refresh_outcomes=dict(state.refresh_outcomes),
-                )
+        """Every OAuth2 account's state, from memory only (a metrics scrape)."""
+        return [
+            token_status(
+                name,
+                state.record,
+                state.refresh_outcomes,
+                unusable=state.setup_error is not None or self._broken is not None,
+                unreadable=state.unreadable is not None,
             )
-        return result
+            for name, state in self._states.items()
+        ]
 
     def refresh_requests(self, account: str) -> int:
         """Refresh requests sent for `account` by this process (tests, benchmarks)."""

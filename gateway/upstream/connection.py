@@ -10,35 +10,42 @@ exception a failure must become (a `MaildropError` for the maildrop clients,
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 from typing import Protocol as TypingProtocol
 
-from OpenSSL import SSL
-from service_identity import VerificationError
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
+from twisted.internet.protocol import Factory
 
 from gateway.model import Endpoint, Provider
 from gateway.tls import TLSSetupError, client_options
+from gateway.upstream.errors import UpstreamError, UpstreamUnavailable, describe_error
+from gateway.upstream.pipeline import PipelinedClient
 
 EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
 ErrorFactory: TypeAlias = Callable[[str], Exception]
 
-_Client = TypeVar("_Client", bound=Protocol, covariant=True)
+_Client = TypeVar("_Client", bound="PipelinedClient[Any]", covariant=True)
+_T = TypeVar("_T")
+
+
+class Abortable(TypingProtocol):
+    def abort(self, detail: str = ...) -> None: ...
+
+
+# Greeting, capabilities and STARTTLS of one protocol, on a connected client.
+SetUp: TypeAlias = Callable[[_Client, str, IOpenSSLClientConnectionCreator], Awaitable[object]]
 
 
 class ClientFactory(TypingProtocol[_Client]):
@@ -61,85 +68,6 @@ def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> ISt
     return endpoint(reactor, host, port, timeout=timeout)
 
 
-def describe_error(e: BaseException) -> str:
-    """`Type: text` (or just `Type`) for a log detail: the type says more than most texts."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def set_no_delay(transport: Any) -> None:
-    """Turn Nagle off on a client connection.
-
-    Nagle + the peer's delayed ACK stall every short command and the last
-    segment of a message by ~40 ms. Through TLS, the wrapper forwards this to
-    the TCP transport underneath; a transport without TCP has no such call.
-    """
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except (OSError, AttributeError):
-            pass
-
-
-class UpstreamLifecycle:
-    """What the POP3, IMAP and SMTP clients do alike between connect and close.
-
-    Mixed into each client's Protocol (with `IdleTimer`, which gives
-    `_arm_timer`): Nagle off and the idle timer armed on connect; every
-    received byte noted for the timer and handed to the parser until the
-    session has ended; the reason a connection ended worded one way for the
-    logs; and `when_closed()` waiters told once the connection is gone.
-    """
-
-    peer: str
-    transport: Any
-    _connected: bool
-    _ended: Any
-    _last_activity: float
-    _lost: bool = False
-    _closed_waiters: list[Deferred[None]]
-
-    def when_closed(self) -> Deferred[None]:
-        """Fires (never fails) once the connection is gone."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        return d
-
-    def connectionMade(self) -> None:
-        self._connected = True
-        set_no_delay(self.transport)
-        self._arm_timer()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._ended is not None:
-            return  # the session is over; its pending commands have failed
-        self._last_activity = self._clock.seconds()  # type: ignore[attr-defined]
-        self._parser.feed(data)  # type: ignore[attr-defined]
-        self._process()  # type: ignore[attr-defined]
-
-    def _connection_gone(self, reason: Failure, *, quiet_close: bool) -> str:
-        """Mark the connection lost; say why, as a log detail.
-
-        `quiet_close` is whether a clean close is unremarkable (nothing was
-        pending), so no error text is added to it.
-        """
-        self._connected = False
-        self._lost = True
-        if reason.check(SSL.Error, VerificationError):
-            return f"TLS with {self.peer} failed ({describe_error(reason.value)})"
-        if quiet_close and reason.check(ConnectionDone):
-            return f"{self.peer} closed the connection"
-        return f"{self.peer} closed the connection ({describe_error(reason.value)})"
-
-    def _notify_closed(self) -> None:
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-
 async def open_connection(
     provider: Provider,
     server: Endpoint,
@@ -147,17 +75,19 @@ async def open_connection(
     *,
     reactor: Any,
     endpoint_factory: EndpointFactory,
-    error: ErrorFactory,
-    passthrough: type[Exception] | tuple[type[Exception], ...],
+    secure: SetUp[_Client],
+    error: ErrorFactory = UpstreamUnavailable,
+    passthrough: type[Exception] | tuple[type[Exception], ...] = UpstreamError,
     setup_error: ErrorFactory | None = None,
-) -> tuple[_Client, IOpenSSLClientConnectionCreator]:
-    """Connect to `server` of `provider` and return the connected client.
+) -> _Client:
+    """Connect to `server` of `provider` and return the client, set up and secured.
 
-    Also returns the verified TLS options, for a STARTTLS later on the same
-    connection. What happens after the TCP (or implicit TLS) connection is up
-    (greeting, capabilities, STARTTLS) is the caller's: it is per protocol.
+    What happens after the TCP (or implicit TLS) connection is up (greeting,
+    capabilities, STARTTLS) is per protocol: `secure(client, server.tls,
+    tls_options)`, given the verified TLS options for a STARTTLS on the same
+    connection. If it fails, the client is dropped (`or_abort`).
 
-    Failures raise `error(detail)`; a TLS setup problem (a bad CA file) raises
+    Failures to connect raise `error(detail)`; a TLS setup problem (a bad CA file) raises
     `setup_error(detail)` when given, as that is the administrator's to fix.
     Exceptions of the `passthrough` types (the protocol's own errors) and
     cancellation are raised as they are. `reactor` must provide IReactorTime
@@ -172,7 +102,14 @@ async def open_connection(
     if server.tls == "implicit":
         endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
 
-    factory = Factory.forProtocol(lambda: client(reactor, provider.timeout, peer=peer))
+    built: list[_Client] = []
+
+    def build() -> _Client:
+        protocol = client(reactor, provider.timeout, peer=peer)
+        built.append(protocol)
+        return protocol
+
+    factory = Factory.forProtocol(build)
     factory.noisy = False  # one "Starting factory" log line per session says nothing
     connecting = endpoint.connect(factory)
     # Our own timer rather than Deferred.addTimeout: endpoints answer a
@@ -186,7 +123,9 @@ async def open_connection(
 
     timer = reactor.callLater(provider.timeout, give_up)
     try:
-        connected: _Client = await connecting
+        protocol = await connecting
+        # The same object, typed as the client class it was built from.
+        connected = next(p for p in built if p is protocol)
     except Exception as e:
         if timed_out:
             raise error(
@@ -198,4 +137,18 @@ async def open_connection(
     finally:
         if timer.active():
             timer.cancel()
-    return connected, tls
+    await or_abort(connected, secure(connected, server.tls, tls), "connection set-up failed")
+    return connected
+
+
+async def or_abort(client: Abortable, step: Awaitable[_T], why: str) -> _T:
+    """Await a set-up `step` on `client`; if it fails, drop the client before the error goes on.
+
+    A session that failed half-way set up (greeting, TLS, login, the first
+    listing) is never handed out, and never left connected.
+    """
+    try:
+        return await step
+    except BaseException:
+        client.abort(why)
+        raise

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from gateway.maildrop import MaildropError, UpstreamRejected, UpstreamUnavailable
 from gateway.model import Account, Provider, Secret
+from gateway.upstream.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.sasl import BearerError, OAuthBearer, Plain, SASLMechanism, XOAuth2
 
 log = Logger(namespace="gateway.upstream")
@@ -25,7 +25,7 @@ class TokenSource(Protocol):
     async def access_token(self, account: Account, *, force_refresh: bool = False) -> str:
         """A currently valid access token for `account`.
 
-        Raises a `gateway.maildrop.MaildropError`: `UpstreamRejected`
+        Raises a `gateway.upstream.errors.UpstreamError`: `UpstreamRejected`
         (SYS/PERM) when the account needs re-authorisation by an admin,
         `UpstreamUnavailable` (SYS/TEMP) when no valid token can be had now.
         """
@@ -66,7 +66,7 @@ async def mechanism_for(
     Password accounts get PLAIN. OAuth2 accounts get XOAUTH2 or OAUTHBEARER
     (see `bearer_mechanism_name`) carrying a token from `tokens`; pass
     `force_refresh=True` for the single retry after the server refused a token
-    that looked valid (`retry_with_fresh_token`). Raises a MaildropError:
+    that looked valid (`retry_with_fresh_token`). Raises an UpstreamError:
     `UpstreamRejected` for what only an admin can fix, `UpstreamUnavailable`
     when no valid token can be had right now.
     """
@@ -118,7 +118,7 @@ async def bearer_login(
     tokens: TokenSource | None,
     *,
     server_error: type[Exception],
-    refusal: Callable[[Any, str], MaildropError],
+    refusal: Callable[[Any, str], UpstreamError],
 ) -> None:
     """Log in with the account's bearer token (XOAUTH2 or OAUTHBEARER), for
     any client whose `authenticate(mechanism)` raises `server_error` when the

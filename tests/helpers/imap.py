@@ -9,8 +9,8 @@ from typing import Any
 
 from twisted.internet.testing import StringTransport
 
+from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.model import Account, Endpoint, Provider, Secret
-from gateway.upstream.pop3_maildrop import open_pop3_maildrop
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.helpers.pop3 import device

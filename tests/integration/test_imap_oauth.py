@@ -18,8 +18,8 @@ import pytest_twisted
 from twisted.web.server import Site
 
 from gateway.maildrop import UpstreamRejected
+from gateway.maildrop.imap import open_imap_maildrop
 from gateway.model import Account
-from gateway.upstream.imap_maildrop import open_imap_maildrop
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.oauth_server import AuthServer

@@ -21,10 +21,10 @@ from gateway.maildrop import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.maildrop.imap import HIDDEN_KEYWORD, IMAPMaildrop, open_imap_maildrop
+from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Endpoint, Provider, Secret
 from gateway.upstream.imap import Capabilities
-from gateway.upstream.imap_maildrop import HIDDEN_KEYWORD, IMAPMaildrop, open_imap_maildrop
-from gateway.upstream.uid_store import UIDStore
 from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import free_port

@@ -23,7 +23,7 @@ from gateway.admin.collectors import ListenerCollector, SpoolCollector, TokenCol
 from gateway.admin.events import MetricsObserver
 from gateway.admin.listeners import CountingFactory
 from gateway.admin.metrics import GatewayMetrics, login_reason
-from gateway.oauth.manager import TokenStatus
+from gateway.oauth.status import TokenStatus
 from gateway.smtp.spool import Spool, SpoolDir
 from gateway.smtp.spool_records import DeliveryState, Envelope, QueueEntry
 from tests.unit import test_pop3_server, test_smtp_server

@@ -283,6 +283,7 @@ def test_check_config_json_for_a_valid_file(
         "tls": "starttls",
         "min_tls": "1.0",
         "allow_plaintext_auth": False,
+        "proxy_protocol": False,
     }
 
 

@@ -1123,3 +1123,110 @@ def test_log_format(config_dir: Path) -> None:
     [problem] = problems_of(write(config_dir, VALID + '[log]\nformat = "xml"\n'))
     assert problem.path == "log.format"
     assert "must be one of text, json" in problem.message
+
+
+def test_a_device_without_protocols_gets_what_its_provider_serves(config_dir: Path) -> None:
+    """A printer meant only to send mail needs no `protocols = ["smtp"]`."""
+    text = edit(VALID, 'protocols = ["pop3"]\n', "")
+    text = edit(
+        text,
+        'pop3 = {{ host = "pop.example.com", port = 995, tls = "implicit" }}'.replace(
+            "{{", "{"
+        ).replace("}}", "}"),
+        'smtp = { host = "smtp.example.com" }',
+    )
+    config = load_config(write(config_dir, text + SMTP))
+    assert config.devices["printer-3f"].protocols == frozenset({"smtp"})
+
+    both = edit(
+        text,
+        'smtp = { host = "smtp.example.com" }',
+        'smtp = { host = "smtp.example.com" }\npop3 = { host = "pop.example.com" }',
+    )
+    config = load_config(write(config_dir, both + SMTP))
+    assert config.devices["printer-3f"].protocols == frozenset({"pop3", "smtp"})
+
+
+def test_a_device_whose_provider_serves_nothing_is_refused(config_dir: Path) -> None:
+    """An IMAP-only provider serves nothing to a POP3-backed account's devices."""
+    text = edit(VALID, 'protocols = ["pop3"]\n', "")
+    text = edit(
+        text, 'pop3 = {{ host = "pop.example.com"'.replace("{{", "{"), 'imap = { host = "i"'
+    )
+    found = all_problems(config_dir, text)
+    assert found == [
+        "devices.printer-3f.account: its provider has no endpoint a device could use "
+        "(pop3, imap or smtp)"
+    ]
+
+
+# -- PROXY protocol -----------------------------------------------------------------------
+
+PROXY = """
+[proxy]
+trusted = ["10.0.0.0/8", "fd00::1"]
+header_timeout = 5
+"""
+
+
+def test_proxy_protocol_listener_with_trusted_networks(config_dir: Path) -> None:
+    text = edit(VALID, 'min_tls = "1.2"\n', 'min_tls = "1.2"\nproxy_protocol = true\n')
+    config = load_config(write(config_dir, text + PROXY))
+    implicit, starttls = config.pop3.listeners
+    assert implicit.proxy_protocol and not starttls.proxy_protocol
+    assert config.proxy.trusted == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("fd00::1/128"),
+    )
+    assert config.proxy.header_timeout == 5.0
+
+
+def test_proxy_defaults(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID))
+    assert config.proxy.trusted == () and config.proxy.header_timeout == 10.0
+    assert not any(listener.proxy_protocol for listener in config.pop3.listeners)
+
+
+def test_proxy_protocol_without_trusted_networks_is_refused(config_dir: Path) -> None:
+    text = edit(VALID, "allow_plaintext_auth = true\n", "proxy_protocol = true\n")
+    assert all_problems(config_dir, text) == [
+        "pop3.listen[1].proxy_protocol: needs [proxy] trusted naming the networks of the "
+        "proxies that send the header"
+    ]
+    assert all_problems(config_dir, text + "[proxy]\ntrusted = []\n") == [
+        "pop3.listen[1].proxy_protocol: needs [proxy] trusted naming the networks of the "
+        "proxies that send the header"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("proxy", "expected"),
+    [
+        (
+            'trusted = ["10.0.0.1/8"]',
+            "proxy.trusted[0]: '10.0.0.1/8' has host bits set: write '10.0.0.0/8' for the "
+            "network, or '10.0.0.1' for the single address",
+        ),
+        (
+            'trusted = ["haproxy.lan"]',
+            "proxy.trusted[0]: 'haproxy.lan' is not a network (write an address or address/prefix)",
+        ),
+        (
+            'trusted = ["0.0.0.0/0"]',
+            "proxy.trusted: 0.0.0.0/0 includes every address: anyone could claim any "
+            "client address",
+        ),
+        ('trusted = "10.0.0.0/8"', "proxy.trusted: expected an array of strings, got a string"),
+        ('trusted = ["10.0.0.0/8"]\nheader_timeout = 0', "proxy.header_timeout: must be"),
+        ('trusted = ["10.0.0.0/8"]\ntrusted_networks = []', "proxy.trusted_networks: unknown"),
+    ],
+)
+def test_proxy_section_problems(config_dir: Path, proxy: str, expected: str) -> None:
+    found = all_problems(config_dir, VALID + "\n[proxy]\n" + proxy + "\n")
+    assert found[0].startswith(expected), found
+
+
+def test_proxy_protocol_must_be_a_boolean(config_dir: Path) -> None:
+    text = edit(VALID, "allow_plaintext_auth = true\n", 'proxy_protocol = "v2"\n')
+    found = all_problems(config_dir, text + PROXY)
+    assert found == ["pop3.listen[1].proxy_protocol: expected true or false, got a string"]

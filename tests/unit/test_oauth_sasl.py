@@ -18,6 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
+from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.model import Account, Endpoint, Provider, Secret
 from gateway.upstream.credentials import (
     bearer_mechanism_name,
@@ -25,7 +26,6 @@ from gateway.upstream.credentials import (
     retry_with_fresh_token,
 )
 from gateway.upstream.pop3 import POP3Client
-from gateway.upstream.pop3_maildrop import open_pop3_maildrop
 from gateway.upstream.sasl import BearerError, OAuthBearer, Plain, XOAuth2
 
 ACCOUNT = Account("scanner", "m365", "scanner@contoso.test", auth="oauth2", grant="device_code")
@@ -289,7 +289,10 @@ def test_a_second_refusal_is_final(log_lines: list[str]) -> None:
     for text in (error.detail, str(error), repr(error), *log_lines):
         assert "old-token" not in text and "new-token" not in text
     assert tokens.calls == [False, True]
-    assert up.transport.disconnecting or up.protocol.ended  # type: ignore[union-attr]
+    # The session is over and dropped from our side, without QUIT.
+    assert up.protocol is not None and up.protocol.ended
+    assert up.transport.disconnecting
+    assert up.sent() == b""
 
 
 def test_forbidden_is_not_retried() -> None:
@@ -328,4 +331,7 @@ def test_token_manager_refusal_sends_nothing_upstream() -> None:
     failures: list[Failure] = []
     d.addErrback(failures.append)
     assert failures and str(failures[0].value) == "authorisation expired"
-    assert up.transport.disconnecting or up.protocol.ended  # type: ignore[union-attr]
+    # The session is over and dropped from our side, without QUIT.
+    assert up.protocol is not None and up.protocol.ended
+    assert up.transport.disconnecting
+    assert up.sent() == b""

@@ -7,6 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.dotstuff import DotStuffer, stuff, unstuff
 from gateway.pop3.parser import (
     BadCommand,
     Command,
@@ -16,7 +17,6 @@ from gateway.pop3.parser import (
     parse_command,
     parse_message_number,
 )
-from gateway.pop3.stuffing import DotStuffer, stuff, unstuff
 
 
 def test_lines_split_on_crlf_and_bare_lf_across_feeds() -> None:

@@ -15,12 +15,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
 from gateway.devices import DeviceAuthenticator
+from gateway.dotstuff import unstuff
 from gateway.locks import AccountLocks
 from gateway.maildrop import MailboxInUse, UpstreamRejected, UpstreamUnavailable
+from gateway.maildrop.memory import MemoryMaildrop
 from gateway.model import Account, Device, Listener, Secret
 from gateway.pop3.server import POP3ServerFactory
-from gateway.pop3.stuffing import unstuff
-from gateway.testing.memory_maildrop import MemoryMaildrop
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 MSG1 = b"Subject: one\r\n\r\nhello\r\n.dot line\r\n"

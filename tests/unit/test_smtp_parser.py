@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.pop3.stuffing import DotStuffer
+from gateway.dotstuff import DotStuffer
 from gateway.smtp.parser import (
     MAX_LINE,
     BadCommand,

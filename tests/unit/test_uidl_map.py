@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.state import StateError
-from gateway.upstream.uid_store import (
+from gateway.maildrop.uidl_map import (
     Entry,
     MailboxState,
     MessageKey,
@@ -18,6 +17,7 @@ from gateway.upstream.uid_store import (
     natural_uidl,
     rematch,
 )
+from gateway.state import StateError
 
 
 def key(mid: str, size: int = 100, date: str = "1-Jan-2026 00:00:00 +0000") -> MessageKey:

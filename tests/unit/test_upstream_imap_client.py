@@ -23,10 +23,10 @@ from gateway.maildrop import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.maildrop.imap import IMAPMaildrop, message_id, open_imap_maildrop
+from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Endpoint, Provider, Secret
 from gateway.upstream.imap import IMAPClient
-from gateway.upstream.imap_maildrop import IMAPMaildrop, message_id, open_imap_maildrop
-from gateway.upstream.uid_store import UIDStore
 from tests.helpers.upstream import ScriptedUpstream, failed, pending, succeeded, unhandled_errors
 
 TIMEOUT = 10.0

@@ -10,24 +10,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.upstream.imap import (
+from gateway.upstream.imap.commands import (
+    Literal,
+    astring,
+    encode_mailbox,
+    uid_sets,
+    wire_pieces,
+)
+from gateway.upstream.imap.parser import (
     STREAMED,
-    Capabilities,
     Continuation,
     IMAPProtocolError,
-    Literal,
     LiteralData,
     LiteralStart,
     Response,
     ResponseParser,
-    _wire_pieces,
-    astring,
-    encode_mailbox,
+    parse_values,
+)
+from gateway.upstream.imap.responses import (
+    Capabilities,
     parse_fetch,
     parse_search,
     parse_status,
-    parse_values,
-    uid_sets,
 )
 
 
@@ -333,10 +337,10 @@ def test_astring() -> None:
 
 def test_literals_on_the_wire() -> None:
     args = [b'"user"', Literal(b"p\xc3\xa4ss")]
-    assert _wire_pieces(b"g1", b"LOGIN", args, Capabilities.parse(b"LITERAL+")) == [
+    assert wire_pieces(b"g1", b"LOGIN", args, Capabilities.parse(b"LITERAL+")) == [
         b'g1 LOGIN "user" {5+}\r\np\xc3\xa4ss\r\n'
     ]
-    assert _wire_pieces(b"g1", b"LOGIN", args, Capabilities()) == [
+    assert wire_pieces(b"g1", b"LOGIN", args, Capabilities()) == [
         b'g1 LOGIN "user" {5}\r\n',
         b"p\xc3\xa4ss\r\n",
     ]

@@ -35,10 +35,10 @@ from gateway.maildrop import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.maildrop.pop3 import POP3Maildrop, open_pop3_maildrop
 from gateway.model import Account, Endpoint, Listener, Provider, Secret, TLSFiles
 from gateway.tls import load_server_identity, server_context_factory
 from gateway.upstream.pop3 import POP3Client, ServerError, Status
-from gateway.upstream.pop3_maildrop import POP3Maildrop, open_pop3_maildrop
 from gateway.upstream.sasl import OAuthBearer, Plain, XOAuth2
 from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.helpers.upstream import (

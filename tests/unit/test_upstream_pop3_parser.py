@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.upstream.pop3 import (
+from gateway.upstream.pop3.parser import (
     BodyChunk,
     Capabilities,
     Continuation,

@@ -23,6 +23,7 @@ from gateway.upstream.smtp import (
     SMTPUpstreamError,
     send_message,
 )
+from gateway.upstream.smtp import client as smtp_client
 from tests.helpers.smtp import Upstream
 
 ACCOUNT = Account("scanner", "corp", "scanner@example.com", password=Secret("account-pw"))
@@ -103,12 +104,12 @@ def test_dot_stuffing_at_every_chunk_boundary(parts: list[bytes], chunk: int) ->
     message = b"".join(parts)
     clock = MemoryReactorClock()
     upstream = Upstream(clock)
-    original = smtp.CHUNK_SIZE
-    smtp.CHUNK_SIZE = chunk
+    original = smtp_client.CHUNK_SIZE
+    smtp_client.CHUNK_SIZE = chunk
     try:
         result = deliver(upstream, message)
     finally:
-        smtp.CHUNK_SIZE = original
+        smtp_client.CHUNK_SIZE = original
     assert result.delivered() == ["a@example.org"]
     wire = b"".join(upstream.log).split(b"DATA\r\n", 1)[1]
     assert wire == stuffed(message)
@@ -168,7 +169,9 @@ def test_data_after_the_starttls_answer_ends_the_session() -> None:
     d = client.starttls(object())  # type: ignore[arg-type]
     client.dataReceived(b"220 go ahead\r\n250 injected\r\n")
     assert client.ended
-    assert transport.disconnecting or transport.disconnected or client._ended
+    # Dropped at once: nothing more is sent, in clear or as a TLS handshake.
+    assert transport.disconnecting
+    assert transport.value() == b"STARTTLS\r\n"
     failures: list[Any] = []
     d.addErrback(failures.append)
     assert failures and "after its STARTTLS answer" in str(failures[0].value)

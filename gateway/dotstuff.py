@@ -1,6 +1,9 @@
-"""RFC 1939 byte-stuffing of a message streamed in chunks of any size.
+"""Dot-stuffing of a message streamed in chunks of any size.
 
-A line that starts with "." gets a second "." in front. The rule must hold
+POP3 (RFC 1939 RETR/TOP answers) and SMTP (RFC 5321 DATA) frame a message
+the same way: a line that starts with "." gets a second "." in front, and a
+line holding only "." ends it. The POP3 maildrops, the IMAP maildrop and the
+SMTP relay client all send messages through this one `DotStuffer`. The rule must hold
 at every byte offset, including a "." that is the first byte of a chunk
 right after a chunk that ended a line (the place Twisted's own POP3 server
 and SMTP sender get wrong). Work is done with bytes.replace, never a Python
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 
 class DotStuffer:
-    """Turns message bytes into POP3 wire form, chunk by chunk."""
+    """Turns message bytes into dot-stuffed wire form (POP3, SMTP), chunk by chunk."""
 
     def __init__(self) -> None:
         self._at_line_start = True

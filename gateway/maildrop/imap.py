@@ -12,7 +12,7 @@ POP3 message number means.
   device, with the client's back-pressure; TOP fetches growing prefixes
   `BODY.PEEK[]<offset.length>` until the header and n body lines are out,
   so a TOP of a 50 MB message reads kilobytes.
-- UIDLs come from `uid_store`: "UIDVALIDITY.UID", kept across a UIDVALIDITY
+- UIDLs come from `uidl_map`: "UIDVALIDITY.UID", kept across a UIDVALIDITY
   change for messages that match by Message-ID, size and INTERNALDATE.
 - Nothing is written upstream before `commit()` (POP3 QUIT). Only then is the
   folder selected read-write and the account's DELE policy applied to exactly
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gateway.maildrop import (
     MaildropError,
@@ -37,7 +38,23 @@ from gateway.maildrop import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from gateway.pop3.stuffing import DotStuffer
+from gateway.maildrop.imap_snapshot import (
+    HIDDEN_KEYWORD,
+    FolderState,
+    Snapshot,
+    folder_refused,
+    take_snapshot,
+)
+from gateway.maildrop.imap_writers import MessageWriter, TopWriter
+from gateway.maildrop.opening import at_open
+from gateway.maildrop.uidl_map import (
+    MailboxState,
+    MessageKey,
+    UIDStore,
+    assign_new,
+    natural_uidl,
+    rematch,
+)
 from gateway.state import StateError
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.imap import (
@@ -51,17 +68,9 @@ from gateway.upstream.imap import (
     open_session,
     parse_fetch,
     parse_search,
-    parse_status,
     uid_sets,
 )
-from gateway.upstream.uid_store import (
-    MailboxState,
-    MessageKey,
-    UIDStore,
-    assign_new,
-    natural_uidl,
-    rematch,
-)
+from gateway.upstream.pipeline import outcomes
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
@@ -71,258 +80,12 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-# The keyword that hides a message from later POP3 sessions (policy "keep",
-# and messages the expunge fallback could not remove yet).
-HIDDEN_KEYWORD = "$POP3Deleted"
 # TOP: the first prefix fetched, then each next one this many times larger.
 TOP_FIRST_WINDOW = 32 * 1024
 TOP_GROWTH = 4
 TOP_MAX_WINDOW = 8 * 1024 * 1024
 
-_TEMPORARY_CODES = frozenset({"UNAVAILABLE", "INUSE", "LIMIT", "SERVERBUG", "EXPUNGEISSUED"})
-_BODY_ITEM = re.compile(rb"((?:BODY|BINARY)\[[^\]]*\](?:<\d+>)?) ~?\{\d+\}\Z", re.IGNORECASE)
 _MESSAGE_ID = re.compile(rb"<[^<>\s]{1,900}>")
-# The snapshot answer in the order asked for, as Dovecot, Gmail and Exchange
-# send it: one regex instead of the general tokenizer (a 100,000-message
-# folder parses in a fraction of the time). Any other shape takes the general path.
-_SNAPSHOT_LINE = re.compile(
-    rb"\* \d+ FETCH \(UID (\d+) RFC822\.SIZE (\d+) FLAGS \(([^()]*)\)\)\Z", re.IGNORECASE
-)
-_HIDDEN = HIDDEN_KEYWORD.lower().encode()
-
-
-# --- The snapshot ---------------------------------------------------------------------------
-
-
-@dataclass
-class _FolderState:
-    """What SELECT/EXAMINE told about the folder."""
-
-    uidvalidity: int | None = None
-    exists: int | None = None
-    permanent_flags: frozenset[str] = frozenset()
-
-    def observe(self, response: Response) -> None:
-        words = response.words(2)
-        if len(words) == 2 and words[1] == b"EXISTS":
-            self.exists = int(words[0]) if words[0].isdigit() else None
-            return
-        status = parse_status(response)
-        if status is None or status.condition != "OK":
-            return
-        if status.code == "UIDVALIDITY" and status.code_data.strip().isdigit():
-            self.uidvalidity = int(status.code_data)
-        elif status.code == "PERMANENTFLAGS":
-            words = status.code_data.strip(b"() ").decode("ascii", "replace").split()
-            self.permanent_flags = frozenset(w.upper() for w in words)
-
-    @property
-    def keywords_allowed(self) -> bool:
-        flags = self.permanent_flags
-        return "\\*" in flags or HIDDEN_KEYWORD.upper() in flags
-
-
-@dataclass
-class _SnapshotCollector:
-    """Gathers the answers to `UID FETCH 1:* (UID RFC822.SIZE FLAGS)`."""
-
-    found: dict[int, list[Any]] = field(default_factory=dict)
-
-    def observe(self, response: Response) -> None:
-        if len(response.segments) == 1:
-            fast = _SNAPSHOT_LINE.match(response.first_line)
-            if fast is not None:
-                entry = self.found.setdefault(int(fast.group(1)), [None, False])
-                entry[0] = int(fast.group(2))
-                entry[1] = _HIDDEN in fast.group(3).lower().split()
-                return
-        if response.words(2)[1:] != [b"FETCH"]:
-            return
-        _, items = parse_fetch(response)
-        if "UID" not in items:
-            return  # an unsolicited flag update without UID: not ours
-        uid = number(items["UID"], "UID")
-        entry = self.found.setdefault(uid, [None, False])
-        if "RFC822.SIZE" in items:
-            entry[0] = number(items["RFC822.SIZE"], "RFC822.SIZE")
-        flags = items.get("FLAGS")
-        if isinstance(flags, list):
-            entry[1] = any(
-                isinstance(f, str) and f.upper() == HIDDEN_KEYWORD.upper() for f in flags
-            )
-
-    def messages(self, peer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        uids: list[int] = []
-        sizes: list[int] = []
-        for uid in sorted(self.found):
-            size, hidden = self.found[uid]
-            if size is None:
-                raise UpstreamUnavailable(f"{peer} sent no RFC822.SIZE for UID {uid}")
-            if not hidden:
-                uids.append(uid)
-                sizes.append(size)
-        return tuple(uids), tuple(sizes)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The maildrop as the device sees it for the whole session."""
-
-    folder: str
-    uidvalidity: int
-    uids: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-
-async def take_snapshot(client: IMAPClient, folder: str) -> Snapshot:
-    """EXAMINE the folder and list it, pipelined: one round trip after login."""
-    mailbox = astring(encode_mailbox(folder))
-    state = _FolderState()
-    collector = _SnapshotCollector()
-    examine = client.command(b"EXAMINE", mailbox, pipelinable=True, on_untagged=state.observe)
-    fetch = client.command(
-        b"UID FETCH",
-        b"1:*",
-        b"(UID RFC822.SIZE FLAGS)",
-        pipelinable=True,
-        on_untagged=collector.observe,
-    )
-    (examined, examine_result), (fetched, fetch_result) = await DeferredList(
-        [examine, fetch], consumeErrors=True
-    )
-    if not examined:
-        if examine_result.check(ServerError):
-            raise folder_refused(examine_result.value, client.peer, folder)
-        examine_result.raiseException()
-    if not fetched:
-        # Some servers refuse "1:*" in an empty folder instead of answering nothing.
-        if not (fetch_result.check(ServerError) and state.exists == 0):
-            if fetch_result.check(ServerError):
-                raise UpstreamUnavailable(
-                    f"{client.peer} refused to list {folder}: "
-                    f"{fetch_result.value.status.describe()}"
-                )
-            fetch_result.raiseException()
-    if state.uidvalidity is None:
-        raise UpstreamUnavailable(
-            f"{client.peer} sent no UIDVALIDITY for {folder}: UIDLs could not be stable"
-        )
-    uids, sizes = collector.messages(client.peer)
-    return Snapshot(folder, state.uidvalidity, uids, sizes)
-
-
-def folder_refused(error: ServerError, peer: str, folder: str) -> MaildropError:
-    """SELECT/EXAMINE refused: a missing folder is the admin's to fix, the rest is temporary."""
-    detail = f"{peer} refused to open folder {folder!r}: {error.status.describe()}"
-    if (error.status.code or "") in _TEMPORARY_CODES:
-        return UpstreamUnavailable(detail)
-    return UpstreamRejected(detail)
-
-
-# --- Writing a message to the device ----------------------------------------------------
-
-
-def _item(line: bytes, peer: str) -> bytes:
-    match = _BODY_ITEM.search(line)
-    if match is None:
-        raise IMAPProtocolError(f"{peer} sent a literal that is not message data")
-    return match.group(1).upper()
-
-
-class _MessageWriter:
-    """Receives `BODY[]` and writes it to the device in POP3 wire form."""
-
-    def __init__(self, sink: IConsumer, peer: str) -> None:
-        self.consumer = sink
-        self._peer = peer
-        self._stuffer = DotStuffer()
-        self.size: int | None = None
-
-    def body_start(self, line: bytes, size: int) -> None:
-        if self.size is not None or _item(line, self._peer) != b"BODY[]":
-            raise IMAPProtocolError(f"{self._peer} sent message data that was not asked for")
-        self.size = size
-
-    def body_data(self, data: bytes) -> None:
-        self.consumer.write(self._stuffer.feed(data))
-
-    def body_end(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        tail = self._stuffer.close()
-        if tail:
-            self.consumer.write(tail)
-
-
-class _TopWriter:
-    """Receives prefixes `BODY[]<offset>` and writes the header plus `lines` body lines.
-
-    The header ends at the first empty line; a message without one is all
-    header, as in POP3. Line ends are found with `bytes.find`/`count` on
-    whole chunks, never byte by byte.
-    """
-
-    def __init__(self, sink: IConsumer, lines: int, peer: str) -> None:
-        self.consumer = sink
-        self._peer = peer
-        self._stuffer = DotStuffer()
-        self._lines_left = lines
-        self._in_header = True
-        # The message starts at the beginning of a line: an empty first line
-        # ends an empty header, so pretend a CRLF came before it.
-        self._tail = b"\r\n"
-        self.done = False
-        self.offset = 0  # message octets received so far
-        self.got: int | None = None  # size of the last literal
-
-    def body_start(self, line: bytes, size: int) -> None:
-        if self.got is not None or _item(line, self._peer) != b"BODY[]<%d>" % self.offset:
-            raise IMAPProtocolError(f"{self._peer} sent message data that was not asked for")
-        self.got = size
-
-    def body_data(self, data: bytes) -> None:
-        self.offset += len(data)
-        if self.done:
-            return
-        out = self._cut(data)
-        if out:
-            self.consumer.write(self._stuffer.feed(out))
-
-    def body_end(self) -> None:
-        pass
-
-    def _cut(self, data: bytes) -> bytes:
-        if not self._in_header:
-            return self._cut_body(data)
-        joined = self._tail + data
-        at = joined.find(b"\r\n\r\n")
-        if at < 0:
-            self._tail = joined[-3:]
-            return data
-        self._in_header = False
-        end = at + 4 - len(self._tail)
-        return data[:end] + self._cut_body(data[end:])
-
-    def _cut_body(self, data: bytes) -> bytes:
-        if self._lines_left == 0:
-            self.done = True
-            return b""
-        count = data.count(b"\n")
-        if count < self._lines_left:
-            self._lines_left -= count
-            return data
-        at = -1
-        for _ in range(self._lines_left):
-            at = data.find(b"\n", at + 1)
-        self._lines_left = 0
-        self.done = True
-        return data[: at + 1]
-
-    def finish(self) -> None:
-        tail = self._stuffer.close()
-        if tail:
-            self.consumer.write(tail)
 
 
 # --- The maildrop ---------------------------------------------------------------------------
@@ -459,7 +222,7 @@ class IMAPMaildrop:
             await self._top(uid, lines, sink)
 
     async def _retr(self, uid: int, size: int, sink: IConsumer) -> None:
-        writer = _MessageWriter(sink, self._client.peer)
+        writer = MessageWriter(sink, self._client.peer)
         try:
             await self._client.command(b"UID FETCH", b"%d" % uid, b"(BODY.PEEK[])", receiver=writer)
         except ServerError as e:
@@ -478,7 +241,7 @@ class IMAPMaildrop:
         self._retrieved.add(uid)
 
     async def _top(self, uid: int, lines: int, sink: IConsumer) -> None:
-        writer = _TopWriter(sink, lines, self._client.peer)
+        writer = TopWriter(sink, lines, self._client.peer)
         window = TOP_FIRST_WINDOW
         while not writer.done:
             writer.got = None
@@ -544,8 +307,8 @@ class IMAPMaildrop:
             raise
         await self._logout()
 
-    async def _select_for_update(self) -> _FolderState:
-        state = _FolderState()
+    async def _select_for_update(self) -> FolderState:
+        state = FolderState()
         steps: list[Deferred[Any]] = []
         if self._client.capabilities_stale:
             # The login answer did not say what the server offers once logged
@@ -574,7 +337,7 @@ class IMAPMaildrop:
             )
         return state
 
-    async def _apply_policy(self, uids: list[int], folder: _FolderState) -> None:
+    async def _apply_policy(self, uids: list[int], folder: FolderState) -> None:
         policy = self._account.on_delete
         if policy == "keep":
             if not folder.keywords_allowed:
@@ -589,7 +352,7 @@ class IMAPMaildrop:
         else:
             await self._expunge(uids, folder)
 
-    async def _move(self, uids: list[int], folder: _FolderState) -> None:
+    async def _move(self, uids: list[int], folder: FolderState) -> None:
         target = self._account.move_to
         if not target:
             raise UpstreamRejected(
@@ -598,7 +361,7 @@ class IMAPMaildrop:
         mailbox = astring(encode_mailbox(target))
         verb = b"UID MOVE" if "MOVE" in self._client.capabilities else b"UID COPY"
         for uid_set in uid_sets(uids):
-            await self._creating(mailbox, lambda s=uid_set: self._client.command(verb, s, mailbox))
+            await self._creating(mailbox, partial(self._client.command, verb, uid_set, mailbox))
         if verb == b"UID COPY":
             await self._expunge(uids, folder)
 
@@ -616,7 +379,7 @@ class IMAPMaildrop:
                     raise
             await step()
 
-    async def _expunge(self, uids: list[int], folder: _FolderState) -> None:
+    async def _expunge(self, uids: list[int], folder: FolderState) -> None:
         """Remove exactly `uids`, never another client's `\\Deleted` messages.
 
         With UIDPLUS, UID EXPUNGE does exactly that. Without it, EXPUNGE
@@ -682,10 +445,9 @@ class IMAPMaildrop:
 
     async def _all(self, steps: list[Deferred[Any]]) -> None:
         """Wait for pipelined steps; raise the first failure, consuming the others."""
-        results = await DeferredList(steps, consumeErrors=True)
-        for ok, outcome in results:
-            if not ok:
-                outcome.raiseException()
+        for result in await outcomes(steps):
+            if isinstance(result, Failure):
+                result.raiseException()
 
     def abort(self) -> None:
         self._client.abort()
@@ -719,13 +481,7 @@ async def open_imap_maildrop(
     client = await open_session(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
-    try:
-        snapshot = await take_snapshot(client, account.folder)
-    except UpstreamLost as e:
-        # The device has no session yet: to it, this is a failed login.
-        client.abort("snapshot at login failed")
-        raise UpstreamUnavailable(e.detail) from None
-    except BaseException:
-        client.abort("snapshot at login failed")
-        raise
+    snapshot = await at_open(
+        client, take_snapshot(client, account.folder), "snapshot at login failed"
+    )
     return IMAPMaildrop(client, account, snapshot, uid_store=uid_store)

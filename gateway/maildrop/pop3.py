@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from gateway.maildrop import NoSuchMessage, UpstreamLost, UpstreamUnavailable
+from gateway.maildrop import NoSuchMessage, UpstreamUnavailable
+from gateway.maildrop.opening import at_open
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
+from gateway.upstream.pipeline import outcomes
 from gateway.upstream.pop3 import Expect, Listing, POP3Client, ServerError, open_session
 
 if TYPE_CHECKING:
@@ -91,23 +94,20 @@ class POP3Maildrop:
             self._client.command(b"DELE %d" % n, pipelinable=True) for n in numbers
         ]
         steps.append(self._client.quit())
-        results = await DeferredList(steps, consumeErrors=True)
+        *dele_results, quit_result = await outcomes(steps)
         refused: list[str] = []
-        for (ok, outcome), n in zip(results[:-1], numbers, strict=True):
-            if not ok:
-                if outcome.check(ServerError):
-                    refused.append(f"{n} ({outcome.value.status.describe()})")
-                else:
-                    outcome.raiseException()
-        quit_ok, quit_outcome = results[-1]
-        if not quit_ok:
-            if quit_outcome.check(ServerError):
-                answer = quit_outcome.value.status.describe()
-                raise UpstreamUnavailable(
-                    f"{self._client.peer} answered QUIT with {answer}",
-                    "some deleted messages were not removed",
-                )
-            quit_outcome.raiseException()
+        for result, n in zip(dele_results, numbers, strict=True):
+            if isinstance(result, Failure):
+                if not isinstance(result.value, ServerError):
+                    result.raiseException()
+                refused.append(f"{n} ({result.value.status.describe()})")
+        if isinstance(quit_result, Failure):
+            if not isinstance(quit_result.value, ServerError):
+                quit_result.raiseException()
+            raise UpstreamUnavailable(
+                f"{self._client.peer} answered QUIT with {quit_result.value.status.describe()}",
+                "some deleted messages were not removed",
+            )
         if refused:
             raise UpstreamUnavailable(
                 f"{self._client.peer} refused DELE of {', '.join(refused)}",
@@ -169,19 +169,14 @@ async def open_pop3_maildrop(
     client = await open_session(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
-    try:
-        try:
-            listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
-        except ServerError as e:
-            raise UpstreamUnavailable(
-                f"{client.peer} refused LIST: {e.status.describe()}"
-            ) from None
-        sizes = parse_list(listing.body, client.peer)
-    except UpstreamLost as e:
-        # The device has no session yet: to it, this is a failed login.
-        client.abort("LIST at login failed")
-        raise UpstreamUnavailable(e.detail) from None
-    except BaseException:
-        client.abort("LIST at login failed")
-        raise
+    sizes = await at_open(client, _list(client), "LIST at login failed")
     return POP3Maildrop(client, sizes, account=account.name)
+
+
+async def _list(client: POP3Client) -> tuple[int, ...]:
+    """LIST: the sizes of the snapshot, fixed for the session (RFC 1939)."""
+    try:
+        listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
+    except ServerError as e:
+        raise UpstreamUnavailable(f"{client.peer} refused LIST: {e.status.describe()}") from None
+    return parse_list(listing.body, client.peer)

@@ -1,6 +1,10 @@
-"""A maildrop held in memory, for unit tests of the front end and benchmarks
-of the protocol code alone. It is not an upstream: integration tests use a
-real Dovecot (tests.harness.dovecot)."""
+"""A maildrop held in memory: a public fake of the `Maildrop` seam.
+
+For unit tests of the POP3 front end (ours, or a user's own) and benchmarks
+of the protocol code alone; it keeps the seam's contract (wire form,
+dot-stuffed in chunks, deletions only at `commit`) and can fail on demand.
+It is not an upstream: integration tests use a real Dovecot
+(tests/harness/dovecot.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ from collections.abc import Collection, Sequence
 
 from twisted.internet.interfaces import IConsumer
 
+from gateway.dotstuff import DotStuffer
 from gateway.maildrop import MaildropError, NoSuchMessage, UpstreamLost
-from gateway.pop3.stuffing import DotStuffer
 
 
 class MemoryMaildrop:
+    """Messages in a list; `fail_next`/`fail_after` make the next call fail."""
+
     def __init__(self, messages: Sequence[bytes], chunk_size: int = 16384) -> None:
         self.messages = list(messages)
         self.chunk_size = chunk_size

@@ -2,7 +2,10 @@
 
 The front end speaks RFC 1939 to the device; a maildrop is what it reads the
 messages from. An upstream POP3 account and an upstream IMAP folder both
-implement `Maildrop`; the front end knows nothing of their inside.
+implement `Maildrop`; the front end knows nothing of their inside. The
+implementations live next to this seam: `pop3`, `imap` (with `imap_snapshot`
+and `imap_writers`), the UIDL map for IMAP folders (`uidl_map`) and an
+in-memory fake for tests (`memory`).
 
 Contract, shared by every implementation:
 
@@ -27,46 +30,23 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from gateway.upstream.errors import (
+    MailboxInUse,
+    UpstreamError,
+    UpstreamLost,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
 
     from gateway.model import Account
 
 
-class MaildropError(Exception):
-    """An upstream problem, with the RFC 2449 response code the device sees.
-
-    `str(self)` is a short text meant for the device: never an upstream's
-    verbatim words. `detail` is for the log.
-    """
-
-    code: str | None = "SYS/TEMP"
-    device_text = "mailbox temporarily unavailable, try again later"
-
-    def __init__(self, detail: str = "", device_text: str | None = None) -> None:
-        super().__init__(device_text or self.device_text)
-        self.detail = detail
-
-
-class UpstreamUnavailable(MaildropError):
-    """Unreachable, timed out, TLS failed, or answered something unusable."""
-
-    code = "SYS/TEMP"
-    device_text = "mailbox temporarily unavailable, try again later"
-
-
-class UpstreamRejected(MaildropError):
-    """The upstream refused the account's credentials: an admin's problem."""
-
-    code = "SYS/PERM"
-    device_text = "the gateway cannot log in to the mailbox, ask the administrator"
-
-
-class MailboxInUse(MaildropError):
-    """Another session holds the mailbox (the gateway's lock or the upstream's)."""
-
-    code = "IN-USE"
-    device_text = "mailbox in use by another session"
+# Every upstream error is one the device can be told: the family is shared
+# with the upstream clients and the OAuth code (`gateway.upstream.errors`).
+MaildropError = UpstreamError
 
 
 class NoSuchMessage(MaildropError):
@@ -74,13 +54,6 @@ class NoSuchMessage(MaildropError):
 
     code = None
     device_text = "no such message"
-
-
-class UpstreamLost(MaildropError):
-    """The upstream connection broke during the session."""
-
-    code = "SYS/TEMP"
-    device_text = "connection to the mailbox lost"
 
 
 class Maildrop(Protocol):
@@ -106,6 +79,18 @@ class Maildrop(Protocol):
     def abort(self) -> None:
         """Drop the upstream session now; nothing is deleted. Idempotent."""
         ...
+
+
+__all__ = [
+    "MailboxInUse",
+    "Maildrop",
+    "MaildropError",
+    "MaildropOpener",
+    "NoSuchMessage",
+    "UpstreamLost",
+    "UpstreamRejected",
+    "UpstreamUnavailable",
+]
 
 
 class MaildropOpener(Protocol):

@@ -53,9 +53,6 @@ CREATE TABLE IF NOT EXISTS message (
 """
 _VERSION = 1
 
-# RFC 1939: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
-MAX_UIDL = 70
-
 
 @dataclass(frozen=True, slots=True)
 class MessageKey:

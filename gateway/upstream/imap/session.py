@@ -1,0 +1,162 @@
+"""Setting up an upstream IMAP session: TLS, capabilities and login as the account.
+
+TLS is implicit or STARTTLS, always verified; every failure is mapped to the
+`UpstreamError` the device should see (`gateway.maildrop` names the family).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from gateway.model import Account, Provider
+from gateway.upstream.connection import (
+    EndpointFactory,
+    hostname_endpoint,
+    open_connection,
+    or_abort,
+)
+from gateway.upstream.credentials import TokenSource, bearer_login, mechanism_for
+from gateway.upstream.errors import (
+    MailboxInUse,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from gateway.upstream.imap.client import IMAPClient
+from gateway.upstream.imap.responses import ServerError
+
+
+async def connect(
+    provider: Provider,
+    *,
+    reactor: Any,
+    endpoint_factory: EndpointFactory = hostname_endpoint,
+) -> IMAPClient:
+    """Connect, read the greeting, secure the connection and learn capabilities.
+
+    Returns a client ready to log in, always over verified TLS: for STARTTLS
+    providers a missing or refused STARTTLS ends here, before any credential.
+    `reactor` must provide IReactorTime (and whatever the endpoint needs).
+    """
+    server = provider.imap
+    if server is None:
+        raise UpstreamRejected(f"provider {provider.name} has no imap endpoint")
+    return await open_connection(
+        provider,
+        server,
+        IMAPClient,
+        reactor=reactor,
+        endpoint_factory=endpoint_factory,
+        secure=_secure,
+    )
+
+
+async def _secure(
+    client: IMAPClient, mode: str, tls: IOpenSSLClientConnectionCreator
+) -> IMAPClient:
+    peer = client.peer
+    try:
+        try:
+            await client.greeting()
+        except ServerError as e:
+            raise UpstreamUnavailable(f"{peer} greeted with {e.status.describe()}") from None
+        if mode == "starttls":
+            if not client.capabilities:
+                await client.capability()
+            if "STARTTLS" not in client.capabilities:
+                raise UpstreamUnavailable(
+                    f"{peer} does not offer STARTTLS; not logging in in clear"
+                )
+            try:
+                await client.starttls(tls)
+            except ServerError as e:
+                raise UpstreamUnavailable(
+                    f"{peer} refused STARTTLS: {e.status.describe()}"
+                ) from None
+            # RFC 3501 6.2.1: forget what was learnt in clear.
+            await client.capability()
+        elif not client.capabilities:
+            await client.capability()
+    except ServerError as e:
+        raise UpstreamUnavailable(f"{peer} refused {e.verb}: {e.status.describe()}") from None
+    return client
+
+
+# RFC 5530 response codes that say "not now" rather than "never with these credentials".
+_TEMPORARY_CODES = frozenset({"UNAVAILABLE", "LIMIT", "SERVERBUG", "OVERQUOTA"})
+
+
+def login_refused(error: ServerError, peer: str) -> UpstreamError:
+    """Map a refused LOGIN/AUTHENTICATE to what the device should be told."""
+    code = error.status.code or ""
+    detail = f"{peer} refused the login ({error.verb}): {error.status.describe()}"
+    if code == "INUSE":
+        return MailboxInUse(detail)
+    if code in _TEMPORARY_CODES:
+        return UpstreamUnavailable(detail)
+    return UpstreamRejected(detail)
+
+
+async def login(
+    client: IMAPClient,
+    account: Account,
+    provider: Provider,
+    *,
+    tokens: TokenSource | None = None,
+) -> None:
+    """Log in as the account; raise the UpstreamError the device should see.
+
+    Password accounts use AUTHENTICATE PLAIN when offered, else LOGIN (never
+    both: a wrong password would count twice against the upstream's penalty).
+    OAuth2 accounts use XOAUTH2/OAUTHBEARER with one forced token refresh
+    after a refused token, as `gateway.upstream.credentials` rules.
+    """
+    announced = client.capabilities
+    if account.auth == "oauth2":
+        await bearer_login(
+            client, account, provider, tokens, server_error=ServerError, refusal=login_refused
+        )
+    else:
+        await _password_login(client, account, provider)
+    client.logged_in = True
+    # Servers may offer more once logged in (RFC 3501 6.2.3); most say so in
+    # the login answer. If this one did not, ask later, when it matters.
+    client.capabilities_stale = client.capabilities is announced
+
+
+async def _password_login(client: IMAPClient, account: Account, provider: Provider) -> None:
+    if account.password is None:
+        raise UpstreamRejected(f"account {account.name} has no password configured")
+    caps = client.capabilities
+    try:
+        if "PLAIN" in caps.sasl:
+            mechanism = await mechanism_for(account, provider, caps.sasl, None)
+            await client.authenticate(mechanism)
+        elif "LOGINDISABLED" in caps:
+            raise UpstreamRejected(
+                f"{client.peer} offers neither AUTH=PLAIN nor LOGIN "
+                f"(capabilities: {' '.join(sorted(caps.names))})"
+            )
+        else:
+            try:
+                await client.login(account.username, account.password)
+            except ValueError as e:
+                raise UpstreamRejected(f"account {account.name}: {e}") from None
+    except ServerError as e:
+        raise login_refused(e, client.peer) from None
+
+
+async def open_session(
+    account: Account,
+    provider: Provider,
+    *,
+    reactor: Any,
+    endpoint_factory: EndpointFactory = hostname_endpoint,
+    tokens: TokenSource | None = None,
+) -> IMAPClient:
+    """Connect and log in as `account`; the client is in the authenticated state."""
+    client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
+    await or_abort(client, login(client, account, provider, tokens=tokens), "login failed")
+    return client

@@ -1,0 +1,221 @@
+"""POP3 responses: bytes in, events out (RFC 1939, RFC 2449 codes, RFC 5034 SASL).
+
+Pure: no sockets, clocks or Twisted. The caller tells the parser what the
+response at the head of its queue may be (`Expect`), since only the command
+decides whether a `+OK` starts a multi-line body.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from gateway.upstream.errors import printable
+
+# A status or continuation line longer than this is not POP3 (RFC 2449 allows
+# 512 octets; SASL challenges are longer but nowhere near this).
+MAX_LINE = 64 * 1024
+
+TERMINATOR = b"\r\n.\r\n"
+# Bytes held back at the end of a chunk: one short of a whole terminator, so
+# a terminator split across chunks is still found by one `find` on the join.
+_HOLD = len(TERMINATOR) - 1
+
+
+class Expect(enum.Enum):
+    """What the response to the command at the head of the queue may be."""
+
+    SINGLE = "single"  # one status line
+    MULTI = "multi"  # a status line; after +OK, a dot-terminated body
+    SASL = "sasl"  # "+ challenge" continuations, then one status line
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A `+OK`/`-ERR` line; `code` is the RFC 2449 response code, upper-cased."""
+
+    ok: bool
+    code: str | None
+    text: bytes
+
+    def describe(self) -> str:
+        """The line as it may appear in a log `detail` (upstream words, bounded)."""
+        word = "+OK" if self.ok else "-ERR"
+        code = f" [{self.code}]" if self.code else ""
+        text = printable(self.text)
+        return f"{word}{code} {text}".rstrip()
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A SASL `+ <base64>` line; `payload` is still base64."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyChunk:
+    """Bytes of a multi-line body in wire form; `last` when the terminator was seen.
+
+    The concatenated chunks of one body are exactly the dot-stuffed lines with
+    their CRLFs, without the final ".CRLF".
+    """
+
+    data: bytes
+    last: bool
+
+
+Event: TypeAlias = Status | Continuation | BodyChunk
+
+
+class POP3ProtocolError(Exception):
+    """The upstream sent something that is not a POP3 response."""
+
+
+_CODE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-/")
+
+
+def parse_status(line: bytes) -> Status | None:
+    """Parse one status line (without CRLF); None if it is not one."""
+    if line.startswith(b"+OK") and (len(line) == 3 or line[3:4] == b" "):
+        ok, rest = True, line[4:]
+    elif line.startswith(b"-ERR") and (len(line) == 4 or line[4:5] == b" "):
+        ok, rest = False, line[5:]
+    else:
+        return None
+    code = None
+    if rest.startswith(b"["):
+        end = rest.find(b"]")
+        if end > 1 and all(c in _CODE_CHARS for c in rest[1:end]):
+            code = rest[1:end].decode("ascii").upper()
+            rest = rest[end + 1 :].lstrip(b" ")
+    return Status(ok, code, rest)
+
+
+class ResponseParser:
+    """Bytes in, events out; holds at most a partial line or 4 body bytes.
+
+    `feed()` stores data; `next_event()` returns one event at a time so the
+    caller can act on each response (send the next command, start TLS, queue
+    a new expectation) before the bytes after it are interpreted. Bytes that
+    follow a complete response wait here for the next expectation.
+
+    Multi-line bodies are not split into lines: each `next_event()` in a body
+    looks for the terminator in (held bytes + new chunk) with one `bytes.find`
+    and passes everything before the last 4 bytes on, so throughput does not
+    depend on line lengths and a line of megabytes passes like any other.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._max_line = max_line
+        self._buf = b""
+        self._in_body = False
+        self._held = b""
+        # Bytes of `_held` that were never received: the body starts at the
+        # beginning of a line, so the parser pretends a CRLF preceded it and
+        # the empty body "+OK\r\n.\r\n" is the terminator like any other.
+        self._virtual = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events (excluding held body bytes)."""
+        return len(self._buf)
+
+    @property
+    def in_body(self) -> bool:
+        return self._in_body
+
+    def next_event(self, expect: Expect | None) -> Event | None:
+        """The next event, or None until more data (or an expectation) arrives.
+
+        Raises POP3ProtocolError; the parser is then unusable.
+        """
+        if self._in_body:
+            return self._body_event()
+        if expect is None:
+            if len(self._buf) > self._max_line:
+                raise POP3ProtocolError("unsolicited data from the server")
+            return None
+        end = self._buf.find(b"\n")
+        if end < 0:
+            if len(self._buf) > self._max_line:
+                raise POP3ProtocolError(f"response line longer than {self._max_line} octets")
+            return None
+        line = self._buf[:end]
+        self._buf = self._buf[end + 1 :]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        status = parse_status(line)
+        if status is not None:
+            if status.ok and expect is Expect.MULTI:
+                self._in_body = True
+                self._held = b"\r\n"
+                self._virtual = 2
+            return status
+        if expect is Expect.SASL and (line == b"+" or line.startswith(b"+ ")):
+            return Continuation(line[2:])
+        raise POP3ProtocolError(f"not a POP3 response: {printable(line[:80])!r}")
+
+    def _body_event(self) -> BodyChunk | None:
+        if not self._buf:
+            return None
+        data = self._held + self._buf if self._held else self._buf
+        self._buf = b""
+        at = data.find(TERMINATOR)
+        if at >= 0:
+            body = data[: at + 2]
+            self._buf = data[at + len(TERMINATOR) :]
+            self._held = b""
+            self._in_body = False
+            last = True
+        elif len(data) > _HOLD:
+            body = data[:-_HOLD]
+            self._held = data[-_HOLD:]
+            last = False
+        else:
+            self._held = data
+            body = b""
+            last = False
+        if self._virtual:
+            cut = min(self._virtual, len(body))
+            body = body[cut:]
+            self._virtual -= cut
+        if not body and not last:
+            return None
+        return BodyChunk(body, last)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The server's CAPA answer (RFC 2449); empty if it does not know CAPA."""
+
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, body: bytes) -> Capabilities:
+        names: dict[str, tuple[str, ...]] = {}
+        for raw in body.split(b"\r\n"):
+            words = raw.decode("ascii", "replace").split()
+            if words:
+                names[words[0].upper()] = tuple(words[1:])
+        return cls(names)
+
+    def __contains__(self, name: str) -> bool:
+        return name.upper() in self.names
+
+    @property
+    def sasl(self) -> frozenset[str]:
+        return frozenset(m.upper() for m in self.names.get("SASL", ()))
+
+
+class ServerError(Exception):
+    """The upstream answered a command with -ERR; callers map it by context."""
+
+    def __init__(self, verb: str, status: Status) -> None:
+        super().__init__(f"{verb}: {status.describe()}")
+        self.verb = verb
+        self.status = status

@@ -1,0 +1,146 @@
+"""Setting up an upstream POP3 session: TLS, CAPA and login as the account.
+
+TLS is implicit or STLS, always verified; every failure is mapped to the
+`UpstreamError` the device should see (`gateway.maildrop` names the family).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from gateway.model import Account, Provider
+from gateway.upstream.connection import (
+    EndpointFactory,
+    hostname_endpoint,
+    open_connection,
+    or_abort,
+)
+from gateway.upstream.credentials import TokenSource, bearer_login
+from gateway.upstream.errors import (
+    MailboxInUse,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from gateway.upstream.pop3.client import POP3Client
+from gateway.upstream.pop3.parser import Capabilities, ServerError
+from gateway.upstream.sasl import Plain, SASLMechanism
+
+
+async def connect(
+    provider: Provider,
+    *,
+    reactor: Any,
+    endpoint_factory: EndpointFactory = hostname_endpoint,
+) -> POP3Client:
+    """Connect, read the greeting, secure the connection and read CAPA.
+
+    Returns a client ready to log in, always over verified TLS: for STLS
+    providers a missing or refused STLS ends here, before any credential.
+    `reactor` must provide IReactorTime (and whatever the endpoint needs).
+    """
+    server = provider.pop3
+    if server is None:
+        raise UpstreamUnavailable(f"provider {provider.name} has no pop3 endpoint")
+    return await open_connection(
+        provider,
+        server,
+        POP3Client,
+        reactor=reactor,
+        endpoint_factory=endpoint_factory,
+        secure=_secure,
+    )
+
+
+async def _secure(
+    client: POP3Client, mode: str, tls: IOpenSSLClientConnectionCreator
+) -> POP3Client:
+    peer = client.peer
+    try:
+        await client.greeting()
+    except ServerError as e:
+        raise UpstreamUnavailable(f"{peer} greeted with {e.status.describe()}") from None
+    await client.read_capabilities()
+    if mode == "starttls":
+        if "STLS" not in client.capabilities:
+            raise UpstreamUnavailable(f"{peer} does not offer STLS; not logging in in clear")
+        try:
+            await client.starttls(tls)
+        except ServerError as e:
+            raise UpstreamUnavailable(f"{peer} refused STLS: {e.status.describe()}") from None
+        # RFC 2595 section 4: forget what was learnt in clear.
+        await client.read_capabilities()
+    return client
+
+
+def login_refused(error: ServerError, peer: str) -> UpstreamError:
+    """Map a refused USER/PASS/AUTH to what the device should be told."""
+    code = error.status.code or ""
+    detail = f"{peer} refused the login ({error.verb}): {error.status.describe()}"
+    if code == "IN-USE":
+        return MailboxInUse(detail)
+    if code.startswith("SYS/TEMP") or code == "LOGIN-DELAY":
+        return UpstreamUnavailable(detail)
+    return UpstreamRejected(detail)
+
+
+def login_method(provider: Provider, capabilities: Capabilities) -> str:
+    """ "plain" (AUTH PLAIN) or "user" (USER/PASS) for this provider and server."""
+    if provider.pop3_auth == "auto":
+        return "plain" if "PLAIN" in capabilities.sasl else "user"
+    return provider.pop3_auth
+
+
+async def login(
+    client: POP3Client,
+    account: Account,
+    provider: Provider,
+    *,
+    tokens: TokenSource | None = None,
+) -> None:
+    """Log in as the account; raise the UpstreamError the device should see.
+
+    A refused AUTH PLAIN does not fall back to USER/PASS: a wrong password
+    would count twice against the upstream's failed-login penalty. OAuth2
+    accounts log in with a bearer token from `tokens` (`bearer_login`).
+    """
+    if account.auth == "oauth2":
+        await bearer_login(
+            client, account, provider, tokens, server_error=ServerError, refusal=login_refused
+        )
+        client.logged_in = True
+        return
+    if account.password is None:
+        raise UpstreamRejected(f"account {account.name} has no password configured")
+    method = login_method(provider, client.capabilities)
+    try:
+        if method == "plain":
+            try:
+                mechanism: SASLMechanism = Plain(account.username, account.password)
+            except ValueError as e:
+                raise UpstreamRejected(f"account {account.name}: {e}") from None
+            await client.authenticate(mechanism)
+        else:
+            try:
+                await client.user_pass(account.username, account.password)
+            except ValueError as e:
+                raise UpstreamRejected(f"account {account.name}: {e}") from None
+    except ServerError as e:
+        raise login_refused(e, client.peer) from None
+    client.logged_in = True
+
+
+async def open_session(
+    account: Account,
+    provider: Provider,
+    *,
+    reactor: Any,
+    endpoint_factory: EndpointFactory = hostname_endpoint,
+    tokens: TokenSource | None = None,
+) -> POP3Client:
+    """Connect and log in as `account`; the client is in the TRANSACTION state."""
+    client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
+    await or_abort(client, login(client, account, provider, tokens=tokens), "login failed")
+    return client

@@ -1,0 +1,163 @@
+"""A real, throwaway HAProxy 2.6 on 127.0.0.1 in TCP mode, for PROXY protocol tests.
+
+The gateway's PROXY protocol support is only worth something if it reads
+what a real load balancer writes, so tests put the packaged ``haproxy``
+binary in front of it: one frontend per route, on a free loopback port, each
+forwarding to one gateway port with ``send-proxy`` (v1) or ``send-proxy-v2``.
+It runs in the foreground (``-db``) from a generated configuration under one
+directory and is stopped by the PID of the process started here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from tests.harness.gateway_process import free_port
+
+HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/haproxy"
+
+ProxyVersion = Literal["v1", "v2"]
+_SERVER_OPTION: dict[ProxyVersion, str] = {"v1": "send-proxy", "v2": "send-proxy-v2"}
+
+
+class HAProxyError(RuntimeError):
+    """HAProxy refused its configuration or did not listen; the text has its output."""
+
+
+@dataclass
+class Route:
+    """One frontend: clients connect to `front_port`, HAProxy connects to
+    `backend_port` and writes the PROXY header of `version` first."""
+
+    name: str
+    backend_port: int
+    version: ProxyVersion
+    front_port: int = field(default_factory=free_port)
+    # TCP health checks of the backend that send a header too: with v2 one
+    # with the LOCAL command (no addresses), which the backend must accept.
+    health_check: bool = False
+
+
+class HAProxy:
+    def __init__(
+        self,
+        base_dir: Path,
+        routes: list[Route],
+        *,
+        backend_host: str = "127.0.0.1",
+        startup_timeout: float = 10.0,
+    ) -> None:
+        self.base_dir = Path(base_dir).absolute()
+        self.routes = {route.name: route for route in routes}
+        self.backend_host = backend_host
+        self.startup_timeout = startup_timeout
+        self.config_file = self.base_dir / "haproxy.cfg"
+        self.output_file = self.base_dir / "haproxy.out"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def port(self, name: str) -> int:
+        return self.routes[name].front_port
+
+    def render_config(self) -> str:
+        lines = [
+            "global",
+            "  maxconn 200",
+            "  nbthread 1",
+            "defaults",
+            "  mode tcp",
+            "  timeout connect 5s",
+            "  timeout client 2m",
+            "  timeout server 2m",
+        ]
+        for route in self.routes.values():
+            lines += [
+                f"frontend front_{route.name}",
+                f"  bind 127.0.0.1:{route.front_port}",
+                f"  default_backend back_{route.name}",
+                f"backend back_{route.name}",
+                f"  server gateway {self.backend_host}:{route.backend_port} "
+                + _SERVER_OPTION[route.version]
+                + (" check check-send-proxy inter 500ms" if route.health_check else ""),
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> HAProxy:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self.render_config())
+        check = subprocess.run(
+            [HAPROXY, "-c", "-f", str(self.config_file)], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            raise HAProxyError(f"haproxy -c refused the config:\n{check.stdout}{check.stderr}")
+        with self.output_file.open("wb") as output:
+            self._process = subprocess.Popen(
+                [HAPROXY, "-db", "-f", str(self.config_file)],
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            self._wait_until_listening()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_listening(self) -> None:
+        """Every frontend port bound. Probed by connect and close, which HAProxy
+        may or may not pass on to the backend: no test counts those."""
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        pending = [route.front_port for route in self.routes.values()]
+        while pending:
+            if self._process.poll() is not None:
+                raise HAProxyError(
+                    f"haproxy exited with {self._process.returncode}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise HAProxyError(f"haproxy did not listen on {pending}:\n{self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", pending[0]), timeout=0.5).close()
+                pending.pop(0)
+            except OSError:
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def output(self) -> str:
+        try:
+            return self.output_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> HAProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
