@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -36,6 +37,7 @@ from gateway.model import AdminSettings, Listener, listener_name
 from gateway.oauth.manager import TokenManager
 from gateway.runtime import Runtime
 from gateway.smtp.service import SpoolService
+from gateway.state import StateError, ensure_dir
 from gateway.tls import ReloadableServerTLS
 
 log = Logger(namespace="gateway.admin")
@@ -45,16 +47,28 @@ class AdminService(MultiService):
     """Serves the admin site (its child) and counts log events while running."""
 
     def __init__(
-        self, metrics: GatewayMetrics, observer: ILogObserver, publisher: LogPublisher
+        self,
+        metrics: GatewayMetrics,
+        observer: ILogObserver,
+        publisher: LogPublisher,
+        state_dir: Path,
     ) -> None:
         super().__init__()
         self.setName("admin")
         self.metrics = metrics
         self._observer = observer
         self._publisher = publisher
+        self._state_dir = state_dir
 
     def startService(self) -> None:
         self._publisher.addObserver(self._observer)
+        # A gateway with only password POP3 accounts has not needed its state
+        # directory yet; readiness checks it, so make it now (after twistd
+        # dropped privileges, like the spool and the token store do).
+        try:
+            ensure_dir(self._state_dir)
+        except StateError as e:
+            log.error("admin: {error}; /readyz reports it", error=str(e))
         super().startService()
 
     def stopService(self) -> object:
@@ -100,7 +114,7 @@ def admin_services(
         metrics.registry.register(TokenCollector(runtime.tokens, now))
         checks["token_store"] = token_store_usable(runtime.tokens)
     site = AdminSite(metrics.registry, Readiness(checks))
-    top = AdminService(metrics, MetricsObserver(metrics), publisher)
+    top = AdminService(metrics, MetricsObserver(metrics), publisher, config.state_dir)
     http = StreamServerEndpointService(
         _endpoint(runtime, settings), _with_tls(runtime, settings, site)
     )

@@ -10,6 +10,7 @@ import json
 import poplib
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -316,3 +317,69 @@ def test_the_json_log_has_the_session_fields_and_no_secret(
     text = gateway.log_text()
     for secret in SECRETS:
         assert secret not in text
+
+
+# -- HTTPS off loopback's default, and a listener that cannot bind ----------------------
+
+
+@pytest.fixture(scope="module")
+def taken_port() -> Iterator[int]:
+    """A port someone else listens on, so the gateway's listener cannot bind."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(8)
+        yield blocker.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def https_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    dovecot: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    taken_port: int,
+) -> Iterator[tuple[GatewayProcess, int]]:
+    base = tmp_path_factory.mktemp("admin-https")
+    admin = free_port()
+    text = "\n".join(
+        [
+            f'state_dir = "{base / "state"}"',
+            "[tls]",
+            f'certificate = "{tls_gateway.certificate}"',
+            f'private_key = "{tls_gateway.private_key}"',
+            "[admin]",
+            f'address = "127.0.0.1"\nport = {admin}\ntls = true',
+            "[[pop3.listen]]",
+            f'address = "127.0.0.1"\nport = {taken_port}\ntls = "implicit"',
+            "[providers.dovecot]",
+            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
+            f'ca_file = "{tls_upstream.ca_file}"',
+            "[accounts.alice]",
+            'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
+        ]
+    )
+    with GatewayProcess(base, text, [admin]) as gw:
+        yield gw, admin
+
+
+def test_https_admin_listener_and_an_unbound_listener_is_not_ready(
+    https_gateway: tuple[GatewayProcess, int], ctx: ssl.SSLContext, taken_port: int
+) -> None:
+    _, admin = https_gateway
+    url = f"https://localhost:{admin}"
+    with urllib.request.urlopen(f"{url}/healthz", context=ctx, timeout=10) as answer:
+        assert answer.status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{url}/readyz", context=ctx, timeout=10)
+    assert refused.value.code == 503
+    report = json.loads(refused.value.read())
+    assert report["failed"] == ["listeners"]
+    error = report["checks"]["listeners"]["error"]
+    assert f"pop3-implicit-127.0.0.1-{taken_port}" in error and "in use" in error
+    with urllib.request.urlopen(f"{url}/metrics", context=ctx, timeout=10) as answer:
+        text = answer.read().decode()
+    listener = f"pop3-implicit-127.0.0.1-{taken_port}"
+    assert f'gateway_listener_up{{listener="{listener}",protocol="pop3"}} 0.0' in text
+    # No plain HTTP on the HTTPS listener (the handshake fails, the connection drops).
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=5)

@@ -92,7 +92,10 @@ def test_the_observer_is_attached_only_while_running(tmp_path: Path) -> None:
         "log_format": "",
     }
     publisher(event)
+    assert not config.state_dir.exists()
     admin.startService()
+    # Made at start (0700), so /readyz can check it before anything else needs it.
+    assert config.state_dir.stat().st_mode & 0o777 == 0o700
     publisher(event)
     admin.stopService()
     publisher(event)
