@@ -41,6 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
+from gateway.admin.upstream_timing import timed_step
 from gateway.model import Account, Provider
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
@@ -287,7 +288,7 @@ class AccountWorker:
             recipients = entry.pending
             try:
                 with self.relay.spool.dir.open_message(entry) as source:
-                    result = await send_message(
+                    sending = send_message(
                         client,
                         sender=envelope.sender,
                         recipients=recipients,
@@ -295,6 +296,8 @@ class AccountWorker:
                         size=envelope.size,
                         eight_bit=envelope.eight_bit or envelope.body == "8BITMIME",
                     )
+                    provider = self.relay.accounts[self.account].provider
+                    result = await timed_step("smtp", provider, "send", sending)
             except SMTPUpstreamError as e:
                 lane.client = None
                 self._log_upstream(e)

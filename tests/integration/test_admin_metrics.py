@@ -244,6 +244,14 @@ def test_metrics_follow_pop3_smtp_and_failed_logins(
     assert grew("gateway_tls_sessions_total", protocol="pop3", version="TLSv1.3") == 3
     assert grew("gateway_tls_sessions_total", protocol="smtp") == 1
     assert grew("gateway_relay_recipients_delivered_total") == 1
+    sent = grew(
+        "gateway_upstream_step_seconds_count",
+        protocol="smtp",
+        provider="smtps",
+        step="send",
+        result="ok",
+    )
+    assert sent == 1
     assert total(after, "gateway_spool_messages", status="queued") == 0
     assert total(after, "gateway_device_last_login_outcome", device="printer", outcome="success")
     assert total(after, "gateway_device_last_login_outcome", device="mailer", outcome="success")
