@@ -38,6 +38,7 @@ ClientType = Literal["auto", "public", "confidential"]
 # Microsoft's cloud instances (gateway.oauth.clouds has their hosts).
 Cloud = Literal["global", "usgov", "dod", "china"]
 DeletePolicy = Literal["expunge", "move", "keep"]
+LogFormat = Literal["text", "json"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TLS_MODES: Final[tuple[TLSMode, ...]] = get_args(TLSMode)
@@ -55,6 +56,7 @@ CLOUDS: Final[tuple[Cloud, ...]] = get_args(Cloud)
 # their tokens at first use and before expiry.
 APP_ONLY_GRANTS: Final[frozenset[Grant]] = frozenset({"client_credentials", "service_account"})
 DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
 
 # An OAuth2 account without `grant` gets its preset's default grant, or this
 # one: the device-code grant needs nothing but a browser somewhere.
@@ -274,6 +276,34 @@ class OAuthSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The admin HTTP listener (`[admin]`): metrics, health, later the web console.
+
+    It exists only when the file has an `[admin]` section. Loopback by
+    default: what it shows names devices and accounts.
+    """
+
+    address: str = "127.0.0.1"
+    port: int = 9925
+    # None: HTTPS with the [tls] certificate unless `address` is a loopback
+    # address, plain HTTP there.
+    tls: bool | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        if self.tls is not None:
+            return self.tls
+        return not ipaddress.ip_address(self.address).is_loopback
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    # "text": twistd's lines; "json": one JSON object per line, with the
+    # fields of each event (session, delivery, ...) as keys.
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """Who may put a PROXY protocol header in front of a listener's connections."""
 
@@ -292,6 +322,9 @@ class Config:
     pop3: POP3Settings = field(default_factory=POP3Settings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    # None: no admin listener (no `[admin]` section).
+    admin: AdminSettings | None = None
+    log: LogSettings = field(default_factory=LogSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
@@ -314,3 +347,9 @@ def field_default(cls: type[Any], name: str) -> Any:
             return item.default_factory()
         break
     raise LookupError(f"{cls.__name__}.{name} has no default")
+
+
+def listener_name(listener: Listener) -> str:
+    """How logs, metrics and the service tree name a listener:
+    "pop3-implicit-0.0.0.0-995"."""
+    return f"{listener.protocol}-{listener.tls}-{listener.address}-{listener.port}"

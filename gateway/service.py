@@ -3,8 +3,9 @@
 `make_service` builds one `Runtime` (gateway.runtime: what every subsystem
 shares) and composes the services of each subsystem: the OAuth2 token
 manager, the POP3 listeners (gateway.pop3.service), the SMTP spool, relay
-and listeners (gateway.smtp.service), and the SIGHUP handler that reloads
-the configuration and the listeners' certificate (gateway.reload).
+and listeners (gateway.smtp.service), the admin listener with metrics and
+health (gateway.admin.service), and the SIGHUP handler that reloads the
+configuration and the listeners' certificate (gateway.reload).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
+from gateway.admin.service import admin_services
 from gateway.devices import DeviceAuthenticator
 from gateway.model import Config
 from gateway.oauth.manager import TokenManager
@@ -47,7 +49,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         tokens.setServiceParent(top)
         runtime.tokens = tokens
         reloader.follow_tokens(tokens)
-    for service in pop3_services(runtime) + smtp_services(runtime):
+    services = pop3_services(runtime) + smtp_services(runtime)
+    # The admin listener (if configured) watches the services built above.
+    for service in services + admin_services(runtime, services):
         service.setServiceParent(top)
     ReloadOnHangup(reactor, reloader.reload).setServiceParent(top)
     return top

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from twisted.logger import Logger
 
 from gateway.config.accounts import account
+from gateway.config.admin import admin_section, log_section
 from gateway.config.checks import check_oauth_accounts, check_upstreams, served_protocols
 from gateway.config.devices import device
 from gateway.config.listeners import check_listener_overlap, check_proxy_listeners, tls_section
@@ -46,6 +47,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     pop3 = pop3_section(root.table("pop3"))
     smtp = smtp_section(root.table("smtp"))
     check_listener_overlap(reader)
+    admin = admin_section(root, tls)
+    log_settings = log_section(root.table("log"))
     proxy = proxy_section(root.table("proxy"))
     check_proxy_listeners(reader, proxy)
     oauth = oauth_section(root.table("oauth"))
@@ -75,6 +78,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         pop3=pop3,
         smtp=smtp,
         oauth=oauth,
+        admin=admin,
+        log=log_settings,
         proxy=proxy,
         providers=providers,
         accounts=accounts,

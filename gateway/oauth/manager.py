@@ -39,8 +39,9 @@ run all of this on a `MemoryReactorClock` with requests answered by hand.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
@@ -61,6 +62,7 @@ from gateway.oauth.http import FormPoster, TreqPoster
 from gateway.oauth.keys import GatewayKey, GatewayKeyError, load_key
 from gateway.oauth.refusal import Refusal, RefusalKind, network_refusal
 from gateway.oauth.startup_log import log_loaded
+from gateway.oauth.status import TokenStatus, token_status
 from gateway.oauth.store import (
     Signature,
     State,
@@ -116,6 +118,8 @@ class _AccountState:
     # When this process last completed a refresh for the account.
     refreshed_at: float | None = None
     refresh_requests: int = 0
+    # Refreshes finished by this process, by outcome ("ok", "failed", "refused").
+    refresh_outcomes: Counter[str] = field(default_factory=Counter)
 
 
 class TokenManager(Service):
@@ -428,12 +432,15 @@ class TokenManager(Service):
         try:
             tokens = await self._request(endpoint, record, state.account)
         except (OAuthEndpointError, NoOAuthClient, InsecureEndpoint) as e:
+            state.refresh_outcomes["refused"] += 1
             self._permanent_failure(state, lineage, e)
             raise _PermanentFailure() from None
         except OAuthUnavailable as e:
+            state.refresh_outcomes["failed"] += 1
             self._transient_failure(state, lineage, e)
             raise
         except Exception as e:
+            state.refresh_outcomes["failed"] += 1
             # A bug must cost a retry, not the device session or the timer.
             log.failure("oauth account {account}: unexpected error while refreshing", account=name)
             failure = OAuthUnavailable(f"unexpected {type(e).__name__}")
@@ -449,6 +456,7 @@ class TokenManager(Service):
         state.failures = 0
         state.retry_at = 0.0
         state.refreshed_at = now
+        state.refresh_outcomes["ok"] += 1
         if saved is not None and saved.lineage != lineage:
             # An admin re-authorised while this refresh ran: theirs wins.
             log.info(
@@ -607,6 +615,26 @@ class TokenManager(Service):
                 self._background_refresh(state)
         if self.running and self._timer is None:
             self._reschedule()
+
+    # -- reporting ----------------------------------------------------------------------
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why the token store cannot be used, None if it can (or is not open yet)."""
+        return self._broken
+
+    def statuses(self) -> list[TokenStatus]:
+        """Every OAuth2 account's state, from memory only (a metrics scrape)."""
+        return [
+            token_status(
+                name,
+                state.record,
+                state.refresh_outcomes,
+                unusable=state.setup_error is not None or self._broken is not None,
+                unreadable=state.unreadable is not None,
+            )
+            for name, state in self._states.items()
+        ]
 
     def refresh_requests(self, account: str) -> int:
         """Refresh requests sent for `account` by this process (tests, benchmarks)."""

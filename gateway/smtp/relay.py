@@ -24,6 +24,10 @@ listed by `gateway queue list`) with an error line in the log.
 
 `gateway queue retry|delete` from another process leaves a request file in
 spool/control/; the relay looks there every `control_interval` seconds.
+
+Each outcome's log event carries a `delivery` field ("delivered",
+"deferred", "expired", "dead_letter"): the metrics count those, and JSON
+logs can be filtered on it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
+from gateway.admin.upstream_timing import timed_step
 from gateway.model import Account, Provider
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
@@ -308,7 +313,7 @@ class AccountWorker:
             recipients = entry.pending
             try:
                 with self.relay.spool.dir.open_message(entry) as source:
-                    result = await send_message(
+                    sending = send_message(
                         client,
                         sender=envelope.sender,
                         recipients=recipients,
@@ -316,6 +321,8 @@ class AccountWorker:
                         size=envelope.size,
                         eight_bit=envelope.eight_bit or envelope.body == "8BITMIME",
                     )
+                    provider = self.relay.accounts[self.account].provider
+                    result = await timed_step("smtp", provider, "send", sending)
             except SMTPUpstreamError as e:
                 lane.client = None
                 self.trouble.failed(e)
@@ -350,6 +357,7 @@ class AccountWorker:
                 "smtp relayed {id} device={device} account={account} from=<{sender}> "
                 "sent_as=<{envelope_sender}> rcpts={count}/{total} size={size} "
                 "from_rewritten={rewritten} via {peer} attempts={attempts}",
+                delivery="delivered",
                 id=entry.id,
                 device=envelope.device,
                 account=self.account,
@@ -382,6 +390,7 @@ class AccountWorker:
                 state.failed[recipient] = f"delivery time expired; last error: {error}"
             log.warn(
                 "smtp message {id} for account {account} expired after {attempts} attempts",
+                delivery="expired",
                 id=entry.id,
                 account=self.account,
                 attempts=state.attempts,
@@ -393,6 +402,7 @@ class AccountWorker:
         log.warn(
             "smtp deferred {id} account={account} attempt={attempts} retry_in={delay:.0f}s: "
             "{error}",
+            delivery="deferred",
             id=entry.id,
             account=self.account,
             attempts=state.attempts,
@@ -422,6 +432,7 @@ class AccountWorker:
         log.error(
             "smtp message {id} from device {device} (account {account}, sender <{sender}>) "
             "is a dead letter, {bounce}: {reason}",
+            delivery="dead_letter",
             id=entry.id,
             device=entry.envelope.device,
             account=self.account,

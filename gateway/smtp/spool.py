@@ -180,6 +180,11 @@ class SpoolDir:
                 time.sleep(0.05)
         self._lock_fd = fd
 
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the spool (readiness)."""
+        return self._lock_fd is not None
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -18,10 +18,12 @@ from gateway.config import reader as config_reader
 from gateway.model import (
     ANY_ADDRESS,
     Account,
+    AdminSettings,
     Config,
     Device,
     Endpoint,
     Listener,
+    LogSettings,
     Provider,
     Secret,
 )
@@ -1059,6 +1061,68 @@ def test_a_state_dir_that_is_a_file_is_a_problem(config_dir: Path) -> None:
     path = private(config_dir)
     (config_dir / "state").write_text("")
     assert messages(problems_of(path)) == [f"state_dir: {config_dir / 'state'}: not a directory"]
+
+
+# -- [admin] and [log] ---------------------------------------------------------------
+
+
+def test_no_admin_section_means_no_admin_listener_and_text_logs(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID))
+    assert config.admin is None
+    assert config.log == LogSettings(format="text")
+
+
+def test_an_empty_admin_section_is_plain_http_on_loopback(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID + "[admin]\n"))
+    assert config.admin == AdminSettings()
+    assert (config.admin.address, config.admin.port) == ("127.0.0.1", 9925)
+    assert config.admin.uses_tls is False
+
+
+def test_an_admin_listener_off_loopback_uses_https_by_default(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID + '[admin]\naddress = "10.1.2.3"\nport = 8443\n'))
+    assert config.admin == AdminSettings(address="10.1.2.3", port=8443, tls=None)
+    assert config.admin.uses_tls is True
+    assert not any(w.startswith("admin.") for w in config.warnings)
+
+
+def test_plain_http_off_loopback_is_allowed_with_a_warning(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID + '[admin]\naddress = "::"\ntls = false\n'))
+    assert config.admin is not None and config.admin.uses_tls is False
+    assert any(w.startswith("admin.tls: ") and "clear text" in w for w in config.warnings)
+
+
+def test_https_on_the_admin_listener_needs_the_tls_section(tmp_path: Path) -> None:
+    text = 'state_dir = "/srv/gw"\n[admin]\naddress = "192.0.2.1"\n'
+    [problem] = problems_of(write(tmp_path, text))
+    assert problem.path == "admin.address"
+    assert "needs the [tls] certificate" in problem.message
+    [problem] = problems_of(write(tmp_path, 'state_dir = "/srv/gw"\n[admin]\ntls = true\n'))
+    assert problem.path == "admin.tls"
+
+
+@pytest.mark.parametrize(
+    ("admin", "path", "fragment"),
+    [
+        ('address = "localhost"', "admin.address", "not an IP address"),
+        ("port = 0", "admin.port", "between 1 and 65535"),
+        ('tls = "yes"', "admin.tls", "true or false"),
+        ("port = 995", "admin.port", "already taken by pop3.listen[0]"),
+        ("prot = 1", "admin.prot", "unknown key (did you mean port?)"),
+    ],
+)
+def test_admin_section_problems(config_dir: Path, admin: str, path: str, fragment: str) -> None:
+    problems = problems_of(write(config_dir, VALID + f"[admin]\n{admin}\n"))
+    assert [p.path for p in problems] == [path], messages(problems)
+    assert fragment in problems[0].message
+
+
+def test_log_format(config_dir: Path) -> None:
+    config = load_config(write(config_dir, VALID + '[log]\nformat = "json"\n'))
+    assert config.log.format == "json"
+    [problem] = problems_of(write(config_dir, VALID + '[log]\nformat = "xml"\n'))
+    assert problem.path == "log.format"
+    assert "must be one of text, json" in problem.message
 
 
 def test_a_device_without_protocols_gets_what_its_provider_serves(config_dir: Path) -> None:

@@ -568,3 +568,42 @@ def test_an_unexpected_error_is_a_temporary_failure(
     clock.advance(BACKOFF_FIRST)  # the timer still runs and retries
     token_now(manager, config)
     manager.stopService()
+
+
+# -- what the metrics read ---------------------------------------------------------------
+
+
+def test_statuses_for_the_metrics(config, clock, poster, store, server) -> None:
+    manager = manager_for(config, clock, poster, store)
+    [status] = manager.statuses()
+    assert (status.account, status.state, status.expires_at) == ("scanner", "unauthorised", None)
+    seeded = seed(store, server, clock.seconds())
+    clock.advance(MAX_SLEEP)  # the timer reads the store
+    [status] = manager.statuses()
+    assert seeded.tokens is not None
+    assert (status.state, status.expires_at) == ("ok", seeded.tokens.expires_at)
+    poster.raise_next.append(OAuthUnavailable("connection refused"))
+    clock.advance(3600)  # due: fails once, then the retry succeeds
+    clock.advance(BACKOFF_FIRST)
+    [status] = manager.statuses()
+    assert status.refresh_outcomes == {"failed": 1, "ok": 1}
+    assert status.expires_at is not None and status.expires_at > clock.seconds()
+    server.revoke("alice")
+    clock.advance(3600)
+    [status] = manager.statuses()
+    assert status.state == "needs_reauth"
+    assert status.refresh_outcomes == {"failed": 1, "ok": 1, "refused": 1}
+    assert manager.store_problem is None
+    manager.stopService()
+
+
+def test_an_unusable_store_is_a_readiness_problem(config, clock, poster) -> None:
+    config.state_dir.mkdir(parents=True)
+    key_file = config.state_dir / "gateway.key"
+    key_file.write_text("x" * 44)
+    key_file.chmod(0o644)
+    manager = TokenManager(config, clock=clock, poster=poster, environ={})
+    manager.startService()
+    assert manager.store_problem is not None and "must be 0600" in manager.store_problem
+    assert [s.state for s in manager.statuses()] == ["unusable"]
+    manager.stopService()

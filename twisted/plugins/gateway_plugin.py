@@ -34,13 +34,18 @@ class GatewayServiceMaker:
         from twisted.internet import reactor
 
         from gateway.config import ConfigError, find_config_path, load_config
+        from gateway.logs import with_json_log
         from gateway.service import make_service
         from gateway.tls import TLSSetupError
 
         path = find_config_path(options["config"])
         try:
             config = load_config(path)
-            return make_service(config, reactor)
+            service = make_service(config, reactor)
+            if config.log.format == "json":
+                # twistd's own options (--logfile, --nodaemon) say where to write.
+                return with_json_log(service, getattr(options, "parent", None))
+            return service
         except ConfigError as e:
             print(f"gateway: configuration {path} has problems:", file=sys.stderr)
             for problem in e.problems:

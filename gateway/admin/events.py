@@ -1,0 +1,121 @@
+"""Counting what happened from the structured log events the gateway writes.
+
+The device-facing servers write one event per session and one per refused
+login, and the relay one per delivery outcome; their fields (device, peer,
+outcome, tls_version, bytes, ...) are what the metrics need. Reading those
+fields keeps the servers free of metric calls and makes the log and the
+metrics agree by construction. The text of a line is never formatted or
+parsed here: only the event's keys and values are read.
+
+Which event is which, by namespace and fields:
+
+- a session: namespace ``gateway.pop3`` or ``gateway.smtp`` with ``outcome``
+  and ``duration``;
+- a refused login: the same namespaces with ``device``, ``peer`` and
+  ``reason`` and no ``outcome``;
+- a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger
+from zope.interface import implementer
+
+from gateway.admin.metrics import GatewayMetrics, login_reason
+
+log = Logger(namespace="gateway.admin")
+
+SESSION_NAMESPACES = {"gateway.pop3": "pop3", "gateway.smtp": "smtp"}
+RELAY_NAMESPACE = "gateway.smtp.relay"
+DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _logged_in(protocol: str, event: Mapping[str, Any]) -> bool:
+    """Whether the session had a successful device login. POP3 names the
+    device only after one; SMTP also names a device it recognised by its
+    address (relay_without_auth), which is no login."""
+    if protocol == "smtp":
+        return event.get("identified_by") == "password"
+    device = event.get("device")
+    return isinstance(device, str) and device != "-"
+
+
+@implementer(ILogObserver)
+class MetricsObserver:
+    """An `ILogObserver` that counts sessions, logins and deliveries."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        namespace = event.get("log_namespace")
+        try:
+            if namespace in SESSION_NAMESPACES:
+                protocol = event.get("protocol", SESSION_NAMESPACES[namespace])
+                if protocol not in ("pop3", "smtp"):
+                    protocol = SESSION_NAMESPACES[namespace]
+                if "outcome" in event and "duration" in event:
+                    self._session(protocol, event)
+                elif "reason" in event and "peer" in event and "device" in event:
+                    self._refused_login(protocol, event)
+            elif namespace == RELAY_NAMESPACE and "delivery" in event:
+                self._delivery(event)
+        except Exception:
+            # Never let a metrics bug disturb logging; say so once per event.
+            self.metrics.observer_errors.inc()
+            if namespace != log.namespace:
+                log.failure("metrics observer failed on a {namespace} event", namespace=namespace)
+
+    def _session(self, protocol: str, event: Mapping[str, Any]) -> None:
+        m = self.metrics
+        listener = m.listener_label(event.get("listener"))
+        outcome = m.outcome_label[protocol](event.get("outcome"))
+        m.sessions.labels(protocol, listener, outcome).inc()
+        duration = _number(event.get("duration"))
+        if duration is not None:
+            m.session_duration.labels(protocol).observe(max(duration, 0.0))
+        if protocol == "pop3":
+            sent = _number(event.get("bytes_out"))
+            if sent:
+                m.bytes.labels("pop3", "to_device").inc(sent)
+        else:
+            received = _number(event.get("bytes_in"))
+            if received:
+                m.bytes.labels("smtp", "from_device").inc(received)
+            recipients = _number(event.get("recipients"))
+            if recipients:
+                m.smtp_recipients.labels(listener).inc(recipients)
+        version = event.get("tls_version")
+        if isinstance(version, str) and version != "none":
+            m.tls.labels(
+                protocol, listener, m.tls_label(version), m.tls_label(event.get("tls_cipher"))
+            ).inc()
+        if _logged_in(protocol, event):
+            m.logins.labels(protocol, "success", "none").inc()
+            logged = _number(event.get("log_time"))
+            if logged is not None:
+                m.device_logins.succeeded(event.get("device"), logged - (duration or 0.0))
+
+    def _refused_login(self, protocol: str, event: Mapping[str, Any]) -> None:
+        reason = login_reason(event.get("reason"))
+        self.metrics.logins.labels(protocol, "failure", reason).inc()
+        self.metrics.device_logins.refused(event.get("device"), reason)
+
+    def _delivery(self, event: Mapping[str, Any]) -> None:
+        outcome = event.get("delivery")
+        if outcome not in DELIVERY_OUTCOMES:
+            outcome = "other"
+        self.metrics.deliveries.labels(outcome).inc()
+        if outcome == "delivered":
+            count = _number(event.get("count"))
+            if count:
+                self.metrics.delivered_recipients.inc(count)
