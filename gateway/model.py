@@ -28,7 +28,7 @@ DeviceProtocol = Literal["pop3", "smtp"]
 UpstreamProtocol = Literal["pop3", "imap", "smtp"]
 POP3Auth = Literal["auto", "user", "plain"]
 AccountAuth = Literal["password", "oauth2"]
-MailboxKind = Literal["pop3", "imap"]
+MailboxKind = Literal["pop3", "imap", "graph"]
 SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
 Grant = Literal["device_code", "authorization_code", "client_credentials"]
 DeletePolicy = Literal["expunge", "move", "keep"]
@@ -48,6 +48,8 @@ DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
 # An OAuth2 account without `grant` gets this one: the device-code grant
 # needs nothing but a browser somewhere.
 DEFAULT_GRANT: Final[Grant] = "device_code"
+# Microsoft Graph, global service (national clouds have their own host).
+DEFAULT_GRAPH_URL: Final = "https://graph.microsoft.com/v1.0"
 DEFAULT_STATE_DIR: Final = Path("/var/lib/gateway")
 
 ANY_ADDRESS: tuple[IPNetwork, ...] = (
@@ -126,6 +128,14 @@ class Provider:
     oauth: OAuthClient | None = None
     # Bearer-token SASL mechanism; "auto" picks from what the server offers.
     sasl: SASLChoice = "auto"
+    # Microsoft Graph's base URL, for accounts with mailbox = "graph".
+    graph_url: str = DEFAULT_GRAPH_URL
+
+    @property
+    def graph(self) -> str | None:
+        """The Graph "endpoint", named like `pop3`/`imap` so that
+        `getattr(provider, account.mailbox)` works for Graph accounts too."""
+        return self.graph_url
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,7 @@ class Account:
     # OAuth2 accounts only: how the admin obtains the first tokens.
     grant: Grant | None = None
     # Where a device's POP3 maildrop comes from: the upstream's POP3 service,
-    # or one folder of its IMAP service.
+    # one folder of its IMAP service, or one folder through Microsoft Graph.
     mailbox: MailboxKind = "pop3"
     folder: str = "INBOX"
     on_delete: DeletePolicy = "expunge"

@@ -29,7 +29,8 @@ def provider(name: str, table: Table) -> Provider | None:
     mark = table.reader.mark()
     preset = _preset(table)
     present = [protocol for protocol in UPSTREAM_PROTOCOLS if table.has(protocol)]
-    if not present and preset is None and table.reader.clean_since(mark):
+    graph_url = _url(table, "graph_url", required=False)  # graph
+    if not present and preset is None and graph_url is None and table.reader.clean_since(mark):
         table.problem(None, "needs at least one endpoint: pop3, imap or smtp (or a preset)")
     endpoints = {protocol: _endpoint(table.table(protocol), protocol) for protocol in present}
     if preset is not None:
@@ -61,6 +62,8 @@ def provider(name: str, table: Table) -> Provider | None:
         preset=preset_name if isinstance(preset_name, str) else None,
         oauth=oauth,
         sasl=sasl,
+        # graph: an explicit graph_url wins over the default (and a preset's, once presets set one)
+        **({"graph_url": graph_url} if graph_url is not None else {}),
     )
 
 

@@ -22,7 +22,7 @@ Each call is the documented one (learn.microsoft.com/graph/api/...):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
@@ -65,6 +65,7 @@ PAGE_SIZE = 1000  # the largest $top the list call takes
 _DONE = Failure(ResponseDone())
 
 
+@runtime_checkable
 class GraphTokens(Protocol):
     """What the token manager gives the Graph client: a token for Graph's resource."""
 
