@@ -114,7 +114,8 @@ def graph_gateway_config(
     for name, extra in accounts.items():
         lines += [
             f"[accounts.{name}]",
-            'provider = "m365"\nauth = "oauth2"\ngrant = "device_code"\nmailbox = "graph"',
+            'provider = "m365"\nusername = "alice"\nauth = "oauth2"',
+            'grant = "device_code"\nmailbox = "graph"',
         ]
         for key, value in extra.items():
             text = f'"{value}"' if isinstance(value, str) else str(value).lower()

@@ -55,7 +55,11 @@ def store(tmp_path: Path) -> Iterator[GraphSizeStore]:
 
 def account(**changes: object) -> Account:
     base = Account(
-        name="scanner", provider="m365", username="alice", auth="oauth2", mailbox="graph",
+        name="scanner",
+        provider="m365",
+        username="alice",
+        auth="oauth2",
+        mailbox="graph",
         folder="inbox",
     )
     return replace(base, **changes)  # type: ignore[arg-type]
@@ -189,9 +193,7 @@ async def test_refused_token_is_refreshed_once(graph: GraphEmulator) -> None:
 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("policy", ["expunge", "move", "keep"])
-async def test_dele_policies_apply_at_commit_only(
-    graph: GraphEmulator, store, policy: str
-) -> None:
+async def test_dele_policies_apply_at_commit_only(graph: GraphEmulator, store, policy: str) -> None:
     box = graph.mailbox("alice")
     box.make_folder("Processed")
     for n in range(3):
