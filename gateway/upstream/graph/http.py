@@ -263,13 +263,13 @@ class GraphHTTP:
         self._inflight.add(running)
         try:
             return await running
-        except UpstreamError:
-            raise
         except Exception as e:
             if timed_out:
                 raise UpstreamUnavailable(
                     f"Graph {what}: no answer within {self.timeout:g} s"
                 ) from None
+            if isinstance(e, UpstreamError):
+                raise
             raise UpstreamUnavailable(f"Graph {what}: {describe_error(e)}") from None
         finally:
             self._inflight.discard(running)
