@@ -60,11 +60,11 @@ def post_form(url: str, fields: dict[str, str]) -> dict[str, Any]:
         return answer
 
 
-def authorize(state: Path, idp: OAuthServerProcess, account: str) -> None:
-    """Tokens for `account` as `gateway oauth authorize` would store them."""
+def authorize(state: Path, idp: OAuthServerProcess, account: str, user: str = "alice") -> None:
+    """Tokens for `account` (mailbox `user`) as `gateway oauth authorize` would store them."""
     client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
     start = post_form(f"{idp.url}/device", {**client, "scope": "mail offline_access"})
-    idp.control("approve", user_code=start["user_code"], username="alice")
+    idp.control("approve", user_code=start["user_code"], username=user)
     answer = post_form(
         f"{idp.url}/token",
         {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
