@@ -248,3 +248,74 @@ def test_size_count_equals_what_retr_sends(parts: list[bytes], cuts: list[int]) 
     whole = CRLFLines().feed(mime)
     assert b"\n" not in whole.replace(b"\r\n", b"")
     assert unstuff(sent).startswith(whole)
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+def pump_with(on_data: Any, clock: Clock | None = None) -> tuple[Any, FakeProducer, list[Any]]:
+    from twisted.internet.interfaces import IPushProducer
+    from zope.interface import directlyProvides
+
+    from gateway.upstream.graph import BodyPump
+    from tests.helpers.graph import Sink
+
+    sink = Sink()
+    pump = BodyPump(on_data, sink)
+    if clock is not None:
+        pump.watch(clock, 10)
+    transport = FakeProducer()
+    directlyProvides(transport, IPushProducer)
+    pump.makeConnection(transport)
+    outcome: list[Any] = []
+    pump.done.addBoth(outcome.append)
+    return pump, transport, outcome
+
+
+def test_pump_passes_device_back_pressure_to_graph() -> None:
+    pump, transport, outcome = pump_with(lambda data: True)
+    pump.pauseProducing()
+    pump.resumeProducing()
+    assert transport.calls == ["pause", "resume"]
+    pump.dataReceived(b"x")
+    pump.connectionLost(Failure(ResponseDone()))
+    assert outcome == [None]
+
+
+def test_pump_stops_reading_once_it_has_enough() -> None:
+    pump, transport, outcome = pump_with(lambda data: False)
+    pump.dataReceived(b"header\r\n\r\nline\r\n")
+    assert transport.calls == ["stop"] and outcome == [None]
+    pump.dataReceived(b"more")  # arriving after the stop: ignored
+    assert pump.octets == len(b"header\r\n\r\nline\r\n")
+
+
+def test_pump_gives_up_on_a_silent_graph_but_not_on_a_slow_device() -> None:
+    from gateway.upstream.errors import UpstreamLost
+
+    clock = Clock()
+    pump, transport, outcome = pump_with(lambda data: True, clock)
+    pump.pauseProducing()  # the device is slow: Graph is not to blame
+    clock.advance(60)
+    assert outcome == []
+    pump.resumeProducing()
+    pump.dataReceived(b"x")
+    clock.advance(9)
+    pump.dataReceived(b"y")
+    clock.advance(9)
+    assert outcome == []
+    clock.advance(1)
+    assert isinstance(outcome[0], Failure) and outcome[0].check(UpstreamLost)
+    assert transport.calls[-1] == "stop"
+    assert clock.getDelayedCalls() == []

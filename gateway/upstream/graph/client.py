@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -100,6 +100,8 @@ class BodyPump(TwistedProtocol):
     connection is then dropped, so nothing more is read from Graph. While the
     pump runs it is the `consumer`'s producer: a device that reads slowly
     pauses the HTTP transport, so memory does not grow with the message.
+    With `watch(clock, seconds)`, Graph going silent that long mid-body (while
+    the device is not the one holding things up) ends the stream.
     """
 
     def __init__(self, on_data: Callable[[bytes], bool], consumer: IConsumer | None) -> None:
@@ -109,15 +111,44 @@ class BodyPump(TwistedProtocol):
         self.octets = 0
         self._finished = False
         self._registered = False
+        self._paused = False
+        self._clock: IReactorTime | None = None
+        self._idle = 0.0
+        self._timer: IDelayedCall | None = None
+
+    def watch(self, clock: IReactorTime, seconds: float) -> None:
+        self._clock, self._idle = clock, seconds
+
+    def _arm(self) -> None:
+        if self._clock is None or self._finished or self._paused:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+        else:
+            self._timer = self._clock.callLater(self._idle, self._stalled)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self._finish(
+            Failure(UpstreamLost(f"Graph sent nothing for {self._idle:g} s during a message"))
+        )
+        self._stop_transport()
 
     def connectionMade(self) -> None:
         if self._consumer is not None:
             self._consumer.registerProducer(self, True)
             self._registered = True
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
             return
+        self._arm()
         self.octets += len(data)
         try:
             more = self._on_data(data)
@@ -141,6 +172,7 @@ class BodyPump(TwistedProtocol):
         if self._finished:
             return
         self._finished = True
+        self._disarm()
         if self._registered and self._consumer is not None:
             self._registered = False
             self._consumer.unregisterProducer()
@@ -162,11 +194,15 @@ class BodyPump(TwistedProtocol):
     def pauseProducing(self) -> None:
         producer = self._producer()
         if producer is not None and not self._finished:
+            self._paused = True
+            self._disarm()
             producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         producer = self._producer()
         if producer is not None and not self._finished:
+            self._paused = False
+            self._arm()
             producer.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -238,6 +274,7 @@ class GraphMailbox:
         """Stream the MIME content of `message` into `pump` until it is done."""
 
         async def stream(response: IResponse) -> None:
+            pump.watch(self.http.clock, self.http.timeout)
             response.deliverBody(pump)
             await pump.done
 

@@ -142,7 +142,7 @@ class GraphHTTP:
         self._origin = _origin(self.base_url)
         self._token = token
         self._http = http
-        self._clock = clock
+        self.clock = clock
         self.timeout = timeout
         self.retry_budget = retry_budget
         self._slot = slots.for_mailbox(f"{self._origin}\0{mailbox.lower()}")
@@ -215,7 +215,7 @@ class GraphHTTP:
                 continue
             if status in RETRY_STATUSES:
                 self.stats.throttled += 1
-                wait = retry_after(response.headers, self._clock.seconds())
+                wait = retry_after(response.headers, self.clock.seconds())
                 if wait is None:
                     wait, backoff = backoff, backoff * 2
                 if waited + wait > self.retry_budget:
@@ -259,7 +259,7 @@ class GraphHTTP:
             timed_out = True
             running.cancel()
 
-        timer = self._clock.callLater(self.timeout, give_up)
+        timer = self.clock.callLater(self.timeout, give_up)
         self._inflight.add(running)
         try:
             return await running
@@ -277,7 +277,7 @@ class GraphHTTP:
                 timer.cancel()
 
     async def _sleep(self, seconds: float) -> None:
-        waiting: Deferred[None] = deferLater(self._clock, seconds, lambda: None)
+        waiting: Deferred[None] = deferLater(self.clock, seconds, lambda: None)
         self._inflight.add(waiting)
         try:
             await waiting
