@@ -15,6 +15,9 @@ def mailbox_key(account: Account) -> str:
     name, so two accounts configured for the same mailbox still exclude each
     other. A POP3 maildrop is the upstream INBOX; IMAP and Graph ones a folder."""
     folder = account.folder if account.mailbox in ("imap", "graph") else "INBOX"
+    if account.mailbox == "graph":
+        # Exchange folder names ignore case ("inbox" is the well-known Inbox).
+        folder = folder.strip("/").lower()
     return f"{account.provider}\0{account.username.lower()}\0{folder}"
 
 

@@ -66,7 +66,8 @@ def test_lock_key_names_the_graph_folder() -> None:
     a = Account(name="a", provider="m", username="U@x", mailbox="graph", folder="Inbox/Scans")
     b = Account(name="b", provider="m", username="u@x", mailbox="graph", folder="Inbox/Scans")
     c = Account(name="c", provider="m", username="u@x", mailbox="graph", folder="inbox")
-    assert mailbox_key(a) == mailbox_key(b) != mailbox_key(c)
+    d = Account(name="d", provider="m", username="u@x", mailbox="graph", folder="Inbox")
+    assert mailbox_key(a) == mailbox_key(b) != mailbox_key(c) == mailbox_key(d)
 
 
 def test_provider_graph_endpoint_for_checks() -> None:
