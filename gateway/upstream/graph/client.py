@@ -6,7 +6,9 @@ Each call is the documented one (learn.microsoft.com/graph/api/...):
   directly, `GET /users/{id}/mailFolders/{name}`; "Well-known names work
   regardless of the locale of the user's mailbox" (resources/mailfolder).
   A path "Inbox/Scans" is walked one level at a time through
-  `.../mailFolders/{id}/childFolders?$filter=displayName eq '...'`.
+  `.../mailFolders/{id}/childFolders?$filter=displayName eq '...'`
+  (api/mailfolder-list-childfolders; hidden folders are not listed there,
+  so they cannot be served), the first level below `.../mailFolders`.
 - `list_messages`: `GET .../mailFolders/{id}/messages?$select=...&$top=...`;
   "$top ... within the range of 1 and 1000", and "To get the next page ...
   apply the entire URL returned in @odata.nextLink" (api/user-list-messages).
