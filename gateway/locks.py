@@ -13,8 +13,11 @@ from gateway.model import Account
 def mailbox_key(account: Account) -> str:
     """What two sessions must not share: the upstream mailbox, not the account
     name, so two accounts configured for the same mailbox still exclude each
-    other. A POP3 maildrop is the upstream INBOX."""
-    folder = account.folder if account.mailbox == "imap" else "INBOX"
+    other. A POP3 maildrop is the upstream INBOX; IMAP and Graph ones a folder."""
+    folder = account.folder if account.mailbox in ("imap", "graph") else "INBOX"
+    if account.mailbox == "graph":
+        # Exchange folder names ignore case ("inbox" is the well-known Inbox).
+        folder = folder.strip("/").lower()
     return f"{account.provider}\0{account.username.lower()}\0{folder}"
 
 

@@ -28,7 +28,7 @@ DeviceProtocol = Literal["pop3", "smtp"]
 UpstreamProtocol = Literal["pop3", "imap", "smtp"]
 POP3Auth = Literal["auto", "user", "plain"]
 AccountAuth = Literal["password", "oauth2"]
-MailboxKind = Literal["pop3", "imap"]
+MailboxKind = Literal["pop3", "imap", "graph"]
 SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
 Grant = Literal["device_code", "authorization_code", "client_credentials", "service_account"]
 # Whether the app registration may hold its secret (RFC 6749 2.1). "auto": the
@@ -61,6 +61,8 @@ LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
 # An OAuth2 account without `grant` gets its preset's default grant, or this
 # one: the device-code grant needs nothing but a browser somewhere.
 DEFAULT_GRANT: Final[Grant] = "device_code"
+# Microsoft Graph, global service (national clouds have their own host).
+DEFAULT_GRAPH_URL: Final = "https://graph.microsoft.com/v1.0"
 DEFAULT_STATE_DIR: Final = Path("/var/lib/gateway")
 
 ANY_ADDRESS: tuple[IPNetwork, ...] = (
@@ -164,10 +166,16 @@ class Provider:
     # Microsoft presets: the tenant and cloud instance the URLs were built for.
     tenant: str | None = None
     cloud: Cloud | None = None
-    # Microsoft Graph's service root for this cloud (the Graph upstream).
-    graph_url: str | None = None
     # The grant of an account that names none (the preset's, else DEFAULT_GRANT).
     default_grant: Grant = DEFAULT_GRANT
+    # Microsoft Graph's base URL, for accounts with mailbox = "graph".
+    graph_url: str = DEFAULT_GRAPH_URL
+
+    @property
+    def graph(self) -> str | None:
+        """The Graph "endpoint", named like `pop3`/`imap` so that
+        `getattr(provider, account.mailbox)` works for Graph accounts too."""
+        return self.graph_url
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,7 @@ class Account:
     # the provider's default grant when the file names none).
     grant: Grant | None = None
     # Where a device's POP3 maildrop comes from: the upstream's POP3 service,
-    # or one folder of its IMAP service.
+    # one folder of its IMAP service, or one folder through Microsoft Graph.
     mailbox: MailboxKind = "pop3"
     folder: str = "INBOX"
     on_delete: DeletePolicy = "expunge"

@@ -28,6 +28,8 @@ from gateway.devices import DeviceAuthenticator
 from gateway.holder import ConfigHolder
 from gateway.locks import AccountLocks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
+from gateway.maildrop.graph import open_graph_maildrop
+from gateway.maildrop.graph_sizes import GraphSizeStore
 from gateway.maildrop.imap import open_imap_maildrop
 from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.maildrop.uidl_map import UIDStore
@@ -36,6 +38,7 @@ from gateway.proxy_protocol import ProxyProtocolFactory
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
+from gateway.upstream.graph import GraphTokens, TokenSourceGraphTokens
 
 log = Logger(namespace="gateway.service")
 
@@ -61,6 +64,8 @@ class Runtime:
     # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
     # after twistd has dropped privileges, so the file belongs to the gateway.
     uid_store: UIDStore | None = None
+    # Exact sizes of Graph-backed accounts' messages; opened like `uid_store`.
+    graph_sizes: GraphSizeStore | None = None
     # What reads the configuration subscribes here, or reads its live mappings.
     holder: ConfigHolder = field(init=False)
 
@@ -105,8 +110,30 @@ class Runtime:
                 raise UpstreamUnavailable(str(e)) from None
         return self.uid_store
 
+    def graph_size_store(self) -> GraphSizeStore:
+        if self.graph_sizes is None:
+            try:
+                self.graph_sizes = GraphSizeStore.in_state_dir(self.config.state_dir)
+            except StateError as e:
+                raise UpstreamUnavailable(str(e)) from None
+        return self.graph_sizes
+
+    def graph_tokens(self) -> GraphTokens | None:
+        """The token manager's Graph tokens if it has them, else its one token."""
+        if self.tokens is None or isinstance(self.tokens, GraphTokens):
+            return self.tokens
+        return TokenSourceGraphTokens(self.tokens)
+
     async def open_maildrop(self, account: Account) -> Maildrop:
         provider = self.config.providers[account.provider]
+        if account.mailbox == "graph":
+            return await open_graph_maildrop(
+                account,
+                provider,
+                reactor=self.reactor,
+                tokens=self.graph_tokens(),
+                sizes=self.graph_size_store(),
+            )
         if account.mailbox == "imap":
             return await open_imap_maildrop(
                 account,

@@ -34,8 +34,12 @@ def provider(name: str, table: Table) -> Provider | None:
     mark = table.reader.mark()
     preset = _preset(table)
     present = [protocol for protocol in UPSTREAM_PROTOCOLS if table.has(protocol)]
-    if not present and preset is None and table.reader.clean_since(mark):
-        table.problem(None, "needs at least one endpoint: pop3, imap or smtp (or a preset)")
+    # A provider with only graph_url is a Graph upstream: that is an endpoint too.
+    graph_url = _url(table, "graph_url", required=False)
+    if not present and preset is None and graph_url is None and table.reader.clean_since(mark):
+        table.problem(
+            None, "needs at least one endpoint: pop3, imap, smtp or graph_url (or a preset)"
+        )
     endpoints = {protocol: _endpoint(table.table(protocol), protocol) for protocol in present}
     if preset is not None:
         for protocol in UPSTREAM_PROTOCOLS:
@@ -55,7 +59,6 @@ def provider(name: str, table: Table) -> Provider | None:
     sasl = table.choice(
         "sasl", SASL_CHOICES, preset.sasl if preset is not None else field_default(Provider, "sasl")
     )
-    graph_url = _url(table, "graph_url", required=False)
     if not table.reader.clean_since(mark) or timeout is None or pop3_auth is None or sasl is None:
         return None
     preset_name = table.data.get("preset")
@@ -72,7 +75,11 @@ def provider(name: str, table: Table) -> Provider | None:
         sasl=sasl,
         tenant=preset.tenant if preset is not None else None,
         cloud=preset.cloud if preset is not None else None,
-        graph_url=graph_url or (preset.graph_url if preset is not None else None),
+        graph_url=(
+            graph_url
+            or (preset.graph_url if preset is not None else None)
+            or field_default(Provider, "graph_url")
+        ),
         default_grant=(
             preset.default_grant if preset is not None else field_default(Provider, "default_grant")
         ),

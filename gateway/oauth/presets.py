@@ -128,7 +128,7 @@ def _microsoft(
         default_grant="device_code",
         tenant=tenant,
         cloud=cloud,
-        graph_url=f"https://{hosts.graph}",
+        graph_url=f"https://{hosts.graph}/v1.0",
         refused=refused,
     )
 
