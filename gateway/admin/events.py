@@ -18,6 +18,7 @@ Which event is which, by namespace and fields:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,20 @@ RELAY_NAMESPACE = "gateway.smtp.relay"
 DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
 
 
+def _text(event: Mapping[str, Any], key: str) -> Any:
+    """A field as the gateway meant it: values a device chose are written
+    quoted (`gateway.sessions.log_value`) so the text line stays unambiguous;
+    the metrics want the value itself."""
+    value = event.get(key)
+    if isinstance(value, str) and value.startswith('"'):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return decoded if isinstance(decoded, str) else value
+    return value
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -45,7 +60,7 @@ def _logged_in(protocol: str, event: Mapping[str, Any]) -> bool:
     address (relay_without_auth), which is no login."""
     if protocol == "smtp":
         return event.get("identified_by") == "password"
-    device = event.get("device")
+    device = _text(event, "device")
     return isinstance(device, str) and device != "-"
 
 
@@ -77,8 +92,8 @@ class MetricsObserver:
 
     def _session(self, protocol: str, event: Mapping[str, Any]) -> None:
         m = self.metrics
-        listener = m.listener_label(event.get("listener"))
-        outcome = m.outcome_label[protocol](event.get("outcome"))
+        listener = m.listener_label(_text(event, "listener"))
+        outcome = m.outcome_label[protocol](_text(event, "outcome"))
         m.sessions.labels(protocol, listener, outcome).inc()
         duration = _number(event.get("duration"))
         if duration is not None:
@@ -94,21 +109,21 @@ class MetricsObserver:
             recipients = _number(event.get("recipients"))
             if recipients:
                 m.smtp_recipients.labels(listener).inc(recipients)
-        version = event.get("tls_version")
+        version = _text(event, "tls_version")
         if isinstance(version, str) and version != "none":
             m.tls.labels(
-                protocol, listener, m.tls_label(version), m.tls_label(event.get("tls_cipher"))
+                protocol, listener, m.tls_label(version), m.tls_label(_text(event, "tls_cipher"))
             ).inc()
         if _logged_in(protocol, event):
             m.logins.labels(protocol, "success", "none").inc()
             logged = _number(event.get("log_time"))
             if logged is not None:
-                m.device_logins.succeeded(event.get("device"), logged - (duration or 0.0))
+                m.device_logins.succeeded(_text(event, "device"), logged - (duration or 0.0))
 
     def _refused_login(self, protocol: str, event: Mapping[str, Any]) -> None:
         reason = login_reason(event.get("reason"))
         self.metrics.logins.labels(protocol, "failure", reason).inc()
-        self.metrics.device_logins.refused(event.get("device"), reason)
+        self.metrics.device_logins.refused(_text(event, "device"), reason)
 
     def _delivery(self, event: Mapping[str, Any]) -> None:
         outcome = event.get("delivery")

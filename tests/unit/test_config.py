@@ -1330,7 +1330,7 @@ def test_microsoft_presets_are_public_clients_speaking_xoauth2(config_dir: Path)
     m365 = config.providers["m365"]
     assert m365.sasl == "xoauth2" and m365.oauth is not None
     assert (m365.oauth.client_type, m365.oauth.loopback_host) == ("public", "localhost")
-    assert m365.oauth.revocation_url is None and m365.graph_url == "https://graph.microsoft.com"
+    assert m365.oauth.revocation_url is None and m365.graph_url == "https://graph.microsoft.com/v1.0"
     assert (m365.tenant, m365.cloud) == ("contoso.onmicrosoft.com", "global")
 
 
@@ -1380,7 +1380,7 @@ def test_national_clouds(
     provider = load_config(write(config_dir, text)).providers["p"]
     assert provider.oauth is not None and provider.pop3 is not None
     assert provider.oauth.token_url == f"https://{login}/contoso.com/oauth2/v2.0/token"
-    assert provider.pop3.host == exchange and provider.graph_url == f"https://{graph}"
+    assert provider.pop3.host == exchange and provider.graph_url == f"https://{graph}/v1.0"
     assert provider.oauth.app_scopes == (f"https://{exchange}/.default",)
     assert provider.cloud == cloud
 
