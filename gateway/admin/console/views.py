@@ -130,7 +130,10 @@ def accounts(
         if token is not None and token.get("error_kind"):
             kind = KINDS_BY_NAME.get(token["error_kind"])
             token = {**token, "error_label": kind.label if kind is not None else None}
-        if account.mailbox == "pop3":
+        provider = config.providers.get(account.provider)
+        if account.mailbox == "pop3" and provider is not None and provider.pop3 is None:
+            folder = "none (sending only)"
+        elif account.mailbox == "pop3":
             folder = "POP3 maildrop"
         else:
             folder = (
