@@ -30,6 +30,7 @@ TEST_ONLY_IMPORTS = {
     "aiosmtpd": {"aiosmtpd"},
     "mypy": {"mypy"},
     "mypy-zope": {"mypy_zope"},
+    "selenium": {"selenium"},
 }
 # Not a distribution, but as test-only as one.
 TEST_TREE = {"tests"}
