@@ -124,11 +124,14 @@ class GraphSession:
         size: int,
         eight_bit: bool,
     ) -> Mapping[str, Reply]:
-        mime = source.read(GRAPH_MAX_MESSAGE + 1)
-        if len(mime) > GRAPH_MAX_MESSAGE:
+        if size > GRAPH_MAX_MESSAGE:
             return dict.fromkeys(
                 recipients, reply(552, "5.3.4 " + too_large_text(GRAPH_MAX_MESSAGE))
             )
+        # The spool file holds the message, then the envelope: `size` octets only.
+        mime = source.read(size)
+        if len(mime) != size:
+            raise SMTPUpstreamError(f"spool file shorter than the message ({len(mime)}/{size})")
         rewrite = match_envelope(mime, recipients)
         if rewrite.changed:
             log.info(
