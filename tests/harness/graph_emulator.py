@@ -202,6 +202,7 @@ class Sent:
     mime: bytes
     recipients: list[str]
     sender: str
+    at: float = field(default_factory=time.monotonic)
 
 
 def mime_recipients(mime: bytes) -> list[str]:
