@@ -104,6 +104,10 @@ def config(base: Path, ports: Ports, graph_url: str, idp_url: str, own: TLSMater
                 'mailbox = "graph"\nallowed_senders = ["*@example.com"]',
                 "[devices.printer]",
                 device.format(HASHER.hash("printer-pw")) + 'protocols = ["smtp"]',
+                # A printer that cannot authenticate, known by its address.
+                "[devices.lan]",
+                f'password_hash = "{HASHER.hash("lan-pw")}"\naccount = "relay"',
+                'allow_from = ["127.0.0.2/32"]\nprotocols = ["smtp"]\nrelay_without_auth = true',
             ]
         )
         + "\n"
@@ -322,6 +326,24 @@ def test_oversize_is_refused_at_mail_and_at_end_of_data(
         client.sendmail("scan@example.com", ["r@example.org"], fits)
     [sent] = sent_with(clean, mark)
     assert sent.mime == fits and len(base64.b64encode(fits)) < 4 * 1024 * 1024
+
+
+def test_ehlo_size_is_graphs_for_a_device_known_by_address(
+    clean: GraphEmulator, ports: Ports, ctx: ssl.SSLContext
+) -> None:
+    with smtplib.SMTP("localhost", ports.submission, timeout=20) as anyone:
+        anyone.ehlo()
+        # Before AUTH the device is not known: the listener's limit.
+        assert anyone.esmtp_features["size"] == "5000000"
+    with smtplib.SMTP(
+        "127.0.0.1", ports.submission, timeout=20, source_address=("127.0.0.2", 0)
+    ) as lan:
+        lan.ehlo()
+        assert lan.esmtp_features["size"] == str(GRAPH_LIMIT)
+        mark = marker()
+        lan.sendmail("scan@example.com", ["r@example.org"], message(mark))
+    [sent] = sent_with(clean, mark)
+    assert sent.mime == message(mark)
 
 
 # -- throttling ----------------------------------------------------------------------------

@@ -15,10 +15,11 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import formatEvent, globalLogPublisher
 
+from gateway.config import ConfigError, load_config
 from gateway.model import Account, Provider
 from gateway.smtp.graph_delivery import INLINE_WAIT, GraphSession, open_graph_session
 from gateway.smtp.relay import Relay, RetryPolicy
-from gateway.smtp.relay_path import GRAPH_MAX_MESSAGE, relays_via_graph
+from gateway.smtp.relay_path import GRAPH_MAX_MESSAGE, message_size_limit, relays_via_graph
 from gateway.smtp.spool import QueueEntry
 from gateway.upstream.graph import MailboxSlots
 from tests.unit.test_graph_client import FakeResponse
@@ -218,3 +219,61 @@ def test_oversize_message_is_never_sent(g: GraphHarness) -> None:
     assert [e.id for e in dead(g)] == [entry.id]
     [bounce] = g.http.sent()
     assert b"Status: 5.3.4" in bounce and b"Microsoft Graph" in bounce
+
+
+# -- configuration -------------------------------------------------------------------------
+
+CONFIG = """\
+state_dir = "state"
+
+[providers.m365]
+graph_url = "https://graph.example/v1.0"
+
+[providers.m365.oauth]
+token_url = "https://login.example/token"
+client_id = "gw"
+device_authorization_url = "https://login.example/device"
+
+[accounts.scanner]
+provider = "m365"
+username = "scans@contoso.example"
+auth = "oauth2"
+{extra}
+"""
+
+
+def load(tmp_path: Path, extra: str) -> Any:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONFIG.format(extra=extra))
+    return load_config(path)
+
+
+def test_relay_and_save_to_sent_keys(tmp_path: Path) -> None:
+    account = load(tmp_path, 'mailbox = "graph"').accounts["scanner"]
+    assert account.relay is None and account.save_to_sent
+    assert relays_via_graph(account, PROVIDER)
+    explicit = load(tmp_path, 'relay = "graph"\nsave_to_sent = true').accounts["scanner"]
+    assert explicit.relay == "graph" and relays_via_graph(explicit, PROVIDER)
+
+
+def test_save_to_sent_false_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, 'mailbox = "graph"\nsave_to_sent = false')
+    assert "accounts.scanner.save_to_sent" in str(info.value)
+    assert "Sent Items" in str(info.value)
+
+
+def test_graph_relay_needs_oauth2(tmp_path: Path) -> None:
+    text = CONFIG.replace('auth = "oauth2"', 'password = "pw"').format(extra='relay = "graph"')
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert 'relay = "graph" needs auth = "oauth2"' in str(info.value)
+
+
+def test_size_limit_is_graphs_for_graph_relayed_accounts() -> None:
+    assert message_size_limit(ACCOUNT, PROVIDER, 35_000_000) == GRAPH_MAX_MESSAGE
+    assert message_size_limit(ACCOUNT, PROVIDER, 1_000) == 1_000
+    smtp = Account("x", "p", "x@example.com")
+    assert message_size_limit(smtp, PROVIDER, 35_000_000) == 35_000_000
