@@ -51,7 +51,7 @@ from gateway.smtp.policy import account_address
 from gateway.smtp.relay_session import Session, SessionDeferred, transmit
 from gateway.smtp.relay_trouble import UpstreamTrouble
 from gateway.smtp.spool import QueueEntry, Spool, new_id
-from gateway.upstream.smtp import Reply, SMTPUpstreamError
+from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError
 
 log = Logger(namespace="gateway.smtp.relay")
 
@@ -342,6 +342,7 @@ class AccountWorker:
                     entry, dict.fromkeys(recipients), f"internal error: {type(e).__name__}: {e}"
                 )
                 return
+            self.trouble.logged_in()
             await self._judge(entry, replies, client.peer)
         finally:
             del self.in_flight[entry.id]
@@ -530,7 +531,9 @@ class Lane:
         relay = self.worker.relay
         account = relay.accounts[self.worker.account]
         self.client = await relay.open_session(account, relay.providers[account.provider])
-        self.worker.trouble.logged_in()
+        if isinstance(self.client, SMTPClient):
+            # Logged in; a Graph session proves nothing before its first send.
+            self.worker.trouble.logged_in()
         return self.client
 
     def _crashed(self, failure: TwistedFailure) -> None:

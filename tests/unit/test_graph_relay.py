@@ -21,6 +21,7 @@ from gateway.smtp.graph_delivery import INLINE_WAIT, GraphSession, open_graph_se
 from gateway.smtp.relay import Relay, RetryPolicy
 from gateway.smtp.relay_path import GRAPH_MAX_MESSAGE, message_size_limit, relays_via_graph
 from gateway.smtp.spool import QueueEntry
+from gateway.upstream.errors import UpstreamRejected
 from gateway.upstream.graph import MailboxSlots
 from tests.unit.test_graph_client import FakeResponse
 from tests.unit.test_smtp_relay import T0, Harness
@@ -33,9 +34,12 @@ MESSAGE = b"From: dev@scan.example.com\r\nTo: a@example.org\r\nSubject: report\r
 class Tokens:
     def __init__(self) -> None:
         self.asked: list[bool] = []
+        self.refused: str | None = None
 
     async def graph_token(self, account: Account, *, force_refresh: bool = False) -> str:
         self.asked.append(force_refresh)
+        if self.refused is not None:
+            raise UpstreamRejected(self.refused)
         return "graph-token"
 
 
@@ -183,6 +187,22 @@ def test_unauthorized_after_a_refresh_is_retried(g: GraphHarness) -> None:
     g.start()
     assert g.tokens.asked == [False, True]
     assert entry.state.attempts == 1 and not dead(g)
+
+
+def test_token_trouble_is_one_error_line_until_it_is_over(
+    g: GraphHarness, relay_log: list[str]
+) -> None:
+    g.tokens.refused = "AADSTS700082: the refresh token has expired"
+    entry = g.queue(MESSAGE, recipients=("a@example.org",))
+    g.start()
+    g.advance(30)
+    assert entry.state.attempts == 2 and g.http.requests == [] and not dead(g)
+    errors = [line for line in relay_log if "upstream problem" in line and "persists" not in line]
+    assert len(errors) == 1 and "AADSTS700082" in errors[0]
+    g.tokens.refused = None
+    g.advance(60)
+    assert g.spool.entries == {}
+    assert any("works again" in line for line in relay_log)
 
 
 @pytest.mark.parametrize(
