@@ -11,6 +11,7 @@ import smtplib
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -27,7 +28,7 @@ from gateway.oauth.store import TokenRecord, TokenStore
 from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial
 from tests.harness.gateway_process import GatewayProcess, free_port
-from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens, Sent
+from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens, Sent, StaticTokens
 from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess
 from tests.helpers.pop3 import HASHER
 
@@ -414,3 +415,42 @@ def test_kill_9_with_messages_in_flight_then_restart(
         with graph.lock:
             graph.send_delay = 0.0
         gw.stop()
+
+
+# -- the emulator's sendMail, as documented ------------------------------------------------
+
+
+def post(url: str, body: bytes, token: str, content_type: str = "text/plain") -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_emulator_sendmail_answers() -> None:
+    tokens = StaticTokens({"t": "bob@example.com", "readonly": "bob@example.com"}, {"readonly"})
+    with GraphEmulator(tokens) as emulator:
+        url = f"{emulator.url}/users/bob@example.com/sendMail"
+        mime = b"From: bob@example.com\r\nTo: a@x.org, B <b@x.org>\r\nBcc: c@x.org\r\n\r\nhi\r\n"
+        assert post(url, base64.b64encode(mime), "t") == (202, b"")
+        [sent] = emulator.sent
+        assert sent.mime == mime and sent.recipients == ["a@x.org", "b@x.org", "c@x.org"]
+        status, error = post(url, b"not base64!", "t")
+        assert status == 400
+        assert error["error"]["code"] == "ErrorMimeContentInvalidBase64String"
+        assert error["error"]["message"] == "Invalid base64 string for MIME content."
+        status, error = post(url, base64.b64encode(mime), "readonly")
+        assert (status, error["error"]["code"]) == (403, "ErrorAccessDenied")
+        emulator.throttle(1, retry_after="3", kind="sendMail")
+        status, error = post(url, base64.b64encode(mime), "t")
+        assert status == 429
+        big = base64.b64encode(b"x" * (3 * 1024 * 1024 + 1))
+        assert post(url, big, "t")[0] == 413
+        assert len(emulator.sent) == 1
