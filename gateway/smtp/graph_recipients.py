@@ -128,5 +128,7 @@ def match_envelope(message: bytes, recipients: Sequence[str]) -> Rewrite:
         return Rewrite(message)
     out = [raw if new is None else new for (_, raw), new in zip(fields, plan, strict=True)]
     if added:
+        if out and not out[-1].endswith(b"\n"):
+            out[-1] += eol  # a header that ends the message without a line end
         out.append(_field(b"Bcc", [f"<{a}>" for a in added], eol))
     return Rewrite(b"".join(out) + rest, dropped, added, removed_bcc)

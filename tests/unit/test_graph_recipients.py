@@ -73,6 +73,11 @@ def test_no_recipient_headers_and_bare_lf() -> None:
     )
 
 
+def test_header_only_message_without_a_final_line_end() -> None:
+    rewrite = match_envelope(b"Subject: x", ["a@example.org"])
+    assert rewrite.message == b"Subject: x\r\nBcc: <a@example.org>\r\n"
+
+
 def test_group_without_addresses_is_kept() -> None:
     message = b"To: undisclosed-recipients:;\r\nSubject: x\r\n" + BODY
     rewrite = match_envelope(message, ["a@example.org"])
