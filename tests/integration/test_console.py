@@ -454,6 +454,8 @@ def test_the_overview(web: Browser) -> None:
     logins = web.text("#logins")
     assert "success" in logins and "wrong_password" in logins
     assert "pop3-implicit-127.0.0.1" in web.text("#listeners")
+    # Both OAuth2 accounts were connected in the console: none needs the admin.
+    assert web.text("#attention-none") == "None."
     web.screenshot("overview")
 
 

@@ -178,7 +178,6 @@ def console(tmp_path: Path) -> tuple[Console, Clock]:
         metrics=metrics,
         watches=list,
         spool=None,
-        statuses=list,
         uses_tls=True,
     )
     actions = AccountActions(

@@ -20,8 +20,6 @@ from gateway.admin.listeners import ListenerWatch
 from gateway.admin.metrics import GatewayMetrics
 from gateway.model import AdminSettings, Config
 from gateway.oauth.http import TreqPoster
-from gateway.oauth.manager import TokenManager
-from gateway.oauth.status import TokenStatus
 from gateway.runtime import Runtime
 from gateway.smtp.spool import Spool
 
@@ -39,9 +37,6 @@ def console_resource(
 
     def config() -> Config:
         return runtime.config
-
-    def statuses() -> list[TokenStatus]:
-        return runtime.tokens.statuses() if isinstance(runtime.tokens, TokenManager) else []
 
     logins = AdminLogins(settings.users, LoginPenalties(reactor))
     sessions = Sessions(reactor, settings.session_idle)
@@ -66,7 +61,6 @@ def console_resource(
         metrics=metrics,
         watches=watches,
         spool=spool,
-        statuses=statuses,
         uses_tls=settings.uses_tls,
     )
     resource: IResource = Console(state, logins, sessions, actions).app.resource()

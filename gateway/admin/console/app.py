@@ -32,7 +32,6 @@ from gateway.admin.metrics import GatewayMetrics
 from gateway.model import Config
 from gateway.oauth.admin import CommandFailed
 from gateway.oauth.errors import OAuthError
-from gateway.oauth.status import TokenStatus
 from gateway.sessions import log_value
 from gateway.smtp.spool import Spool
 from gateway.smtp.spool_records import valid_id
@@ -72,7 +71,6 @@ class ConsoleState:
     metrics: GatewayMetrics
     watches: Callable[[], list[ListenerWatch]]
     spool: Spool | None
-    statuses: Callable[[], list[TokenStatus]]
     uses_tls: bool
 
 
@@ -202,9 +200,7 @@ class Console:
         if session is None:
             return b""
         s = self.state
-        data = views.overview(
-            s.config(), s.watches(), s.metrics, s.spool, s.statuses(), s.clock.seconds()
-        )
+        data = views.overview(s.config(), s.watches(), s.metrics, s.spool, s.clock.seconds())
         return self._render(request, "overview.html", session, **data)
 
     @app.route("/devices", methods=["GET"])

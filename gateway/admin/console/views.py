@@ -20,13 +20,10 @@ from gateway.admin.metrics import GatewayMetrics
 from gateway.model import Config
 from gateway.oauth.admin import status_report
 from gateway.oauth.refusal import KINDS_BY_NAME
-from gateway.oauth.status import TokenStatus
 from gateway.smtp.spool import Spool
 
-# Token states that need the admin (`gateway.oauth.status.TokenStatus.state`).
-NEEDS_ADMIN = frozenset(
-    {"needs_reauth", "revoked", "unauthorised", "unreadable", "unusable", "not_authorized"}
-)
+# Token states (as `gateway oauth status` names them) that need the admin.
+NEEDS_ADMIN = frozenset({"not_authorized", "needs_reauth", "failed", "revoked", "unreadable"})
 
 
 def when(timestamp: float | None) -> str:
@@ -40,9 +37,13 @@ def overview(
     watches: Iterable[ListenerWatch],
     metrics: GatewayMetrics,
     spool: Spool | None,
-    statuses: list[TokenStatus],
     now: float,
+    environ: Mapping[str, str] = os.environ,
 ) -> dict[str, Any]:
+    """The token states come from the store on disk, like the Accounts page's
+    and `gateway oauth status`'s: the token manager's memory learns of a
+    sign-in only when it next uses the account."""
+    tokens, store_error = token_report(config, now, environ)
     listeners = [
         {"name": w.name, "protocol": w.protocol, "bound": w.bound, "active": w.active()}
         for w in watches
@@ -54,8 +55,15 @@ def overview(
         "logins": sorted(logins.items(), key=lambda item: (item[0] != "success", item[0])),
         "spool": spool_summary(spool, now),
         "attention": [
-            {"account": s.account, "state": s.state} for s in statuses if s.state in NEEDS_ADMIN
+            {
+                "account": name,
+                "state": entry["state"],
+                "advice": entry.get("error_advice") or "",
+            }
+            for name, entry in sorted(tokens.items())
+            if entry["state"] in NEEDS_ADMIN
         ],
+        "store_error": store_error,
         "devices": len(config.devices),
         "accounts": len(config.accounts),
     }
@@ -116,13 +124,7 @@ def accounts(
 ) -> list[dict[str, Any]]:
     """Each account; OAuth2 ones with their token state as `gateway oauth
     status` reads it (the store on disk, so a CLI change shows at once)."""
-    try:
-        tokens = {
-            entry["account"]: entry for entry in status_report(config, now=now, environ=environ)
-        }
-        store_error = None
-    except Exception as e:  # the key or the store: show it rather than fail the page
-        tokens, store_error = {}, str(e)
+    tokens, store_error = token_report(config, now, environ)
     rows = []
     for name in sorted(config.accounts):
         account = config.accounts[name]
@@ -155,6 +157,18 @@ def accounts(
             }
         )
     return rows
+
+
+def token_report(
+    config: Config, now: float, environ: Mapping[str, str]
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Each OAuth2 account's `gateway oauth status` document, or the reason
+    the store cannot be read (shown rather than failing the page)."""
+    try:
+        report = status_report(config, now=now, environ=environ)
+    except Exception as e:
+        return {}, str(e)
+    return {entry["account"]: entry for entry in report}, None
 
 
 def queue(spool: Spool | None, now: float) -> list[dict[str, Any]]:
