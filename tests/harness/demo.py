@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import http.cookiejar
+import logging
 import re
 import shutil
 import signal
@@ -35,6 +36,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-port", type=int, default=9925)
     parser.add_argument("--check", action="store_true", help="drive one message of each kind")
     args = parser.parse_args(argv)
+    # The sink's aiosmtpd talks about its own settings; the tour has no use for it.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="aiosmtpd")
+    warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
 
     base: Path = args.dir.absolute()
     shutil.rmtree(base, ignore_errors=True)
