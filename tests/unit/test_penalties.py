@@ -8,6 +8,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
+import pytest
 from argon2 import PasswordHasher
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import succeed
@@ -17,6 +18,7 @@ from twisted.logger import globalLogPublisher
 
 from gateway.admin.events import MetricsObserver
 from gateway.admin.metrics import GatewayMetrics
+from gateway.config import ConfigError, load_config
 from gateway.devices import DeviceAuthenticator
 from gateway.locks import AccountLocks
 from gateway.maildrop.memory import MemoryMaildrop
@@ -330,3 +332,54 @@ def test_a_dual_stack_listener_counts_ipv4_mapped_peers_as_their_ipv4_address() 
     front = Front()
     front.login("printer", "guess", peer="::ffff:10.0.0.66")
     assert front.login("printer", "guess 2", peer="10.0.0.66")[0] == 2
+
+
+# -- configuration and the fail2ban filter -----------------------------------------
+
+
+def load(tmp_path: Path, penalties: str) -> Any:
+    (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'state_dir = "{tmp_path / "state"}"\n[penalties]\n{penalties}')
+    path.chmod(0o600)
+    return load_config(path)
+
+
+def test_the_penalties_section_and_its_defaults(tmp_path: Path) -> None:
+    assert load(tmp_path, "").penalties == PenaltySettings()
+    config = load(
+        tmp_path,
+        'enabled = false\nmax_delay = 30\nlockout_after = 5\nipv6_prefix = 48\ntrusted = ["::1"]\n',
+    )
+    assert config.penalties == PenaltySettings(
+        enabled=False,
+        max_delay=30.0,
+        lockout_after=5,
+        ipv6_prefix=48,
+        trusted=(ipaddress.ip_network("::1"),),
+    )
+
+
+def test_penalty_settings_that_make_no_sense_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as failure:
+        load(tmp_path, 'ipv6_prefix = 8\nlockout_after = 0\ntrusted = ["0.0.0.0/0"]\n')
+    problems = " / ".join(str(p) for p in failure.value.problems)
+    assert "penalties.ipv6_prefix" in problems and "penalties.lockout_after" in problems
+    assert "write enabled = false" in problems
+
+
+def test_the_filter_never_takes_an_address_from_a_quoted_value() -> None:
+    """A value a client chose is quoted when it holds a space, so a `] ` in it
+    has a quote before it: the filter's prefix stops at the first quote."""
+    forged = [
+        '2026-12-05T21:38:26+0000 [gateway.smtp#info] smtp sender <"x] login lockout for '
+        '10.7.7.7: y"> refused for device printer (account scanner)',
+        '2026-12-05T21:38:26+0000 [gateway.pop3#info] pop3 session device="] pop3 login '
+        'refused for device a from 10.7.7.8: x" peer=10.1.2.3',
+    ]
+    assert fail2ban_hosts(forged) == []
+    real = (
+        "2026-12-05T21:38:26+0000 [gateway.penalties#warn] login lockout for 2001:db8::1: "
+        "10 failed logins within 600 s from 2001:db8::/64, refused for 900 s"
+    )
+    assert fail2ban_hosts([real]) == ["2001:db8::1"]
