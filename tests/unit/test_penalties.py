@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from argon2 import PasswordHasher
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -149,7 +149,7 @@ def test_spraying_one_name_from_many_addresses_slows_new_addresses_only() -> Non
 class Front:
     """A POP3 front end with penalties, in memory, as make_service wires it."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, run_in_thread: Any = run_now, **settings: Any) -> None:
         self.clock = MemoryReactorClock()
         devices = {
             name: Device(name, Secret(FAST_HASHER.hash(f"{name}-pw")), account)
@@ -166,7 +166,7 @@ class Front:
             listener=Listener("pop3", 995, "implicit"),
             tls_options=None,
             authenticator=DeviceAuthenticator(
-                devices, run_in_thread=run_now, penalties=self.penalties, clock=self.clock
+                devices, run_in_thread=run_in_thread, penalties=self.penalties, clock=self.clock
             ),
             accounts={
                 d.account: Account(d.account, "corp", "x@example.com") for d in devices.values()
@@ -179,8 +179,8 @@ class Front:
     async def _open(self, account: Account) -> MemoryMaildrop:
         return MemoryMaildrop([b"Subject: x\r\n\r\nx\r\n"])
 
-    def login(self, name: str, password: str, peer: str = "10.0.0.66") -> tuple[float, bytes]:
-        """(seconds until the answer to PASS, the answer), on a fresh connection."""
+    def send_pass(self, name: str, password: str, peer: str) -> tuple[Any, StringTransport]:
+        """A fresh connection that has sent USER and PASS, its answers cleared."""
         address: Any = IPv6Address if ":" in peer else IPv4Address
         proto = self.factory.buildProtocol(address("TCP", peer, 40000))
         transport = StringTransport(peerAddress=address("TCP", peer, 40000))
@@ -188,6 +188,11 @@ class Front:
         proto.dataReceived(b"USER " + name.encode() + b"\r\n")
         transport.clear()
         proto.dataReceived(b"PASS " + password.encode() + b"\r\n")
+        return proto, transport
+
+    def login(self, name: str, password: str, peer: str = "10.0.0.66") -> tuple[float, bytes]:
+        """(seconds until the answer to PASS, the answer), on a fresh connection."""
+        proto, transport = self.send_pass(name, password, peer)
         waited = 0.0
         while not transport.value():
             assert waited < 100, "no answer"
@@ -226,6 +231,37 @@ def test_a_success_waits_the_same_pause_and_then_clears_it() -> None:
     waited, answer = front.login("printer", "printer-pw")
     assert waited == 8 and answer.startswith(OK)  # no early answer for a right guess
     assert front.login("printer", "guess-x")[0] == 1
+
+
+def test_hanging_up_during_the_pause_still_counts_the_failure() -> None:
+    front = Front()
+    proto, _ = front.send_pass("printer", "guess", "10.0.0.66")
+    proto.connectionLost(None)  # gone before the answer
+    front.clock.advance(5)
+    assert front.login("printer", "guess 2")[0] == 2
+
+
+def test_a_right_guess_in_flight_when_the_lockout_starts_is_refused() -> None:
+    """Parallel attempts from one address are all checked (as in Dovecot), but
+    one that ends after the lockout began is refused, right or wrong."""
+    pending: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def later(f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    front = Front(run_in_thread=later, lockout_after=2)
+    attempts = [
+        front.send_pass("printer", password, "10.0.0.66")
+        for password in ("guess-1", "guess-2", "printer-pw")
+    ]
+    while pending:
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+    front.clock.advance(20)
+    assert [transport.value() for _, transport in attempts] == [REFUSED] * 3
+    assert front.penalties.locked("10.0.0.66")
 
 
 def test_a_refusal_takes_as_long_with_the_right_password_as_with_a_wrong_one() -> None:
