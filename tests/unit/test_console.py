@@ -16,12 +16,13 @@ from twisted.web import http
 from twisted.web.test.requesthelper import DummyRequest
 
 from gateway.admin.console.app import COOKIE, Console, ConsoleState
-from gateway.admin.console.auth import AdminLogins, LoginPenalties, Sessions
+from gateway.admin.console.auth import AdminLogins, Sessions
 from gateway.admin.console.connect import AccountActions
 from gateway.admin.metrics import GatewayMetrics, LoginWindow
 from gateway.config import ConfigError, load_config
 from gateway.devices import DeviceAuthenticator
-from gateway.model import AdminUser, Config, Secret
+from gateway.model import AdminUser, Config, PenaltySettings, Secret
+from gateway.penalties import MemoryPenaltyBook
 from tests.harness.certs import make_tls_material
 from tests.helpers.pop3 import HASHER
 
@@ -95,36 +96,40 @@ def test_bad_admin_users_are_reported(tmp_path: Path, extra: str, path: str, wor
     assert "admin-pw" not in str(info.value)
 
 
-def _logins(clock: Clock) -> AdminLogins:
+def _logins(clock: Clock, settings: PenaltySettings | None = None) -> AdminLogins:
     def now(f: Any, *args: Any) -> Deferred[Any]:
         return succeed(f(*args))
 
-    return AdminLogins(
-        {"root": AdminUser("root", Secret(ADMIN_HASH))},
-        LoginPenalties(clock),
-        DeviceAuthenticator({}, run_in_thread=now),
-    )
+    book = MemoryPenaltyBook(settings or PenaltySettings(), clock)
+    authenticator = DeviceAuthenticator({}, run_in_thread=now, penalties=book, clock=clock)
+    return AdminLogins({"root": AdminUser("root", Secret(ADMIN_HASH))}, authenticator, clock)
 
 
-def test_a_refused_login_pauses_longer_for_each_recent_failure() -> None:
+def attempt(logins: AdminLogins, clock: Clock, password: str, peer: str) -> tuple[float, Any]:
+    """How long the answer took on the clock, and the answer."""
+    d = Deferred.fromCoroutine(logins.check("root", password, peer))
+    waited = 0.0
+    while not d.called:
+        clock.advance(0.5)
+        waited += 0.5
+    return waited, d.result
+
+
+def test_admin_logins_get_the_device_login_penalties() -> None:
     clock = Clock()
-    logins = _logins(clock)
-    for failures in (1, 2, 3):
-        d = Deferred.fromCoroutine(logins.check("root", "wrong", "192.0.2.1"))
-        clock.advance(failures - 0.01)
-        assert not d.called
-        clock.advance(0.01)
-        assert d.result is None
-    # Another address pays only for its own failures; a right password is at once.
-    d = Deferred.fromCoroutine(logins.check("nobody", "admin-pw", "192.0.2.2"))
-    clock.advance(1)
-    assert d.result is None
-    d = Deferred.fromCoroutine(logins.check("root", "admin-pw", "192.0.2.1"))
-    assert d.result == "root"
-    # Success forgets the address's failures.
-    d = Deferred.fromCoroutine(logins.check("root", "wrong", "192.0.2.1"))
-    clock.advance(1)
-    assert d.called
+    logins = _logins(clock, PenaltySettings(lockout_after=5))
+    # Each new wrong password doubles the pause: 1 (the refusal's own), 2, 4 s.
+    for n, pause in enumerate((1.0, 2.0, 4.0)):
+        assert attempt(logins, clock, f"wrong-{n}", "192.0.2.1") == (pause, None)
+    # Another address pays only for its own failures.
+    assert attempt(logins, clock, "wrong-x", "192.0.2.2") == (1.0, None)
+    # The right password still waits out the address's penalty, then clears it.
+    assert attempt(logins, clock, "admin-pw", "192.0.2.1") == (8.0, "root")
+    assert attempt(logins, clock, "admin-pw", "192.0.2.1") == (0.0, "root")
+    # Enough failures lock the address out: even the right password is refused.
+    for n in range(5):
+        attempt(logins, clock, f"again-{n}", "192.0.2.1")
+    assert attempt(logins, clock, "admin-pw", "192.0.2.1")[1] is None
 
 
 def test_sessions_expire_when_idle_and_end_on_logout() -> None:

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from twisted.web.resource import IResource
 
 from gateway.admin.console.app import Console, ConsoleState, audit
-from gateway.admin.console.auth import AdminLogins, LoginPenalties, Sessions
+from gateway.admin.console.auth import AdminLogins, Sessions
 from gateway.admin.console.connect import AccountActions
 from gateway.admin.listeners import ListenerWatch
 from gateway.admin.metrics import GatewayMetrics
+from gateway.devices import DeviceAuthenticator
 from gateway.model import AdminSettings, Config
 from gateway.oauth.http import TreqPoster
+from gateway.penalties import penalty_book
 from gateway.runtime import Runtime
 from gateway.smtp.spool import Spool
 
@@ -38,7 +40,12 @@ def console_resource(
     def config() -> Config:
         return runtime.config
 
-    logins = AdminLogins(settings.users, LoginPenalties(reactor))
+    penalties = penalty_book(runtime.config.penalties, reactor)
+    logins = AdminLogins(
+        settings.users,
+        DeviceAuthenticator({}, penalties=penalties, clock=reactor),
+        reactor,
+    )
     sessions = Sessions(reactor, settings.session_idle)
 
     def reconfigure(new: Config) -> None:

@@ -1,11 +1,15 @@
 """Who may use the web console: admin logins, their penalties, their sessions.
 
-An admin's password is checked the way a device's is (`DeviceAuthenticator`:
-argon2 in a worker thread, a bounded number at once, an unknown name costing
-what a wrong password costs), so guessing an admin's password is as slow as
-guessing a device's. A refusal then pauses before the answer, longer with
-each recent failure from the same address (`LoginPenalties`); that part sits
-behind a small protocol so a gateway-wide penalty box can replace it.
+An admin's password is checked the way a device's is, by a
+`DeviceAuthenticator` of its own over the admin users: argon2 in a worker
+thread, a bounded number at once, an unknown name costing what a wrong
+password costs, and the login penalties of `[penalties]`
+(`gateway.penalties`): each failure from an address doubles the pause
+before the next answer, too many lock the address out, and a penalty that
+starts gets the same log line as a device's (which the fail2ban filter
+matches). A refusal waits at least the device refusal's one second. The
+admin logins keep their own penalty book, so an admin mistyping from the
+office network never slows the printers there, nor the reverse.
 
 A session is a random id in a cookie (`HttpOnly`, `SameSite=Strict`, `Secure`
 on TLS) that maps to the admin's name and a CSRF token in memory; nothing is
@@ -20,54 +24,21 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.model import AdminUser, Device
+from gateway.sessions import log_penalty
 
 # The pseudo-protocol admin logins are checked for.
 CONSOLE = "console"
-# What a refusal costs, as for a device (`POP3ServerFactory.auth_failure_delay`),
-# times the recent failures from the address, up to the cap.
-BASE_DELAY = 1.0
-MAX_DELAY = 30.0
-FAILURE_MEMORY = 900.0
+# A refusal's least pause, as for a device (`POP3ServerFactory.auth_failure_delay`).
+REFUSAL_DELAY = 1.0
 # Sessions kept at most (the oldest go first): a flood of login pages must
 # not grow memory without bound.
 MAX_SESSIONS = 2000
-
-
-class Penalties(Protocol):
-    """What a refused login costs an address (`gateway.penalties` may provide one)."""
-
-    async def refused(self, peer: str) -> None: ...
-
-    def succeeded(self, peer: str) -> None: ...
-
-
-class LoginPenalties:
-    """A pause before each refusal: `BASE_DELAY` times the failures the
-    address had in the last `FAILURE_MEMORY` seconds, at most `MAX_DELAY`."""
-
-    def __init__(self, clock: IReactorTime, base: float = BASE_DELAY) -> None:
-        self._clock = clock
-        self._base = base
-        self._failures: dict[str, list[float]] = {}
-
-    async def refused(self, peer: str) -> None:
-        now = self._clock.seconds()
-        recent = [t for t in self._failures.get(peer, []) if now - t < FAILURE_MEMORY]
-        recent.append(now)
-        self._failures[peer] = recent[-64:]
-        if len(self._failures) > MAX_SESSIONS:
-            self._failures.pop(next(iter(self._failures)))
-        await deferLater(self._clock, min(self._base * len(recent), MAX_DELAY), lambda: None)
-
-    def succeeded(self, peer: str) -> None:
-        self._failures.pop(peer, None)
 
 
 class AdminLogins:
@@ -76,11 +47,15 @@ class AdminLogins:
     def __init__(
         self,
         users: Mapping[str, AdminUser],
-        penalties: Penalties,
-        authenticator: DeviceAuthenticator | None = None,
+        authenticator: DeviceAuthenticator,
+        clock: IReactorTime,
+        refusal_delay: float = REFUSAL_DELAY,
     ) -> None:
-        self._penalties = penalties
-        self._authenticator = authenticator or DeviceAuthenticator({})
+        """`authenticator` is the admins' own (made with the penalty book and
+        clock); its devices are replaced by the admin users here."""
+        self._authenticator = authenticator
+        self._clock = clock
+        self._refusal_delay = refusal_delay
         self.reconfigure(users)
 
     def reconfigure(self, users: Mapping[str, AdminUser]) -> None:
@@ -97,15 +72,18 @@ class AdminLogins:
         )
 
     async def check(self, name: str, password: str, peer: str) -> str | None:
-        """The admin's name, or None after the penalty's pause."""
+        """The admin's name (after a penalty's pause, if the address earned
+        one), or None after the refusal's pause."""
         try:
             user = await self._authenticator.authenticate(
                 name, password.encode("utf-8", "surrogateescape"), peer, CONSOLE
             )
-        except AuthFailed:
-            await self._penalties.refused(peer)
+        except AuthFailed as refusal:
+            for penalty in refusal.penalized:
+                log_penalty(penalty, peer)
+            pause = max(self._refusal_delay, refusal.delay)
+            await deferLater(self._clock, pause, lambda: None)
             return None
-        self._penalties.succeeded(peer)
         return user.name
 
 
