@@ -25,7 +25,13 @@ from gateway.config.problems import ConfigError, Problem, os_error
 from gateway.config.providers import provider
 from gateway.config.reader import Reader, Table
 from gateway.config.secrets import check_config_file, check_state_dir
-from gateway.config.settings import oauth_section, pop3_section, proxy_section, smtp_section
+from gateway.config.settings import (
+    limits_section,
+    oauth_section,
+    pop3_section,
+    proxy_section,
+    smtp_section,
+)
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
@@ -52,6 +58,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     proxy = proxy_section(root.table("proxy"))
     check_proxy_listeners(reader, proxy)
     oauth = oauth_section(root.table("oauth"))
+    limits = limits_section(root.table("limits"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
@@ -81,6 +88,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         admin=admin,
         log=log_settings,
         proxy=proxy,
+        limits=limits,
         providers=providers,
         accounts=accounts,
         devices=devices,

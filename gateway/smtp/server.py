@@ -19,7 +19,7 @@ the spool and fsynced; the relay takes it from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
-from gateway.model import Account, Device, Listener, Provider
+from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits, Slot
+from gateway.model import Account, Device, Listener, Provider, listener_name
 from gateway.net import set_no_delay
 from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
@@ -82,6 +83,7 @@ class SMTPServer(Protocol):
     transport: IDeviceTransport
     _queue: CommandQueue
     _refusals: LoginRefusals
+    _slot: Slot
 
     def __init__(self) -> None:
         self.phase = Phase.CONNECTED
@@ -129,6 +131,9 @@ class SMTPServer(Protocol):
         self._tls = factory.listener.tls == "implicit"
         self._network_device = factory.network_devices.find(self.record.peer)
         set_no_delay(self.transport)
+        self._slot = factory.limits.admit("smtp", self.record.peer, factory.clock, self._expired)
+        if self._slot.refused is not None:
+            return self._close_for(self._slot.refused)
         self._reply(220, None, f"{factory.hostname} ESMTP mail gateway ready")
         self._flush()
 
@@ -149,6 +154,16 @@ class SMTPServer(Protocol):
         self._reply(421, "4.4.2", "command line not completed in time, closing connection")
         self._close()
 
+    def _expired(self) -> None:
+        if self._queue.busy:  # a password check or a message being made safe: answer first
+            return self._slot.postpone(1.0)
+        self._close_for(LIFETIME_EXCEEDED)
+
+    def _close_for(self, reason: str) -> None:
+        self.record.outcome = reason
+        self._reply(421, "4.7.0", f"{reason}, closing connection")
+        self._close()
+
     def _stalled(self) -> None:
         # Nothing more can be sent to a client that does not read.
         self.record.outcome = "not reading replies"
@@ -158,6 +173,7 @@ class SMTPServer(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
         self._queue.stop()
+        self._slot.close()
         if self._intake is not None:
             # Cut off in the middle of DATA: no 250 was sent, nothing is kept.
             self._intake.incoming.abort()
@@ -372,6 +388,9 @@ class SMTPServer(Protocol):
             return
         if not self._connected:
             return
+        if (over := self._slot.login(device.name)) is not None:
+            self.record.device = device.name
+            return self._close_for(over)
         self._authenticated = device
         self.record.device, self.record.account = device.name, device.account
         self.record.identified_by = "password"
@@ -521,7 +540,8 @@ class SMTPServer(Protocol):
         self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
-        log.info(session_line, **self.record.log_fields(self.factory.clock.seconds()))
+        fields = self.record.log_fields(self.factory.clock.seconds())
+        log.info(session_line, **fields, listener=listener_name(self.factory.listener))
 
 
 _ALWAYS: Mapping[str, _Handler] = {
@@ -572,6 +592,8 @@ class SMTPServerFactory(Factory[SMTPServer]):
     max_recipients: int = 100
     max_line_length: int = MAX_TEXT_LINE
     auth_failure_delay: float = 1.0
+    # Shared with every listener of both protocols (the runtime's).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         self.network_devices = NetworkDevices.from_devices(self.devices.values())
