@@ -7,16 +7,19 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
 from gateway.admin.events import MetricsObserver
+from gateway.config import load_config
 from gateway.limits import ConnectionLimits, address_key
 from gateway.model import LimitSettings
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
-from tests.unit import test_pop3_server, test_smtp_server
+from tests.unit import test_config, test_pop3_server, test_smtp_server
 from tests.unit.test_admin_metrics import new_metrics, value
+from tests.unit.test_config import ca, config_dir, write  # noqa: F401 (fixtures)
 
 
 def limits(**changes: Any) -> ConnectionLimits:
@@ -235,3 +238,30 @@ def test_each_refusal_is_counted_by_protocol_and_limit(tmp_path: Path) -> None:
     )
     assert value(m, "gateway_connections_refused_total", protocol="other", limit="other") == 1
     assert value(m, "gateway_metrics_observer_errors_total") == 0
+
+
+# -- [limits] in the configuration file ------------------------------------------------
+
+
+def test_limits_section_and_its_defaults(config_dir: Path) -> None:  # noqa: F811
+    assert load_config(write(config_dir, test_config.VALID)).limits == LimitSettings()
+    text = test_config.VALID + (
+        "\n[limits]\nmax_connections = 50\nmax_connections_per_address = 5\n"
+        "max_sessions_per_device = 2\nmax_session_lifetime = 900\n"
+    )
+    assert load_config(write(config_dir, text)).limits == LimitSettings(50, 5, 2, 900.0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("max_connections = 0", "limits.max_connections: must be between 1 and 1000000 (got 0)"),
+        ("max_connections_per_address = -1", "limits.max_connections_per_address: must be"),
+        ('max_sessions_per_device = "4"', "limits.max_sessions_per_device: expected an integer"),
+        ("max_session_lifetime = 0", "limits.max_session_lifetime: must be a finite number"),
+        ("max_sessions = 4", "limits.max_sessions: unknown"),
+    ],
+)
+def test_limits_problems(config_dir: Path, entry: str, expected: str) -> None:  # noqa: F811
+    found = test_config.all_problems(config_dir, test_config.VALID + f"\n[limits]\n{entry}\n")
+    assert len(found) == 1 and found[0].startswith(expected), found
