@@ -44,6 +44,10 @@ REFUSALS: Final[dict[LimitName, str]] = {
     "device": "too many sessions of this device",
 }
 LIFETIME_EXCEEDED: Final = "session lifetime exceeded"
+# Seconds a peer has to read a refusal and close before it is cut off: over
+# TLS a clean close waits for the peer's close_notify, which a client that
+# keeps its socket open never sends.
+CLOSE_GRACE: Final = 10.0
 
 
 def address_key(peer: str) -> str:
@@ -71,7 +75,7 @@ class ConnectionLimits:
         it calls `expired` unless `Slot.close` comes first."""
         settings = self._settings()
         address = address_key(peer)
-        slot = Slot(self, protocol, peer, address)
+        slot = Slot(self, protocol, peer, address, clock)
         if self.total >= settings.max_connections:
             slot.refused = self._refuse(slot, "total", settings.max_connections)
         elif self.by_address[address] >= settings.max_connections_per_address:
@@ -119,8 +123,17 @@ def _decrement(counts: Counter[str], key: str) -> None:
 class Slot:
     """One connection's place in the counts, from connect to close."""
 
-    def __init__(self, limits: ConnectionLimits, protocol: str, peer: str, address: str) -> None:
+    def __init__(
+        self,
+        limits: ConnectionLimits,
+        protocol: str,
+        peer: str,
+        address: str,
+        clock: IReactorTime,
+    ) -> None:
         self._limits = limits
+        self._clock = clock
+        self._linger: Deadline | None = None
         self.protocol = protocol
         self.peer = peer
         self.address = address
@@ -150,10 +163,23 @@ class Slot:
             self.lifetime.seconds = seconds
             self.lifetime.start()
 
-    def close(self) -> None:
-        """The connection is gone: it counts no more and its deadline stops."""
+    def closing(self, abort: Callable[[], None]) -> None:
+        """The server is closing the connection for a limit: the lifetime no
+        longer matters, and `abort` cuts it off unless it is gone within
+        `CLOSE_GRACE` seconds (a refused connection counts nowhere, so one
+        left open would be a way round the limits)."""
         if self.lifetime is not None:
             self.lifetime.stop()
+        if self._linger is None:
+            self._linger = Deadline(self._clock, CLOSE_GRACE, abort)
+            self._linger.start()
+
+    def close(self) -> None:
+        """The connection is gone: it counts no more and its deadlines stop."""
+        if self.lifetime is not None:
+            self.lifetime.stop()
+        if self._linger is not None:
+            self._linger.stop()
         if self._open and self.refused is None:
             self._limits.release(self)
         self._open = False

@@ -157,6 +157,7 @@ class POP3Server(Protocol):
         self._err(f"{reason}, closing connection", "SYS/TEMP")
         self._connected = False
         self._queue.lose_connection()
+        self._slot.closing(self.transport.abortConnection)
 
     def _stalled(self) -> None:
         # Nothing more can be sent to a device that does not read.

@@ -163,6 +163,7 @@ class SMTPServer(Protocol):
         self.record.outcome = reason
         self._reply(421, "4.7.0", f"{reason}, closing connection")
         self._close()
+        self._slot.closing(self.transport.abortConnection)
 
     def _stalled(self) -> None:
         # Nothing more can be sent to a client that does not read.
@@ -592,8 +593,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     max_recipients: int = 100
     max_line_length: int = MAX_TEXT_LINE
     auth_failure_delay: float = 1.0
-    # Shared with every listener of both protocols (the runtime's).
-    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # the runtime's
 
     def __post_init__(self) -> None:
         self.network_devices = NetworkDevices.from_devices(self.devices.values())

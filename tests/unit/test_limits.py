@@ -14,7 +14,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from gateway.admin.events import MetricsObserver
 from gateway.config import load_config
-from gateway.limits import ConnectionLimits, address_key
+from gateway.limits import CLOSE_GRACE, ConnectionLimits, address_key
 from gateway.model import LimitSettings
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.unit import test_config, test_pop3_server, test_smtp_server
@@ -95,6 +95,20 @@ def test_pop3_the_connection_over_the_address_limit_is_refused_and_closed() -> N
     gw.connect("10.1.2.4")
     devices[0].drop()
     assert gw.connect("10.1.2.3").login().startswith(b"+OK maildrop")
+
+
+def test_a_refused_peer_that_keeps_its_socket_open_is_cut_off() -> None:
+    """Over TLS a clean close waits for the peer; a refused connection counts
+    nowhere, so it must not stay open at the peer's pleasure."""
+    gw = pop3_gateway(max_connections_per_address=1)
+    gw.connect("10.1.2.3")
+    proto, transport = raw_connect(gw.factory, "10.1.2.3")
+    assert transport.disconnecting and not transport.disconnected
+    gw.clock.advance(CLOSE_GRACE - 1)
+    assert not transport.disconnected
+    gw.clock.advance(1)
+    assert transport.disconnected
+    proto.connectionLost(None)
 
 
 def test_pop3_the_global_limit_counts_every_address() -> None:
