@@ -4,6 +4,7 @@ transports with the injected clock; the metric counted from their log line."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from gateway.admin.events import MetricsObserver
 from gateway.config import load_config
 from gateway.limits import CLOSE_GRACE, ConnectionLimits, address_key
 from gateway.model import LimitSettings
+from gateway.proxy_protocol import ProxyProtocolFactory
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.unit import test_config, test_pop3_server, test_smtp_server
 from tests.unit.test_admin_metrics import new_metrics, value
@@ -279,3 +281,31 @@ def test_limits_section_and_its_defaults(config_dir: Path) -> None:  # noqa: F81
 def test_limits_problems(config_dir: Path, entry: str, expected: str) -> None:  # noqa: F811
     found = test_config.all_problems(config_dir, test_config.VALID + f"\n[limits]\n{entry}\n")
     assert len(found) == 1 and found[0].startswith(expected), found
+
+
+# -- behind a load balancer --------------------------------------------------------------
+
+
+def test_the_proxy_protocol_address_is_the_one_counted() -> None:
+    gw = pop3_gateway(max_connections_per_address=1)
+    proxied = ProxyProtocolFactory(
+        gw.factory,
+        trusted=(ipaddress.ip_network("10.0.0.0/8"),),
+        clock=gw.clock,
+        header_timeout=10,
+        name="pop3 0.0.0.0:995",
+    )
+
+    def via_balancer(client: str) -> bytes:
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.9.9.9", 40000))
+        wrapper = proxied.buildProtocol(transport.getPeer())
+        assert wrapper is not None
+        wrapper.makeConnection(transport)
+        wrapper.dataReceived(f"PROXY TCP4 {client} 10.1.1.1 5555 995\r\n".encode())
+        answer: bytes = transport.value()
+        return answer
+
+    # All from the balancer's address, but each from its own device.
+    assert via_balancer("192.0.2.7") == b"+OK POP3 gateway ready\r\n"
+    assert via_balancer("192.0.2.8") == b"+OK POP3 gateway ready\r\n"
+    assert via_balancer("192.0.2.7").startswith(b"-ERR [SYS/TEMP] too many connections from")
