@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
 from gateway.admin.events import MetricsObserver
 from gateway.config import load_config
 from gateway.limits import CLOSE_GRACE, ConnectionLimits, address_key
-from gateway.model import LimitSettings
+from gateway.maildrop import Maildrop
+from gateway.maildrop.memory import MemoryMaildrop
+from gateway.model import Account, LimitSettings
 from gateway.proxy_protocol import ProxyProtocolFactory
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.unit import test_config, test_pop3_server, test_smtp_server
@@ -156,6 +159,28 @@ def test_pop3_a_session_over_its_lifetime_is_dropped_and_deletes_nothing() -> No
     dev.send(b"QUIT")  # too late: the session is over
     dev.proto.connectionLost(None)
     drop = gw.maildrops[0]
+    assert drop.aborted and drop.committed is None
+    assert dev.proto.record.outcome == "session lifetime exceeded"
+
+
+def test_pop3_the_lifetime_in_the_middle_of_a_command_cuts_the_connection() -> None:
+    """No -ERR inside an answer that may be half sent: the connection is cut,
+    and the maildrop that arrives afterwards is dropped, not committed."""
+    gw = pop3_gateway(max_session_lifetime=100)
+    opening: Deferred[MemoryMaildrop] = Deferred()
+
+    async def open_maildrop(account: Account) -> Maildrop:
+        return await opening
+
+    gw.factory.open_maildrop = open_maildrop
+    dev = gw.connect()
+    dev.send(b"USER printer")
+    assert dev.send(b"PASS printer-pw") == b""  # waiting for the upstream
+    gw.clock.advance(100)
+    assert dev.transport.disconnected and dev.read() == b""
+    dev.proto.connectionLost(None)
+    drop = MemoryMaildrop([test_pop3_server.MSG1])
+    opening.callback(drop)
     assert drop.aborted and drop.committed is None
     assert dev.proto.record.outcome == "session lifetime exceeded"
 
