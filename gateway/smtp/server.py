@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
-from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits, Slot
+from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits
 from gateway.model import Account, Device, Listener, Provider, listener_name
 from gateway.net import set_no_delay
 from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
@@ -56,6 +56,7 @@ from gateway.smtp.policy import (
 )
 from gateway.smtp.record import LINE as session_line
 from gateway.smtp.record import SessionRecord
+from gateway.smtp.relay_path import can_relay, device_size_limit
 from gateway.smtp.spool import QueueEntry, Spool
 
 log = Logger(namespace="gateway.smtp")
@@ -83,7 +84,6 @@ class SMTPServer(Protocol):
     transport: IDeviceTransport
     _queue: CommandQueue
     _refusals: LoginRefusals
-    _slot: Slot
 
     def __init__(self) -> None:
         self.phase = Phase.CONNECTED
@@ -131,7 +131,7 @@ class SMTPServer(Protocol):
         self._tls = factory.listener.tls == "implicit"
         self._network_device = factory.network_devices.find(self.record.peer)
         set_no_delay(self.transport)
-        self._slot = factory.limits.admit("smtp", self.record.peer, factory.clock, self._expired)
+        self._slot = factory.limits.admit("smtp", self.record.peer, factory.clock, self._close_for)
         if self._slot.refused is not None:
             return self._close_for(self._slot.refused)
         self._reply(220, None, f"{factory.hostname} ESMTP mail gateway ready")
@@ -154,12 +154,9 @@ class SMTPServer(Protocol):
         self._reply(421, "4.4.2", "command line not completed in time, closing connection")
         self._close()
 
-    def _expired(self) -> None:
-        if self._queue.busy:  # a password check or a message being made safe: answer first
-            return self._slot.postpone(1.0)
-        self._close_for(LIFETIME_EXCEEDED)
-
-    def _close_for(self, reason: str) -> None:
+    def _close_for(self, reason: str = LIFETIME_EXCEEDED) -> None:
+        if reason == LIFETIME_EXCEEDED and self._queue.busy:  # a password check, an fsync
+            return self._slot.postpone(1.0)  # gets its answer first
         self.record.outcome = reason
         self._reply(421, "4.7.0", f"{reason}, closing connection")
         self._close()
@@ -289,7 +286,7 @@ class SMTPServer(Protocol):
         lines = [
             f"{self.factory.hostname} greets {self._helo}",
             "PIPELINING",
-            f"SIZE {self.factory.max_message_size}",
+            f"SIZE {self._size_limit(self._network_device)}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
         ]
@@ -299,6 +296,10 @@ class SMTPServer(Protocol):
             lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         self._reply_lines(250, lines)
+
+    def _size_limit(self, device: Device | None) -> int:
+        f = self.factory
+        return device_size_limit(device, f.accounts, f.providers, f.max_message_size)
 
     def do_helo(self, command: Command) -> None:
         if not command.arg:
@@ -389,11 +390,10 @@ class SMTPServer(Protocol):
             return
         if not self._connected:
             return
+        self.record.device, self.record.account = device.name, device.account
         if (over := self._slot.login(device.name)) is not None:
-            self.record.device = device.name
             return self._close_for(over)
         self._authenticated = device
-        self.record.device, self.record.account = device.name, device.account
         self.record.identified_by = "password"
         self._reply(235, "2.7.0", "authentication successful")
 
@@ -427,14 +427,14 @@ class SMTPServer(Protocol):
             # Removed by a config reload (gateway.reload) since this session began.
             return self._reply(451, "4.3.0", "configuration changed, try again later")
         provider = self.factory.providers.get(account.provider)
-        if provider is None or provider.smtp is None:
+        if provider is None or not can_relay(account, provider):
             log.error(
                 "smtp device {device}: account {account} has no upstream smtp endpoint",
                 device=log_value(device.name),
                 account=log_value(account.name),
             )
             return self._reply(554, "5.3.5", "relaying is not configured for this device")
-        problem = mail_params_problem(parsed.params, self.factory.max_message_size)
+        problem = mail_params_problem(parsed.params, self._size_limit(device))
         if problem is not None:
             return self._error(problem.code, problem.enhanced, problem.reason)
         if not sender_allowed(account, parsed.address):
@@ -487,7 +487,7 @@ class SMTPServer(Protocol):
         account = self._txn.account
         self._intake = MessageIntake(
             incoming,
-            max_size=self.factory.max_message_size,
+            max_size=self._size_limit(self._txn.device),
             max_line=self.factory.max_line_length,
             rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
         )
