@@ -100,16 +100,27 @@ class ConnectionLimits:
         if slot.device is not None:
             _decrement(self.by_device, slot.device)
 
-    def _refuse(self, slot: Slot, limit: LimitName, maximum: int, device: str = "-") -> str:
-        log.warn(
-            "{protocol} connection from {peer} refused for device {device}: "
-            "{limit} limit of {maximum} reached",
-            protocol=slot.protocol,
-            peer=log_value(slot.peer),
-            device=log_value(device),
-            limit=limit,
-            maximum=maximum,
-        )
+    def _refuse(self, slot: Slot, limit: LimitName, maximum: int, device: str | None = None) -> str:
+        """Log the refusal (no fail2ban match: a busy address or device is not
+        a password guesser) and say what to tell the device."""
+        fields = {
+            "protocol": slot.protocol,
+            "peer": log_value(slot.peer),
+            "limit": limit,
+            "maximum": maximum,
+        }
+        if device is None:
+            log.warn(
+                "{protocol} connection from {peer} refused: {limit} limit of {maximum} reached",
+                **fields,
+            )
+        else:
+            log.warn(
+                "{protocol} login of device {device} from {peer} refused: "
+                "{limit} limit of {maximum} reached",
+                device=log_value(device),
+                **fields,
+            )
         return REFUSALS[limit]
 
 

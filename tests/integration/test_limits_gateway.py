@@ -145,9 +145,9 @@ def test_limits_in_the_running_gateway(
     assert len(clean_mailboxes.messages("alice")) == 1
 
     log = gateway.log_text()
-    assert "pop3 connection from 127.0.0.1 refused for device -: address limit of 2" in log
-    assert "smtp connection from 127.0.0.1 refused for device -: address limit of 2" in log
-    assert "pop3 connection from 127.0.0.1 refused for device printer: device limit of 1" in log
+    assert "pop3 connection from 127.0.0.1 refused: address limit of 2 reached" in log
+    assert "smtp connection from 127.0.0.1 refused: address limit of 2 reached" in log
+    assert "pop3 login of device printer from 127.0.0.1 refused: device limit of 1 reached" in log
     _, samples = scrape(ports.admin)
     refused_total = "gateway_connections_refused_total"
     assert total(samples, refused_total, protocol="pop3", limit="address") == 1

@@ -93,7 +93,7 @@ def test_pop3_the_connection_over_the_address_limit_is_refused_and_closed() -> N
         proto.connectionLost(None)
     refusal = [line for line in lines if "refused" in line]
     assert len(refusal) == 1
-    assert "pop3 connection from 10.1.2.3 refused for device -: address limit of 3" in refusal[0]
+    assert "pop3 connection from 10.1.2.3 refused: address limit of 3 reached" in refusal[0]
     assert fail2ban_hosts(lines) == []  # a busy address is not a password guesser
     assert any("outcome=" in line and "too many connections" in line for line in lines)
     # Another address is not affected; a closed connection frees its place.
@@ -133,9 +133,15 @@ def test_pop3_the_device_limit_is_checked_at_login() -> None:
     assert first.login().startswith(b"+OK maildrop")
     second = gw.connect()
     second.send(b"USER printer")
-    assert second.send(b"PASS printer-pw") == (
-        b"-ERR [SYS/TEMP] too many sessions of this device, closing connection\r\n"
+    with captured_log() as lines:
+        assert second.send(b"PASS printer-pw") == (
+            b"-ERR [SYS/TEMP] too many sessions of this device, closing connection\r\n"
+        )
+    assert any(
+        "pop3 login of device printer from 10.1.2.3 refused: device limit of 1 reached" in line
+        for line in lines
     )
+    assert fail2ban_hosts(lines) == []
     assert second.closed
     assert len(gw.maildrops) == 1  # no upstream session for the refused one
     second.proto.connectionLost(None)
