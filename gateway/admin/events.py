@@ -14,6 +14,7 @@ Which event is which, by namespace and fields:
 - a refused login: the same namespaces with ``device``, ``peer`` and
   ``reason`` and no ``outcome``;
 - a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``;
+- a login penalty that starts: namespace ``gateway.penalties`` with ``penalty``;
 - a connection refused for a limit: namespace ``gateway.limits`` with
   ``limit`` and ``protocol``.
 """
@@ -37,6 +38,8 @@ RELAY_NAMESPACE = "gateway.smtp.relay"
 LIMITS_NAMESPACE = "gateway.limits"
 LIMITS = frozenset(LIMIT_NAMES)
 DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
+PENALTY_NAMESPACE = "gateway.penalties"
+PENALTY_KINDS = frozenset({"lockout", "device_slowdown"})
 
 
 def _text(event: Mapping[str, Any], key: str) -> Any:
@@ -91,6 +94,9 @@ class MetricsObserver:
                 self._delivery(event)
             elif namespace == LIMITS_NAMESPACE and "limit" in event:
                 self._refused_connection(event)
+            elif namespace == PENALTY_NAMESPACE and "penalty" in event:
+                kind = event["penalty"]
+                self.metrics.penalties.labels(kind if kind in PENALTY_KINDS else "other").inc()
         except Exception:
             # Never let a metrics bug disturb logging; say so once per event.
             self.metrics.observer_errors.inc()

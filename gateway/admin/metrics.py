@@ -35,6 +35,7 @@ _LABEL_TEXT = re.compile(r"[A-Za-z0-9 ,._:/-]{1,80}")
 LOGIN_REASONS: tuple[tuple[str, str], ...] = (
     ("unknown device", "unknown_device"),
     ("wrong password", "wrong_password"),
+    ("address locked out", "locked_out"),
     ("address ", "address_not_allowed"),
     ("protocol ", "protocol_not_allowed"),
 )
@@ -202,6 +203,13 @@ class GatewayMetrics:
             "Device connections refused or closed for a connection limit, by protocol "
             "and limit (total, address, device; see [limits]).",
             ["protocol", "limit"],
+            registry=r,
+        )
+        self.penalties = Counter(
+            "gateway_login_penalties",
+            "Login penalties started (gateway.penalties): lockout (an address refused "
+            "outright), device_slowdown (a device name failing from many addresses).",
+            ["kind"],
             registry=r,
         )
         self.observer_errors = Counter(

@@ -28,6 +28,7 @@ from gateway.config.secrets import check_config_file, check_state_dir
 from gateway.config.settings import (
     limits_section,
     oauth_section,
+    penalties_section,
     pop3_section,
     proxy_section,
     smtp_section,
@@ -57,6 +58,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     log_settings = log_section(root.table("log"))
     proxy = proxy_section(root.table("proxy"))
     check_proxy_listeners(reader, proxy)
+    penalties = penalties_section(root.table("penalties"))
     oauth = oauth_section(root.table("oauth"))
     limits = limits_section(root.table("limits"))
     providers, provider_names = _named_section(root.table("providers"), provider)
@@ -89,6 +91,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         log=log_settings,
         proxy=proxy,
         limits=limits,
+        penalties=penalties,
         providers=providers,
         accounts=accounts,
         devices=devices,
