@@ -235,6 +235,11 @@ class _Walk:
 
     async def graph(self) -> None:
         folder_name, provider = self.account.folder, self.provider
+        if self.tokens is None:
+            fix = 'Graph accounts need auth = "oauth2" and the token store'
+            self.failed("graph", "folder", "no token for Graph", fix)
+            self.skipped("graph", ("listing",), "no token")
+            return
         try:
             http, pool = graph_http_client(self.reactor, provider)
         except UpstreamError as e:
