@@ -248,7 +248,7 @@ class TokenManager(Service):
             if refreshed is not None and now - refreshed < FORCED_REFRESH_MIN_AGE:
                 return tokens.access_token.reveal()
         if resource not in state.flights:
-            self._check_refreshable(state, now, usable)
+            outcomes.check_refreshable(state, now, usable)
         try:
             fresh = await self._refresh(state, resource)
         except PermanentFailure:
@@ -295,19 +295,6 @@ class TokenManager(Service):
                 DEVICE_TEXT_UNAUTHORISED,
             )
         return state
-
-    def _check_refreshable(self, state: AccountState, now: float, usable: bool) -> None:
-        """Raise what the device should see when no refresh may be started now."""
-        record = state.record
-        assert record is not None
-        if state.blocked_lineage == record.lineage:
-            raise outcomes.rejected(state)
-        if now < state.retry_at:
-            raise UpstreamUnavailable(
-                f"account {state.account.name}: "
-                + ("the upstream refused the token and " if usable else "no valid access token; ")
-                + f"refresh is backing off after: {record.last_error or 'a failure'}"
-            )
 
     # -- LoginOutcomes: what mail servers said to a login -------------------------
 

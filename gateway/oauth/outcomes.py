@@ -17,7 +17,7 @@ from gateway.oauth.account_state import BACKOFF_FIRST, BACKOFF_MAX, AccountState
 from gateway.oauth.errors import refusal_of
 from gateway.oauth.refusal import Refusal, RefusalKind, network_refusal
 from gateway.oauth.store import State, StoreUnreadable, TokenRecord, TokenStore, TokenStoreError
-from gateway.upstream.errors import UpstreamRejected
+from gateway.upstream.errors import UpstreamRejected, UpstreamUnavailable
 
 log = Logger(namespace="gateway.oauth")
 
@@ -127,6 +127,20 @@ def transient_failure(
         lineage,
         lambda current: current.failed(current.state, text, now, refusal),
     )
+
+
+def check_refreshable(state: AccountState, now: float, usable: bool) -> None:
+    """Raise what the device should see when no refresh may be started now."""
+    record = state.record
+    assert record is not None
+    if state.blocked_lineage == record.lineage:
+        raise rejected(state)
+    if now < state.retry_at:
+        raise UpstreamUnavailable(
+            f"account {state.account.name}: "
+            + ("the upstream refused the token and " if usable else "no valid access token; ")
+            + f"refresh is backing off after: {record.last_error or 'a failure'}"
+        )
 
 
 def rejected(state: AccountState) -> UpstreamRejected:

@@ -5,10 +5,12 @@ and what the status command shows until a login succeeds again."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
 from gateway.cli import main
@@ -22,9 +24,9 @@ from gateway.oauth.store import TokenRecord, TokenStore
 from gateway.upstream.credentials import LoginOutcomes, note_refused, note_succeeded, refused
 from gateway.upstream.refusals import Answer, classify_login
 from tests.harness.oauth_server import AuthServer, InMemoryPoster
-from tests.helpers.oauth import CLIENT_SECRET, seed
+from tests.helpers.oauth import seed
 
-START = 1_700_000_000.0
+START = time.time()  # `oauth status` judges validity by the real clock
 SMTP_DISABLED = classify_login(
     Answer(
         "smtp",
@@ -71,7 +73,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def server(clock: Clock) -> AuthServer:
-    return AuthServer(client_secret=CLIENT_SECRET, clock=clock)
+    return AuthServer(client_secret=None, clock=clock)  # a public client, as configured
 
 
 @pytest.fixture
@@ -202,3 +204,12 @@ def test_a_refusal_never_overwrites_a_new_authorisation(
     assert stale is not None and stale.lineage != fresh.lineage
     manager.login_refused(account(config), SMTP_DISABLED)
     assert store.load("scanner") == fresh
+
+
+def test_oauth_status_shows_the_graph_token(manager, config, config_file, capsys) -> None:
+    results: list[object] = []
+    ensureDeferred(manager.graph_token(account(config))).addBoth(results.append)
+    assert isinstance(results[0], str)
+    text, document = status(config_file, capsys)
+    assert document[0]["graph_token_valid"] is True and document[0]["graph_expires_at"]
+    assert f"  Graph token valid until {document[0]['graph_expires_at']}" in text
