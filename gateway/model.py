@@ -29,6 +29,9 @@ UpstreamProtocol = Literal["pop3", "imap", "smtp"]
 POP3Auth = Literal["auto", "user", "plain"]
 AccountAuth = Literal["password", "oauth2"]
 MailboxKind = Literal["pop3", "imap", "graph"]
+# How an account's spooled mail leaves: the provider's SMTP service, or
+# Microsoft Graph's sendMail (`gateway.smtp.graph_delivery`).
+RelayKind = Literal["smtp", "graph"]
 SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
 Grant = Literal["device_code", "authorization_code", "client_credentials", "service_account"]
 # Whether the app registration may hold its secret (RFC 6749 2.1). "auto": the
@@ -48,6 +51,7 @@ UPSTREAM_PROTOCOLS: Final[tuple[UpstreamProtocol, ...]] = get_args(UpstreamProto
 POP3_AUTH_CHOICES: Final[tuple[POP3Auth, ...]] = get_args(POP3Auth)
 ACCOUNT_AUTH_CHOICES: Final[tuple[AccountAuth, ...]] = get_args(AccountAuth)
 MAILBOX_CHOICES: Final[tuple[MailboxKind, ...]] = get_args(MailboxKind)
+RELAY_CHOICES: Final[tuple[RelayKind, ...]] = get_args(RelayKind)
 SASL_CHOICES: Final[tuple[SASLChoice, ...]] = get_args(SASLChoice)
 GRANTS: Final[tuple[Grant, ...]] = get_args(Grant)
 CLIENT_TYPES: Final[tuple[ClientType, ...]] = get_args(ClientType)
@@ -203,6 +207,12 @@ class Account:
     allowed_senders: tuple[str, ...] = ()
     rewrite_sender: bool = False
     rewrite_from_header: bool = False
+    # SMTP relay path; None: Graph when the provider has no smtp endpoint and
+    # the account's maildrop is Graph, else SMTP (`gateway.smtp.relay_path`).
+    relay: RelayKind | None = None
+    # Graph relay: a copy in Sent Items. Graph's MIME send always keeps one
+    # (api/user-sendmail), so only true is accepted.
+    save_to_sent: bool = True
 
 
 @dataclass(frozen=True)
