@@ -46,9 +46,9 @@ class AllScopes:
     def __init__(self, introspect_url: str, scopes: tuple[str, ...]) -> None:
         self.checks = [IntrospectedTokens(introspect_url, scope) for scope in scopes]
 
-    def __call__(self, token: str, mailbox: str) -> tuple[int, str] | None:
+    def __call__(self, token: str, mailbox: str, kind: str = "") -> tuple[int, str] | None:
         for check in self.checks:
-            refused = check(token, mailbox)
+            refused = check(token, mailbox, kind)
             if refused is not None:
                 return refused
         return None
