@@ -334,6 +334,32 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class PenaltySettings:
+    """`[penalties]`: login penalties after Dovecot's auth penalty (gateway.penalties).
+
+    Each failed login from an address (an IPv6 address by its /`ipv6_prefix`
+    network) doubles the pause before the next answer to it, 2, 4, 8 s up to
+    `max_delay`; `lockout_after` failures within `lockout_window` refuse the
+    address outright for `lockout_time`. The same per device name and address,
+    and a device name failing `device_slow_after` times from all addresses
+    slows every address it has not logged in from (never locks them).
+    """
+
+    enabled: bool = True
+    max_delay: float = 15.0
+    lockout_after: int = 10
+    lockout_window: float = 600.0
+    lockout_time: float = 900.0
+    device_slow_after: int = 30
+    ipv6_prefix: int = 64
+    # Exempt from every penalty (a webmail host, a monitoring probe).
+    trusted: tuple[IPNetwork, ...] = ()
+    # Addresses, device names and (device, address) pairs remembered, at most,
+    # each: unknown names and rotating addresses cannot grow memory past it.
+    max_entries: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     tls: TLSFiles | None
@@ -344,6 +370,7 @@ class Config:
     admin: AdminSettings | None = None
     log: LogSettings = field(default_factory=LogSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    penalties: PenaltySettings = field(default_factory=PenaltySettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
