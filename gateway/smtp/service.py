@@ -179,6 +179,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             idle_timeout=settings.idle_timeout,
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
+            limits=runtime.limits,
         )
         named.append(built)
         factories.append(built)
