@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from gateway.config.devices import _password_hash as password_hash
-from gateway.config.listeners import _addresses_overlap as addresses_overlap
-from gateway.config.listeners import is_ip_address
+from gateway.config.devices import argon2_password_hash as password_hash
+from gateway.config.listeners import addresses_overlap, is_ip_address
 from gateway.config.reader import Table
 from gateway.model import (
     LOG_FORMATS,
