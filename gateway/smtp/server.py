@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
-from gateway.model import Account, Device, Listener, Provider
+from gateway.model import Account, Device, Listener, LongLines, Provider
 from gateway.net import set_no_delay
 from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
@@ -469,7 +469,9 @@ class SMTPServer(Protocol):
             incoming,
             max_size=self.factory.max_message_size,
             max_line=self.factory.max_line_length,
+            long_lines=self.factory.long_lines,
             rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
+            device=self._txn.device.name,
         )
         self._input.start_data()
         self._reply(354, None, "end data with <CR><LF>.<CR><LF>")
@@ -571,6 +573,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = MAX_TEXT_LINE
+    long_lines: LongLines = "fold"
     auth_failure_delay: float = 1.0
 
     def __post_init__(self) -> None:
