@@ -13,7 +13,8 @@ Which event is which, by namespace and fields:
   and ``duration``;
 - a refused login: the same namespaces with ``device``, ``peer`` and
   ``reason`` and no ``outcome``;
-- a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``.
+- a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``;
+- a login penalty that starts: namespace ``gateway.penalties`` with ``penalty``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ log = Logger(namespace="gateway.admin")
 SESSION_NAMESPACES = {"gateway.pop3": "pop3", "gateway.smtp": "smtp"}
 RELAY_NAMESPACE = "gateway.smtp.relay"
 DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
+PENALTY_NAMESPACE = "gateway.penalties"
+PENALTY_KINDS = frozenset({"lockout", "device_slowdown"})
 
 
 def _text(event: Mapping[str, Any], key: str) -> Any:
@@ -84,6 +87,9 @@ class MetricsObserver:
                     self._refused_login(protocol, event)
             elif namespace == RELAY_NAMESPACE and "delivery" in event:
                 self._delivery(event)
+            elif namespace == PENALTY_NAMESPACE and "penalty" in event:
+                kind = event["penalty"]
+                self.metrics.penalties.labels(kind if kind in PENALTY_KINDS else "other").inc()
         except Exception:
             # Never let a metrics bug disturb logging; say so once per event.
             self.metrics.observer_errors.inc()

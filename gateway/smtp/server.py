@@ -55,6 +55,7 @@ from gateway.smtp.policy import (
 )
 from gateway.smtp.record import LINE as session_line
 from gateway.smtp.record import SessionRecord
+from gateway.smtp.relay_path import can_relay, message_size_limit
 from gateway.smtp.spool import QueueEntry, Spool
 
 log = Logger(namespace="gateway.smtp")
@@ -272,7 +273,7 @@ class SMTPServer(Protocol):
         lines = [
             f"{self.factory.hostname} greets {self._helo}",
             "PIPELINING",
-            f"SIZE {self.factory.max_message_size}",
+            f"SIZE {self._size_limit(self._network_device)}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
         ]
@@ -282,6 +283,14 @@ class SMTPServer(Protocol):
             lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         self._reply_lines(250, lines)
+
+    def _size_limit(self, device: Device | None) -> int:
+        """The listener's limit, or less for a Graph-relayed account (`relay_path`)."""
+        account = self.factory.accounts.get(device.account) if device is not None else None
+        provider = self.factory.providers.get(account.provider) if account is not None else None
+        if account is None or provider is None:
+            return self.factory.max_message_size
+        return message_size_limit(account, provider, self.factory.max_message_size)
 
     def do_helo(self, command: Command) -> None:
         if not command.arg:
@@ -407,14 +416,14 @@ class SMTPServer(Protocol):
             # Removed by a config reload (gateway.reload) since this session began.
             return self._reply(451, "4.3.0", "configuration changed, try again later")
         provider = self.factory.providers.get(account.provider)
-        if provider is None or provider.smtp is None:
+        if provider is None or not can_relay(account, provider):
             log.error(
                 "smtp device {device}: account {account} has no upstream smtp endpoint",
                 device=log_value(device.name),
                 account=log_value(account.name),
             )
             return self._reply(554, "5.3.5", "relaying is not configured for this device")
-        problem = mail_params_problem(parsed.params, self.factory.max_message_size)
+        problem = mail_params_problem(parsed.params, self._size_limit(device))
         if problem is not None:
             return self._error(problem.code, problem.enhanced, problem.reason)
         if not sender_allowed(account, parsed.address):
@@ -467,7 +476,7 @@ class SMTPServer(Protocol):
         account = self._txn.account
         self._intake = MessageIntake(
             incoming,
-            max_size=self.factory.max_message_size,
+            max_size=self._size_limit(self._txn.device),
             max_line=self.factory.max_line_length,
             long_lines=self.factory.long_lines,
             rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
