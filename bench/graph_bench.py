@@ -44,7 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from bench.common import PeakRSS, make_message, wire_form  # noqa: E402
+from bench.common import BENCH_LIMITS, PeakRSS, make_message, wire_form  # noqa: E402
 from bench.imap_bench import BenchDovecot, Client  # noqa: E402
 from tests.harness.certs import make_tls_material  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -69,7 +69,10 @@ def log(text: str) -> None:
 def _emulator_main(conn: Connection, introspect: str, boxes: dict[str, list[bytes]]) -> None:
     from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens
 
-    emulator = GraphEmulator(IntrospectedTokens(introspect, scope="mail", cache_seconds=3600))
+    emulator = GraphEmulator(IntrospectedTokens(
+        # The gateway's Graph token: Graph's scopes on the host of graph_url.
+        introspect, scope="https://127.0.0.1/Mail.ReadWrite", cache_seconds=3600
+    ))
     for user, messages in boxes.items():
         box = emulator.mailbox(user)
         for m in messages:
@@ -133,6 +136,7 @@ def config(
         f'private_key = "{own.private_key}"',
         "[[pop3.listen]]",
         f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        BENCH_LIMITS,
         "[providers.dovecot]",
         f'imap = {{ host = "localhost", port = {dovecot.imaps_port}, tls = "implicit" }}',
         f'ca_file = "{upstream.ca_file}"',

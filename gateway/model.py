@@ -341,6 +341,27 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """How many device connections the gateway holds at once, and for how long
+    (`[limits]`, POP3 and SMTP counted together).
+
+    Sized for a site of some hundred devices: a printer or scanner holds one
+    or two sessions, so a device or an address far above that is a loop, a
+    scanner or an attack, not a device at work.
+    """
+
+    # All device connections at once, both protocols.
+    max_connections: int = 1000
+    # From one source address (the PROXY protocol's address behind a balancer).
+    max_connections_per_address: int = 20
+    # Sessions one device is logged in to at once, both protocols.
+    max_sessions_per_device: int = 4
+    # Seconds a session may last in all, busy or not (the idle timeouts still
+    # apply); then it is closed like an idle one, deleting nothing upstream.
+    max_session_lifetime: float = 3600.0
+
+
+@dataclass(frozen=True)
 class PenaltySettings:
     """`[penalties]`: login penalties after Dovecot's auth penalty (gateway.penalties).
 
@@ -377,6 +398,7 @@ class Config:
     admin: AdminSettings | None = None
     log: LogSettings = field(default_factory=LogSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     penalties: PenaltySettings = field(default_factory=PenaltySettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway.admin.upstream_timing import UPSTREAM_STEP_SECONDS
+from gateway.timing import UPSTREAM_STEP_SECONDS
 
 # Distinct values one free-text label may take before new ones count as "other".
 MAX_LABEL_VALUES = 40
@@ -196,6 +196,13 @@ class GatewayMetrics:
         self.delivered_recipients = Counter(
             "gateway_relay_recipients_delivered",
             "Recipients the upstream accepted from the relay.",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "Device connections refused or closed for a connection limit, by protocol "
+            "and limit (total, address, device; see [limits]).",
+            ["protocol", "limit"],
             registry=r,
         )
         self.penalties = Counter(

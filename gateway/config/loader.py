@@ -26,6 +26,7 @@ from gateway.config.providers import provider
 from gateway.config.reader import Reader, Table
 from gateway.config.secrets import check_config_file, check_state_dir
 from gateway.config.settings import (
+    limits_section,
     oauth_section,
     penalties_section,
     pop3_section,
@@ -59,6 +60,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     check_proxy_listeners(reader, proxy)
     penalties = penalties_section(root.table("penalties"))
     oauth = oauth_section(root.table("oauth"))
+    limits = limits_section(root.table("limits"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
@@ -88,6 +90,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         admin=admin,
         log=log_settings,
         proxy=proxy,
+        limits=limits,
         penalties=penalties,
         providers=providers,
         accounts=accounts,

@@ -1,4 +1,4 @@
-"""`[pop3]`, `[smtp]`, `[oauth]`, `[proxy]`, `[penalties]`: listeners and each service's tunables.
+"""`[pop3]`, `[smtp]`, `[oauth]`, `[proxy]`, `[penalties]`, `[limits]`: each service's tunables.
 
 A tunable that had a problem falls back to the model's default here; the
 object is never used then, since the loader raises for every problem.
@@ -14,6 +14,7 @@ from gateway.config.reader import Table
 from gateway.config.secrets import check_secret_file
 from gateway.model import (
     LONG_LINES_CHOICES,
+    LimitSettings,
     OAuthSettings,
     PenaltySettings,
     POP3Settings,
@@ -91,6 +92,28 @@ def proxy_section(table: Table) -> ProxySettings:
     return ProxySettings(
         trusted=tuple(built for built in trusted if built is not None),
         header_timeout=_or(header_timeout, d.header_timeout),
+    )
+
+
+def limits_section(table: Table) -> LimitSettings:
+    """Connection limits. Each is a positive number: a limit an admin wants
+    out of the way is set high, never switched off by a zero read as "none"."""
+    d = LimitSettings()
+    most = 1_000_000
+    max_connections = table.integer("max_connections", d.max_connections, low=1, high=most)
+    per_address = table.integer(
+        "max_connections_per_address", d.max_connections_per_address, low=1, high=most
+    )
+    per_device = table.integer(
+        "max_sessions_per_device", d.max_sessions_per_device, low=1, high=most
+    )
+    lifetime = table.seconds("max_session_lifetime", d.max_session_lifetime)
+    table.finish()
+    return LimitSettings(
+        max_connections=_or(max_connections, d.max_connections),
+        max_connections_per_address=_or(per_address, d.max_connections_per_address),
+        max_sessions_per_device=_or(per_device, d.max_sessions_per_device),
+        max_session_lifetime=_or(lifetime, d.max_session_lifetime),
     )
 
 

@@ -44,13 +44,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
-from gateway.admin.upstream_timing import timed_step
 from gateway.model import Account, Provider
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
 from gateway.smtp.relay_session import Session, SessionDeferred, transmit
 from gateway.smtp.relay_trouble import UpstreamTrouble
 from gateway.smtp.spool import QueueEntry, Spool, new_id
+from gateway.timing import timed_step
 from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError
 
 log = Logger(namespace="gateway.smtp.relay")

@@ -18,7 +18,9 @@ account, which leaves room for the recipient headers the relay may add
 
 from __future__ import annotations
 
-from gateway.model import Account, Provider
+from collections.abc import Mapping
+
+from gateway.model import Account, Device, Provider
 
 # 3,000,000 octets of message: 4,000,000 of base64, below 4 MiB with room
 # for rewritten To/Cc/Bcc lines.
@@ -41,6 +43,21 @@ def message_size_limit(account: Account, provider: Provider, listener_limit: int
     if relays_via_graph(account, provider):
         return min(listener_limit, GRAPH_MAX_MESSAGE)
     return listener_limit
+
+
+def device_size_limit(
+    device: Device | None,
+    accounts: Mapping[str, Account],
+    providers: Mapping[str, Provider],
+    listener_limit: int,
+) -> int:
+    """The listener's limit, or less for a Graph-relayed account (the
+    listener's for no device, or one whose account is gone)."""
+    account = accounts.get(device.account) if device is not None else None
+    provider = providers.get(account.provider) if account is not None else None
+    if account is None or provider is None:
+        return listener_limit
+    return message_size_limit(account, provider, listener_limit)
 
 
 def too_large_text(limit: int) -> str:

@@ -19,7 +19,7 @@ the spool and fsynced; the relay takes it from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
-from gateway.model import Account, Device, Listener, LongLines, Provider
+from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits
+from gateway.model import Account, Device, Listener, LongLines, Provider, listener_name
 from gateway.net import set_no_delay
 from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
@@ -55,7 +56,7 @@ from gateway.smtp.policy import (
 )
 from gateway.smtp.record import LINE as session_line
 from gateway.smtp.record import SessionRecord
-from gateway.smtp.relay_path import can_relay, message_size_limit
+from gateway.smtp.relay_path import can_relay, device_size_limit
 from gateway.smtp.spool import QueueEntry, Spool
 
 log = Logger(namespace="gateway.smtp")
@@ -130,6 +131,9 @@ class SMTPServer(Protocol):
         self._tls = factory.listener.tls == "implicit"
         self._network_device = factory.network_devices.find(self.record.peer)
         set_no_delay(self.transport)
+        self._slot = factory.limits.admit("smtp", self.record.peer, factory.clock, self._close_for)
+        if self._slot.refused is not None:
+            return self._close_for(self._slot.refused)
         self._reply(220, None, f"{factory.hostname} ESMTP mail gateway ready")
         self._flush()
 
@@ -150,6 +154,14 @@ class SMTPServer(Protocol):
         self._reply(421, "4.4.2", "command line not completed in time, closing connection")
         self._close()
 
+    def _close_for(self, reason: str = LIFETIME_EXCEEDED) -> None:
+        if reason == LIFETIME_EXCEEDED and self._queue.busy:  # a password check, an fsync
+            return self._slot.postpone(1.0)  # gets its answer first
+        self.record.outcome = reason
+        self._reply(421, "4.7.0", f"{reason}, closing connection")
+        self._close()
+        self._slot.closing(self.transport.abortConnection)
+
     def _stalled(self) -> None:
         # Nothing more can be sent to a client that does not read.
         self.record.outcome = "not reading replies"
@@ -159,6 +171,7 @@ class SMTPServer(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
         self._queue.stop()
+        self._slot.close()
         if self._intake is not None:
             # Cut off in the middle of DATA: no 250 was sent, nothing is kept.
             self._intake.incoming.abort()
@@ -285,12 +298,8 @@ class SMTPServer(Protocol):
         self._reply_lines(250, lines)
 
     def _size_limit(self, device: Device | None) -> int:
-        """The listener's limit, or less for a Graph-relayed account (`relay_path`)."""
-        account = self.factory.accounts.get(device.account) if device is not None else None
-        provider = self.factory.providers.get(account.provider) if account is not None else None
-        if account is None or provider is None:
-            return self.factory.max_message_size
-        return message_size_limit(account, provider, self.factory.max_message_size)
+        f = self.factory
+        return device_size_limit(device, f.accounts, f.providers, f.max_message_size)
 
     def do_helo(self, command: Command) -> None:
         if not command.arg:
@@ -381,8 +390,10 @@ class SMTPServer(Protocol):
             return
         if not self._connected:
             return
-        self._authenticated = device
         self.record.device, self.record.account = device.name, device.account
+        if (over := self._slot.login(device.name)) is not None:
+            return self._close_for(over)
+        self._authenticated = device
         self.record.identified_by = "password"
         self._reply(235, "2.7.0", "authentication successful")
 
@@ -532,7 +543,8 @@ class SMTPServer(Protocol):
         self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
-        log.info(session_line, **self.record.log_fields(self.factory.clock.seconds()))
+        fields = self.record.log_fields(self.factory.clock.seconds())
+        log.info(session_line, **fields, listener=listener_name(self.factory.listener))
 
 
 _ALWAYS: Mapping[str, _Handler] = {
@@ -584,6 +596,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     max_line_length: int = MAX_TEXT_LINE
     long_lines: LongLines = "fold"
     auth_failure_delay: float = 1.0
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # the runtime's
 
     def __post_init__(self) -> None:
         self.network_devices = NetworkDevices.from_devices(self.devices.values())

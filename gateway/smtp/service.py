@@ -180,6 +180,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
             long_lines=settings.long_lines,
+            limits=runtime.limits,
         )
         named.append(built)
         factories.append(built)
