@@ -27,6 +27,7 @@ from gateway.sessions import log_value
 from gateway.smtp.folding import LineFolder
 from gateway.smtp.headers import FromRewriter
 from gateway.smtp.parser import LineMeter
+from gateway.smtp.policy import account_address
 from gateway.smtp.spool import Envelope, IncomingMessage
 
 log = Logger(namespace="gateway.smtp")
@@ -74,18 +75,20 @@ class MessageIntake:
     def __init__(
         self,
         incoming: IncomingMessage,
+        txn: Transaction,
         *,
         max_size: int,
         max_line: int,
         long_lines: LongLines = "fold",
-        rewrite_from_to: str | None = None,
-        device: str = "-",
     ) -> None:
         self.incoming = incoming
         self._max_size = max_size
         self._max_line = max_line
-        self._device = device
-        self._rewriter = FromRewriter(rewrite_from_to) if rewrite_from_to else None
+        self._device = txn.device.name
+        account = txn.account
+        self._rewriter = (
+            FromRewriter(account_address(account)) if account.rewrite_from_header else None
+        )
         self._folder = LineFolder(max_line) if long_lines == "fold" else None
         self._meter = LineMeter()
         self.received = 0

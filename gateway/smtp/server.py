@@ -49,7 +49,6 @@ from gateway.smtp.parser import (
 )
 from gateway.smtp.policy import (
     NetworkDevices,
-    account_address,
     envelope_sender,
     relay_device,
     sender_allowed,
@@ -484,14 +483,12 @@ class SMTPServer(Protocol):
         except OSError as e:
             log.error("smtp spool cannot take a message: {error}", error=e)
             return self._reply(451, "4.3.0", "cannot store messages now, try again later")
-        account = self._txn.account
         self._intake = MessageIntake(
             incoming,
+            self._txn,
             max_size=self._size_limit(self._txn.device),
             max_line=self.factory.max_line_length,
             long_lines=self.factory.long_lines,
-            rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
-            device=self._txn.device.name,
         )
         self._input.start_data()
         self._reply(354, None, "end data with <CR><LF>.<CR><LF>")
