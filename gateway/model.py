@@ -43,6 +43,8 @@ ClientType = Literal["auto", "public", "confidential"]
 Cloud = Literal["global", "usgov", "dod", "china"]
 DeletePolicy = Literal["expunge", "move", "keep"]
 LogFormat = Literal["text", "json"]
+# [smtp] long_lines: fold lines over 998 octets like Postfix, or refuse with 554.
+LongLines = Literal["fold", "refuse"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TLS_MODES: Final[tuple[TLSMode, ...]] = get_args(TLSMode)
@@ -62,6 +64,7 @@ CLOUDS: Final[tuple[Cloud, ...]] = get_args(Cloud)
 APP_ONLY_GRANTS: Final[frozenset[Grant]] = frozenset({"client_credentials", "service_account"})
 DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
+LONG_LINES_CHOICES: Final[tuple[LongLines, ...]] = get_args(LongLines)
 
 # An OAuth2 account without `grant` gets its preset's default grant, or this
 # one: the device-code grant needs nothing but a browser somewhere.
@@ -280,6 +283,10 @@ class SMTPSettings:
     retry_first: float = 30.0
     retry_max_interval: float = 3600.0
     message_lifetime: float = 5 * 24 * 3600.0
+    # A line over 998 octets (RFC 5321 4.5.3.1.6): folded with CRLF SPACE as
+    # Postfix does, or the message refused with 554 5.6.0. A device that gets
+    # 554 usually never sends the message again, hence folding by default.
+    long_lines: LongLines = "fold"
 
 
 @dataclass(frozen=True)

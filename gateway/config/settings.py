@@ -13,6 +13,7 @@ from gateway.config.listeners import listeners
 from gateway.config.reader import Table
 from gateway.config.secrets import check_secret_file
 from gateway.model import (
+    LONG_LINES_CHOICES,
     LimitSettings,
     OAuthSettings,
     PenaltySettings,
@@ -45,6 +46,7 @@ def smtp_section(table: Table) -> SMTPSettings:
     retry_first = table.seconds("retry_first", d.retry_first)
     retry_max_interval = table.seconds("retry_max_interval", d.retry_max_interval)
     message_lifetime = table.seconds("message_lifetime", d.message_lifetime)
+    long_lines = table.choice("long_lines", LONG_LINES_CHOICES, d.long_lines)
     table.finish()
     return SMTPSettings(
         listeners=built,
@@ -54,6 +56,7 @@ def smtp_section(table: Table) -> SMTPSettings:
         retry_first=_or(retry_first, d.retry_first),
         retry_max_interval=_or(retry_max_interval, d.retry_max_interval),
         message_lifetime=_or(message_lifetime, d.message_lifetime),
+        long_lines=_or(long_lines, d.long_lines),
     )
 
 

@@ -179,6 +179,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             idle_timeout=settings.idle_timeout,
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
+            long_lines=settings.long_lines,
             limits=runtime.limits,
         )
         named.append(built)
@@ -197,6 +198,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             built.idle_timeout = new.smtp.idle_timeout
             built.max_message_size = new.smtp.max_message_size
             built.max_recipients = new.smtp.max_recipients
+            built.long_lines = new.smtp.long_lines
         relay.retry = retry_policy(new.smtp)
         before, previous = previous, new
         relay.accounts_changed(
