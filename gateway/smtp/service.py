@@ -170,6 +170,9 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             clock=reactor,
             hostname=hostname,
             idle_timeout=settings.idle_timeout,
+            stall_timeout=settings.stall_timeout,
+            line_timeout=settings.line_timeout,
+            auth_failure_delay=settings.auth_failure_delay,
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
         )
