@@ -16,6 +16,7 @@ import json
 import poplib
 import re
 import select
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -471,3 +472,162 @@ def new_text(gw: GatewayProcess, offset: int) -> str:
     with gw.logfile.open("rb") as log:
         log.seek(offset)
         return log.read().decode("utf-8", "surrogateescape")
+
+
+# -- 3. the timing of a refusal from a disallowed address ----------------------------
+
+TRIES = 50  # each with the right and the wrong password, interleaved
+# Two samples from one distribution differ at p < 0.001 once in a thousand
+# runs; before the fix the right password was answered a whole argon2 check
+# (tens of ms here, 100 ms with the default parameters) sooner: p ~ 1e-17.
+SIGNIFICANCE = 0.001
+MEDIAN_GAP = 0.005  # seconds
+
+
+def refused_after(ports: HardPorts, ctx: ssl.SSLContext, password: str) -> float:
+    """Seconds from PASS to its -ERR, for `guarded` from 127.0.0.2 (not in its allow_from)."""
+    with connect(ports.pop3.implicit, ctx, source="127.0.0.2") as sock:
+        lines = Lines(sock)
+        lines.line()
+        sock.sendall(b"USER guarded\r\n")
+        assert lines.line().startswith(b"+OK")
+        started = time.perf_counter()
+        sock.sendall(f"PASS {password}\r\n".encode())
+        answer = lines.line()
+        elapsed = time.perf_counter() - started
+    assert answer == b"-ERR [AUTH] invalid user name or password"
+    return elapsed
+
+
+def test_refusal_from_a_disallowed_address_takes_as_long_with_the_right_password(
+    hardened: GatewayProcess, hard_ports: HardPorts, ctx: ssl.SSLContext, clean_mailboxes: Dovecot
+) -> None:
+    # Logged in once, from its address: the gateway remembers the password.
+    client = poplib.POP3_SSL("localhost", hard_ports.pop3.implicit, context=ctx, timeout=20)
+    client.user("guarded")
+    assert client.pass_("guarded-pw").startswith(b"+OK maildrop has")
+    client.quit()
+    before = hardened.logfile.stat().st_size
+
+    right: list[float] = []
+    wrong: list[float] = []
+    for n in range(TRIES):
+        # Alternating which goes first, so drifting load favours neither.
+        order = [(right, "guarded-pw"), (wrong, "not-guarded-pw")]
+        for sample, password in order if n % 2 else reversed(order):
+            sample.append(refused_after(hard_ports, ctx, password))
+
+    p = mann_whitney_p(right, wrong)
+    gap = median(right) - median(wrong)
+    print(
+        f"\nrefusal from 127.0.0.2: right password median {median(right) * 1000:.2f} ms, "
+        f"wrong {median(wrong) * 1000:.2f} ms, gap {gap * 1000:+.2f} ms, Mann-Whitney p = {p:.3f}"
+    )
+    # Both kinds of refusal happened, each for what it was.
+    text = new_text(hardened, before)
+    assert text.count("from 127.0.0.2: address 127.0.0.2 not in allow_from") == TRIES
+    assert text.count("from 127.0.0.2: wrong password") == TRIES
+    assert p > SIGNIFICANCE
+    assert abs(gap) < MEDIAN_GAP
+
+
+# -- 4. a command line trickled a byte at a time -----------------------------------
+
+TRICKLE_EVERY = 0.5  # seconds: each byte resets the idle timer (600 s here)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "line", "reply"),
+    [
+        (
+            "pop3",
+            b"USER printer",
+            b"-ERR command line not completed in time, closing connection",
+        ),
+        (
+            "smtp",
+            b"EHLO trickle.example",
+            b"421 4.4.2 command line not completed in time, closing connection",
+        ),
+    ],
+)
+def test_trickled_command_line_is_cut_at_its_deadline(
+    hardened: GatewayProcess,
+    hard_ports: HardPorts,
+    ctx: ssl.SSLContext,
+    protocol: str,
+    line: bytes,
+    reply: bytes,
+) -> None:
+    port = hard_ports.pop3.implicit if protocol == "pop3" else hard_ports.smtp_implicit
+    with connect(port, ctx) as sock:
+        lines = Lines(sock)
+        lines.line()
+        started = time.monotonic()
+        sent = 0
+        answer = b""
+        while time.monotonic() - started < LINE_TIMEOUT + SLACK:
+            sock.sendall(line[sent % len(line) :][:1])  # never the line's end
+            sent += 1
+            readable, _, _ = select.select([sock], [], [], TRICKLE_EVERY)
+            if readable or sock.pending():  # type: ignore[attr-defined]
+                answer = lines.line()
+                break
+        elapsed = time.monotonic() - started
+        assert answer == reply, (answer, sent)
+        assert LINE_TIMEOUT - 0.1 <= elapsed <= LINE_TIMEOUT + SLACK
+        assert sent > 2  # it kept trickling until the deadline
+        assert lines.closed(SLACK)
+    hardened.wait_for_log(f'{protocol} session device=- peer=127.0.0.1')
+    hardened.wait_for_log('outcome="command line not completed in time"')
+
+
+# -- 5. stray entries in spool/control/ ----------------------------------------------
+
+
+def queue_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    gateway_cmd = Path(sys.executable).with_name("gateway")
+    return subprocess.run(
+        [str(gateway_cmd), "--config", str(gw.config), "queue", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def queued_ids(gw: GatewayProcess) -> list[str]:
+    result = queue_cli(gw, "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return [m["id"] for m in json.loads(result.stdout)["messages"] if m["account"] == "outbound"]
+
+
+def test_stray_entries_in_spool_control_do_not_block_queue_requests(
+    hardened: GatewayProcess, hard_ports: HardPorts, ctx: ssl.SSLContext
+) -> None:
+    already = set(queued_ids(hardened))
+    for n in range(2):
+        with smtplib.SMTP_SSL("localhost", hard_ports.smtp_implicit, context=ctx) as client:
+            client.login("mailer", "mailer-pw")
+            client.sendmail(
+                "outbound@example.com",
+                ["someone@example.org"],
+                f"Subject: stuck {n}\r\n\r\nthe upstream is down\r\n".encode(),
+            )
+    retried, deleted = sorted(set(queued_ids(hardened)) - already)
+    control = hardened.base_dir / "state" / "spool" / "control"
+    (control / "stray").mkdir()
+    (control / "garbage").write_bytes(b"\0\xffnot a request\n")
+
+    started = time.monotonic()
+    for verb, message_id in (("retry", retried), ("delete", deleted)):
+        result = queue_cli(hardened, verb, message_id)
+        assert result.returncode == 0 and "requested" in result.stdout, result
+    hardened.wait_for_log(f"retry of message {retried} requested by the admin", timeout=10)
+    hardened.wait_for_log(f"message {deleted} deleted by the admin", timeout=10)
+    assert time.monotonic() - started < 10
+    assert deleted not in queued_ids(hardened) and retried in queued_ids(hardened)
+    # The stray directory is left alone and reported once, the garbage removed.
+    assert (control / "stray").is_dir() and not (control / "garbage").exists()
+    log = hardened.log_text()
+    assert sum("'stray'" in x and "a directory" in x for x in log.splitlines()) == 1
