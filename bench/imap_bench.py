@@ -56,7 +56,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from bench.common import PeakRSS, make_message, wire_form  # noqa: E402
+from bench.common import BENCH_LIMITS, PeakRSS, make_message, wire_form  # noqa: E402
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
 from tests.harness.dovecot import Dovecot  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -210,6 +210,7 @@ def gateway_config(
         f'private_key = "{own.private_key}"',
         "[[pop3.listen]]",
         f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        BENCH_LIMITS,
         "[providers.dovecot]",
         f'imap = {{ host = "localhost", port = {dovecot.imaps_port}, tls = "implicit" }}',
         f'ca_file = "{upstream.ca_file}"',

@@ -55,6 +55,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
+from bench.common import BENCH_LIMITS  # noqa: E402
 from gateway.model import OAuthSettings  # noqa: E402
 from gateway.oauth.keys import load_key  # noqa: E402
 from gateway.oauth.store import TokenRecord, TokenStore  # noqa: E402
@@ -259,6 +260,7 @@ def gateway_config(
         f'state_dir = "{base / "state"}"',
         f'[tls]\ncertificate = "{tls_gw.certificate}"\nprivate_key = "{tls_gw.private_key}"',
         f'[[pop3.listen]]\naddress = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        BENCH_LIMITS,
         "[providers.dovecot]",
         f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
         f'ca_file = "{tls_up.ca_file}"',

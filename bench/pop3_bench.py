@@ -69,7 +69,13 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from bench.common import PeakRSS, make_message, proc_status, wire_form  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH_LIMITS,
+    PeakRSS,
+    make_message,
+    proc_status,
+    wire_form,
+)
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
 from tests.harness.dovecot import Dovecot  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -648,6 +654,7 @@ def gateway_config(
         "idle_timeout = 600",
         "[[pop3.listen]]",
         f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        BENCH_LIMITS,
         "[providers.dovecot]",
         f'pop3 = {{ host = "{UPSTREAM_HOST[0]}", port = {setup.dovecot.pop3s_port}, '
         'tls = "implicit" }',

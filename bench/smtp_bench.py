@@ -51,6 +51,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
+from bench.common import BENCH_LIMITS  # noqa: E402
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
 from tests.harness.dovecot import Dovecot  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -162,6 +163,7 @@ class Bench:
                 "max_message_size = 10000000",
                 "[[smtp.listen]]",
                 f'address = "127.0.0.1"\nport = {self.gateway_port}\ntls = "starttls"',
+                BENCH_LIMITS,
                 "[providers.upstream]",
                 f'smtp = {{ host = "localhost", port = {self.dovecot.submission_port}, '
                 'tls = "starttls" }',

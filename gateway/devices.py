@@ -15,6 +15,15 @@ An unknown device name is checked against a dummy hash made with the same
 argon2 parameters as the configured devices' hashes: a check costs what its
 parameters say, so only then do an unknown name and a wrong password take
 equally long. It is made on first use, in the worker thread, not at import.
+
+Login penalties (gateway.penalties) are asked and told here, so POP3 and
+SMTP get them alike: a locked-out address is refused before any check (no
+argon2 time spent, nothing about the password shown); otherwise the pause
+an attempt earns is read after its check and before its result is counted,
+so it is the same whether the password was right or not. A refusal carries
+it to `gateway.sessions.LoginRefusals`, which waits it out (at least its own
+one second); a success waits it here before the device is let in, so a
+guesser cannot learn a right password by hanging up early.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ from typing import Any
 from argon2 import Parameters, PasswordHasher, extract_parameters, profiles
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from gateway.model import Device
+from gateway.penalties import NoPenalties, Penalized, PenaltyBook
 
 # What `gateway hash-password` makes: RFC 9106's second recommended profile
 # (64 MiB, t=3, p=4), named rather than the library's defaults, which change
@@ -59,10 +71,21 @@ def usual_parameters(hashes: Iterable[str]) -> Parameters:
 class AuthFailed(Exception):
     """Refused login. `reason` is for the log only; the peer sees one message."""
 
-    def __init__(self, reason: str, device: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        device: str | None = None,
+        *,
+        delay: float = 0.0,
+        penalized: tuple[Penalized, ...] = (),
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.device = device
+        # The login penalty's pause before the answer (the refusal waits at
+        # least its own), and the penalties this failure started, to log.
+        self.delay = delay
+        self.penalized = penalized
 
 
 @dataclass
@@ -80,7 +103,13 @@ class DeviceAuthenticator:
         *,
         run_in_thread: Callable[..., Deferred[Any]] = deferToThread,
         concurrent_checks: int = 2,
+        penalties: PenaltyBook | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        if penalties is not None and clock is None:
+            raise ValueError("login penalties need the clock that waits them out")
+        self._penalties: PenaltyBook = penalties if penalties is not None else NoPenalties()
+        self._clock = clock
         self._devices = devices
         self._hasher = PasswordHasher()
         self._run_in_thread = run_in_thread
@@ -92,6 +121,34 @@ class DeviceAuthenticator:
     async def authenticate(
         self, username: str, password: bytes, peer: str, protocol: str
     ) -> Device:
+        book = self._penalties
+        if book.locked(peer):
+            known = username if username in self._devices else None
+            raise AuthFailed("address locked out", known, delay=book.delay_for(peer, username))
+        try:
+            device = await self._check(username, password, peer, protocol)
+        except AuthFailed as refusal:
+            name = refusal.device or username
+            refusal.delay = book.delay_for(peer, name)
+            refusal.penalized = book.failed(peer, name, self._attempt(name, password))
+            raise
+        delay = book.delay_for(peer, device.name)
+        if book.locked(peer):
+            # Locked by parallel attempts while this one was checked: refused
+            # right or wrong, so a guess in flight learns nothing.
+            raise AuthFailed("address locked out", device.name, delay=delay)
+        book.succeeded(peer, device.name)
+        if delay > 0 and self._clock is not None:
+            await deferLater(self._clock, delay, lambda: None)
+        return device
+
+    def _attempt(self, name: str, password: bytes) -> bytes:
+        """A keyed digest of one name-and-password attempt: the penalty book
+        tells a repeated attempt from a new guess without holding the password."""
+        data = name.encode("utf-8", "surrogatepass") + b"\0" + password
+        return hmac.new(self._key, data, hashlib.sha256).digest()[:8]
+
+    async def _check(self, username: str, password: bytes, peer: str, protocol: str) -> Device:
         device = self._devices.get(username)
         if device is None:
             await self._checks.run(self._run_in_thread, self._verify_unknown, password)

@@ -29,6 +29,9 @@ UpstreamProtocol = Literal["pop3", "imap", "smtp"]
 POP3Auth = Literal["auto", "user", "plain"]
 AccountAuth = Literal["password", "oauth2"]
 MailboxKind = Literal["pop3", "imap", "graph"]
+# How an account's spooled mail leaves: the provider's SMTP service, or
+# Microsoft Graph's sendMail (`gateway.smtp.graph_delivery`).
+RelayKind = Literal["smtp", "graph"]
 SASLChoice = Literal["auto", "xoauth2", "oauthbearer"]
 Grant = Literal["device_code", "authorization_code", "client_credentials", "service_account"]
 # Whether the app registration may hold its secret (RFC 6749 2.1). "auto": the
@@ -48,6 +51,7 @@ UPSTREAM_PROTOCOLS: Final[tuple[UpstreamProtocol, ...]] = get_args(UpstreamProto
 POP3_AUTH_CHOICES: Final[tuple[POP3Auth, ...]] = get_args(POP3Auth)
 ACCOUNT_AUTH_CHOICES: Final[tuple[AccountAuth, ...]] = get_args(AccountAuth)
 MAILBOX_CHOICES: Final[tuple[MailboxKind, ...]] = get_args(MailboxKind)
+RELAY_CHOICES: Final[tuple[RelayKind, ...]] = get_args(RelayKind)
 SASL_CHOICES: Final[tuple[SASLChoice, ...]] = get_args(SASLChoice)
 GRANTS: Final[tuple[Grant, ...]] = get_args(Grant)
 CLIENT_TYPES: Final[tuple[ClientType, ...]] = get_args(ClientType)
@@ -203,6 +207,12 @@ class Account:
     allowed_senders: tuple[str, ...] = ()
     rewrite_sender: bool = False
     rewrite_from_header: bool = False
+    # SMTP relay path; None: Graph when the provider has no smtp endpoint and
+    # the account's maildrop is Graph, else SMTP (`gateway.smtp.relay_path`).
+    relay: RelayKind | None = None
+    # Graph relay: a copy in Sent Items. Graph's MIME send always keeps one
+    # (api/user-sendmail), so only true is accepted.
+    save_to_sent: bool = True
 
 
 @dataclass(frozen=True)
@@ -334,6 +344,53 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """How many device connections the gateway holds at once, and for how long
+    (`[limits]`, POP3 and SMTP counted together).
+
+    Sized for a site of some hundred devices: a printer or scanner holds one
+    or two sessions, so a device or an address far above that is a loop, a
+    scanner or an attack, not a device at work.
+    """
+
+    # All device connections at once, both protocols.
+    max_connections: int = 1000
+    # From one source address (the PROXY protocol's address behind a balancer).
+    max_connections_per_address: int = 20
+    # Sessions one device is logged in to at once, both protocols.
+    max_sessions_per_device: int = 4
+    # Seconds a session may last in all, busy or not (the idle timeouts still
+    # apply); then it is closed like an idle one, deleting nothing upstream.
+    max_session_lifetime: float = 3600.0
+
+
+@dataclass(frozen=True)
+class PenaltySettings:
+    """`[penalties]`: login penalties after Dovecot's auth penalty (gateway.penalties).
+
+    Each failed login from an address (an IPv6 address by its /`ipv6_prefix`
+    network) doubles the pause before the next answer to it, 2, 4, 8 s up to
+    `max_delay`; `lockout_after` failures within `lockout_window` refuse the
+    address outright for `lockout_time`. The same per device name and address,
+    and a device name failing `device_slow_after` times from all addresses
+    slows every address it has not logged in from (never locks them).
+    """
+
+    enabled: bool = True
+    max_delay: float = 15.0
+    lockout_after: int = 10
+    lockout_window: float = 600.0
+    lockout_time: float = 900.0
+    device_slow_after: int = 30
+    ipv6_prefix: int = 64
+    # Exempt from every penalty (a webmail host, a monitoring probe).
+    trusted: tuple[IPNetwork, ...] = ()
+    # Addresses, device names and (device, address) pairs remembered, at most,
+    # each: unknown names and rotating addresses cannot grow memory past it.
+    max_entries: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     tls: TLSFiles | None
@@ -344,6 +401,8 @@ class Config:
     admin: AdminSettings | None = None
     log: LogSettings = field(default_factory=LogSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    penalties: PenaltySettings = field(default_factory=PenaltySettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)

@@ -84,6 +84,10 @@ LIVE = frozenset(
         "smtp.message_lifetime",
         "oauth.refresh_margin",
         "oauth.idle_refresh_interval",
+        "limits.max_connections",
+        "limits.max_connections_per_address",
+        "limits.max_sessions_per_device",
+        "limits.max_session_lifetime",
     }
 )
 _NOT_SETTINGS = frozenset({"providers", "accounts", "devices", "source", "warnings"})

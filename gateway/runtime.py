@@ -26,6 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.devices import DeviceAuthenticator
 from gateway.holder import ConfigHolder
+from gateway.limits import ConnectionLimits
 from gateway.locks import AccountLocks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
 from gateway.maildrop.graph import open_graph_maildrop
@@ -68,9 +69,13 @@ class Runtime:
     graph_sizes: GraphSizeStore | None = None
     # What reads the configuration subscribes here, or reads its live mappings.
     holder: ConfigHolder = field(init=False)
+    # The connection counts of both protocols' listeners; the limits are read
+    # from the current configuration at each connect.
+    limits: ConnectionLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.holder = ConfigHolder(self.config)
+        self.limits = ConnectionLimits(lambda: self.config.limits)
         self.holder.on_reload(self._reconfigure)
 
     def _reconfigure(self, config: Config) -> None:

@@ -18,6 +18,7 @@ from gateway.admin.service import admin_services
 from gateway.devices import DeviceAuthenticator
 from gateway.model import Config
 from gateway.oauth.manager import TokenManager
+from gateway.penalties import penalty_book
 from gateway.pop3.service import pop3_services
 from gateway.reload import Reloader, ReloadOnHangup
 from gateway.runtime import Runtime
@@ -39,7 +40,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         config=config,
         reactor=reactor,
         identity=load_server_identity(config.tls) if config.tls else None,
-        authenticator=DeviceAuthenticator(config.devices),
+        authenticator=DeviceAuthenticator(
+            config.devices, penalties=penalty_book(config.penalties, reactor), clock=reactor
+        ),
     )
     reloader = Reloader(runtime, parent=top, make_tokens=lambda c: token_manager(c, reactor))
     tokens = token_manager(config, reactor)

@@ -7,6 +7,13 @@ way: one log line fail2ban can match, a pause before the answer, and a limit
 of failures per connection. The protocol-specific counters and reply texts
 stay in each server.
 
+The pause is one second, or the login penalty's pause (gateway.penalties)
+when that is longer: 1, 2, 4, 8, 15 s for failures in a row from one
+address. A penalty a failure starts (an address locked out, a device name
+slowed) gets its own line in the `gateway.penalties` namespace; the
+lockout's reads `login lockout for ADDRESS: ...`, which the shipped fail2ban
+filter matches too.
+
 Every value in a log line goes through `log_value`: a user name a device
 sent is as untrusted as any other input, and a line must not be forgeable
 (a LF starts a new one) nor readable two ways (`ghost from 10.77.77.77:
@@ -27,10 +34,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from gateway.devices import AuthFailed
+from gateway.penalties import Penalized
 from gateway.tls import describe
 
 # Refuse further logins on a connection after this many failures.
 MAX_AUTH_FAILURES = 3
+
+penalty_log = Logger(namespace="gateway.penalties")
 
 # Written as they are: names, addresses, numbers. Nothing here can end a
 # field or a line, or open a quoted value.
@@ -146,10 +156,41 @@ class LoginRefusals:
             peer=log_value(self._record.peer),
             reason=refusal.reason,
         )
-        await deferLater(self._clock, self._delay, lambda: None)
+        for penalty in refusal.penalized:
+            log_penalty(penalty, self._record.peer)
+        await deferLater(self._clock, max(self._delay, refusal.delay), lambda: None)
         if not connected():
             return Refused.GONE
         if len(self._record.auth_failures) >= self._limit:
             self._record.outcome = "too many login failures"
             return Refused.CLOSE
         return Refused.ANSWER
+
+
+def log_penalty(penalty: Penalized, peer: str) -> None:
+    """The line for a penalty that starts. A lockout's names the address the
+    gateway saw before anything else that varies, so the fail2ban filter's
+    <HOST> is never a client's text; a slowdown names no address (it is
+    about a device name, from everywhere) and no filter matches it."""
+    if penalty.kind == "lockout":
+        penalty_log.warn(
+            "login lockout for {peer}: {failures} failed logins within {window} s from "
+            "{network}, refused for {seconds} s",
+            penalty="lockout",
+            peer=log_value(peer),
+            network=log_value(penalty.network),
+            device=log_value(penalty.device),
+            failures=penalty.failures,
+            window=round(penalty.window),
+            seconds=round(penalty.seconds),
+        )
+    else:
+        penalty_log.warn(
+            "login slowdown for device {device}: {failures} failed logins within {window} s "
+            "from all addresses; addresses it has not logged in from wait up to {seconds} s",
+            penalty="device_slowdown",
+            device=log_value(penalty.device),
+            failures=penalty.failures,
+            window=round(penalty.window),
+            seconds=round(penalty.seconds),
+        )

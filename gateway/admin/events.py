@@ -13,7 +13,10 @@ Which event is which, by namespace and fields:
   and ``duration``;
 - a refused login: the same namespaces with ``device``, ``peer`` and
   ``reason`` and no ``outcome``;
-- a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``.
+- a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``;
+- a login penalty that starts: namespace ``gateway.penalties`` with ``penalty``;
+- a connection refused for a limit: namespace ``gateway.limits`` with
+  ``limit`` and ``protocol``.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
 from gateway.admin.metrics import GatewayMetrics, login_reason
+from gateway.limits import LIMIT_NAMES
 
 log = Logger(namespace="gateway.admin")
 
 SESSION_NAMESPACES = {"gateway.pop3": "pop3", "gateway.smtp": "smtp"}
 RELAY_NAMESPACE = "gateway.smtp.relay"
+LIMITS_NAMESPACE = "gateway.limits"
+LIMITS = frozenset(LIMIT_NAMES)
 DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
+PENALTY_NAMESPACE = "gateway.penalties"
+PENALTY_KINDS = frozenset({"lockout", "device_slowdown"})
 
 
 def _text(event: Mapping[str, Any], key: str) -> Any:
@@ -84,6 +92,11 @@ class MetricsObserver:
                     self._refused_login(protocol, event)
             elif namespace == RELAY_NAMESPACE and "delivery" in event:
                 self._delivery(event)
+            elif namespace == LIMITS_NAMESPACE and "limit" in event:
+                self._refused_connection(event)
+            elif namespace == PENALTY_NAMESPACE and "penalty" in event:
+                kind = event["penalty"]
+                self.metrics.penalties.labels(kind if kind in PENALTY_KINDS else "other").inc()
         except Exception:
             # Never let a metrics bug disturb logging; say so once per event.
             self.metrics.observer_errors.inc()
@@ -124,6 +137,14 @@ class MetricsObserver:
         reason = login_reason(event.get("reason"))
         self.metrics.logins.labels(protocol, "failure", reason).inc()
         self.metrics.device_logins.refused(_text(event, "device"), reason)
+
+    def _refused_connection(self, event: Mapping[str, Any]) -> None:
+        protocol = event.get("protocol")
+        limit = event.get("limit")
+        self.metrics.connections_refused.labels(
+            protocol if protocol in SESSION_NAMESPACES.values() else "other",
+            limit if limit in LIMITS else "other",
+        ).inc()
 
     def _delivery(self, event: Mapping[str, Any]) -> None:
         outcome = event.get("delivery")

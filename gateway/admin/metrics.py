@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway.admin.upstream_timing import UPSTREAM_STEP_SECONDS
+from gateway.timing import UPSTREAM_STEP_SECONDS
 
 # Distinct values one free-text label may take before new ones count as "other".
 MAX_LABEL_VALUES = 40
@@ -35,6 +35,7 @@ _LABEL_TEXT = re.compile(r"[A-Za-z0-9 ,._:/-]{1,80}")
 LOGIN_REASONS: tuple[tuple[str, str], ...] = (
     ("unknown device", "unknown_device"),
     ("wrong password", "wrong_password"),
+    ("address locked out", "locked_out"),
     ("address ", "address_not_allowed"),
     ("protocol ", "protocol_not_allowed"),
 )
@@ -195,6 +196,20 @@ class GatewayMetrics:
         self.delivered_recipients = Counter(
             "gateway_relay_recipients_delivered",
             "Recipients the upstream accepted from the relay.",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "Device connections refused or closed for a connection limit, by protocol "
+            "and limit (total, address, device; see [limits]).",
+            ["protocol", "limit"],
+            registry=r,
+        )
+        self.penalties = Counter(
+            "gateway_login_penalties",
+            "Login penalties started (gateway.penalties): lockout (an address refused "
+            "outright), device_slowdown (a device name failing from many addresses).",
+            ["kind"],
             registry=r,
         )
         self.observer_errors = Counter(

@@ -14,6 +14,7 @@ from gateway.model import (
     DELETE_POLICIES,
     GRANTS,
     MAILBOX_CHOICES,
+    RELAY_CHOICES,
     Account,
     Grant,
     Provider,
@@ -62,6 +63,19 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
     rewrite_from_header = table.boolean(
         "rewrite_from_header", field_default(Account, "rewrite_from_header")
     )
+    relay = table.choice("relay", RELAY_CHOICES, None)
+    save_to_sent = table.boolean("save_to_sent", field_default(Account, "save_to_sent"))
+    if save_to_sent is False:
+        # api/user-sendmail: a MIME send "saves the message in the Sent Items
+        # folder"; saveToSentItems exists only for JSON messages, and a draft's
+        # send (api/message-send) saves it too.
+        table.problem(
+            "save_to_sent",
+            "Microsoft Graph keeps a copy of every MIME message it sends in Sent Items; "
+            "it cannot be turned off for relayed mail",
+        )
+    if relay == "graph" and auth != "oauth2":
+        table.problem("relay", 'relay = "graph" needs auth = "oauth2"')
     if (
         not table.reader.clean_since(mark)
         or provider is None
@@ -90,6 +104,7 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
         allowed_senders=senders,
         rewrite_sender=rewrite_sender,
         rewrite_from_header=rewrite_from_header,
+        relay=relay,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway.config.accounts import check_oauth_accounts
 from gateway.config.reader import Reader, key_path
 from gateway.model import Account, Device, Provider
+from gateway.smtp.relay_path import can_relay
 
 
 def served_protocols(
@@ -18,7 +19,7 @@ def served_protocols(
 ) -> dict[str, frozenset[str]]:
     """The device protocols each account's provider can serve: POP3 when it has
     the account's maildrop endpoint (pop3, or imap for an IMAP-backed account),
-    SMTP when it has an smtp endpoint."""
+    SMTP when it has an smtp endpoint or the account relays through Graph."""
     served: dict[str, frozenset[str]] = {}
     for account in accounts.values():
         provider = providers.get(account.provider)
@@ -27,7 +28,7 @@ def served_protocols(
         protocols = set()
         if getattr(provider, account.mailbox) is not None:
             protocols.add("pop3")
-        if provider.smtp is not None:
+        if can_relay(account, provider):
             protocols.add("smtp")
         served[account.name] = frozenset(protocols)
     return served
@@ -59,6 +60,8 @@ def check_upstreams(
         if "smtp" in device.protocols and smtp_listening:
             needs.append(("smtp", "smtp"))
         for protocol, endpoint in needs:
+            if protocol == "smtp" and can_relay(account, provider):
+                continue
             if getattr(provider, endpoint) is None:
                 reader.add(
                     key_path(key_path("devices", device.name), "account"),

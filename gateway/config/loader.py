@@ -25,7 +25,14 @@ from gateway.config.problems import ConfigError, Problem, os_error
 from gateway.config.providers import provider
 from gateway.config.reader import Reader, Table
 from gateway.config.secrets import check_config_file, check_state_dir
-from gateway.config.settings import oauth_section, pop3_section, proxy_section, smtp_section
+from gateway.config.settings import (
+    limits_section,
+    oauth_section,
+    penalties_section,
+    pop3_section,
+    proxy_section,
+    smtp_section,
+)
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
@@ -51,7 +58,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     log_settings = log_section(root.table("log"))
     proxy = proxy_section(root.table("proxy"))
     check_proxy_listeners(reader, proxy)
+    penalties = penalties_section(root.table("penalties"))
     oauth = oauth_section(root.table("oauth"))
+    limits = limits_section(root.table("limits"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
@@ -81,6 +90,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         admin=admin,
         log=log_settings,
         proxy=proxy,
+        limits=limits,
+        penalties=penalties,
         providers=providers,
         accounts=accounts,
         devices=devices,

@@ -1,4 +1,4 @@
-"""`[pop3]`, `[smtp]`, `[oauth]` and `[proxy]`: listeners and the tunables of each service.
+"""`[pop3]`, `[smtp]`, `[oauth]`, `[proxy]`, `[penalties]`, `[limits]`: each service's tunables.
 
 A tunable that had a problem falls back to the model's default here; the
 object is never used then, since the loader raises for every problem.
@@ -12,7 +12,14 @@ from gateway.config.devices import network
 from gateway.config.listeners import listeners
 from gateway.config.reader import Table
 from gateway.config.secrets import check_secret_file
-from gateway.model import OAuthSettings, POP3Settings, ProxySettings, SMTPSettings
+from gateway.model import (
+    LimitSettings,
+    OAuthSettings,
+    PenaltySettings,
+    POP3Settings,
+    ProxySettings,
+    SMTPSettings,
+)
 
 T = TypeVar("T")
 
@@ -97,4 +104,59 @@ def proxy_section(table: Table) -> ProxySettings:
     return ProxySettings(
         trusted=tuple(built for built in trusted if built is not None),
         header_timeout=_or(header_timeout, d.header_timeout),
+    )
+
+
+def limits_section(table: Table) -> LimitSettings:
+    """Connection limits. Each is a positive number: a limit an admin wants
+    out of the way is set high, never switched off by a zero read as "none"."""
+    d = LimitSettings()
+    most = 1_000_000
+    max_connections = table.integer("max_connections", d.max_connections, low=1, high=most)
+    per_address = table.integer(
+        "max_connections_per_address", d.max_connections_per_address, low=1, high=most
+    )
+    per_device = table.integer(
+        "max_sessions_per_device", d.max_sessions_per_device, low=1, high=most
+    )
+    lifetime = table.seconds("max_session_lifetime", d.max_session_lifetime)
+    table.finish()
+    return LimitSettings(
+        max_connections=_or(max_connections, d.max_connections),
+        max_connections_per_address=_or(per_address, d.max_connections_per_address),
+        max_sessions_per_device=_or(per_device, d.max_sessions_per_device),
+        max_session_lifetime=_or(lifetime, d.max_session_lifetime),
+    )
+
+
+def penalties_section(table: Table) -> PenaltySettings:
+    """Login penalties (gateway.penalties). A trusted network is never
+    slowed nor locked out: naming every address would switch them off, which
+    `enabled = false` says plainly."""
+    d = PenaltySettings()
+    enabled = table.boolean("enabled", d.enabled)
+    max_delay = table.seconds("max_delay", d.max_delay)
+    lockout_after = table.integer("lockout_after", d.lockout_after, low=1, high=10000)
+    lockout_window = table.seconds("lockout_window", d.lockout_window)
+    lockout_time = table.seconds("lockout_time", d.lockout_time)
+    device_slow_after = table.integer(
+        "device_slow_after", d.device_slow_after, low=1, high=1_000_000
+    )
+    ipv6_prefix = table.integer("ipv6_prefix", d.ipv6_prefix, low=16, high=128)
+    max_entries = table.integer("max_entries", d.max_entries, low=100, high=10_000_000)
+    trusted = [network(path, text, table.reader) for path, text in table.strings("trusted")]
+    for built in trusted:
+        if built is not None and built.prefixlen == 0:
+            table.problem("trusted", f"{built} includes every address: write enabled = false")
+    table.finish()
+    return PenaltySettings(
+        enabled=_or(enabled, d.enabled),
+        max_delay=_or(max_delay, d.max_delay),
+        lockout_after=_or(lockout_after, d.lockout_after),
+        lockout_window=_or(lockout_window, d.lockout_window),
+        lockout_time=_or(lockout_time, d.lockout_time),
+        device_slow_after=_or(device_slow_after, d.device_slow_after),
+        ipv6_prefix=_or(ipv6_prefix, d.ipv6_prefix),
+        trusted=tuple(built for built in trusted if built is not None),
+        max_entries=_or(max_entries, d.max_entries),
     )

@@ -50,6 +50,7 @@ from gateway.maildrop.graph_sizes import GraphSizeStore
 from gateway.maildrop.graph_wire import CRLFLines, WireCounter
 from gateway.maildrop.imap_writers import TopWriter
 from gateway.state import StateError
+from gateway.timing import timed_step
 from gateway.tls import TLSSetupError, load_trust_root
 from gateway.upstream.graph import (
     SHARED_SLOTS,
@@ -154,7 +155,8 @@ class GraphMaildrop:
 
         pump = BodyPump(on_data, sink)
         try:
-            await self.mailbox.message_value(message.id, pump)
+            fetching = self.mailbox.message_value(message.id, pump)
+            await timed_step("graph", self._account.provider, "retrieve", fetching)
         except GraphNotFound as e:
             if started:
                 raise UpstreamLost(e.detail) from None
@@ -330,7 +332,8 @@ async def open_graph_maildrop(
         )
     )
     try:
-        messages = await _snapshot(mailbox, account, sizes, measure_limit)
+        listing = _snapshot(mailbox, account, sizes, measure_limit)
+        messages = await timed_step("graph", provider.name, "open", listing)
     except BaseException:
         mailbox.cancel_all()
         if pool is not None:

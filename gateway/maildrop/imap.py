@@ -56,6 +56,7 @@ from gateway.maildrop.uidl_map import (
     rematch,
 )
 from gateway.state import StateError
+from gateway.timing import timed_step
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.credentials import note_refused, note_succeeded
 from gateway.upstream.imap import (
@@ -216,7 +217,8 @@ class IMAPMaildrop:
             raise NoSuchMessage(f"message {msg} is not in the snapshot of {len(self.sizes)}")
         uid = self._snapshot.uids[msg - 1]
         if lines is None:
-            await self._retr(uid, self._snapshot.sizes[msg - 1], sink)
+            retr = self._retr(uid, self._snapshot.sizes[msg - 1], sink)
+            await timed_step("imap", self._account.provider, "retrieve", retr)
         else:
             if lines < 0:
                 raise ValueError("lines must not be negative")
@@ -483,9 +485,8 @@ async def open_imap_maildrop(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
     try:
-        snapshot = await at_open(
-            client, take_snapshot(client, account.folder), "snapshot at login failed"
-        )
+        opening = timed_step("imap", provider.name, "open", take_snapshot(client, account.folder))
+        snapshot = await at_open(client, opening, "snapshot at login failed")
     except MaildropError as e:
         # Microsoft refuses a token without mailbox rights here, not at login.
         note_refused(tokens, account, e)

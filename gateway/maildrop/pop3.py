@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from gateway.maildrop import NoSuchMessage, UpstreamUnavailable
 from gateway.maildrop.opening import at_open
+from gateway.timing import timed_step
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.credentials import note_succeeded
 from gateway.upstream.pipeline import outcomes
@@ -36,7 +37,10 @@ log = Logger()
 class POP3Maildrop:
     """One logged-in upstream POP3 session, seen through the `Maildrop` interface."""
 
-    def __init__(self, client: POP3Client, sizes: Sequence[int], *, account: str = "") -> None:
+    def __init__(
+        self, client: POP3Client, sizes: Sequence[int], *, account: str = "", provider: str = ""
+    ) -> None:
+        self._provider = provider
         self._client = client
         self._sizes = tuple(sizes)
         self._account = account
@@ -73,7 +77,7 @@ class POP3Maildrop:
                 raise ValueError("lines must not be negative")
             line = b"TOP %d %d" % (msg, lines)
         try:
-            await self._client.retrieve(line, sink)
+            await timed_step("pop3", self._provider, "retrieve", self._client.retrieve(line, sink))
         except ServerError as e:
             raise NoSuchMessage(f"{self._client.peer}: {e}") from None
 
@@ -170,9 +174,10 @@ async def open_pop3_maildrop(
     client = await open_session(
         account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
     )
-    sizes = await at_open(client, _list(client), "LIST at login failed")
+    listing = timed_step("pop3", provider.name, "open", _list(client))
+    sizes = await at_open(client, listing, "LIST at login failed")
     note_succeeded(tokens, account)
-    return POP3Maildrop(client, sizes, account=account.name)
+    return POP3Maildrop(client, sizes, account=account.name, provider=provider.name)
 
 
 async def _list(client: POP3Client) -> tuple[int, ...]:

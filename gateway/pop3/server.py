@@ -14,22 +14,17 @@ import base64
 import binascii
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
-from twisted.internet.interfaces import (
-    IConsumer,
-    IOpenSSLServerConnectionCreator,
-    IProducer,
-    IReactorTime,
-)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
+from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits, Slot
 from gateway.locks import AccountLocks, mailbox_key
 from gateway.maildrop import (
     Maildrop,
@@ -38,7 +33,7 @@ from gateway.maildrop import (
     UpstreamLost,
     UpstreamRejected,
 )
-from gateway.model import Account, Listener
+from gateway.model import Account, Listener, listener_name
 from gateway.net import set_no_delay
 from gateway.pop3.parser import (
     BadCommand,
@@ -50,6 +45,7 @@ from gateway.pop3.parser import (
     parse_line_count,
     parse_message_number,
 )
+from gateway.pop3.sink import MessageSink
 from gateway.sessions import BaseSessionRecord, LoginRefusals, Refused, log_value, peer_host
 
 log = Logger(namespace="gateway.pop3")
@@ -76,48 +72,12 @@ class SessionRecord(BaseSessionRecord):
     bytes_out: int = 0
 
 
-@implementer(IConsumer)
-class _MessageSink:
-    """Where a maildrop streams one message: the device transport, plus the
-    status line sent just before the first byte, byte counting, and the
-    guarantee that the terminating "." starts a line of its own."""
-
-    def __init__(self, transport: IDeviceTransport, flow: IConsumer) -> None:
-        self._transport = transport
-        self._flow = flow
-        self.started = False
-        self.octets = 0
-        self._tail = b"\r\n"
-
-    def _start(self) -> None:
-        if not self.started:
-            self.started = True
-            self._transport.write(b"+OK message follows\r\n")
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self._start()
-        self.octets += len(data)
-        self._tail = (self._tail + data)[-2:] if len(data) < 2 else data[-2:]
-        self._transport.write(data)
-
-    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        self._flow.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._flow.unregisterProducer()
-
-    def finish(self) -> None:
-        self._start()
-        self._transport.write(b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n")
-
-
 class POP3Server(Protocol):
     factory: POP3ServerFactory
     transport: IDeviceTransport
     _queue: CommandQueue
     _refusals: LoginRefusals
+    _slot: Slot
 
     def __init__(self) -> None:
         self.phase = Phase.AUTHORIZATION
@@ -160,6 +120,9 @@ class POP3Server(Protocol):
         )
         self._tls = factory.listener.tls == "implicit"
         set_no_delay(self.transport)
+        self._slot = factory.limits.admit("pop3", self.record.peer, factory.clock, self._expired)
+        if self._slot.refused is not None:
+            return self._close_for(self._slot.refused)
         self._write_line(b"+OK POP3 gateway ready")
 
     def dataReceived(self, data: bytes) -> None:
@@ -178,6 +141,24 @@ class POP3Server(Protocol):
         self._write_line(b"-ERR command line not completed in time, closing connection")
         self._queue.lose_connection()
 
+    def _expired(self) -> None:
+        if self.phase is Phase.UPDATE:
+            return  # the device's QUIT is being carried out: the session is ending
+        if self._queue.busy:
+            # A reply may be half sent (RETR): no -ERR in the middle of it.
+            self.record.outcome = LIFETIME_EXCEEDED
+            return self.transport.abortConnection()
+        self._close_for(LIFETIME_EXCEEDED)
+
+    def _close_for(self, reason: str) -> None:
+        """Refuse or end the session for a limit: a drop, never QUIT, so nothing
+        is deleted upstream (`connectionLost` aborts the maildrop)."""
+        self.record.outcome = reason
+        self._err(f"{reason}, closing connection", "SYS/TEMP")
+        self._connected = False
+        self._queue.lose_connection()
+        self._slot.closing(self.transport.abortConnection)
+
     def _stalled(self) -> None:
         # Nothing more can be sent to a device that does not read.
         self.record.outcome = "not reading replies"
@@ -186,6 +167,7 @@ class POP3Server(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
         self._queue.stop()
+        self._slot.close()
         if self.phase is not Phase.UPDATE:
             # RFC 1939: a session that ends without QUIT never enters UPDATE;
             # the upstream is dropped without QUIT so nothing is deleted.
@@ -339,6 +321,8 @@ class POP3Server(Protocol):
             return
         account = factory.accounts[device.account]
         self.record.device, self.record.account = device.name, account.name
+        if (over := self._slot.login(device.name)) is not None:
+            return self._close_for(over)
         lock = mailbox_key(account)
         if not factory.locks.acquire(lock, device.name):
             log.info(
@@ -453,7 +437,7 @@ class POP3Server(Protocol):
         return None if msg is None else self._send(msg, lines)
 
     async def _send(self, msg: int, lines: int | None) -> None:
-        sink = _MessageSink(self.transport, self._queue.output)
+        sink = MessageSink(self.transport, self._queue.output)
         try:
             await self._drop.retrieve(msg, sink, lines)
         except MaildropError as e:
@@ -544,6 +528,7 @@ class POP3Server(Protocol):
             "cipher={tls_cipher} listed={listed} retrieved={retrieved} deleted={deleted} "
             "bytes={bytes_out} duration={duration:.3f}s outcome={outcome}",
             **r.log_fields(self.factory.clock.seconds()),
+            listener=listener_name(self.factory.listener),
             listed=r.listed,
             retrieved=r.retrieved,
             deleted=r.deleted,
@@ -594,3 +579,5 @@ class POP3ServerFactory(Factory[POP3Server]):
     stall_timeout: float = 120.0
     line_timeout: float = 60.0
     auth_failure_delay: float = 1.0
+    # Shared with every listener of both protocols (the runtime's).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)

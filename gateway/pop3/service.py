@@ -26,6 +26,7 @@ def pop3_services(runtime: Runtime) -> list[IService]:
             open_maildrop=runtime.open_maildrop,
             locks=runtime.locks,
             clock=runtime.reactor,
+            limits=runtime.limits,
             idle_timeout=config.pop3.idle_timeout,
             stall_timeout=config.pop3.stall_timeout,
             line_timeout=config.pop3.line_timeout,

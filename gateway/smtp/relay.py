@@ -4,7 +4,8 @@ A worker delivers its account's due messages oldest first over up to
 `connections` upstream connections (logged in as the account), each reused
 for as long as messages keep coming and closed with QUIT after `keepalive`
 seconds without one. Accounts are independent: one provider being down delays
-only its own accounts.
+only its own accounts. An account that relays through Microsoft Graph gets a
+`GraphSession` (`gateway.smtp.graph_delivery`) instead of an SMTP connection.
 
 What happens after an attempt:
 
@@ -43,17 +44,19 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
-from gateway.admin.upstream_timing import timed_step
 from gateway.model import Account, Provider
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
+from gateway.smtp.relay_session import Session, SessionDeferred, transmit
 from gateway.smtp.relay_trouble import UpstreamTrouble
 from gateway.smtp.spool import QueueEntry, Spool, new_id
-from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError, send_message
+from gateway.timing import timed_step
+from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError
 
 log = Logger(namespace="gateway.smtp.relay")
 
-OpenSession = Callable[[Account, Provider], Awaitable[SMTPClient]]
+# An SMTP session, or a Graph one for accounts that relay through Graph.
+OpenSession = Callable[[Account, Provider], Awaitable[Session]]
 
 
 @dataclass(frozen=True)
@@ -306,14 +309,14 @@ class AccountWorker:
                 del self.in_flight[entry.id]
                 await self._after_attempt(entry)
 
-    async def deliver(self, lane: Lane, client: SMTPClient, entry: QueueEntry) -> None:
+    async def deliver(self, lane: Lane, client: Session, entry: QueueEntry) -> None:
         self.in_flight[entry.id] = entry
         try:
             envelope = entry.envelope
             recipients = entry.pending
             try:
                 with self.relay.spool.dir.open_message(entry) as source:
-                    sending = send_message(
+                    sending = transmit(
                         client,
                         sender=envelope.sender,
                         recipients=recipients,
@@ -322,11 +325,12 @@ class AccountWorker:
                         eight_bit=envelope.eight_bit or envelope.body == "8BITMIME",
                     )
                     provider = self.relay.accounts[self.account].provider
-                    result = await timed_step("smtp", provider, "send", sending)
+                    replies = await timed_step("smtp", provider, "send", sending)
             except SMTPUpstreamError as e:
                 lane.client = None
                 self.trouble.failed(e)
-                await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail)
+                not_before = e.retry_after if isinstance(e, SessionDeferred) else None
+                await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail, not_before)
                 return
             except Exception as e:
                 # A spool file gone or unreadable, or a bug: back off like any
@@ -338,7 +342,8 @@ class AccountWorker:
                     entry, dict.fromkeys(recipients), f"internal error: {type(e).__name__}: {e}"
                 )
                 return
-            await self._judge(entry, result.replies, client.peer)
+            self.trouble.logged_in()
+            await self._judge(entry, replies, client.peer)
         finally:
             del self.in_flight[entry.id]
             await self._after_attempt(entry)
@@ -377,9 +382,14 @@ class AccountWorker:
         await self._settle(entry)
 
     async def _attempt_failed(
-        self, entry: QueueEntry, deferred: Mapping[str, Reply | None], error: str
+        self,
+        entry: QueueEntry,
+        deferred: Mapping[str, Reply | None],
+        error: str,
+        not_before: float | None = None,
     ) -> None:
-        """Count a failed attempt for the `deferred` recipients; retry or expire."""
+        """Count a failed attempt for the `deferred` recipients; retry or expire
+        (not within `not_before` seconds, when the upstream asked for that)."""
         state = entry.state
         now = self.relay.clock.seconds()
         state.attempts += 1
@@ -397,7 +407,8 @@ class AccountWorker:
             )
             await self._settle(entry)
             return
-        state.next_attempt = min(now + self.relay.retry.delay(state.attempts), expiry)
+        delay = max(self.relay.retry.delay(state.attempts), not_before or 0.0)
+        state.next_attempt = min(now + delay, expiry)
         await self.relay.spool.save(entry)
         log.warn(
             "smtp deferred {id} account={account} attempt={attempts} retry_in={delay:.0f}s: "
@@ -488,7 +499,7 @@ class Lane:
     def __init__(self, worker: AccountWorker, number: int) -> None:
         self.worker = worker
         self.number = number
-        self.client: SMTPClient | None = None
+        self.client: Session | None = None
         self.running: Deferred[None] | None = None
         self._idle: IDelayedCall | None = None
 
@@ -513,14 +524,16 @@ class Lane:
             if due:
                 await worker.deliver(self, client, due[0])
 
-    async def _session(self) -> SMTPClient:
+    async def _session(self) -> Session:
         if self.client is not None and not self.client.ended:
             return self.client
         self.client = None
         relay = self.worker.relay
         account = relay.accounts[self.worker.account]
         self.client = await relay.open_session(account, relay.providers[account.provider])
-        self.worker.trouble.logged_in()
+        if isinstance(self.client, SMTPClient):
+            # Logged in; a Graph session proves nothing before its first send.
+            self.worker.trouble.logged_in()
         return self.client
 
     def _crashed(self, failure: TwistedFailure) -> None:

@@ -19,7 +19,7 @@ the spool and fsynced; the relay takes it from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
-from gateway.model import Account, Device, Listener, Provider
+from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits
+from gateway.model import Account, Device, Listener, Provider, listener_name
 from gateway.net import set_no_delay
 from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
@@ -55,6 +56,7 @@ from gateway.smtp.policy import (
 )
 from gateway.smtp.record import LINE as session_line
 from gateway.smtp.record import SessionRecord
+from gateway.smtp.relay_path import can_relay, device_size_limit
 from gateway.smtp.spool import QueueEntry, Spool
 
 log = Logger(namespace="gateway.smtp")
@@ -129,6 +131,9 @@ class SMTPServer(Protocol):
         self._tls = factory.listener.tls == "implicit"
         self._network_device = factory.network_devices.find(self.record.peer)
         set_no_delay(self.transport)
+        self._slot = factory.limits.admit("smtp", self.record.peer, factory.clock, self._close_for)
+        if self._slot.refused is not None:
+            return self._close_for(self._slot.refused)
         self._reply(220, None, f"{factory.hostname} ESMTP mail gateway ready")
         self._flush()
 
@@ -149,6 +154,14 @@ class SMTPServer(Protocol):
         self._reply(421, "4.4.2", "command line not completed in time, closing connection")
         self._close()
 
+    def _close_for(self, reason: str = LIFETIME_EXCEEDED) -> None:
+        if reason == LIFETIME_EXCEEDED and self._queue.busy:  # a password check, an fsync
+            return self._slot.postpone(1.0)  # gets its answer first
+        self.record.outcome = reason
+        self._reply(421, "4.7.0", f"{reason}, closing connection")
+        self._close()
+        self._slot.closing(self.transport.abortConnection)
+
     def _stalled(self) -> None:
         # Nothing more can be sent to a client that does not read.
         self.record.outcome = "not reading replies"
@@ -158,6 +171,7 @@ class SMTPServer(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._connected = False
         self._queue.stop()
+        self._slot.close()
         if self._intake is not None:
             # Cut off in the middle of DATA: no 250 was sent, nothing is kept.
             self._intake.incoming.abort()
@@ -272,7 +286,7 @@ class SMTPServer(Protocol):
         lines = [
             f"{self.factory.hostname} greets {self._helo}",
             "PIPELINING",
-            f"SIZE {self.factory.max_message_size}",
+            f"SIZE {self._size_limit(self._network_device)}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
         ]
@@ -282,6 +296,10 @@ class SMTPServer(Protocol):
             lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         self._reply_lines(250, lines)
+
+    def _size_limit(self, device: Device | None) -> int:
+        f = self.factory
+        return device_size_limit(device, f.accounts, f.providers, f.max_message_size)
 
     def do_helo(self, command: Command) -> None:
         if not command.arg:
@@ -372,8 +390,10 @@ class SMTPServer(Protocol):
             return
         if not self._connected:
             return
-        self._authenticated = device
         self.record.device, self.record.account = device.name, device.account
+        if (over := self._slot.login(device.name)) is not None:
+            return self._close_for(over)
+        self._authenticated = device
         self.record.identified_by = "password"
         self._reply(235, "2.7.0", "authentication successful")
 
@@ -407,14 +427,14 @@ class SMTPServer(Protocol):
             # Removed by a config reload (gateway.reload) since this session began.
             return self._reply(451, "4.3.0", "configuration changed, try again later")
         provider = self.factory.providers.get(account.provider)
-        if provider is None or provider.smtp is None:
+        if provider is None or not can_relay(account, provider):
             log.error(
                 "smtp device {device}: account {account} has no upstream smtp endpoint",
                 device=log_value(device.name),
                 account=log_value(account.name),
             )
             return self._reply(554, "5.3.5", "relaying is not configured for this device")
-        problem = mail_params_problem(parsed.params, self.factory.max_message_size)
+        problem = mail_params_problem(parsed.params, self._size_limit(device))
         if problem is not None:
             return self._error(problem.code, problem.enhanced, problem.reason)
         if not sender_allowed(account, parsed.address):
@@ -467,7 +487,7 @@ class SMTPServer(Protocol):
         account = self._txn.account
         self._intake = MessageIntake(
             incoming,
-            max_size=self.factory.max_message_size,
+            max_size=self._size_limit(self._txn.device),
             max_line=self.factory.max_line_length,
             rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
         )
@@ -521,7 +541,8 @@ class SMTPServer(Protocol):
         self.record.note_tls(self.transport)
 
     def _log_session(self) -> None:
-        log.info(session_line, **self.record.log_fields(self.factory.clock.seconds()))
+        fields = self.record.log_fields(self.factory.clock.seconds())
+        log.info(session_line, **fields, listener=listener_name(self.factory.listener))
 
 
 _ALWAYS: Mapping[str, _Handler] = {
@@ -572,6 +593,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     max_recipients: int = 100
     max_line_length: int = MAX_TEXT_LINE
     auth_failure_delay: float = 1.0
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # the runtime's
 
     def __post_init__(self) -> None:
         self.network_devices = NetworkDevices.from_devices(self.devices.values())

@@ -28,13 +28,16 @@ from twisted.logger import Logger
 
 from gateway.model import Account, Config, Listener, Provider, SMTPSettings
 from gateway.runtime import Runtime, listener_service
+from gateway.smtp.graph_delivery import open_graph_session
 from gateway.smtp.policy import NetworkDevices
 from gateway.smtp.relay import Relay, RetryPolicy
+from gateway.smtp.relay_path import relays_via_graph
+from gateway.smtp.relay_session import Session
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import Spool, SpoolDir
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS
-from gateway.upstream.smtp import SMTPClient, open_session
+from gateway.upstream.smtp import open_session
 
 log = Logger(namespace="gateway.smtp")
 
@@ -136,7 +139,11 @@ def smtp_services(runtime: Runtime) -> list[IService]:
     reactor = runtime.reactor
     spool = Spool(SpoolDir(config.state_dir / "spool"))
 
-    async def connect_as(account: Account, provider: Provider) -> SMTPClient:
+    async def connect_as(account: Account, provider: Provider) -> Session:
+        if relays_via_graph(account, provider):
+            return await open_graph_session(
+                account, provider, reactor=reactor, tokens=runtime.graph_tokens()
+            )
         # The relay's name, read at each connection: LocalHostname may have renewed it.
         return await open_session(
             account, provider, reactor=reactor, helo_name=relay.hostname, tokens=runtime.tokens
@@ -175,6 +182,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             auth_failure_delay=settings.auth_failure_delay,
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
+            limits=runtime.limits,
         )
         named.append(built)
         factories.append(built)

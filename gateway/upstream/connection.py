@@ -29,6 +29,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 
 from gateway.model import Endpoint, Provider
+from gateway.timing import protocol_of, timed_step
 from gateway.tls import TLSSetupError, client_options
 from gateway.upstream.errors import UpstreamError, UpstreamUnavailable, describe_error
 from gateway.upstream.pipeline import PipelinedClient
@@ -122,8 +123,9 @@ async def open_connection(
         connecting.cancel()
 
     timer = reactor.callLater(provider.timeout, give_up)
+    step = protocol_of(provider, server)
     try:
-        protocol = await connecting
+        protocol = await timed_step(step, provider.name, "connect", connecting)
         # The same object, typed as the client class it was built from.
         connected = next(p for p in built if p is protocol)
     except Exception as e:
@@ -137,7 +139,8 @@ async def open_connection(
     finally:
         if timer.active():
             timer.cancel()
-    await or_abort(connected, secure(connected, server.tls, tls), "connection set-up failed")
+    secured = timed_step(step, provider.name, "tls", secure(connected, server.tls, tls))
+    await or_abort(connected, secured, "connection set-up failed")
     return connected
 
 

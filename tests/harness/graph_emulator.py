@@ -19,13 +19,21 @@ gateway makes, as Microsoft documents them (learn.microsoft.com/graph):
 - errors as `{"error": {"code", "message"}}` (graph/errors): 401
   `InvalidAuthenticationToken`, 403 `ErrorAccessDenied`, 404
   `ErrorItemNotFound`, 400 `ErrorInvalidIdMalformed`;
+- `POST /users/{u}/sendMail` with `Content-Type: text/plain` and the MIME
+  message in base64 → 202 with no body; bad base64 → 400
+  `ErrorMimeContentInvalidBase64String` "Invalid base64 string for MIME
+  content." (api/user-sendmail). What was "sent" is kept in `sent`: the
+  decoded MIME and the recipients Exchange takes from its To, Cc and Bcc
+  fields; a copy goes to Sent Items ("This method saves the message in the
+  Sent Items folder"). Bodies over `request_limit` (the ~4 MB Graph request
+  limit) get 413. `send_delay` holds each answer back (crash tests);
 - throttling: a fifth concurrent request to one mailbox gets 429
   "Application is over its MailboxConcurrency limit." with `Retry-After`
   (graph/throttling-limits, Outlook service limits; the error code
   `ApplicationThrottled` is what Microsoft Q&A threads show, not documented),
   and tests can queue 429/503 answers with `Retry-After` (`throttle`).
 
-Bearer tokens: `check_token(token, mailbox)` decides, returning None (ok) or
+Bearer tokens: `check_token(token, mailbox, kind)` decides, returning None (ok) or
 an (HTTP status, error code). `StaticTokens` is the simple check a test
 controls; `IntrospectedTokens` asks the suite's authorization server (RFC
 7662, tests/harness/oauth_server.py) and checks the user and a scope, since
@@ -51,6 +59,9 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -67,7 +78,9 @@ DISPLAY = {
 }
 CONCURRENCY_MESSAGE = "Application is over its MailboxConcurrency limit."
 
-TokenCheck = Callable[[str, str], "tuple[int, str] | None"]
+TokenCheck = Callable[[str, str, str], "tuple[int, str] | None"]
+INVALID_BASE64 = "Invalid base64 string for MIME content."
+REQUEST_LIMIT = 4 * 1024 * 1024
 
 
 def _new_id(prefix: str, n: int) -> str:
@@ -181,17 +194,39 @@ class Mailbox:
         message.rest_id = _new_id(f"{self.user}/rest/moved/", next(self._ids))
 
 
+@dataclass
+class Sent:
+    """One accepted sendMail: the decoded MIME and who Exchange would deliver to."""
+
+    user: str
+    mime: bytes
+    recipients: list[str]
+    sender: str
+    at: float = field(default_factory=time.monotonic)
+
+
+def mime_recipients(mime: bytes) -> list[str]:
+    """The addresses of the To, Cc and Bcc fields, as Exchange reads a MIME send."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(mime)
+    values = [str(v) for name in ("to", "cc", "bcc") for v in headers.get_all(name, [])]
+    return [addr for _, addr in getaddresses(values) if addr]
+
+
 class StaticTokens:
-    """Bearer tokens a test hands out itself: token -> mailbox it may use."""
+    """Bearer tokens a test hands out itself: token -> mailbox it may use.
+    `no_send`: tokens without Mail.Send."""
 
-    def __init__(self, tokens: dict[str, str] | None = None) -> None:
+    def __init__(self, tokens: dict[str, str] | None = None, no_send: set[str] | None = None):
         self.tokens = dict(tokens or {})
+        self.no_send = set(no_send or ())
 
-    def __call__(self, token: str, mailbox: str) -> tuple[int, str] | None:
+    def __call__(self, token: str, mailbox: str, kind: str = "") -> tuple[int, str] | None:
         user = self.tokens.get(token)
         if user is None:
             return 401, "InvalidAuthenticationToken"
         if user.lower() != mailbox.lower():
+            return 403, "ErrorAccessDenied"
+        if kind == "sendMail" and token in self.no_send:
             return 403, "ErrorAccessDenied"
         return None
 
@@ -200,14 +235,22 @@ class IntrospectedTokens:
     """Tokens of the suite's authorization server, checked by RFC 7662
     introspection: active, issued for the mailbox's user, with `scope`."""
 
-    def __init__(self, introspect_url: str, scope: str, cache_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        introspect_url: str,
+        scope: str,
+        cache_seconds: float = 30.0,
+        send_scope: str | None = None,
+    ) -> None:
         self.url = introspect_url
         self.scope = scope
+        # sendMail needs this scope (Graph's Mail.Send) instead of `scope`.
+        self.send_scope = send_scope
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, token: str, mailbox: str) -> tuple[int, str] | None:
+    def __call__(self, token: str, mailbox: str, kind: str = "") -> tuple[int, str] | None:
         with self._lock:
             cached = self._cache.get(token)
         if cached is None or time.monotonic() - cached[0] > self.cache_seconds:
@@ -222,7 +265,8 @@ class IntrospectedTokens:
             return 401, "InvalidAuthenticationToken"
         if str(info.get("username", "")).lower() != mailbox.lower():
             return 403, "ErrorAccessDenied"
-        if self.scope not in str(info.get("scope", "")).split():
+        scope = self.send_scope if kind == "sendMail" and self.send_scope else self.scope
+        if scope not in str(info.get("scope", "")).split():
             return 403, "ErrorAccessDenied"
         return None
 
@@ -251,6 +295,9 @@ class GraphEmulator:
         # Seconds each $value answer waits before its body (concurrency tests).
         self.value_delay = 0.0
         self.chunk_size = 64 * 1024
+        self.sent: list[Sent] = []
+        self.send_delay = 0.0
+        self.request_limit = REQUEST_LIMIT
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -327,6 +374,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         "permanentDelete",
     ),
     ("PATCH", re.compile(r"/v1\.0/users/([^/]+)/messages/([^/]+)"), "update"),
+    ("POST", re.compile(r"/v1\.0/users/([^/]+)/sendMail"), "sendMail"),
 ]
 
 
@@ -342,6 +390,7 @@ class GraphError(Exception):
 class _Handler(BaseHTTPRequestHandler):
     graph: GraphEmulator
     protocol_version = "HTTP/1.1"
+    _kind = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -380,6 +429,7 @@ class _Handler(BaseHTTPRequestHandler):
         graph = self.graph
         immutable = self.headers.get("Prefer", "") == PREFER_IMMUTABLE
         kind = route[0] if route else "unknown"
+        self._kind = kind
         with graph.lock:
             graph.counts[kind] += 1
             graph.counts["total"] += 1
@@ -436,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization", "")
         if not header.startswith("Bearer ") or not header[7:]:
             raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
-        refused = self.graph.check_token(header[7:], user)
+        refused = self.graph.check_token(header[7:], user, self._kind)
         if refused is not None:
             raise GraphError(refused[0], refused[1], "token refused (emulator)")
 
@@ -551,6 +601,27 @@ class _Handler(BaseHTTPRequestHandler):
                 message.is_read = bool(changes["isRead"])
             answer = message.resource(immutable)
         self._json(200, answer)
+
+    def _sendMail(self, box, match, query, body, immutable) -> None:  # type: ignore[no-untyped-def]
+        if len(body) > self.graph.request_limit:
+            raise GraphError(413, "RequestEntityTooLarge", "request body too large")
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "text/plain":
+            raise GraphError(400, "ErrorInvalidRequest", "expected a JSON message")
+        try:
+            mime = base64.b64decode(body, validate=True)
+        except ValueError:
+            raise GraphError(400, "ErrorMimeContentInvalidBase64String", INVALID_BASE64) from None
+        if not mime:
+            raise GraphError(400, "ErrorMimeContentInvalidBase64String", INVALID_BASE64)
+        sender = BytesHeaderParser(policy=compat32).parsebytes(mime).get("From", "")
+        if self.graph.send_delay:
+            time.sleep(self.graph.send_delay)
+        with self.graph.lock:
+            self.graph.sent.append(Sent(box.user, mime, mime_recipients(mime), str(sender)))
+            box.add(mime, "sentitems")
+        self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     # -- answers
 

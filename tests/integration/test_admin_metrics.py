@@ -252,6 +252,16 @@ def test_metrics_follow_pop3_smtp_and_failed_logins(
         result="ok",
     )
     assert sent == 1
+    step_count = "gateway_upstream_step_seconds_count"
+    for step in ("connect", "tls", "login", "open", "retrieve"):
+        assert grew(step_count, protocol="pop3", provider="dovecot", step=step) >= 1, step
+    for step in ("connect", "tls", "login"):
+        assert grew(step_count, protocol="smtp", provider="smtps", step=step) >= 1, step
+    assert (
+        grew("gateway_sessions_total", protocol="pop3", listener=pop3_listener, outcome="quit") == 1
+    )
+    assert grew("gateway_tls_sessions_total", listener=pop3_listener, version="TLSv1.3") == 3
+    assert total(after, "gateway_sessions_total", listener="unknown") == 0
     assert total(after, "gateway_spool_messages", status="queued") == 0
     assert total(after, "gateway_device_last_login_outcome", device="printer", outcome="success")
     assert total(after, "gateway_device_last_login_outcome", device="mailer", outcome="success")

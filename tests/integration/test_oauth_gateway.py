@@ -96,6 +96,9 @@ def config_text(
         "[oauth]",
         "refresh_margin = 60",
         "idle_refresh_interval = 86400",
+        # The crowd of devices all connect from 127.0.0.1 at once.
+        "[limits]",
+        f"max_connections_per_address = {CROWD + 10}",
     ]
     # Dovecot offers both: "idp" forces XOAUTH2, "idp-bearer" picks OAUTHBEARER itself.
     for name, extra in (("idp", 'sasl = "xoauth2"'), ("idp-bearer", "")):

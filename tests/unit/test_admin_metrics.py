@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
-from gateway.admin import upstream_timing
+from gateway import timing as upstream_timing
 from gateway.admin.collectors import ListenerCollector, SpoolCollector, TokenCollector
 from gateway.admin.events import MetricsObserver
 from gateway.admin.listeners import CountingFactory

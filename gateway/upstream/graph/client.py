@@ -19,10 +19,13 @@ Each call is the documented one (learn.microsoft.com/graph/api/...):
   .../messages/{id}/permanentDelete`, 204 (api/message-permanentdelete);
   `update`: `PATCH .../messages/{id}` with the properties to change
   (api/message-update), e.g. `categories`, `isRead`.
+- `send_mime`: `POST /users/{id}/sendMail` with the MIME message in base64
+  (api/user-sendmail, graph/outlook-send-mime-message), for the SMTP relay.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
@@ -299,8 +302,30 @@ class GraphMailbox:
     async def update(self, message: str, changes: dict[str, Any]) -> dict[str, Any]:
         return await self.http.json("PATCH", self._message(message), changes, kind="update")
 
+    async def send_mime(self, mime: bytes) -> None:
+        """`POST /users/{id}/sendMail` with the message as MIME: "provide the MIME
+        content as a base64-encoded string in the request body", `Content-Type:
+        text/plain`; "If successful, this method returns 202 Accepted"; bad
+        base64 is 400 ErrorMimeContentInvalidBase64String (api/user-sendmail).
+        The message is saved in Sent Items."""
+
+        async def accepted(response: IResponse) -> None:
+            response.deliverBody(_Discard())
+
+        await self.http.request(
+            "POST",
+            f"{self._user}/sendMail",
+            kind="sendMail",
+            then=accepted,
+            raw=(base64.b64encode(mime), b"text/plain"),
+        )
+
     def cancel_all(self) -> None:
         self.http.cancel_all()
 
     def _message(self, message: str) -> str:
         return f"{self._user}/messages/{quote(message, safe='')}"
+
+
+class _Discard(TwistedProtocol):
+    """Reads an answer's body (202 has none) so the connection can be reused."""

@@ -67,6 +67,32 @@ class GraphNotFound(UpstreamRejected):
     device_text = "the mailbox folder does not exist, ask the administrator"
 
 
+class GraphRejected(UpstreamRejected):
+    """400/401/403: refused; `status` and Graph's error `code` say how."""
+
+    def __init__(self, detail: str, status: int, code: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code_name = code
+
+
+class GraphFailed(UpstreamUnavailable):
+    """Any other unsuccessful status (5xx, 4xx other than the above and 404)."""
+
+    def __init__(self, detail: str, status: int, code: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code_name = code
+
+
+class GraphThrottled(UpstreamUnavailable):
+    """429/503 whose Retry-After is longer than the caller can wait now."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class MailboxSlots:
     """The per-mailbox concurrency limit of one process (four requests)."""
 
@@ -189,9 +215,11 @@ class GraphHTTP:
         *,
         kind: str,
         then: Callable[[IResponse], Awaitable[Any]],
+        raw: tuple[bytes, bytes] | None = None,
     ) -> Any:
         """Send until answered 2xx (retrying 429/503 and one 401), then `then(response)`
-        inside the request's concurrency slot."""
+        inside the request's concurrency slot. `raw` is a body and its
+        content type, instead of a JSON `body`."""
         url = self.url(path)
         waited = 0.0
         backoff = BACKOFF_FIRST
@@ -201,7 +229,7 @@ class GraphHTTP:
             try:
                 token = await self._token(forced)
                 self.stats.count(kind)
-                response = await self._bounded(self._send(method, url, body, token), kind)
+                response = await self._bounded(self._send(method, url, body, token, raw), kind)
                 status = response.code
                 if 200 <= status < 300:
                     return await then(response)
@@ -219,17 +247,23 @@ class GraphHTTP:
                 if wait is None:
                     wait, backoff = backoff, backoff * 2
                 if waited + wait > self.retry_budget:
-                    raise UpstreamUnavailable(
+                    raise GraphThrottled(
                         f"{what}; Retry-After {wait:g} s would exceed the {self.retry_budget:g} s "
-                        f"the device can wait (waited {waited:g} s)"
+                        f"the caller can wait (waited {waited:g} s)",
+                        wait,
                     )
                 waited += wait
                 await self._sleep(wait)
                 continue
-            raise _refusal(status, f"{what}: {printable(message.encode(), 160)}")
+            raise _refusal(status, f"{what}: {printable(message.encode(), 160)}", code)
 
     async def _send(
-        self, method: str, url: str, body: Mapping[str, Any] | None, token: str
+        self,
+        method: str,
+        url: str,
+        body: Mapping[str, Any] | None,
+        token: str,
+        data: tuple[bytes, bytes] | None = None,
     ) -> IResponse:
         headers = Headers(
             {
@@ -241,6 +275,9 @@ class GraphHTTP:
         kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False, "unbuffered": True}
         if body is not None:
             kwargs["json"] = dict(body)
+        if data is not None:
+            headers.setRawHeaders(b"Content-Type", [data[1]])
+            kwargs["data"] = data[0]
         try:
             response: IResponse = await self._http.request(method, url, **kwargs)
         except UpstreamError:
@@ -313,12 +350,12 @@ async def _read_body(response: IResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _refusal(status: int, detail: str) -> UpstreamError:
+def _refusal(status: int, detail: str, code: str = "") -> UpstreamError:
     if status == 404:
         return GraphNotFound(detail)
     if status in (400, 401, 403):
-        return UpstreamRejected(detail)
-    return UpstreamUnavailable(detail)
+        return GraphRejected(detail, status, code)
+    return GraphFailed(detail, status, code)
 
 
 def _origin(url: str) -> str:

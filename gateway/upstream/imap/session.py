@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.model import Account, Provider
+from gateway.timing import timed_step
 from gateway.upstream.connection import (
     EndpointFactory,
     hostname_endpoint,
@@ -177,5 +178,8 @@ async def open_session(
 ) -> IMAPClient:
     """Connect and log in as `account`; the client is in the authenticated state."""
     client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
-    await or_abort(client, login(client, account, provider, tokens=tokens), "login failed")
+    logging_in = timed_step(
+        "imap", provider.name, "login", login(client, account, provider, tokens=tokens)
+    )
+    await or_abort(client, logging_in, "login failed")
     return client

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.model import Account, Provider
+from gateway.timing import timed_step
 from gateway.upstream.connection import (
     EndpointFactory,
     hostname_endpoint,
@@ -164,5 +165,8 @@ async def open_session(
 ) -> POP3Client:
     """Connect and log in as `account`; the client is in the TRANSACTION state."""
     client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
-    await or_abort(client, login(client, account, provider, tokens=tokens), "login failed")
+    logging_in = timed_step(
+        "pop3", provider.name, "login", login(client, account, provider, tokens=tokens)
+    )
+    await or_abort(client, logging_in, "login failed")
     return client

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.model import Account, Provider
 from gateway.oauth.refusal import Refusal, RefusalKind
+from gateway.timing import timed_step
 from gateway.upstream.connection import (
     EndpointFactory,
     hostname_endpoint,
@@ -178,7 +179,10 @@ async def open_session(
     client = await connect(
         provider, reactor=reactor, helo_name=helo_name, endpoint_factory=endpoint_factory
     )
-    await or_abort(client, login(client, account, provider, tokens), "login failed")
+    logging_in = timed_step(
+        "smtp", provider.name, "login", login(client, account, provider, tokens)
+    )
+    await or_abort(client, logging_in, "login failed")
     return client
 
 

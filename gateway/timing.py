@@ -1,6 +1,9 @@
 """How long each upstream step takes, per provider: the one metric that needs a
 call inside the upstream code, since no log event marks where a step ends.
 
+It lives outside `gateway.admin` so that the upstream clients and maildrops,
+which the admin listener's modules import, depend on nothing above them.
+
 The upstream clients call `timed_step` around the step they await:
 
     client = await timed_step("pop3", provider.name, "connect", connect(...))
@@ -24,7 +27,7 @@ _T = TypeVar("_T")
 
 # The steps of an upstream session, in order; anything else counts as "other".
 STEPS: Final = frozenset({"connect", "tls", "login", "open", "retrieve", "send", "quit"})
-PROTOCOLS: Final = frozenset({"pop3", "imap", "smtp"})
+PROTOCOLS: Final = frozenset({"pop3", "imap", "smtp", "graph"})
 
 UPSTREAM_STEP_SECONDS: Final = Histogram(
     "gateway_upstream_step_seconds",
