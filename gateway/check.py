@@ -11,6 +11,9 @@ gateway's own code for each step, so what passes here passes for devices:
   (the upstream session's own login, with its classified refusals), and
   opening the maildrop (POP3 STAT; IMAP the folder's snapshot, EXAMINE
   read-only), then QUIT/LOGOUT: nothing is changed;
+- for mailbox = "graph": the token is Graph's (`graph_token`), then the
+  folder lookup and a one-message listing (`$top=1`, no further pages)
+  through the Graph client the maildrop uses: nothing is changed;
 - for SMTP (when the provider has one): connect, TLS and EHLO, AUTH, QUIT:
   nothing is sent.
 
@@ -26,11 +29,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
+from gateway.maildrop.graph import graph_http_client
 from gateway.maildrop.imap_snapshot import take_snapshot
 from gateway.model import Account, Config, Endpoint, Provider
 from gateway.oauth.refusal import KINDS_BY_NAME, Refusal
@@ -40,6 +45,13 @@ from gateway.upstream import smtp as smtp_session
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint, or_abort
 from gateway.upstream.credentials import TokenSource
 from gateway.upstream.errors import UpstreamError, UpstreamRejected, describe_error
+from gateway.upstream.graph import (
+    GraphHTTP,
+    GraphMailbox,
+    GraphNotFound,
+    GraphTokens,
+    TokenSourceGraphTokens,
+)
 from gateway.upstream.refusals import describe
 from gateway.upstream.smtp import SMTPUpstreamError
 
@@ -50,8 +62,8 @@ Outcome = Literal["ok", "failed", "skipped"]
 class Step:
     """One step of the walk and how it went."""
 
-    protocol: str  # "oauth", "pop3", "imap", "smtp"
-    name: str  # "token", "connect", "tls", "login", "maildrop", "quit"
+    protocol: str  # "oauth", "pop3", "imap", "graph", "smtp"
+    name: str  # "token", "connect", "tls", "login", "maildrop", "folder", "listing", "quit"
     outcome: Outcome
     detail: str
     fix: str | None = None
@@ -187,17 +199,15 @@ class _Walk:
             return False
         requests = getattr(self.tokens, "refresh_requests", None)
         before = requests(name) if callable(requests) else 0
+        graph = self.account.mailbox == "graph"
+        get = self.graph_tokens().graph_token if graph else self.tokens.access_token
         try:
-            await self.tokens.access_token(self.account)
+            await get(self.account)
             if callable(requests) and requests(name) > before:
                 # A refresh was due and started in the background: wait for it
                 # (by joining it), so the command never exits before a rotated
                 # refresh token is saved.
-                await _quietly(
-                    Deferred.fromCoroutine(
-                        self.tokens.access_token(self.account, force_refresh=True)
-                    )
-                )
+                await _quietly(Deferred.fromCoroutine(get(self.account, force_refresh=True)))
         except UpstreamError as e:
             if isinstance(e, UpstreamRejected):
                 fix = (
@@ -211,8 +221,80 @@ class _Walk:
                 )
             self.failed("oauth", "token", e.detail or str(e), fix, e)
             return False
-        self.ok("oauth", "token", "a valid access token is available")
+        what = "Microsoft Graph access token" if graph else "access token"
+        self.ok("oauth", "token", f"a valid {what} is available")
         return True
+
+    def graph_tokens(self) -> GraphTokens:
+        assert self.tokens is not None
+        if isinstance(self.tokens, GraphTokens):
+            return self.tokens
+        return TokenSourceGraphTokens(self.tokens)
+
+    # -- a Graph maildrop -----------------------------------------------------------------
+
+    async def graph(self) -> None:
+        folder_name, provider = self.account.folder, self.provider
+        if self.tokens is None:
+            fix = 'Graph accounts need auth = "oauth2" and the token store'
+            self.failed("graph", "folder", "no token for Graph", fix)
+            self.skipped("graph", ("listing",), "no token")
+            return
+        try:
+            http, pool = graph_http_client(self.reactor, provider)
+        except UpstreamError as e:
+            self.failed("graph", "folder", e.detail or str(e), "check the provider's ca_file", e)
+            self.skipped("graph", ("listing",), "no Graph client")
+            return
+        tokens = self.graph_tokens()
+
+        async def token(force: bool) -> str:
+            return await tokens.graph_token(self.account, force_refresh=force)
+
+        graph = GraphHTTP(
+            base_url=provider.graph_url,
+            mailbox=self.account.username,
+            token=token,
+            http=http,
+            clock=self.reactor,
+            timeout=provider.timeout,
+            retry_budget=provider.timeout,
+        )
+        try:
+            try:
+                folder = await GraphMailbox(graph).folder_id(folder_name)
+            except UpstreamError as e:
+                self.failed("graph", "folder", e.detail or str(e), self._graph_fix(e), e)
+                self.skipped("graph", ("listing",), "no folder")
+                return
+            self.ok("graph", "folder", f"{folder_name!r} found at {provider.graph_url}")
+            user = quote(self.account.username, safe="@")
+            path = f"/users/{user}/mailFolders/{quote(folder, safe='')}/messages"
+            try:
+                page = await graph.json("GET", f"{path}?$select=id&$top=1", kind="list")
+            except UpstreamError as e:
+                self.failed("graph", "listing", e.detail or str(e), self._graph_fix(e), e)
+                return
+            listed = len(page.get("value") or [])
+            more = ", more follow" if page.get("@odata.nextLink") else ""
+            self.ok("graph", "listing", f"one-message listing: {listed} listed{more}")
+        finally:
+            graph.cancel_all()
+            pool.closeCachedConnections()
+
+    def _graph_fix(self, error: UpstreamError) -> str:
+        if isinstance(error, GraphNotFound):
+            return f"check the account's folder ({self.account.folder!r}) and username"
+        if isinstance(error, UpstreamRejected):
+            return (
+                "Graph refused the token: the app needs Mail.ReadWrite (and Mail.Send) on "
+                "Graph, consented (app-only: an application permission, limited to the "
+                "mailbox), and username must be the mailbox"
+            )
+        return (
+            f"check [providers.{self.provider.name}] graph_url, ca_file and that the "
+            "gateway's host can reach it; then check again"
+        )
 
     # -- connect and TLS, whatever the protocol -----------------------------------------
 
@@ -420,20 +502,24 @@ async def check_account(
         endpoint_factory=endpoint_factory,
     )
     have_token = await walk.token()
-    protocols: list[tuple[str, Endpoint]] = []
+    protocols: list[tuple[str, Endpoint | None]] = []
     maildrop = provider.imap if account.mailbox == "imap" else provider.pop3
-    if maildrop is not None:
+    if account.mailbox == "graph":
+        protocols.append(("graph", None))
+    elif maildrop is not None:
         protocols.append((account.mailbox, maildrop))
     if provider.smtp is not None:
         protocols.append(("smtp", provider.smtp))
     for protocol, server in protocols:
         if not have_token:
             last = "quit" if protocol == "smtp" else "maildrop"
-            later = ("connect", "tls", "login", last)
+            later = ("folder", "listing") if server is None else ("connect", "tls", "login", last)
             walk.skipped(protocol, later, "no access token")
             continue
         try:
-            if protocol == "pop3":
+            if server is None:
+                await walk.graph()
+            elif protocol == "pop3":
                 await walk.pop3(server)
             elif protocol == "imap":
                 await walk.imap(server)

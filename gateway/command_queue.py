@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -65,6 +65,12 @@ EMPTY: Literal[Empty.EMPTY] = Empty.EMPTY
 # What a server's `next_command` returns: work to wait for, None for a command
 # answered at once, EMPTY when nothing complete is left.
 Step = Work | Literal[Empty.EMPTY] | None
+
+
+# How long a connection the gateway closes may linger: over TLS a close waits
+# for the peer's close_notify, and a peer that never sends it would otherwise
+# hold its socket (and, after a refusal, count nowhere) for ever.
+CLOSE_GRACE: Final = 10.0
 
 
 class Deadline:
@@ -184,6 +190,7 @@ class CommandQueue:
         self._idle = Deadline(clock, idle_timeout, on_idle)
         self._stalled = Deadline(clock, stall_timeout, on_stalled)
         self._line = Deadline(clock, line_timeout, on_line_timeout)
+        self._linger = Deadline(clock, CLOSE_GRACE, transport.abortConnection)
         self._partial_line = partial_line
         self._busy = False
         self._draining = False
@@ -236,12 +243,15 @@ class CommandQueue:
             self._registered = False
             self._transport.unregisterProducer()
         self._transport.loseConnection()
+        if not self._linger.armed:
+            self._linger.start()
 
     def stop(self) -> None:
         """The connection is gone (or going): no timer may fire any more."""
         self._idle.stop()
         self._stalled.stop()
         self._line.stop()
+        self._linger.stop()
 
     def _start(self, work: Work) -> None:
         self._busy = True

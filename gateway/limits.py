@@ -27,7 +27,7 @@ from typing import Final, Literal
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.command_queue import Deadline
+from gateway.command_queue import CLOSE_GRACE, Deadline
 from gateway.model import LimitSettings
 from gateway.net import parse_peer_address
 from gateway.sessions import log_value
@@ -47,7 +47,6 @@ LIFETIME_EXCEEDED: Final = "session lifetime exceeded"
 # Seconds a peer has to read a refusal and close before it is cut off: over
 # TLS a clean close waits for the peer's close_notify, which a client that
 # keeps its socket open never sends.
-CLOSE_GRACE: Final = 10.0
 
 
 def address_key(peer: str) -> str:

@@ -231,10 +231,20 @@ def _account_status(
         error_kind=record.error_kind,
         error_code=record.error_code,
         error_advice=record.error_advice,
+        # "login": a mail server refused a login with a valid token (cleared
+        # by the next successful login); "token": the token endpoint refused.
+        error_source=("login" if record.error_from_login else "token")
+        if record.error_code
+        else None,
         expires_at=_iso(tokens.expires_at) if tokens else None,
         access_token_valid=bool(tokens and tokens.valid_at(now)),
         refresh_token=bool(tokens and tokens.refresh_token),
     )
+    if record.graph_tokens is not None:
+        document.update(
+            graph_expires_at=_iso(record.graph_tokens.expires_at),
+            graph_token_valid=record.graph_tokens.valid_at(now),
+        )
     return document
 
 
@@ -262,6 +272,9 @@ def format_status(report: list[dict[str, Any]]) -> list[str]:
         if entry.get("expires_at"):
             validity = "valid" if entry["access_token_valid"] else "expired"
             lines.append(f"  access token {validity} until {entry['expires_at']}")
+        if entry.get("graph_expires_at"):
+            validity = "valid" if entry["graph_token_valid"] else "expired"
+            lines.append(f"  Graph token {validity} until {entry['graph_expires_at']}")
         if entry.get("last_refresh"):
             lines.append(f"  last refresh {entry['last_refresh']}")
         if entry.get("last_error"):
@@ -269,7 +282,10 @@ def format_status(report: list[dict[str, Any]]) -> list[str]:
         if entry.get("error_code"):
             kind = KINDS_BY_NAME.get(entry.get("error_kind") or "")
             label = f" ({kind.label})" if kind is not None else ""
-            lines.append(f"  provider code {entry['error_code']}{label}")
+            who = "provider code"
+            if entry.get("error_source") == "login":
+                who = "login refused by the mail server: code"
+            lines.append(f"  {who} {entry['error_code']}{label}")
         if entry.get("error_advice"):
             lines.append(f"  what to do: {entry['error_advice']}")
         elif state in ("needs_reauth", "revoked"):

@@ -78,26 +78,37 @@ class TokenEndpoint:
 
     # -- grants -------------------------------------------------------------
 
-    async def refresh(self, refresh_token: Secret, grant: str | None = None) -> Tokens:
+    async def refresh(
+        self,
+        refresh_token: Secret,
+        grant: str | None = None,
+        *,
+        scopes: tuple[str, ...] | None = None,
+    ) -> Tokens:
         """RFC 6749 6; the answer keeps the old refresh token unless it rotated.
 
         `grant` is the grant that issued the refresh token: the refresh
         authenticates the client the same way (a public client stays public).
+        `scopes` asks for another resource than the provider's (Microsoft
+        Graph): one refresh token mints tokens for each resource consented.
         """
         fields = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
-        if self.client.scopes:
-            fields["scope"] = " ".join(self.client.scopes)
+        scopes = self.client.scopes if scopes is None else scopes
+        if scopes:
+            fields["scope"] = " ".join(scopes)
         tokens = await self._token_request(fields, grant)
         return tokens.with_refresh_token(refresh_token)
 
-    async def client_credentials(self) -> Tokens:
-        """RFC 6749 4.4 (Microsoft 365 app-only access); needs the client secret."""
+    async def client_credentials(self, scopes: tuple[str, ...] | None = None) -> Tokens:
+        """RFC 6749 4.4 (Microsoft 365 app-only access); needs the client secret.
+        `scopes` (a resource's `.default`) overrides the provider's."""
         if self.client.client_secret is None:
             raise NoOAuthClient(
                 f"provider {self.provider.name}: the client credentials grant needs "
                 "a client secret (client_secret_file)"
             )
-        scopes = self.client.app_scopes or self.client.scopes
+        if scopes is None:
+            scopes = self.client.app_scopes or self.client.scopes
         fields = {"grant_type": "client_credentials"}
         if scopes:
             fields["scope"] = " ".join(scopes)

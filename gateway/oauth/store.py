@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.model import Secret
 from gateway.oauth.keys import GatewayKey
-from gateway.oauth.refusal import Refusal
+from gateway.oauth.refusal import Refusal, RefusalKind
 from gateway.oauth.tokens import Tokens
 from gateway.state import (
     StateError,
@@ -100,6 +100,15 @@ class TokenRecord:
     error_kind: str | None = None
     error_code: str | None = None
     error_advice: str | None = None
+    # The last error came from a mail server refusing a login (not from the
+    # token endpoint): a later successful login clears it.
+    error_from_login: bool = False
+    # The account's Microsoft Graph access token (a second resource minted
+    # from the same refresh token, or by client credentials with Graph's
+    # .default scope) and when it was fetched. Records written before Graph
+    # existed have neither, and still load.
+    graph_tokens: Tokens | None = None
+    graph_refresh: float | None = None
 
     @classmethod
     def authorized(cls, account: str, grant: str, tokens: Tokens, now: float) -> TokenRecord:
@@ -130,6 +139,49 @@ class TokenRecord:
             error_kind=None,
             error_code=None,
             error_advice=None,
+            error_from_login=False,
+        )
+
+    def graph_refreshed(self, tokens: Tokens, now: float) -> TokenRecord:
+        """A new Graph token; a rotated refresh token replaces the stored one
+        (the same refresh token serves both resources)."""
+        main = self.tokens
+        if main is not None and tokens.refresh_token is not None:
+            main = replace(main, refresh_token=tokens.refresh_token)
+        return replace(
+            self,
+            state="ok",
+            tokens=main,
+            graph_tokens=Tokens(tokens.access_token, tokens.expires_at, None, tokens.scope),
+            graph_refresh=now,
+            last_error=None,
+            last_error_at=None,
+            error_kind=None,
+            error_code=None,
+            error_advice=None,
+            error_from_login=False,
+        )
+
+    def login_failed(self, error: str, now: float, refusal: Refusal) -> TokenRecord:
+        """A mail server refused the login: "failed" unless it was temporary."""
+        state: State = "ok" if refusal.kind is RefusalKind.TEMPORARY else "failed"
+        if self.state != "ok":
+            state = self.state
+        return replace(self.failed(state, error, now, refusal), error_from_login=True)
+
+    def login_cleared(self) -> TokenRecord:
+        """A login succeeded after a recorded login refusal."""
+        if not self.error_from_login:
+            return self
+        return replace(
+            self,
+            state="ok",
+            last_error=None,
+            last_error_at=None,
+            error_kind=None,
+            error_code=None,
+            error_advice=None,
+            error_from_login=False,
         )
 
     def failed(
@@ -143,6 +195,7 @@ class TokenRecord:
             error_kind=refusal.kind.value if refusal is not None else None,
             error_code=refusal.code if refusal is not None else None,
             error_advice=refusal.advice if refusal is not None else None,
+            error_from_login=False,
         )
 
     def revoked(self, now: float) -> TokenRecord:
@@ -150,6 +203,7 @@ class TokenRecord:
             self,
             state="revoked",
             tokens=None,
+            graph_tokens=None,
             lineage=secrets.token_hex(8),
             last_error="revoked by the administrator",
             last_error_at=now,

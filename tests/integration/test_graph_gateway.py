@@ -34,6 +34,8 @@ from tests.helpers.graph import graph_gateway_config, top_of, varied_mime, wire
 pytestmark = pytest.mark.integration
 
 CLIENT_SECRET = "graph-client-secret"
+# The gateway asks for Graph's own scopes, on the host of the provider's graph_url.
+GRAPH_SCOPE = "https://127.0.0.1/Mail.ReadWrite"
 ACCOUNTS: dict[str, dict[str, Any]] = {
     "scanner": {},
     "mover": {"on_delete": "move", "move_to": "Processed"},
@@ -83,7 +85,7 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthServerProcess
 
 @pytest.fixture(scope="module")
 def graph(idp: OAuthServerProcess) -> Iterator[GraphEmulator]:
-    with GraphEmulator(IntrospectedTokens(f"{idp.url}/introspect", scope="mail")) as emulator:
+    with GraphEmulator(IntrospectedTokens(f"{idp.url}/introspect", scope=GRAPH_SCOPE)) as emulator:
         yield emulator
 
 

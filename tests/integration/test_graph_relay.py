@@ -123,7 +123,12 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthServerProcess
 
 @pytest.fixture(scope="module")
 def graph(idp: OAuthServerProcess) -> Iterator[GraphEmulator]:
-    check = IntrospectedTokens(f"{idp.url}/introspect", scope="mail", send_scope="Mail.Send")
+    # The gateway's Graph token: Graph's scopes on the host of graph_url.
+    check = IntrospectedTokens(
+        f"{idp.url}/introspect",
+        scope="https://127.0.0.1/Mail.ReadWrite",
+        send_scope="https://127.0.0.1/Mail.Send",
+    )
     with GraphEmulator(check) as emulator:
         yield emulator
 

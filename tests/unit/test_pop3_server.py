@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
+from gateway.command_queue import CLOSE_GRACE
 from gateway.devices import DeviceAuthenticator
 from gateway.dotstuff import unstuff
 from gateway.locks import AccountLocks
@@ -288,6 +289,32 @@ def test_three_failures_close_the_connection() -> None:
         dev.send(b"USER printer")
         dev.send(b"PASS nope")
     assert dev.closed
+
+
+class LingeringTransport(TLSRecordingTransport):
+    """A TLS peer that never answers the close: the connection stays until aborted."""
+
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def test_a_closed_connection_the_peer_holds_open_is_cut_after_a_grace() -> None:
+    """Over TLS a close waits for the peer's close_notify; a peer that never
+    sends it must not keep its socket (and slot) for ever."""
+    gw = Gateway()
+    dev = gw.connect(transport_class=LingeringTransport)
+    for _ in range(3):
+        dev.send(b"USER printer")
+        dev.send(b"PASS nope")
+    assert dev.closed
+    transport = dev.transport
+    assert isinstance(transport, LingeringTransport)
+    gw.clock.advance(CLOSE_GRACE - 0.1)
+    assert not transport.aborted
+    gw.clock.advance(0.2)
+    assert transport.aborted
 
 
 def test_auth_plain_initial_response_and_continuation() -> None:
