@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -304,6 +305,14 @@ class OAuthSettings:
 
 
 @dataclass(frozen=True)
+class AdminUser:
+    """One web console login (`[admin.users.NAME]`), with its argon2 hash."""
+
+    name: str
+    password_hash: Secret
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     """The admin HTTP listener (`[admin]`): metrics, health, later the web console.
 
@@ -316,6 +325,10 @@ class AdminSettings:
     # None: HTTPS with the [tls] certificate unless `address` is a loopback
     # address, plain HTTP there.
     tls: bool | None = None
+    # `[admin.users.NAME]`: who may log in to the web console; none, no console.
+    users: Mapping[str, AdminUser] = field(default_factory=dict)
+    # A console session unused this long is over (`session_idle`, seconds).
+    session_idle: float = 1800.0
 
     @property
     def uses_tls(self) -> bool:

@@ -9,6 +9,7 @@ PACKAGES=(
     dovecot-core dovecot-pop3d dovecot-imapd dovecot-submissiond
     curl fetchmail mpop msmtp swaks openssl haproxy
     prometheus fail2ban
+    chromium chromium-driver
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl
     python3-venv
 )
