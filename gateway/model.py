@@ -268,6 +268,12 @@ class POP3Settings:
     listeners: tuple[Listener, ...] = ()
     # RFC 1939 asks for at least ten minutes before an idle session is closed.
     idle_timeout: float = 600.0
+    # gateway.command_queue: a device that leaves its replies unread this long
+    # is closed; a command line must end this long after its first byte; a
+    # refused login is answered after this pause.
+    stall_timeout: float = 120.0
+    line_timeout: float = 60.0
+    auth_failure_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,10 @@ class SMTPSettings:
     listeners: tuple[Listener, ...] = ()
     # RFC 5321 4.5.3.2 suggests 5 minutes per command.
     idle_timeout: float = 300.0
+    # As for POP3Settings.
+    stall_timeout: float = 120.0
+    line_timeout: float = 60.0
+    auth_failure_delay: float = 1.0
     # Microsoft 365's own default limit is 35 MB; larger is refused at MAIL/DATA.
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100

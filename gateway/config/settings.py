@@ -30,17 +30,29 @@ def _or(value: T | None, default: T) -> T:
 
 
 def pop3_section(table: Table) -> POP3Settings:
-    defaults = POP3Settings()
-    idle_timeout = table.seconds("idle_timeout", defaults.idle_timeout)
+    d = POP3Settings()
+    idle_timeout = table.seconds("idle_timeout", d.idle_timeout)
+    stall_timeout = table.seconds("stall_timeout", d.stall_timeout)
+    line_timeout = table.seconds("line_timeout", d.line_timeout)
+    auth_failure_delay = table.seconds("auth_failure_delay", d.auth_failure_delay)
     built = listeners(table, "pop3")
     table.finish()
-    return POP3Settings(listeners=built, idle_timeout=_or(idle_timeout, defaults.idle_timeout))
+    return POP3Settings(
+        listeners=built,
+        idle_timeout=_or(idle_timeout, d.idle_timeout),
+        stall_timeout=_or(stall_timeout, d.stall_timeout),
+        line_timeout=_or(line_timeout, d.line_timeout),
+        auth_failure_delay=_or(auth_failure_delay, d.auth_failure_delay),
+    )
 
 
 def smtp_section(table: Table) -> SMTPSettings:
     d = SMTPSettings()
     built = listeners(table, "smtp")
     idle_timeout = table.seconds("idle_timeout", d.idle_timeout)
+    stall_timeout = table.seconds("stall_timeout", d.stall_timeout)
+    line_timeout = table.seconds("line_timeout", d.line_timeout)
+    auth_failure_delay = table.seconds("auth_failure_delay", d.auth_failure_delay)
     max_message_size = table.integer("max_message_size", d.max_message_size, low=1024, high=2**31)
     max_recipients = table.integer("max_recipients", d.max_recipients, low=1, high=10000)
     retry_first = table.seconds("retry_first", d.retry_first)
@@ -51,6 +63,9 @@ def smtp_section(table: Table) -> SMTPSettings:
     return SMTPSettings(
         listeners=built,
         idle_timeout=_or(idle_timeout, d.idle_timeout),
+        stall_timeout=_or(stall_timeout, d.stall_timeout),
+        line_timeout=_or(line_timeout, d.line_timeout),
+        auth_failure_delay=_or(auth_failure_delay, d.auth_failure_delay),
         max_message_size=_or(max_message_size, d.max_message_size),
         max_recipients=_or(max_recipients, d.max_recipients),
         retry_first=_or(retry_first, d.retry_first),
