@@ -19,6 +19,8 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -78,8 +80,14 @@ class Browser:
             element.clear()
             element.send_keys(value)
 
-    def click(self, css: str) -> None:
+    def click(self, css: str, timeout: float = 30.0) -> None:
+        """Click a button of one of the console's forms and wait for the page
+        the form leads to: the console has no script, so every button submits
+        and loads a new page. Reading before the old page is gone would read
+        the old page."""
+        old = self.find("html")
         self.find(css).click()
+        WebDriverWait(self.driver, timeout).until(staleness_of(old))
         self.remember()
 
     def wait_until(
