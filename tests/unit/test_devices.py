@@ -19,12 +19,7 @@ from gateway.devices import (
     usual_parameters,
 )
 from gateway.model import Device, Secret
-
-FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
-def run_now(f: Any, *args: Any) -> Deferred[Any]:
-    return succeed(f(*args))
+from tests.helpers.front_end import FAST_HASHER, run_now
 
 
 def outcome(coroutine: Any) -> Any:

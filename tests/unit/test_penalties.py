@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from argon2 import PasswordHasher
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -27,15 +26,11 @@ from gateway.penalties import MemoryPenaltyBook, NoPenalties, penalty_book
 from gateway.pop3.server import POP3ServerFactory
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import Spool, SpoolDir
+from tests.helpers.front_end import FAST_HASHER, run_now
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 
-FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 OK = b"+OK maildrop has 1 messages"
 REFUSED = b"-ERR [AUTH] invalid user name or password\r\n"
-
-
-def run_now(f: Any, *args: Any) -> Any:
-    return succeed(f(*args))
 
 
 # -- the book ---------------------------------------------------------------------

@@ -6,13 +6,12 @@ import base64
 import ipaddress
 from typing import Any
 
-from argon2 import PasswordHasher
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
@@ -24,50 +23,12 @@ from gateway.maildrop import MailboxInUse, UpstreamRejected, UpstreamUnavailable
 from gateway.maildrop.memory import MemoryMaildrop
 from gateway.model import Account, Device, Listener, Secret
 from gateway.pop3.server import POP3ServerFactory
+from tests.helpers.front_end import FAST_HASHER, TLSRecordingTransport, UnreadTransport, run_now
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.helpers.tls_pair import tls_pair
 
-FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 MSG1 = b"Subject: one\r\n\r\nhello\r\n.dot line\r\n"
 MSG2 = b"Subject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"
-
-
-def run_now(f: Any, *args: Any) -> Any:
-    return succeed(f(*args))
-
-
-class TLSRecordingTransport(StringTransport):
-    tls_started_with: object = None
-
-    def startTLS(self, options: object) -> None:
-        self.tls_started_with = options
-
-
-class UnreadTransport(TLSRecordingTransport):
-    """A TCP-like transport whose peer reads only when told to: like Twisted's
-    FileDescriptor, it pauses its producer once more than 64 KiB wait unsent,
-    and resumes it when the peer has read them all."""
-
-    buffer_size = 65536
-    unread = 0
-    producer_paused = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.unread += len(data)
-        if self.producer is not None and not self.producer_paused:
-            if self.unread > self.buffer_size:
-                self.producer_paused = True
-                self.producer.pauseProducing()
-
-    def peer_reads(self) -> bytes:
-        data = self.value()
-        self.clear()
-        self.unread = 0
-        if self.producer is not None and self.producer_paused:
-            self.producer_paused = False
-            self.producer.resumeProducing()
-        return data
 
 
 class Gateway:

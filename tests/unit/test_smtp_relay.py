@@ -8,21 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.model import Account, Endpoint, Provider, Secret
 from gateway.smtp.relay import Relay, RetryPolicy
 from gateway.smtp.spool import Envelope, QueueEntry, Spool, SpoolDir, new_id
+from tests.helpers.front_end import run_now
 from tests.helpers.smtp import Upstream
 
 T0 = 1_700_000_000.0
 MESSAGE = b"Subject: report\r\nFrom: dev@scan.example.com\r\n\r\n.dot\r\nbody\r\n"
-
-
-def run_now(f: Any, *args: Any) -> Any:
-    return succeed(f(*args))
 
 
 @pytest.fixture
@@ -356,9 +352,7 @@ def test_login_refused_is_retried_and_logged_as_an_error(h: Harness, logged: lis
     assert not any("account-pw" in line for line in logged)
 
 
-def test_stray_entries_in_control_do_not_block_requests(
-    tmp_path: Path, logged: list[str]
-) -> None:
+def test_stray_entries_in_control_do_not_block_requests(tmp_path: Path, logged: list[str]) -> None:
     h = Harness(tmp_path)
     h.upstream.script.mail_reply = b"550 5.7.1 no"
     entry = h.queue(sender="")

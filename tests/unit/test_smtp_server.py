@@ -8,58 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from argon2 import PasswordHasher
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.devices import DeviceAuthenticator
 from gateway.model import ANY_ADDRESS, Account, Device, Endpoint, Listener, Provider, Secret
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import QueueEntry, Spool, SpoolDir
+from tests.helpers.front_end import FAST_HASHER, TLSRecordingTransport, UnreadTransport, run_now
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.helpers.tls_pair import tls_pair
-
-FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
-def run_now(f: Any, *args: Any) -> Any:
-    return succeed(f(*args))
-
-
-class TLSRecordingTransport(StringTransport):
-    tls_started_with: object = None
-
-    def startTLS(self, options: object) -> None:
-        self.tls_started_with = options
-
-
-class UnreadTransport(TLSRecordingTransport):
-    """A TCP-like transport whose peer reads only when told to: like Twisted's
-    FileDescriptor, it pauses its producer once more than 64 KiB wait unsent,
-    and resumes it when the peer has read them all."""
-
-    buffer_size = 65536
-    unread = 0
-    producer_paused = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.unread += len(data)
-        if self.producer is not None and not self.producer_paused:
-            if self.unread > self.buffer_size:
-                self.producer_paused = True
-                self.producer.pauseProducing()
-
-    def peer_reads(self) -> bytes:
-        data = self.value()
-        self.clear()
-        self.unread = 0
-        if self.producer is not None and self.producer_paused:
-            self.producer_paused = False
-            self.producer.resumeProducing()
-        return data
 
 
 def b64(data: bytes) -> bytes:
