@@ -45,7 +45,7 @@ class UnreadTransport(TLSRecordingTransport):
                 self.producer.pauseProducing()
 
     def peer_reads(self) -> bytes:
-        data = self.value()
+        data: bytes = self.value()
         self.clear()
         self.unread = 0
         if self.producer is not None and self.producer_paused:

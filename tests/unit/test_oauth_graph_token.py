@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import pytest
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.task import Clock
 
 from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
 from gateway.model import Config
@@ -20,61 +17,25 @@ from gateway.oauth.clouds import CLOUDS
 from gateway.oauth.errors import OAuthUnavailable
 from gateway.oauth.grants import graph_scopes
 from gateway.oauth.manager import TokenManager
-from gateway.oauth.store import TokenRecord, TokenStore
+from gateway.oauth.store import TokenRecord
 from gateway.upstream.graph import GraphTokens
-from tests.harness.oauth_server import AuthServer, InMemoryPoster
-from tests.helpers.oauth import CLIENT_SECRET, fresh_key, oauth_config, seed
+from tests.harness.oauth_server import InMemoryPoster
+from tests.helpers import token_manager
+from tests.helpers.oauth import CLIENT_SECRET, oauth_config, seed
+from tests.helpers.token_manager import fired, manager_for
 
-START = 1_700_000_000.0
+# The shared fixtures, bound here so that pytest finds them for this module.
+clock = token_manager.clock
+server = token_manager.server
+poster = token_manager.poster
+key = token_manager.key
+config = token_manager.config
+store = token_manager.store
+
 GRAPH_SCOPE = (
     "https://graph.microsoft.com/Mail.ReadWrite https://graph.microsoft.com/Mail.Send "
     "offline_access"
 )
-
-
-@pytest.fixture
-def clock() -> Clock:
-    c = Clock()
-    c.advance(START)
-    return c
-
-
-@pytest.fixture
-def server(clock: Clock) -> AuthServer:
-    return AuthServer(client_secret=CLIENT_SECRET, clock=clock, client_credentials_user="alice")
-
-
-@pytest.fixture
-def poster(server: AuthServer) -> InMemoryPoster:
-    return InMemoryPoster(server)
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return oauth_config(tmp_path / "state")
-
-
-@pytest.fixture
-def store(config: Config) -> TokenStore:
-    return TokenStore.open(config.state_dir, fresh_key())
-
-
-def manager_for(
-    config: Config, clock: Clock, poster: InMemoryPoster, store: TokenStore, *, start: bool = True
-) -> Any:
-    manager = TokenManager(config, clock=clock, poster=poster, store=store)
-    if start:
-        manager.startService()
-    return manager
-
-
-def now_or_raise(d: Any) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "still waiting"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def release_first(poster: InMemoryPoster) -> None:
@@ -85,11 +46,11 @@ def release_first(poster: InMemoryPoster) -> None:
 
 def graph_now(manager: TokenManager, config: Config, *, force: bool = False) -> str:
     account = config.accounts["scanner"]
-    return str(now_or_raise(ensureDeferred(manager.graph_token(account, force_refresh=force))))
+    return str(fired(ensureDeferred(manager.graph_token(account, force_refresh=force))))
 
 
 def mail_now(manager: TokenManager, config: Config) -> str:
-    return str(now_or_raise(ensureDeferred(manager.access_token(config.accounts["scanner"]))))
+    return str(fired(ensureDeferred(manager.access_token(config.accounts["scanner"]))))
 
 
 def test_the_manager_is_a_graph_token_source(config, clock, poster, store) -> None:
@@ -165,8 +126,8 @@ def test_one_flight_per_account_across_both_resources(
     assert all(d.called for d in graphs)
     assert poster.count("/token", "refresh_token") == 2
     manager.stopService()
-    mail_tokens = {now_or_raise(d) for d in mails}
-    graph_tokens = {now_or_raise(d) for d in graphs}
+    mail_tokens = {fired(d) for d in mails}
+    graph_tokens = {fired(d) for d in graphs}
     assert len(mail_tokens) == 1 and len(graph_tokens) == 1
     (mail,), (graph,) = mail_tokens, graph_tokens
     assert server.access[mail].scope == "mail offline_access"

@@ -5,12 +5,10 @@ refresh, rotation, invalid_grant, backoff, and the store shared with `gateway oa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from gateway.maildrop import UpstreamRejected, UpstreamUnavailable
@@ -20,41 +18,17 @@ from gateway.oauth.keys import GatewayKey, new_key
 from gateway.oauth.manager import BACKOFF_FIRST, MAX_SLEEP, TokenManager
 from gateway.oauth.store import TokenRecord, TokenStore
 from tests.harness.oauth_server import AuthServer, InMemoryPoster
-from tests.helpers.oauth import CLIENT_SECRET, fresh_key, oauth_config, seed
+from tests.helpers import token_manager
+from tests.helpers.oauth import CLIENT_SECRET, oauth_config, seed
+from tests.helpers.token_manager import manager_for
 
-START = 1_700_000_000.0
-
-
-@pytest.fixture
-def clock() -> Clock:
-    c = Clock()
-    c.advance(START)
-    return c
-
-
-@pytest.fixture
-def server(clock: Clock) -> AuthServer:
-    return AuthServer(client_secret=CLIENT_SECRET, clock=clock, client_credentials_user="alice")
-
-
-@pytest.fixture
-def poster(server: AuthServer) -> InMemoryPoster:
-    return InMemoryPoster(server)
-
-
-@pytest.fixture
-def key() -> GatewayKey:
-    return fresh_key()
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return oauth_config(tmp_path / "state")
-
-
-@pytest.fixture
-def store(config: Config, key: GatewayKey) -> TokenStore:
-    return TokenStore.open(config.state_dir, key)
+# The shared fixtures, bound here so that pytest finds them for this module.
+clock = token_manager.clock
+server = token_manager.server
+poster = token_manager.poster
+key = token_manager.key
+config = token_manager.config
+store = token_manager.store
 
 
 @pytest.fixture
@@ -68,15 +42,6 @@ def logged() -> Iterator[list[str]]:
     globalLogPublisher.addObserver(observe)
     yield lines
     globalLogPublisher.removeObserver(observe)
-
-
-def manager_for(
-    config: Config, clock: Clock, poster: InMemoryPoster, store: TokenStore, *, start: bool = True
-) -> TokenManager:
-    manager = TokenManager(config, clock=clock, poster=poster, store=store)
-    if start:
-        manager.startService()
-    return manager
 
 
 def token_now(manager: TokenManager, config: Config, *, force: bool = False) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -37,17 +37,14 @@ from gateway.oauth.store import TokenRecord, TokenStore
 from gateway.oauth.tokens import parse_token_response
 from tests.harness import oauth_modes
 from tests.harness.oauth_server import AuthServer, InMemoryPoster
+from tests.helpers import token_manager
 from tests.helpers.oauth import CLIENT_SECRET, fresh_key, preset_config, preset_provider
+from tests.helpers.token_manager import START
+from tests.helpers.token_manager import fired as done
 
-START = 1_700_000_000.0
+clock = token_manager.clock  # the shared fixture, bound for this module
+
 BASE = "http://127.0.0.1:9"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    c = Clock()
-    c.advance(START)
-    return c
 
 
 @pytest.fixture
@@ -76,16 +73,6 @@ def entra(clock: Clock, **settings: Any) -> AuthServer:
 
 def google(clock: Clock) -> AuthServer:
     return AuthServer(mode="google", client_secret=CLIENT_SECRET, clock=clock, base_url=BASE)
-
-
-def done(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that must have fired (everything is in memory)."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "still waiting"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def run(coroutine: Any) -> Any:
