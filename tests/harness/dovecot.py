@@ -26,6 +26,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.harness.certs import TLSMaterial
+from tests.helpers.waiting import wait_until
 
 DOVECOT = shutil.which("dovecot", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm", path="/usr/bin:/usr/sbin:/bin:/sbin") or "/usr/bin/doveadm"
@@ -579,6 +581,26 @@ class Dovecot:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def session_end(self, user: str, login: str = "", timeout: float = 10) -> str:
+        """The log line for the end of the user's latest session (its latest
+        login line that also contains `login`, e.g. "imap-login: ")."""
+        logins = [
+            x for x in self.log_text().splitlines() if login in x and f"Login: user=<{user}>" in x
+        ]
+        found = re.search(r"session=<([^>]+)>", logins[-1])
+        assert found is not None, logins[-1]
+        session = found.group(1)
+
+        def end() -> str | None:
+            for line in self.log_text().splitlines():
+                if f"<{session}>: " in line and "Disconnected" in line:
+                    return line
+            return None
+
+        line = wait_until(end, timeout, lambda _: self.log_text()[-3000:])
+        assert line is not None
+        return line
 
     def _check_user(self, user: str) -> None:
         if user not in self.users:

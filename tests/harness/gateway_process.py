@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers.waiting import wait_until
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -109,13 +111,12 @@ class GatewayProcess:
             return ""
 
     def wait_for_log(self, needle: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_text()
-            if needle in text:
-                return text
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in gateway log:\n{self.log_text()[-3000:]}")
+        return wait_until(
+            self.log_text,
+            timeout,
+            lambda text: f"{needle!r} not in gateway log:\n{text[-3000:]}",
+            done=lambda text: needle in text,
+        )
 
     def __enter__(self) -> GatewayProcess:
         self.start()

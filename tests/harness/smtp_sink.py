@@ -39,6 +39,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.harness.gateway_process import free_port
+from tests.helpers.waiting import wait_until
 
 # Large enough for the 1 MiB benchmark messages and then some.
 DATA_SIZE_LIMIT = 256 * 1024 * 1024
@@ -218,14 +219,13 @@ def read_messages(directory: Path) -> list[Received]:
 
 
 def wait_for_messages(directory: Path, count: int, timeout: float = 10.0) -> list[Received]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = read_messages(directory)
-        if len(found) >= count or time.monotonic() > deadline:
-            if len(found) < count:
-                raise AssertionError(f"{len(found)} of {count} messages arrived in {directory}")
-            return found
-        time.sleep(0.02)
+    return wait_until(
+        lambda: read_messages(directory),
+        timeout,
+        lambda found: f"{len(found)} of {count} messages arrived in {directory}",
+        done=lambda found: len(found) >= count,
+        interval=0.02,
+    )
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ aiosmtpd sink, and to an aiosmtpd submission server on implicit TLS (465)."""
 from __future__ import annotations
 
 import ssl
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tests.harness.certs import TLSMaterial
 from tests.harness.gateway_process import free_port
 from tests.harness.smtp_sink import Received, SMTPSink, read_messages
 from tests.helpers.pop3 import HASHER
+from tests.helpers.waiting import wait_until
 
 SUBMISSION_USERS = {"scanner@example.com": "scanner-pw", "alarm@example.com": "alarm-pw"}
 SMTPS_USERS = {"relay@example.com": "relay-pw"}
@@ -126,11 +126,9 @@ def without_trace(content: bytes) -> bytes:
 
 def wait_for(directory: Path, marker: bytes, count: int = 1, timeout: float = 15) -> list[Received]:
     """Messages in a sink directory that contain `marker`, once `count` arrived."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [m for m in read_messages(directory) if marker in m.content]
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(found)} of {count} messages with {marker!r} arrived")
-        time.sleep(0.05)
+    return wait_until(
+        lambda: [m for m in read_messages(directory) if marker in m.content],
+        timeout,
+        lambda found: f"{len(found)} of {count} messages with {marker!r} arrived",
+        done=lambda found: len(found) >= count,
+    )

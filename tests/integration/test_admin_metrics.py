@@ -13,7 +13,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -30,6 +29,7 @@ from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.smtp_sink import SMTPSink
 from tests.helpers.pop3 import HASHER
 from tests.helpers.smtp_gateway import SMTPS_USERS, smtps_sink, wait_for
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -152,14 +152,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
     """Poll until `check()` returns something true (the metrics of a session
     appear when its connection is closed on the gateway's side)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {result!r} after {timeout} s")
-        time.sleep(0.05)
+    return wait_until(check, timeout, lambda result: f"still {result!r} after {timeout} s")
 
 
 def test_health_and_readiness(gateway: GatewayProcess, admin_ports: Ports) -> None:

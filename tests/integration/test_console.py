@@ -36,6 +36,7 @@ from tests.harness.oauth_server import OAuthServerProcess
 from tests.harness.smtp_sink import SMTPSink
 from tests.helpers.pop3 import HASHER
 from tests.helpers.smtp_gateway import SMTPS_USERS, smtps_sink, wait_for
+from tests.helpers.waiting import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -503,10 +504,12 @@ def test_console_and_cli_at_once_keep_the_store_and_the_spool_whole(
     try:
         for n in range(6):
             submit(ports.smtp, ctx, "race@example.org", f"race-{n}".encode())
-        deadline = time.monotonic() + 20
-        while len([m for m in queue_json(gateway) if m["attempts"] >= 1]) < 6:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(
+            lambda: len([m for m in queue_json(gateway) if m["attempts"] >= 1]) >= 6,
+            20,
+            "fewer than 6 messages tried",
+            interval=0.2,
+        )
         ids = [m["id"] for m in queue_json(gateway)]
         errors: list[str] = []
 
@@ -548,19 +551,22 @@ def test_console_and_cli_at_once_keep_the_store_and_the_spool_whole(
         for message_id in ids[:3]:
             gateway_cli(gateway, "queue", "delete", message_id)
         worker.join(60)
-        deadline = time.monotonic() + 20
-        while {m["id"] for m in queue_json(gateway)} != set(ids) - set(ids[::2]) - set(ids[:3]):
-            assert time.monotonic() < deadline, queue_json(gateway)
-            time.sleep(0.2)
+        wait_until(
+            lambda: (
+                {m["id"] for m in queue_json(gateway)} == set(ids) - set(ids[::2]) - set(ids[:3])
+            ),
+            20,
+            lambda _: str(queue_json(gateway)),
+            interval=0.2,
+        )
     finally:
         sink.refuse.clear()
     # The rest is delivered once the upstream takes it (a retry from the console).
     for message_id in [m["id"] for m in queue_json(gateway)]:
         session.post(f"/console/queue/{message_id}/retry", {"csrf": session.csrf})
-    deadline = time.monotonic() + 30
-    while queue_json(gateway):
-        assert time.monotonic() < deadline, queue_json(gateway)
-        time.sleep(0.3)
+    wait_until(
+        lambda: not queue_json(gateway), 30, lambda _: str(queue_json(gateway)), interval=0.3
+    )
     # The token file is whole and says what the last writer wrote.
     status = gateway_cli(gateway, "oauth", "status", "--json")
     assert status.returncode == 0, status.stderr

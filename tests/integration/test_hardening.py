@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from tests.helpers.hardening import (
     reset_peak,
 )
 from tests.helpers.pop3 import HASHER, Ports, gateway_config
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -333,14 +334,6 @@ def test_client_that_never_reads_costs_bounded_memory_and_is_closed(
     assert elapsed < NORMAL_LOGIN
     # Each one's session line says why it ended.
     wait_until(lambda: new_text(hardened, log_start).count(STALLED) == FLOODERS, SLACK)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def normal_login(ports: HardPorts, ctx: ssl.SSLContext) -> float:

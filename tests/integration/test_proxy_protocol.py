@@ -28,6 +28,7 @@ from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.haproxy import HAProxy, ProxyVersion, Route
 from tests.helpers.pop3 import HASHER
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -145,14 +146,13 @@ class Log:
         return self.gateway.log_text()[self.mark :]
 
     def wait_for(self, needle: str, timeout: float = 10.0, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()
-            if text.count(needle) >= count:
-                return text
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{needle!r} not {count} times in the gateway log since the test began:\n{text}"
+        return wait_until(
+            self.text,
+            timeout,
+            lambda text: (
+                f"{needle!r} not {count} times in the gateway log since the test began:\n{text}"
+            ),
+            done=lambda text: text.count(needle) >= count,
         )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import poplib
 import signal
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.helpers.pop3 import HASHER, crlf, device, message
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +56,12 @@ def hang_up(gateway: GatewayProcess, needle: str, timeout: float = 10.0) -> str:
     assert gateway.process is not None
     seen = gateway.log_text().count(needle)
     gateway.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = gateway.log_text()
-        if text.count(needle) > seen:
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"no new {needle!r} in the gateway log:\n{gateway.log_text()[-3000:]}")
+    return wait_until(
+        gateway.log_text,
+        timeout,
+        lambda text: f"no new {needle!r} in the gateway log:\n{text[-3000:]}",
+        done=lambda text: text.count(needle) > seen,
+    )
 
 
 Connect = Callable[[int], poplib.POP3_SSL]

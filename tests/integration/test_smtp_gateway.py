@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.helpers.smtp_gateway import (
     wait_for,
     without_trace,
 )
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -531,11 +531,12 @@ def test_kill_9_with_100_spooled_messages_then_restart(
 
 
 def wait_until_empty(queue: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while left := list(queue.glob("*.msg")):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(left)} message(s) still queued in {queue}")
-        time.sleep(0.05)
+    wait_until(
+        lambda: list(queue.glob("*.msg")),
+        timeout,
+        lambda left: f"{len(left)} message(s) still queued in {queue}",
+        done=lambda left: not left,
+    )
 
 
 def test_a_second_gateway_on_the_same_spool_refuses_to_start(
