@@ -1,18 +1,32 @@
-"""What the POP3 and IMAP benchmarks share: the test messages and the memory probe.
+"""What the POP3, IMAP and Graph benchmarks share: the test messages, the memory
+probe, the device password, the run's context and the poll timing.
 
-Both compare the gateway with Dovecot's own POP3 on the same messages, so the
-messages (and their expected RETR wire form) must be generated the same way;
-both read the gateway's peak RSS from /proc the same way.
+They compare the gateway with Dovecot's own POP3 (or one mailbox back end with
+another) on the same messages, so the messages (and their expected RETR wire
+form) must be generated the same way; they read the gateway's peak RSS from
+/proc, record the machine's state and time a poll the same way, so that their
+results files can be read side by side.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import os
+import platform
 import random
+import statistics
 import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from argon2 import PasswordHasher
 
 KIB = 1024
+MB = 1_000_000
+MIB = 1024 * 1024
+DEVICE_PASSWORD = "device-pw"
 # Every benchmark client connects from 127.0.0.1, far past what [limits] lets
 # one address hold by default: out of the way, as for devices behind one NAT.
 BENCH_LIMITS = (
@@ -97,3 +111,47 @@ class PeakRSS:
         assert self._thread is not None
         self._thread.join()
         return self._peak - self.before
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def device_password_hash() -> str:
+    """DEVICE_PASSWORD hashed cheaply: the benchmarks measure mail, not argon2."""
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(DEVICE_PASSWORD)
+
+
+def run_info(quick: bool, rounds: int) -> dict[str, Any]:
+    """What a reader of the results needs to judge them: the machine may be
+    shared, so the load average is recorded too (again after the run)."""
+    return {
+        "mode": "quick" if quick else "full",
+        "rounds_per_side": rounds,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_before": os.getloadavg(),
+    }
+
+
+class POP3Session(Protocol):
+    def command(self, line: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def poll_ms(session: Callable[[], POP3Session], samples: int) -> dict[str, Any]:
+    """A device's poll, timed `samples` times: connect, TLS, login (in
+    `session`), STAT, QUIT; the median in milliseconds, and every sample."""
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        client = session()
+        client.command(b"STAT")
+        client.command(b"QUIT")
+        times.append(time.perf_counter() - t0)
+        client.close()
+    return {"value": 1000 * statistics.median(times), "samples_ms": times}

@@ -27,7 +27,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import ssl
 import statistics
 import sys
@@ -42,25 +41,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from argon2 import PasswordHasher  # noqa: E402
 
-from bench.common import BENCH_LIMITS, PeakRSS, make_message, wire_form  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH_LIMITS,
+    DEVICE_PASSWORD,
+    MB,
+    MIB,
+    PeakRSS,
+    device_password_hash,
+    log,
+    make_message,
+    poll_ms,
+    run_info,
+    wire_form,
+)
 from bench.imap_bench import BenchDovecot, Client  # noqa: E402
 from tests.harness.certs import make_tls_material  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
 from tests.harness.oauth_server import OAuthServerProcess  # noqa: E402
 from tests.integration.test_graph_gateway import CLIENT_SECRET, authorize  # noqa: E402
 
-MB = 1_000_000
-MIB = 1024 * 1024
-DEVICE_PASSWORD = "device-pw"
 RESULTS = Path(__file__).resolve().with_name("results-graph.json")
 RETR_TARGET = 0.7
 POLL_TARGET = 2.0
-
-
-def log(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- the emulator in a child process, so it does not share the benchmark's GIL -------------
@@ -172,13 +175,7 @@ class Bench:
 
     def run(self, base: Path) -> dict[str, Any]:
         started = time.monotonic()
-        self.results["info"].update(
-            mode="quick" if self.quick else "full",
-            rounds_per_side=self.rounds,
-            cpus=os.cpu_count(),
-            python=platform.python_version(),
-            loadavg_before=os.getloadavg(),
-        )
+        self.results["info"].update(run_info(self.quick, self.rounds))
         upstream = make_tls_material(base / "tls-upstream")
         own = make_tls_material(base / "tls-gateway")
         n1, big, nbig = (5, 8 * MIB, 1) if self.quick else (20, 50 * MIB, 2)
@@ -201,9 +198,7 @@ class Bench:
             self.graph = EmulatorProcess(f"{idp.url}/introspect", crlf)
             try:
                 port = free_port()
-                hashed = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(
-                    DEVICE_PASSWORD
-                )
+                hashed = device_password_hash()
                 gw_base = base / "gw"
                 text = config(
                     gw_base, port, dovecot, upstream, own, self.graph.url, idp.url, users, hashed
@@ -285,15 +280,7 @@ class Bench:
 
     def poll(self, key: str, user: str) -> None:
         def measure(side: str) -> dict[str, Any]:
-            samples = []
-            for _ in range(3 if self.quick else 10):
-                t0 = time.perf_counter()
-                client = self.session(side, user)
-                client.command(b"STAT")
-                client.command(b"QUIT")
-                samples.append(time.perf_counter() - t0)
-                client.close()
-            return {"value": 1000 * statistics.median(samples), "samples_ms": samples}
+            return poll_ms(lambda: self.session(side, user), 3 if self.quick else 10)
 
         log(f"{key}: poll of an unchanged 1,000-message folder, ms (lower is better)")
         self.alternate(key, measure)

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import socket
 import ssl
@@ -54,18 +53,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from argon2 import PasswordHasher  # noqa: E402
 
-from bench.common import BENCH_LIMITS, PeakRSS, make_message, wire_form  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH_LIMITS,
+    DEVICE_PASSWORD,
+    MB,
+    MIB,
+    PeakRSS,
+    device_password_hash,
+    log,
+    make_message,
+    poll_ms,
+    run_info,
+    wire_form,
+)
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
 from tests.harness.dovecot import Dovecot  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
 
-MB = 1_000_000
-KIB = 1024
-MIB = 1024 * 1024
 RECV_SIZE = 1 << 18
-DEVICE_PASSWORD = "device-pw"
 RESULTS = Path(__file__).resolve().with_name("results-imap.json")
 RETR_TARGET = 0.7
 RSS_TARGET_MIB = 5
@@ -240,10 +246,6 @@ def gateway_config(
     return "\n".join(lines) + "\n"
 
 
-def log(text: str) -> None:
-    print(text, flush=True)
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick: bool = args.quick
@@ -255,14 +257,7 @@ class Bench:
     def run(self, base: Path) -> dict[str, Any]:
         started = time.monotonic()
         info = self.results["info"]
-        info.update(
-            mode="quick" if self.quick else "full",
-            rounds_per_side=self.rounds,
-            cpus=os.cpu_count(),
-            python=platform.python_version(),
-            openssl=ssl.OPENSSL_VERSION,
-            loadavg_before=os.getloadavg(),
-        )
+        info.update(run_info(self.quick, self.rounds), openssl=ssl.OPENSSL_VERSION)
         upstream = make_tls_material(base / "tls-upstream")
         own = make_tls_material(base / "tls-gateway")
         users = {u: f"pw-{u}" for u in ("onemib", "fifty", "folder", "small", "cold")}
@@ -284,9 +279,7 @@ class Bench:
                     dovecot.deliver(user, make_message(1000 + i, 2000))
             self.dovecot = dovecot
             port = free_port()
-            hashed = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(
-                DEVICE_PASSWORD
-            )
+            hashed = device_password_hash()
             text = gateway_config(base / "gw", port, dovecot, upstream, own, list(users), hashed)
             gateway = GatewayProcess(base / "gw", text, [port])
             with gateway:
@@ -393,15 +386,7 @@ class Bench:
 
     def setup_time(self, key: str, user: str) -> None:
         def measure(side: str) -> dict[str, Any]:
-            samples = []
-            for _ in range(3 if self.quick else 10):
-                t0 = time.perf_counter()
-                client = self.session(side, user)
-                client.command(b"STAT")
-                client.command(b"QUIT")
-                samples.append(time.perf_counter() - t0)
-                client.close()
-            return {"value": 1000 * statistics.median(samples), "samples_ms": samples}
+            return poll_ms(lambda: self.session(side, user), 3 if self.quick else 10)
 
         log(f"{key}: connect + TLS + login + STAT + QUIT, milliseconds (lower is better)")
         self.alternate(key, measure)
