@@ -10,6 +10,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.testing import StringTransport
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -52,3 +53,14 @@ class UnreadTransport(TLSRecordingTransport):
             self.producer_paused = False
             self.producer.resumeProducing()
         return data
+
+
+def pipeline_until_paused(transport: UnreadTransport, proto: IProtocol, command: bytes) -> int:
+    """Send `command` over and over, 64 KiB at a time, as long as the gateway
+    reads (up to 4 MiB); the number of bytes sent."""
+    chunk = command * (65536 // len(command))
+    sent = 0
+    while transport.producerState == "producing" and sent < 4 * 2**20:
+        proto.dataReceived(chunk)
+        sent += len(chunk)
+    return sent

@@ -23,7 +23,13 @@ from gateway.maildrop import MailboxInUse, UpstreamRejected, UpstreamUnavailable
 from gateway.maildrop.memory import MemoryMaildrop
 from gateway.model import Account, Device, Listener, Secret
 from gateway.pop3.server import POP3ServerFactory
-from tests.helpers.front_end import FAST_HASHER, TLSRecordingTransport, UnreadTransport, run_now
+from tests.helpers.front_end import (
+    FAST_HASHER,
+    TLSRecordingTransport,
+    UnreadTransport,
+    pipeline_until_paused,
+    run_now,
+)
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.helpers.tls_pair import tls_pair
 
@@ -449,17 +455,6 @@ def test_session_duration_comes_from_the_injected_clock() -> None:
 
     (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("pop3 session")]
     assert "duration=43.250s" in line
-
-
-def pipeline_until_paused(transport: UnreadTransport, proto: Any, command: bytes) -> int:
-    """Send `command` over and over, 64 KiB at a time, as long as the gateway
-    reads (up to 4 MiB); the number of bytes sent."""
-    chunk = command * (65536 // len(command))
-    sent = 0
-    while transport.producerState == "producing" and sent < 4 * 2**20:
-        proto.dataReceived(chunk)
-        sent += len(chunk)
-    return sent
 
 
 def test_a_client_that_never_reads_replies_is_not_read_and_then_closed() -> None:

@@ -16,7 +16,13 @@ from gateway.devices import DeviceAuthenticator
 from gateway.model import ANY_ADDRESS, Account, Device, Endpoint, Listener, Provider, Secret
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import QueueEntry, Spool, SpoolDir
-from tests.helpers.front_end import FAST_HASHER, TLSRecordingTransport, UnreadTransport, run_now
+from tests.helpers.front_end import (
+    FAST_HASHER,
+    TLSRecordingTransport,
+    UnreadTransport,
+    pipeline_until_paused,
+    run_now,
+)
 from tests.helpers.log_lines import captured_log, fail2ban_hosts
 from tests.helpers.tls_pair import tls_pair
 
@@ -442,17 +448,6 @@ def test_session_duration_comes_from_the_injected_clock(gw: Gateway) -> None:
         globalLogPublisher.removeObserver(events.append)
     (line,) = [formatEvent(e) for e in events if formatEvent(e).startswith("smtp session")]
     assert "duration=43.250s" in line
-
-
-def pipeline_until_paused(transport: UnreadTransport, proto: Any, command: bytes) -> int:
-    """Send `command` over and over, 64 KiB at a time, as long as the gateway
-    reads (up to 4 MiB); the number of bytes sent."""
-    chunk = command * (65536 // len(command))
-    sent = 0
-    while transport.producerState == "producing" and sent < 4 * 2**20:
-        proto.dataReceived(chunk)
-        sent += len(chunk)
-    return sent
 
 
 @pytest.mark.parametrize("command", [b"NOOP\r\n", b"EHLO x\r\n"])
