@@ -12,6 +12,7 @@ from zope.interface import implementer
 
 from gateway.dotstuff import unstuff
 from tests.harness.certs import TLSMaterial
+from tests.harness.gateway_config import config_head, listen
 from tests.helpers.pop3 import HASHER
 
 
@@ -94,16 +95,11 @@ def graph_gateway_config(
     """A gateway with POP3 listeners, provider "m365" at the emulator and the
     given Graph accounts (name -> extra keys) and devices (name -> account)."""
     lines = [
-        f'state_dir = "{state}"',
-        "[tls]",
-        f'certificate = "{own.certificate}"',
-        f'private_key = "{own.private_key}"',
+        *config_head(state, own),
         "[pop3]",
         "idle_timeout = 600",
-        "[[pop3.listen]]",
-        f'address = "127.0.0.1"\nport = {ports["implicit"]}\ntls = "implicit"',
-        "[[pop3.listen]]",
-        f'address = "127.0.0.1"\nport = {ports["starttls"]}\ntls = "starttls"',
+        *listen("pop3", ports["implicit"], "implicit"),
+        *listen("pop3", ports["starttls"], "starttls"),
         "[providers.m365]",
         f'graph_url = "{graph_url}"',
         "timeout = 5",

@@ -13,6 +13,7 @@ from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.model import Account, Endpoint, Provider, Secret
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.helpers.pop3 import device
 
 
@@ -125,22 +126,13 @@ def gateway_config_imap(
 
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports["implicit"]}\ntls = "implicit"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports["starttls"]}\ntls = "starttls"',
-            "[providers.imap]",
-            f'imap = {{ host = "localhost", port = {dovecot.imaps_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
-            "[providers.imap-stls]",
-            f'imap = {{ host = "localhost", port = {dovecot.imap_port}, tls = "starttls" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
+            *config_head(state, own),
+            *listen("pop3", ports["implicit"], "implicit"),
+            *listen("pop3", ports["starttls"], "starttls"),
+            *provider("imap", "imap", dovecot.imaps_port, "implicit", upstream.ca_file, timeout=5),
+            *provider(
+                "imap-stls", "imap", dovecot.imap_port, "starttls", upstream.ca_file, timeout=5
+            ),
             account("alice-imap", "imap", "alice"),
             account("alice-move", "imap", "alice", 'on_delete = "move"\nmove_to = "Archive"\n'),
             account("alice-keep", "imap", "alice", 'on_delete = "keep"\nmark_seen = true\n'),

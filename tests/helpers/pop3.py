@@ -10,6 +10,7 @@ from argon2 import PasswordHasher
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.harness.gateway_process import free_port
 
 HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -40,33 +41,28 @@ def gateway_config(
 ) -> str:
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
+            *config_head(state, own),
             "[pop3]",
             "idle_timeout = 600",
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.implicit}\ntls = "implicit"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.starttls}\ntls = "starttls"',
+            *listen("pop3", ports.implicit, "implicit"),
+            *listen("pop3", ports.starttls, "starttls"),
             "[[pop3.listen]]",
             f'address = "127.0.0.1"\nport = {ports.legacy}\ntls = "implicit"\nmin_tls = "1.0"',
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
-            "[providers.dovecot-stls]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3_port}, tls = "starttls" }}',
-            f'ca_file = "{upstream.ca_file}"',
+            *provider(
+                "dovecot", "pop3", dovecot.pop3s_port, "implicit", upstream.ca_file, timeout=5
+            ),
+            *provider("dovecot-stls", "pop3", dovecot.pop3_port, "starttls", upstream.ca_file),
             'pop3_auth = "user"',
-            "[providers.wrong-ca]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{stranger_ca}"',
-            "[providers.down]",
-            f'pop3 = {{ host = "127.0.0.1", port = {ports.closed}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 2",
+            *provider("wrong-ca", "pop3", dovecot.pop3s_port, "implicit", stranger_ca),
+            *provider(
+                "down",
+                "pop3",
+                ports.closed,
+                "implicit",
+                upstream.ca_file,
+                timeout=2,
+                host="127.0.0.1",
+            ),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
             "[accounts.bob]",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.harness.certs import TLSMaterial
+from tests.harness.gateway_config import config_head, listen
 from tests.harness.gateway_process import free_port
 from tests.harness.smtp_sink import Received, SMTPSink, read_messages
 from tests.helpers.pop3 import HASHER
@@ -61,10 +62,7 @@ def smtp_gateway_config(
 
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
+            *config_head(state, own),
             "[smtp]",
             "idle_timeout = 60",
             "max_message_size = 5000000",
@@ -72,12 +70,9 @@ def smtp_gateway_config(
             "retry_first = 1",
             "retry_max_interval = 2",
             "message_lifetime = 3600",
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.submission}\ntls = "starttls"',
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.smtps}\ntls = "implicit"',
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.lan}\ntls = "starttls"',
+            *listen("smtp", ports.submission, "starttls"),
+            *listen("smtp", ports.smtps, "implicit"),
+            *listen("smtp", ports.lan, "starttls"),
             provider("submission", submission_port, "starttls"),
             provider("smtps", smtps_port, "implicit"),
             provider("flaky", ports.flaky, "implicit", timeout=2),

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.smtp_sink import SMTPSink
 from tests.helpers.pop3 import HASHER
@@ -55,26 +56,17 @@ def config_text(
     [(relay_user, relay_password)] = SMTPS_USERS.items()
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
+            *config_head(state, own),
             "[admin]",
             f'address = "127.0.0.1"\nport = {ports.admin}',
             "[log]",
             'format = "json"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.pop3}\ntls = "implicit"',
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.smtp}\ntls = "implicit"',
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
-            "[providers.smtps]",
-            f'smtp = {{ host = "localhost", port = {sink_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
+            *listen("pop3", ports.pop3, "implicit"),
+            *listen("smtp", ports.smtp, "implicit"),
+            *provider(
+                "dovecot", "pop3", dovecot.pop3s_port, "implicit", upstream.ca_file, timeout=5
+            ),
+            *provider("smtps", "smtp", sink_port, "implicit", upstream.ca_file, timeout=5),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
             "[accounts.relay]",
@@ -354,17 +346,11 @@ def https_gateway(
     admin = free_port()
     text = "\n".join(
         [
-            f'state_dir = "{base / "state"}"',
-            "[tls]",
-            f'certificate = "{tls_gateway.certificate}"',
-            f'private_key = "{tls_gateway.private_key}"',
+            *config_head(base / "state", tls_gateway),
             "[admin]",
             f'address = "127.0.0.1"\nport = {admin}\ntls = true',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {taken_port}\ntls = "implicit"',
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{tls_upstream.ca_file}"',
+            *listen("pop3", taken_port, "implicit"),
+            *provider("dovecot", "pop3", dovecot.pop3s_port, "implicit", tls_upstream.ca_file),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
         ]

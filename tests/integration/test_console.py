@@ -31,6 +31,7 @@ from tests.harness import browser as chromium
 from tests.harness.browser import Browser
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.oauth_server import OAuthServerProcess
 from tests.harness.smtp_sink import SMTPSink
@@ -73,18 +74,13 @@ def config_text(
     pop3 = f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}'
     return "\n".join(
         [
-            f'state_dir = "{base / "state"}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
+            *config_head(base / "state", own),
             "[admin]",
             f'address = "127.0.0.1"\nport = {ports.admin}\nsession_idle = 600',
             f"[admin.users.{ADMIN}]",
             f'password_hash = "{HASHER.hash(ADMIN_PASSWORD)}"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.pop3}\ntls = "implicit"',
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.smtp}\ntls = "implicit"',
+            *listen("pop3", ports.pop3, "implicit"),
+            *listen("smtp", ports.smtp, "implicit"),
             "[oauth]",
             "idle_refresh_interval = 86400",
             "[providers.dovecot]",
@@ -100,10 +96,7 @@ def config_text(
             f'authorization_url = "{idp.url}/authorize", revocation_url = "{idp.url}/revoke", '
             f'client_id = "gateway", client_secret_file = "{secret}", '
             'scopes = ["mail", "offline_access"] }',
-            "[providers.smtps]",
-            f'smtp = {{ host = "localhost", port = {sink_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
+            *provider("smtps", "smtp", sink_port, "implicit", upstream.ca_file, timeout=5),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
             "[accounts.coded]",

@@ -9,24 +9,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.model import OAuthSettings
-from gateway.oauth.keys import load_key
-from gateway.oauth.store import TokenRecord, TokenStore
-from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import provider
 from tests.harness.gateway_process import REPO_ROOT, free_port
-from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess
+from tests.harness.oauth_server import OAuthServerProcess
 from tests.harness.smtp_sink import SMTPSink
+from tests.helpers.device_grant import store_device_grant
 from tests.helpers.pop3 import message
 
 pytestmark = pytest.mark.integration
@@ -94,14 +89,16 @@ def setup(
         "timeout = 5",
         oauth,
         'sasl = "xoauth2"',
-        "[providers.closed]",
-        f'pop3 = {{ host = "127.0.0.1", port = {free_port()}, tls = "implicit" }}',
-        f'ca_file = "{tls_upstream.ca_file}"',
-        "timeout = 5",
-        "[providers.stranger]",
-        f'pop3 = {{ host = "localhost", port = {upstream.pop3s_port}, tls = "implicit" }}',
-        f'ca_file = "{stranger.ca_file}"',
-        "timeout = 5",
+        *provider(
+            "closed",
+            "pop3",
+            free_port(),
+            "implicit",
+            tls_upstream.ca_file,
+            timeout=5,
+            host="127.0.0.1",
+        ),
+        *provider("stranger", "pop3", upstream.pop3s_port, "implicit", stranger.ca_file, timeout=5),
         "[accounts.pop]",
         'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
         "[accounts.imap]",
@@ -154,24 +151,7 @@ def outcomes(result: dict[str, Any]) -> dict[str, str]:
 
 def authorize(state: Path, idp: OAuthServerProcess, account: str, username: str) -> None:
     """Tokens from a completed device grant, stored as `gateway oauth authorize` does."""
-    client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
-    start = post_form(f"{idp.url}/device", {**client, "scope": "mail offline_access"})
-    idp.control("approve", user_code=start["user_code"], username=username)
-    answer = post_form(
-        f"{idp.url}/token",
-        {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
-    )
-    now = time.time()
-    record = TokenRecord.authorized(account, "device_code", parse_token_response(answer, now), now)
-    store = TokenStore.open(state, load_key(OAuthSettings(), state, environ={}))
-    store.update(account, lambda _: record, replace_unreadable=True)
-
-
-def post_form(url: str, fields: dict[str, str]) -> dict[str, Any]:
-    data = urllib.parse.urlencode(fields).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
+    store_device_grant(state, idp, account, CLIENT_SECRET, username)
 
 
 # -- healthy accounts -------------------------------------------------------------------

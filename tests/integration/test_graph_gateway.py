@@ -6,30 +6,29 @@ OAuth2 account. Devices are poplib, curl, mpop and fetchmail."""
 
 from __future__ import annotations
 
-import json
-import os
 import poplib
-import socket
 import ssl
-import subprocess
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.model import OAuthSettings
-from gateway.oauth.keys import load_key
-from gateway.oauth.store import TokenRecord, TokenStore
-from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens
-from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess
+from tests.harness.oauth_server import OAuthServerProcess
+from tests.helpers.device_grant import store_device_grant
 from tests.helpers.graph import graph_gateway_config, top_of, varied_mime, wire
+from tests.helpers.pop3_programs import (
+    Connect,
+    drop,
+    fetchmail_download,
+    logged_in_clients,
+    mpop_download,
+    run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,26 +54,9 @@ DEVICES = {
 }
 
 
-def post_form(url: str, fields: dict[str, str]) -> dict[str, Any]:
-    data = urllib.parse.urlencode(fields).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
-
-
 def authorize(state: Path, idp: OAuthServerProcess, account: str, user: str = "alice") -> None:
     """Tokens for `account` (mailbox `user`) as `gateway oauth authorize` would store them."""
-    client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
-    start = post_form(f"{idp.url}/device", {**client, "scope": "mail offline_access"})
-    idp.control("approve", user_code=start["user_code"], username=user)
-    answer = post_form(
-        f"{idp.url}/token",
-        {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
-    )
-    now = time.time()
-    record = TokenRecord.authorized(account, "device_code", parse_token_response(answer, now), now)
-    store = TokenStore.open(state, load_key(OAuthSettings(), state, environ={}))
-    store.update(account, lambda _: record, replace_unreadable=True)
+    store_device_grant(state, idp, account, CLIENT_SECRET, user)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +113,6 @@ def box(graph: GraphEmulator, graph_gateway: GatewayProcess) -> Any:
     return mailbox
 
 
-Connect = Callable[..., poplib.POP3_SSL]
-
-
 @pytest.fixture
 def pop(
     graph_gateway: GatewayProcess,
@@ -142,29 +121,8 @@ def pop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Connect]:
     monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
-    clients: list[poplib.POP3_SSL] = []
-
-    def connect(device: str | None = "printer") -> poplib.POP3_SSL:
-        client = poplib.POP3_SSL("localhost", graph_ports["implicit"], context=ctx, timeout=60)
-        clients.append(client)
-        if device is not None:
-            client.user(device)
-            client.pass_(f"{device}-pw")
-        return client
-
-    yield connect
-    for client in clients:
-        if client.sock is not None:
-            drop(client)
-
-
-def drop(client: poplib.POP3) -> None:
-    try:
-        client.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    client.sock.close()
-    client.file.close()
+    with logged_in_clients(graph_ports["implicit"], ctx, timeout=60) as connect:
+        yield connect
 
 
 def retr(client: poplib.POP3, n: int) -> bytes:
@@ -353,12 +311,6 @@ def test_large_message_streams_without_rss_growth(
 # -- real POP3 clients ------------------------------------------------------------------------
 
 
-def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(args, capture_output=True, timeout=60, **kwargs)
-    assert result.returncode == 0, (args[0], result.returncode, result.stderr.decode())
-    return result
-
-
 def three(box: Any) -> list[bytes]:
     mimes = [
         b"Subject: %d\r\nMessage-ID: <%d@x>\r\n\r\n" % (n, n)
@@ -388,28 +340,7 @@ def test_mpop_downloads_and_deletes(
     box: Any, graph_ports: dict[str, int], tls_gateway: TLSMaterial, tmp_path: Path
 ) -> None:
     mimes = three(box)
-    maildir = tmp_path / "Maildir"
-    for sub in ("cur", "new", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    run(
-        [
-            "mpop",
-            "--quiet",
-            "--host=localhost",
-            f"--port={graph_ports['starttls']}",
-            "--tls=on",
-            "--tls-starttls=on",
-            f"--tls-trust-file={tls_gateway.ca_file}",
-            "--auth=user",
-            "--user=printer",
-            "--passwordeval=echo printer-pw",
-            f"--delivery=maildir,{maildir}",
-            f"--uidls-file={tmp_path / 'uidls'}",
-            "--keep=off",
-            "--only-new=off",
-        ]
-    )
-    got = [p.read_bytes() for p in (maildir / "new").iterdir()]
+    got = mpop_download(graph_ports['starttls'], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(mimes)
     for original in mimes:
         assert any(g.endswith(original.replace(b"\r\n", b"\n")) for g in got), original[:80]
@@ -420,25 +351,7 @@ def test_fetchmail_downloads_and_deletes(
     box: Any, graph_ports: dict[str, int], tls_gateway: TLSMaterial, tmp_path: Path
 ) -> None:
     mimes = three(box)
-    out = tmp_path / "delivered"
-    out.mkdir()
-    rc = tmp_path / "fetchmailrc"
-    rc.write_text(
-        f"poll localhost protocol POP3 port {graph_ports['implicit']} auth password\n"
-        f'  user "printer" there with password "printer-pw" is "root" here\n'
-        f'  ssl sslcertck sslcertfile "{tls_gateway.ca_file}"\n'
-        f"  mda \"/bin/sh -c 'cat > {out}/$$'\"\n"
-    )
-    rc.chmod(0o600)
-    env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
-    result = subprocess.run(
-        ["fetchmail", "-f", str(rc), "--nodetach", "--all", "--nokeep", "--nosyslog"],
-        capture_output=True,
-        timeout=60,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
-    got = [p.read_bytes() for p in out.iterdir()]
+    got = fetchmail_download(graph_ports['implicit'], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(mimes)
     for original in mimes:
         body = original.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n")

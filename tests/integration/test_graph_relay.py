@@ -22,15 +22,14 @@ from typing import Any
 
 import pytest
 
-from gateway.model import OAuthSettings
-from gateway.oauth.keys import load_key
-from gateway.oauth.store import TokenRecord, TokenStore
-from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial
+from tests.harness.gateway_config import config_head, listen
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens, Sent, StaticTokens
-from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess
+from tests.harness.oauth_server import OAuthServerProcess
+from tests.helpers.device_grant import store_device_grant
 from tests.helpers.pop3 import HASHER
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,26 +48,9 @@ class Ports:
         return [self.submission, self.smtps]
 
 
-def post_form(url: str, fields: dict[str, str]) -> dict[str, Any]:
-    data = urllib.parse.urlencode(fields).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
-
-
 def authorize(state: Path, idp: OAuthServerProcess, account: str) -> None:
     """Tokens for `account` as `gateway oauth authorize` would store them."""
-    client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
-    start = post_form(f"{idp.url}/device", {**client, "scope": SCOPES})
-    idp.control("approve", user_code=start["user_code"], username=USER)
-    answer = post_form(
-        f"{idp.url}/token",
-        {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
-    )
-    now = time.time()
-    record = TokenRecord.authorized(account, "device_code", parse_token_response(answer, now), now)
-    store = TokenStore.open(state, load_key(OAuthSettings(), state, environ={}))
-    store.update(account, lambda _: record, replace_unreadable=True)
+    store_device_grant(state, idp, account, CLIENT_SECRET, USER, scope=SCOPES)
 
 
 def config(base: Path, ports: Ports, graph_url: str, idp_url: str, own: TLSMaterial) -> str:
@@ -79,19 +61,14 @@ def config(base: Path, ports: Ports, graph_url: str, idp_url: str, own: TLSMater
     return (
         "\n".join(
             [
-                f'state_dir = "{base / "state"}"',
-                "[tls]",
-                f'certificate = "{own.certificate}"',
-                f'private_key = "{own.private_key}"',
+                *config_head(base / "state", own),
                 "[smtp]",
                 "idle_timeout = 60",
                 "max_message_size = 5000000",
                 "retry_first = 1",
                 "retry_max_interval = 2",
-                "[[smtp.listen]]",
-                f'address = "127.0.0.1"\nport = {ports.submission}\ntls = "starttls"',
-                "[[smtp.listen]]",
-                f'address = "127.0.0.1"\nport = {ports.smtps}\ntls = "implicit"',
+                *listen("smtp", ports.submission, "starttls"),
+                *listen("smtp", ports.smtps, "implicit"),
                 # Graph only: no smtp endpoint, so a Graph mailbox relays through Graph.
                 "[providers.m365]",
                 f'graph_url = "{graph_url}"',
@@ -173,15 +150,16 @@ def marker() -> bytes:
 
 
 def sent_with(graph: GraphEmulator, mark: bytes, count: int = 1, timeout: float = 20) -> list[Sent]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def sent() -> list[Sent]:
         with graph.lock:
-            found = [s for s in graph.sent if mark in s.mime]
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(found)} of {count} messages with {mark!r} sent")
-        time.sleep(0.05)
+            return [s for s in graph.sent if mark in s.mime]
+
+    return wait_until(
+        sent,
+        timeout,
+        lambda found: f"{len(found)} of {count} messages with {mark!r} sent",
+        done=lambda found: len(found) >= count,
+    )
 
 
 def submit(port: int, ctx: ssl.SSLContext, sender: str, recipients: list[str], data: bytes) -> None:
@@ -392,10 +370,12 @@ def test_kill_9_with_messages_in_flight_then_restart(
             client.login("printer", "printer-pw")
             for mark in marks:
                 client.sendmail("scan@example.com", ["r@example.org"], message(mark))
-        deadline = time.monotonic() + 20
-        while graph.counts["sendMail"] == 0 or not graph.inflight[USER]:
-            assert time.monotonic() < deadline, "no sendMail in flight"
-            time.sleep(0.01)
+        wait_until(
+            lambda: graph.counts["sendMail"] > 0 and graph.inflight[USER],
+            20,
+            "no sendMail in flight",
+            interval=0.01,
+        )
         gw.kill()
         queue = tmp_path / "gw" / "state" / "spool" / "queue"
         left = len(list(queue.glob("*.msg")))
@@ -405,10 +385,7 @@ def test_kill_9_with_messages_in_flight_then_restart(
         gw.start()
         for mark in marks:
             sent_with(graph, mark, timeout=30)
-        deadline = time.monotonic() + 20
-        while list(queue.glob("*.msg")):
-            assert time.monotonic() < deadline, "messages still queued"
-            time.sleep(0.05)
+        wait_until(lambda: not list(queue.glob("*.msg")), 20, "messages still queued")
         with graph.lock:
             sent = [s for s in graph.sent[before:] if any(m in s.mime for m in marks)]
         counts = {m: sum(m in s.mime for s in sent) for m in marks}

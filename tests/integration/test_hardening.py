@@ -33,6 +33,7 @@ from argon2 import PasswordHasher
 import gateway.model
 from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import listen, provider
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.helpers.hardening import (
     MiB,
@@ -89,14 +90,17 @@ def smtp_and_more(ports: HardPorts, upstream: TLSMaterial) -> str:
         TUNABLES,
         "retry_first = 3600",
         "retry_max_interval = 3600",
-        "[[smtp.listen]]",
-        f'address = "127.0.0.1"\nport = {ports.smtp_starttls}\ntls = "starttls"',
-        "[[smtp.listen]]",
-        f'address = "127.0.0.1"\nport = {ports.smtp_implicit}\ntls = "implicit"',
-        "[providers.nowhere]",
-        f'smtp = {{ host = "127.0.0.1", port = {ports.pop3.closed}, tls = "implicit" }}',
-        f'ca_file = "{upstream.ca_file}"',
-        "timeout = 2",
+        *listen("smtp", ports.smtp_starttls, "starttls"),
+        *listen("smtp", ports.smtp_implicit, "implicit"),
+        *provider(
+            "nowhere",
+            "smtp",
+            ports.pop3.closed,
+            "implicit",
+            upstream.ca_file,
+            timeout=2,
+            host="127.0.0.1",
+        ),
         "[accounts.outbound]",
         'provider = "nowhere"\nusername = "outbound@example.com"\npassword = "outbound-pw"',
         "[devices.mailer]",

@@ -4,14 +4,10 @@ of the session Dovecot, driven by poplib, raw sockets and real POP3 clients
 
 from __future__ import annotations
 
-import os
 import poplib
-import re
 import socket
 import ssl
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,14 @@ from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.helpers.imap import crlf, gateway_config_imap, varied_messages
+from tests.helpers.pop3_programs import (
+    Connect,
+    drop,
+    fetchmail_download,
+    logged_in_clients,
+    mpop_download,
+    run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +47,6 @@ def imap_gateway(
         yield gw
 
 
-Connect = Callable[..., poplib.POP3_SSL]
-
-
 @pytest.fixture
 def pop(
     imap_gateway: GatewayProcess,
@@ -57,30 +58,8 @@ def pop(
     """poplib clients logged in as a device on the implicit-TLS listener."""
     # poplib refuses lines over 2048 octets; the long-line messages have more.
     monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
-    clients: list[poplib.POP3_SSL] = []
-
-    def connect(device: str | None = "printer") -> poplib.POP3_SSL:
-        client = poplib.POP3_SSL("localhost", imap_ports["implicit"], context=ctx, timeout=20)
-        clients.append(client)
-        if device is not None:
-            client.user(device)
-            client.pass_(f"{device}-pw")
-        return client
-
-    yield connect
-    for client in clients:
-        if client.sock is not None:
-            drop(client)
-
-
-def drop(client: poplib.POP3) -> None:
-    """Cut the connection the way a crashing device does."""
-    try:
-        client.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    client.sock.close()
-    client.file.close()
+    with logged_in_clients(imap_ports["implicit"], ctx, timeout=20) as connect:
+        yield connect
 
 
 def direct_pop3(
@@ -112,19 +91,7 @@ def fill(dovecot: Dovecot, count: int, user: str = "alice", body_lines: int = 3)
 
 def imap_session_end(dovecot: Dovecot, user: str, timeout: float = 10) -> str:
     """Dovecot's log line for the end of the user's latest IMAP session."""
-    logins = [
-        x
-        for x in dovecot.log_text().splitlines()
-        if "imap-login: " in x and f"Login: user=<{user}>" in x
-    ]
-    session = re.search(r"session=<([^>]+)>", logins[-1]).group(1)  # type: ignore[union-attr]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in dovecot.log_text().splitlines():
-            if f"<{session}>: " in line and "Disconnected" in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(dovecot.log_text()[-3000:])
+    return dovecot.session_end(user, "imap-login: ", timeout)
 
 
 def test_retr_top_list_uidl_byte_for_byte(
@@ -291,12 +258,6 @@ def test_upstream_kicked_mid_retr_drops_the_device(
 # -- real clients -------------------------------------------------------------------------
 
 
-def run(args: list[str], **kwargs) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(args, capture_output=True, timeout=60, **kwargs)
-    assert result.returncode == 0, (args[0], result.returncode, result.stderr.decode())
-    return result
-
-
 def stored(dovecot: Dovecot) -> list[bytes]:
     fill(dovecot, 3, body_lines=40)
     return [crlf(m) for m in dovecot.messages("alice")]
@@ -327,28 +288,7 @@ def test_mpop_downloads_and_deletes(
     tmp_path: Path,
 ) -> None:
     expected = stored(clean_mailboxes)
-    maildir = tmp_path / "Maildir"
-    for sub in ("cur", "new", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    run(
-        [
-            "mpop",
-            "--quiet",
-            "--host=localhost",
-            f"--port={imap_ports['starttls']}",
-            "--tls=on",
-            "--tls-starttls=on",
-            f"--tls-trust-file={tls_gateway.ca_file}",
-            "--auth=user",
-            "--user=printer",
-            "--passwordeval=echo printer-pw",
-            f"--delivery=maildir,{maildir}",
-            f"--uidls-file={tmp_path / 'uidls'}",
-            "--keep=off",
-            "--only-new=off",
-        ]
-    )
-    got = [p.read_bytes() for p in (maildir / "new").iterdir()]
+    got = mpop_download(imap_ports['starttls'], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(expected)
     for original in expected:
         assert any(g.endswith(original.replace(b"\r\n", b"\n")) for g in got), original[:80]
@@ -363,25 +303,7 @@ def test_fetchmail_downloads_and_deletes(
     tmp_path: Path,
 ) -> None:
     expected = stored(clean_mailboxes)
-    out = tmp_path / "delivered"
-    out.mkdir()
-    rc = tmp_path / "fetchmailrc"
-    rc.write_text(
-        f"poll localhost protocol POP3 port {imap_ports['implicit']} auth password\n"
-        f'  user "printer" there with password "printer-pw" is "root" here\n'
-        f'  ssl sslcertck sslcertfile "{tls_gateway.ca_file}"\n'
-        f"  mda \"/bin/sh -c 'cat > {out}/$$'\"\n"
-    )
-    rc.chmod(0o600)
-    env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
-    result = subprocess.run(
-        ["fetchmail", "-f", str(rc), "--nodetach", "--all", "--nokeep", "--nosyslog"],
-        capture_output=True,
-        timeout=60,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
-    got = [p.read_bytes() for p in out.iterdir()]
+    got = fetchmail_download(imap_ports['implicit'], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(expected)
     for original in expected:
         body = original.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n")

@@ -16,6 +16,7 @@ import pytest
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.helpers.pop3 import HASHER
 from tests.integration.test_admin_metrics import eventually, scrape, total
@@ -39,27 +40,21 @@ def config_text(
 ) -> str:
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
+            *config_head(state, own),
             "[admin]",
             f'address = "127.0.0.1"\nport = {ports.admin}',
             "[limits]",
             f"max_connections_per_address = {PER_ADDRESS}",
             "max_sessions_per_device = 1",
             f"max_session_lifetime = {LIFETIME}",
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.pop3}\ntls = "implicit"',
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.smtp}\ntls = "implicit"',
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
-            "[providers.nowhere]",
-            f'smtp = {{ host = "127.0.0.1", port = {ports.closed}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
+            *listen("pop3", ports.pop3, "implicit"),
+            *listen("smtp", ports.smtp, "implicit"),
+            *provider(
+                "dovecot", "pop3", dovecot.pop3s_port, "implicit", upstream.ca_file, timeout=5
+            ),
+            *provider(
+                "nowhere", "smtp", ports.closed, "implicit", upstream.ca_file, host="127.0.0.1"
+            ),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
             "[accounts.relay]",

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,16 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from gateway.model import OAuthSettings
-from gateway.oauth.keys import GatewayKey, encode_key, load_key, new_key
+from gateway.oauth.keys import GatewayKey, encode_key, new_key
 from gateway.oauth.store import TokenRecord, TokenStore
 from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen
 from tests.harness.gateway_process import REPO_ROOT, GatewayProcess, free_port
-from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess
+from tests.harness.oauth_server import OAuthServerProcess
+from tests.helpers import device_grant
+from tests.helpers.device_grant import store_for
 from tests.helpers.oauth import oauth_config
 from tests.helpers.pop3 import HASHER, crlf, message
 
@@ -87,12 +87,8 @@ def config_text(
     )
     pop3 = f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}'
     lines = [
-        f'state_dir = "{base / "state"}"',
-        "[tls]",
-        f'certificate = "{own.certificate}"',
-        f'private_key = "{own.private_key}"',
-        "[[pop3.listen]]",
-        f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        *config_head(base / "state", own),
+        *listen("pop3", port, "implicit"),
         "[oauth]",
         "refresh_margin = 60",
         "idle_refresh_interval = 86400",
@@ -178,26 +174,9 @@ def refused(port: int, ctx: ssl.SSLContext, device: str = "printer") -> str:
     return info.value.args[0].decode()
 
 
-def post_form(url: str, fields: dict[str, str]) -> dict[str, Any]:
-    data = urllib.parse.urlencode(fields).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
-
-
 def device_grant_tokens(idp: OAuthServerProcess, username: str = "alice") -> dict[str, Any]:
     """What a completed device grant returns (as if an admin had signed in)."""
-    client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
-    start = post_form(f"{idp.url}/device", {**client, "scope": "mail offline_access"})
-    idp.control("approve", user_code=start["user_code"], username=username)
-    return post_form(
-        f"{idp.url}/token",
-        {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
-    )
-
-
-def store_for(state: Path) -> TokenStore:
-    return TokenStore.open(state, load_key(OAuthSettings(), state, environ={}))
+    return device_grant.device_grant_tokens(idp, CLIENT_SECRET, username)
 
 
 def authorize_directly(

@@ -11,7 +11,6 @@ import poplib
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,11 +23,11 @@ import pytest
 from gateway.model import OAuthSettings
 from gateway.oauth.keys import load_key
 from gateway.oauth.store import TokenRecord, TokenStore
-from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial
 from tests.harness.gateway_process import REPO_ROOT, GatewayProcess, free_port
 from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens
-from tests.harness.oauth_server import DEVICE_GRANT, OAuthServerProcess
+from tests.harness.oauth_server import OAuthServerProcess
+from tests.helpers.device_grant import store_device_grant
 from tests.helpers.graph import graph_gateway_config
 
 pytestmark = pytest.mark.integration
@@ -54,26 +53,9 @@ class AllScopes:
         return None
 
 
-def post_form(url: str, fields: dict[str, str]) -> dict[str, Any]:
-    data = urllib.parse.urlencode(fields).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
-
-
 def authorize(state: Path, idp: OAuthServerProcess, account: str) -> None:
     """Mail tokens for alice, stored as `gateway oauth authorize` would."""
-    client = {"client_id": "gateway", "client_secret": CLIENT_SECRET}
-    start = post_form(f"{idp.url}/device", {**client, "scope": "mail offline_access"})
-    idp.control("approve", user_code=start["user_code"], username="alice")
-    answer = post_form(
-        f"{idp.url}/token",
-        {**client, "grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
-    )
-    now = time.time()
-    record = TokenRecord.authorized(account, "device_code", parse_token_response(answer, now), now)
-    store = TokenStore.open(state, load_key(OAuthSettings(), state, environ={}))
-    store.update(account, lambda _: record, replace_unreadable=True)
+    store_device_grant(state, idp, account, CLIENT_SECRET, "alice")
 
 
 @pytest.fixture(scope="module")

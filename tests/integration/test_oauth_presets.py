@@ -27,6 +27,7 @@ import pytest
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen
 from tests.harness.gateway_process import REPO_ROOT, GatewayProcess, free_port
 from tests.harness.oauth_server import OAuthServerProcess
 from tests.helpers.pop3 import HASHER, crlf, message
@@ -111,12 +112,8 @@ def config_text(
         ],
     }
     lines = [
-        f'state_dir = "{base / "state"}"',
-        "[tls]",
-        f'certificate = "{own.certificate}"',
-        f'private_key = "{own.private_key}"',
-        "[[pop3.listen]]",
-        f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
+        *config_head(base / "state", own),
+        *listen("pop3", port, "implicit"),
     ]
     for name, keys in providers.items():
         lines += [f"[providers.{name}]", *common, *keys]

@@ -15,6 +15,7 @@ from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import REPO_ROOT, GatewayProcess
 from tests.helpers.pop3 import Ports, crlf, message
+from tests.helpers.pop3_programs import drop
 
 pytestmark = pytest.mark.integration
 
@@ -33,17 +34,6 @@ def pop(gateway: GatewayProcess, ports: Ports, ctx: ssl.SSLContext, clean_mailbo
     for client in clients:
         if client.sock is not None:  # None after QUIT
             drop(client)
-
-
-def drop(client: poplib.POP3) -> None:
-    """Cut the connection the way a crashing device does (poplib's makefile
-    would keep the socket open after a plain close())."""
-    try:
-        client.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    client.sock.close()
-    client.file.close()
 
 
 def direct(dovecot: Dovecot, tls_upstream: TLSMaterial, user: str) -> poplib.POP3_SSL:
@@ -132,15 +122,7 @@ def test_dele_then_drop_deletes_nothing_and_sends_no_quit(
 
 def upstream_session_end(dovecot: Dovecot, user: str, timeout: float = 10) -> str:
     """Dovecot's log line for the end of the user's latest POP3 session."""
-    logins = [x for x in dovecot.log_text().splitlines() if f"Login: user=<{user}>" in x]
-    session = re.search(r"session=<([^>]+)>", logins[-1]).group(1)  # type: ignore[union-attr]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in dovecot.log_text().splitlines():
-            if f"<{session}>: " in line and "Disconnected" in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(dovecot.log_text()[-3000:])
+    return dovecot.session_end(user, timeout=timeout)
 
 
 def test_rset_undeletes(pop, dovecot: Dovecot) -> None:

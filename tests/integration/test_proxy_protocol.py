@@ -25,6 +25,7 @@ import pytest
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.haproxy import HAProxy, ProxyVersion, Route
 from tests.helpers.pop3 import HASHER
@@ -60,31 +61,29 @@ def config(
 ) -> str:
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
+            *config_head(state, own),
             "[proxy]",
             'trusted = ["127.0.0.1"]',
             "header_timeout = 5",
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.pop3s}\ntls = "implicit"',
+            *listen("pop3", ports.pop3s, "implicit"),
             "proxy_protocol = true",
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.pop3}\ntls = "starttls"',
+            *listen("pop3", ports.pop3, "starttls"),
             "proxy_protocol = true",
-            "[[smtp.listen]]",
-            f'address = "127.0.0.1"\nport = {ports.submission}\ntls = "starttls"',
+            *listen("smtp", ports.submission, "starttls"),
             "proxy_protocol = true",
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
+            *provider(
+                "dovecot", "pop3", dovecot.pop3s_port, "implicit", upstream.ca_file, timeout=5
+            ),
             # Nothing is ever delivered: the tests stop before DATA.
-            "[providers.nowhere]",
-            f'smtp = {{ host = "127.0.0.1", port = {ports.closed}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 2",
+            *provider(
+                "nowhere",
+                "smtp",
+                ports.closed,
+                "implicit",
+                upstream.ca_file,
+                timeout=2,
+                host="127.0.0.1",
+            ),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
             "[accounts.relay]",

@@ -15,6 +15,7 @@ import pytest
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
+from tests.harness.gateway_config import config_head, listen, provider
 from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.helpers.pop3 import HASHER, crlf, device, message
 from tests.helpers.waiting import wait_until
@@ -32,16 +33,11 @@ def config_text(
 ) -> str:
     return "\n".join(
         [
-            f'state_dir = "{state}"',
-            "[tls]",
-            f'certificate = "{own.certificate}"',
-            f'private_key = "{own.private_key}"',
-            "[[pop3.listen]]",
-            f'address = "127.0.0.1"\nport = {port}\ntls = "implicit"',
-            "[providers.dovecot]",
-            f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}',
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
+            *config_head(state, own),
+            *listen("pop3", port, "implicit"),
+            *provider(
+                "dovecot", "pop3", dovecot.pop3s_port, "implicit", upstream.ca_file, timeout=5
+            ),
             "[accounts.alice]",
             'provider = "dovecot"\nusername = "alice"\npassword = "alice-pw"',
             "[accounts.bob]",
