@@ -12,7 +12,9 @@ import pytest
 from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess
+from tests.harness.smtp_sink import SMTPSink
 from tests.helpers.pop3 import Ports, gateway_config
+from tests.helpers.smtp_gateway import SUBMISSION_USERS
 
 UPSTREAM_USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 
@@ -78,6 +80,30 @@ def gateway(
     )
     with GatewayProcess(base, text, [ports.implicit, ports.starttls, ports.legacy]) as gw:
         yield gw
+
+
+# -- Dovecot's submission service (587, STARTTLS) relaying to an aiosmtpd sink -----------
+
+
+@pytest.fixture(scope="module")
+def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SMTPSink]:
+    """Where Dovecot's submission service relays to (a module may override it)."""
+    with SMTPSink(tmp_path_factory.mktemp("sink")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def submission(
+    tmp_path_factory: pytest.TempPathFactory, sink: SMTPSink, tls_upstream: TLSMaterial
+) -> Iterator[Dovecot]:
+    """A Dovecot whose submission service takes SUBMISSION_USERS and relays to `sink`."""
+    with Dovecot(
+        tmp_path_factory.mktemp("dovecot-submission"),
+        SUBMISSION_USERS,
+        tls=tls_upstream,
+        submission_relay_port=sink.port,
+    ) as server:
+        yield server
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess
 from tests.harness.smtp_sink import SMTPSink, read_messages
 from tests.helpers.smtp_gateway import (
-    SUBMISSION_USERS,
     SMTPPorts,
     smtp_gateway_config,
     smtps_sink,
@@ -31,26 +30,6 @@ from tests.helpers.smtp_gateway import (
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SMTPSink]:
-    """Where Dovecot's submission service relays to."""
-    with SMTPSink(tmp_path_factory.mktemp("sink")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def submission(
-    tmp_path_factory: pytest.TempPathFactory, sink: SMTPSink, tls_upstream: TLSMaterial
-) -> Iterator[Dovecot]:
-    with Dovecot(
-        tmp_path_factory.mktemp("dovecot-submission"),
-        SUBMISSION_USERS,
-        tls=tls_upstream,
-        submission_relay_port=sink.port,
-    ) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess
 from tests.harness.smtp_sink import SMTPSink, read_messages
 from tests.helpers.smtp_gateway import (
-    SUBMISSION_USERS,
     SMTPPorts,
     smtp_gateway_config,
     wait_for,
@@ -30,25 +29,6 @@ from tests.unit.test_smtp_folding import physical_lines, reference
 pytestmark = pytest.mark.integration
 
 LONG = 100 * 1024
-
-
-@pytest.fixture(scope="module")
-def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SMTPSink]:
-    with SMTPSink(tmp_path_factory.mktemp("sink")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def submission(
-    tmp_path_factory: pytest.TempPathFactory, sink: SMTPSink, tls_upstream: TLSMaterial
-) -> Iterator[Dovecot]:
-    with Dovecot(
-        tmp_path_factory.mktemp("dovecot-submission"),
-        SUBMISSION_USERS,
-        tls=tls_upstream,
-        submission_relay_port=sink.port,
-    ) as server:
-        yield server
 
 
 def start_gateway(
