@@ -110,12 +110,19 @@ def server_context_factory(identity: ServerIdentity, listener: Listener) -> ssl.
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
     )
     # Twisted refuses both keywords at once, even with one of them None.
-    if not legacy:
-        return make(raiseMinimumTo=floor)
-    options = make(insecurelyLowerMinimumTo=floor)
-    # CertificateOptions builds its context once and caches it; adjust it in
-    # place so only this listener offers the legacy list.
-    options.getContext().set_cipher_list(LEGACY_CIPHERS)
+    options = make(insecurelyLowerMinimumTo=floor) if legacy else make(raiseMinimumTo=floor)
+    # CertificateOptions builds its context once and caches it; adjust it in place.
+    context = options.getContext()
+    # A device that closes its socket without close_notify (Python's ssl,
+    # many embedded stacks) is an ordinary end of session: POP3 and SMTP
+    # frame their own data, so a cut cannot pass for a complete command or
+    # message. As an error, Twisted's TLS layer would build a Failure for it
+    # whose traceback holds the frame that holds it: a reference cycle that
+    # keeps the connection's TLS objects alive until a full collection.
+    context.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
+    if legacy:
+        # Only this listener offers the legacy list.
+        context.set_cipher_list(LEGACY_CIPHERS)
     return options
 
 

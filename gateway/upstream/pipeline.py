@@ -68,6 +68,18 @@ _C = TypeVar("_C", bound=Command)
 _T = TypeVar("_T")
 
 
+def _nothing() -> None:
+    pass
+
+
+def _no() -> bool:
+    return False
+
+
+def _lost() -> ErrorFactory:
+    return UpstreamLost
+
+
 async def outcome(step: Deferred[_T]) -> _T | Failure:
     """The result of a pipelined command, or its Failure: returned, not raised.
 
@@ -335,8 +347,23 @@ class Pipeline(Generic[_C]):
         else:
             self.cancel_timer()
         waiters, self._closed_waiters = self._closed_waiters, []
+        self._release()
         for d in waiters:
             d.callback(None)
+
+    def _release(self) -> None:
+        """Forget the client's callbacks once the connection is gone.
+
+        They are the client's bound methods and closures over it, and the
+        client holds this pipeline: kept, they would make every closed
+        connection a reference cycle that only a full garbage collection
+        frees. Nothing calls them any more: the session has ended, so
+        `enqueue` fails at once and no reply is read.
+        """
+        self._process = _nothing
+        self._error = _lost
+        self._mid_answer = self._can_pipeline = _no
+        self._read_ahead = None
 
     def when_closed(self) -> Deferred[None]:
         """Fires (never fails) once the connection is gone."""
