@@ -46,6 +46,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.tls import forget_tls_layer
+
 Work = Coroutine[Any, Any, None]
 
 
@@ -300,6 +302,7 @@ class CommandQueue:
         """
         for deadline in (self._idle, self._stalled, self._line, self._linger):
             deadline.close()
+        forget_tls_layer(self._transport)
         self.output.release()
         self._next_command = _empty
         self._connected = self._partial_line = _no

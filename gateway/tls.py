@@ -186,6 +186,26 @@ def client_options(host: str, ca_file: Path | None) -> IOpenSSLClientConnectionC
     return ssl.optionsForClientTLS(host, trustRoot=load_trust_root(ca_file))
 
 
+# What Twisted's STARTTLS (twisted.internet._newtls.startTLS) sets on the TCP
+# transport itself: bound methods of the TLS protocol, whose own transport
+# (`_BypassTLS`) points back at the TCP transport. Twisted never takes them off.
+_STARTTLS_LINKS = ("getHandle", "getPeerCertificate")
+
+
+def forget_tls_layer(transport: object) -> None:
+    """Take the TLS layer's methods off a TCP transport whose connection is lost.
+
+    Left there, each connection that started TLS in the middle (STLS,
+    STARTTLS, on either side) would stay behind in a reference cycle with its
+    TLS protocol until a full garbage collection. Call it from the protocol's
+    `connectionLost`, when Twisted no longer uses them; anything that is not
+    such a transport is left alone.
+    """
+    attributes = getattr(transport, "__dict__", {})
+    for name in _STARTTLS_LINKS:
+        attributes.pop(name, None)
+
+
 def describe(connection: SSL.Connection | None) -> tuple[str, str]:
     """(version, cipher) of a finished handshake, for the session log line."""
     if connection is None:

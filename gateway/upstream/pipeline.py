@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.net import set_no_delay
+from gateway.tls import forget_tls_layer
 from gateway.upstream.errors import UpstreamLost, UpstreamUnavailable, describe_error
 
 
@@ -488,6 +489,7 @@ class PipelinedClient(Protocol, Generic[_C]):
             self._pipe.process()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        forget_tls_layer(self.transport)  # after STLS/STARTTLS
         self._pipe.connection_lost(self._describe_loss(reason))
 
     def _describe_loss(self, reason: Failure) -> str:
