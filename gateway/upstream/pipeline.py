@@ -77,10 +77,6 @@ def _no() -> bool:
     return False
 
 
-def _lost() -> ErrorFactory:
-    return UpstreamLost
-
-
 async def outcome(step: Deferred[_T]) -> _T | Failure:
     """The result of a pipelined command, or its Failure: returned, not raised.
 
@@ -361,8 +357,10 @@ class Pipeline(Generic[_C]):
         frees. Nothing calls them any more: the session has ended, so
         `enqueue` fails at once and no reply is read.
         """
+        assert self._ended is not None  # connection_lost ended the session
+        make = self._ended[0]
         self._process = _nothing
-        self._error = _lost
+        self._error = lambda: make
         self._mid_answer = self._can_pipeline = _no
         self._read_ahead = None
 
