@@ -30,7 +30,7 @@ from typing import Any
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
-from gateway.admin.metrics import GatewayMetrics, login_reason
+from gateway.admin.metrics import GatewayMetrics, LoginAttempt, login_reason
 from gateway.limits import LIMIT_NAMES
 
 log = Logger(namespace="gateway.admin")
@@ -141,12 +141,34 @@ class MetricsObserver:
             m.logins.labels(protocol, "success", "none").inc()
             logged = _number(event.get("log_time"))
             if logged is not None:
-                m.device_logins.succeeded(_text(event, "device"), logged - (duration or 0.0))
+                start = logged - (duration or 0.0)
+                m.recent_logins.add(logged, "success")
+                attempt = LoginAttempt(
+                    when=start,
+                    peer=str(_text(event, "peer")),
+                    protocol=protocol,
+                    outcome="success",
+                    tls_version=str(version),
+                    tls_cipher=str(_text(event, "tls_cipher")),
+                    session=str(_text(event, "outcome")),
+                )
+                m.device_logins.succeeded(_text(event, "device"), start, attempt)
 
     def _refused_login(self, protocol: str, event: Mapping[str, Any]) -> None:
         reason = login_reason(event.get("reason"))
         self.metrics.logins.labels(protocol, "failure", reason).inc()
-        self.metrics.device_logins.refused(_text(event, "device"), reason)
+        logged = _number(event.get("log_time"))
+        attempt = None
+        if logged is not None:
+            self.metrics.recent_logins.add(logged, reason)
+            text = event.get("reason")
+            attempt = LoginAttempt(
+                when=logged,
+                peer=str(_text(event, "peer")),
+                protocol=protocol,
+                outcome=text if isinstance(text, str) else reason,
+            )
+        self.metrics.device_logins.refused(_text(event, "device"), reason, attempt)
 
     def _refused_connection(self, event: Mapping[str, Any]) -> None:
         protocol = event.get("protocol")

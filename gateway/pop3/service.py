@@ -28,6 +28,9 @@ def pop3_services(runtime: Runtime) -> list[IService]:
             clock=runtime.reactor,
             limits=runtime.limits,
             idle_timeout=config.pop3.idle_timeout,
+            stall_timeout=config.pop3.stall_timeout,
+            line_timeout=config.pop3.line_timeout,
+            auth_failure_delay=config.pop3.auth_failure_delay,
         )
         factories.append(built)
         return built
