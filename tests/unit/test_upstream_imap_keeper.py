@@ -346,3 +346,23 @@ def test_a_changed_account_logs_in_again() -> None:
     assert up.connections[0][1].value() == b"DONE\r\ng5 LOGOUT\r\n"
     assert isinstance(up.log_in(d), IMAPMaildrop)
     assert up.keeper.logins == {"shop": 2}
+
+
+def test_a_change_reported_during_the_session_makes_the_next_login_list_again() -> None:
+    """Dovecot may attach `* n EXISTS` to any command's answer; IDLE will not
+    repeat it, so the kept client counts it wherever it arrives."""
+    up = Server()
+    maildrop = up.log_in(up.open())
+    sink = StringTransport()
+    retr = Deferred.fromCoroutine(maildrop.retrieve(1, sink))
+    up.expect(
+        b"g4 UID FETCH 10 (BODY.PEEK[])\r\n",
+        b"* 1 FETCH (UID 10 BODY[] {7}\r\nhello\r\n)\r\n* 3 EXISTS\r\ng4 OK done\r\n",
+    )
+    succeeded(retr)
+    quit_without_deleting(maildrop)
+    up.expect(b"g5 IDLE\r\n", b"+ idling\r\n")
+    d = up.open()
+    up.expect(b"DONE\r\ng6 NOOP\r\n", b"g5 OK\r\ng6 OK\r\n")
+    up.expect(snapshot_request(7), snapshot_answer(7, (10, 12, 13)))
+    assert succeeded(d).snapshot.uids == (10, 12, 13)
