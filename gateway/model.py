@@ -206,6 +206,11 @@ class Account:
     move_to: str | None = None
     # IMAP-backed: set \Seen on messages a device retrieved.
     mark_seen: bool = False
+    # IMAP-backed: keep one logged-in upstream connection open between device
+    # sessions (`gateway.maildrop.imap_keeper`), closed `keep_idle` seconds
+    # after the last session ended.
+    keep_connection: bool = True
+    keep_idle: float = 300.0
     # SMTP: envelope senders a device may use (exact addresses or "*@domain");
     # empty means only the account's own address (`username`).
     allowed_senders: tuple[str, ...] = ()
