@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -170,11 +170,20 @@ class IMAPKeeper:
             release=partial(self._released, kept),
         )
 
-    def close_all(self) -> None:
-        """LOGOUT every kept connection not in use (the gateway stops)."""
-        for kept in list(self._kept.values()):
-            if not kept.in_use:
-                self._discard(kept, logout=True)
+    def close_all(self, grace: float = 2.0) -> Deferred[None]:
+        """LOGOUT every kept connection not in use (the gateway stops). Fires
+        once they have closed, or after `grace` seconds: the reactor drops
+        every socket when it stops, so LOGOUT must be sent before that."""
+        closing = [
+            self._discard(kept, logout=True)
+            for kept in list(self._kept.values())
+            if not kept.in_use
+        ]
+        done: Deferred[Any] = DeferredList(
+            [d for d in closing if d is not None], consumeErrors=True
+        )
+        done.addTimeout(grace, self._reactor)
+        return done.addBoth(lambda _: None)
 
     # -- logging in and looking
 
@@ -303,19 +312,22 @@ class IMAPKeeper:
                 call.cancel()
         kept.close_call = kept.watch_call = None
 
-    def _discard(self, kept: _Kept, *, logout: bool) -> None:
+    def _discard(self, kept: _Kept, *, logout: bool) -> Deferred[None] | None:
+        """Forget `kept` and end its connection; with `logout`, politely, and
+        return when it has closed."""
         self._cancel_timers(kept)
         if self._kept.get(kept.account.name) is kept:
             del self._kept[kept.account.name]
         client = kept.client
         if client.ended:
-            return
+            return None
         if not logout or kept.in_use:
             client.abort("the kept connection was discarded")
-            return
+            return None
         client.done()
         bye = client.logout()
         bye.addErrback(lambda _: client.abort("LOGOUT failed"))
+        return client.when_closed()
 
 
 def _ignore(response: Response) -> None:

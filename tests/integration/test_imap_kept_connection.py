@@ -6,6 +6,7 @@ from __future__ import annotations
 import poplib
 import ssl
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +198,34 @@ def test_without_keep_connection_each_poll_logs_in(
             assert client.stat()[0] == 1
             client.quit()
         assert logins(dovecot) - before == 3
+
+
+def test_stopping_the_gateway_logs_the_kept_connection_out(
+    tmp_path: Path,
+    clean_mailboxes: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    ctx: ssl.SSLContext,
+) -> None:
+    """A stopping gateway sends LOGOUT on the connections it kept, rather than
+    leaving the provider a dropped socket."""
+    dovecot = clean_mailboxes
+    dovecot.kick("alice")
+    fill(dovecot, 1)
+    ports = {"implicit": free_port(), "starttls": free_port()}
+    text = gateway_config_imap(tmp_path / "state", ports, dovecot, tls_upstream, tls_gateway)
+    gateway = GatewayProcess(tmp_path, text, list(ports.values()))
+    gateway.start()
+    try:
+        client = poplib.POP3_SSL("localhost", ports["implicit"], context=ctx, timeout=20)
+        client.user("printer")
+        client.pass_("printer-pw")
+        assert client.stat()[0] == 1
+        client.quit()
+        logged_out = sum(
+            "imap(alice)" in x and "Logged out" in x for x in dovecot.log_text().splitlines()
+        )
+    finally:
+        gateway.stop()
+    lines = dovecot.log_text().splitlines()
+    assert sum("imap(alice)" in x and "Logged out" in x for x in lines) == logged_out + 1
