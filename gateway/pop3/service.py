@@ -56,6 +56,7 @@ class KeptConnections(Service):
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
+        self.setName("imap-kept-connections")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
