@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -42,6 +43,8 @@ ClientType = Literal["auto", "public", "confidential"]
 Cloud = Literal["global", "usgov", "dod", "china"]
 DeletePolicy = Literal["expunge", "move", "keep"]
 LogFormat = Literal["text", "json"]
+# [smtp] long_lines: fold lines over 998 octets like Postfix, or refuse with 554.
+LongLines = Literal["fold", "refuse"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TLS_MODES: Final[tuple[TLSMode, ...]] = get_args(TLSMode)
@@ -61,6 +64,7 @@ CLOUDS: Final[tuple[Cloud, ...]] = get_args(Cloud)
 APP_ONLY_GRANTS: Final[frozenset[Grant]] = frozenset({"client_credentials", "service_account"})
 DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
+LONG_LINES_CHOICES: Final[tuple[LongLines, ...]] = get_args(LongLines)
 
 # An OAuth2 account without `grant` gets its preset's default grant, or this
 # one: the device-code grant needs nothing but a browser somewhere.
@@ -202,6 +206,11 @@ class Account:
     move_to: str | None = None
     # IMAP-backed: set \Seen on messages a device retrieved.
     mark_seen: bool = False
+    # IMAP-backed: keep one logged-in upstream connection open between device
+    # sessions (`gateway.maildrop.imap_keeper`), closed `keep_idle` seconds
+    # after the last session ended.
+    keep_connection: bool = True
+    keep_idle: float = 300.0
     # SMTP: envelope senders a device may use (exact addresses or "*@domain");
     # empty means only the account's own address (`username`).
     allowed_senders: tuple[str, ...] = ()
@@ -264,6 +273,12 @@ class POP3Settings:
     listeners: tuple[Listener, ...] = ()
     # RFC 1939 asks for at least ten minutes before an idle session is closed.
     idle_timeout: float = 600.0
+    # gateway.command_queue: a device that leaves its replies unread this long
+    # is closed; a command line must end this long after its first byte; a
+    # refused login is answered after this pause.
+    stall_timeout: float = 120.0
+    line_timeout: float = 60.0
+    auth_failure_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -271,6 +286,10 @@ class SMTPSettings:
     listeners: tuple[Listener, ...] = ()
     # RFC 5321 4.5.3.2 suggests 5 minutes per command.
     idle_timeout: float = 300.0
+    # As for POP3Settings.
+    stall_timeout: float = 120.0
+    line_timeout: float = 60.0
+    auth_failure_delay: float = 1.0
     # Microsoft 365's own default limit is 35 MB; larger is refused at MAIL/DATA.
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
@@ -279,6 +298,10 @@ class SMTPSettings:
     retry_first: float = 30.0
     retry_max_interval: float = 3600.0
     message_lifetime: float = 5 * 24 * 3600.0
+    # A line over 998 octets (RFC 5321 4.5.3.1.6): folded with CRLF SPACE as
+    # Postfix does, or the message refused with 554 5.6.0. A device that gets
+    # 554 usually never sends the message again, hence folding by default.
+    long_lines: LongLines = "fold"
 
 
 @dataclass(frozen=True)
@@ -294,6 +317,14 @@ class OAuthSettings:
 
 
 @dataclass(frozen=True)
+class AdminUser:
+    """One web console login (`[admin.users.NAME]`), with its argon2 hash."""
+
+    name: str
+    password_hash: Secret
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     """The admin HTTP listener (`[admin]`): metrics, health, later the web console.
 
@@ -306,6 +337,10 @@ class AdminSettings:
     # None: HTTPS with the [tls] certificate unless `address` is a loopback
     # address, plain HTTP there.
     tls: bool | None = None
+    # `[admin.users.NAME]`: who may log in to the web console; none, no console.
+    users: Mapping[str, AdminUser] = field(default_factory=dict)
+    # A console session unused this long is over (`session_idle`, seconds).
+    session_idle: float = 1800.0
 
     @property
     def uses_tls(self) -> bool:

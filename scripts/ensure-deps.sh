@@ -8,7 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PACKAGES=(
     dovecot-core dovecot-pop3d dovecot-imapd dovecot-submissiond
     curl fetchmail mpop msmtp swaks openssl haproxy
-    prometheus
+    prometheus fail2ban
+    chromium chromium-driver
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl
     python3-venv
 )

@@ -16,7 +16,9 @@ Which event is which, by namespace and fields:
 - a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``;
 - a login penalty that starts: namespace ``gateway.penalties`` with ``penalty``;
 - a connection refused for a limit: namespace ``gateway.limits`` with
-  ``limit`` and ``protocol``.
+  ``limit`` and ``protocol``;
+- an upstream login: namespace ``gateway.upstream.logins`` with
+  ``upstream_login`` (the protocol) and ``provider``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
-from gateway.admin.metrics import GatewayMetrics, login_reason
+from gateway.admin.metrics import GatewayMetrics, LoginAttempt, login_reason
 from gateway.limits import LIMIT_NAMES
 
 log = Logger(namespace="gateway.admin")
@@ -40,6 +42,8 @@ LIMITS = frozenset(LIMIT_NAMES)
 DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
 PENALTY_NAMESPACE = "gateway.penalties"
 PENALTY_KINDS = frozenset({"lockout", "device_slowdown"})
+UPSTREAM_LOGINS_NAMESPACE = "gateway.upstream.logins"
+UPSTREAM_PROTOCOLS = frozenset({"pop3", "imap", "smtp", "graph"})
 
 
 def _text(event: Mapping[str, Any], key: str) -> Any:
@@ -97,6 +101,12 @@ class MetricsObserver:
             elif namespace == PENALTY_NAMESPACE and "penalty" in event:
                 kind = event["penalty"]
                 self.metrics.penalties.labels(kind if kind in PENALTY_KINDS else "other").inc()
+            elif namespace == UPSTREAM_LOGINS_NAMESPACE and "upstream_login" in event:
+                protocol = event["upstream_login"]
+                self.metrics.upstream_logins.labels(
+                    protocol if protocol in UPSTREAM_PROTOCOLS else "other",
+                    self.metrics.provider_label(event.get("provider")),
+                ).inc()
         except Exception:
             # Never let a metrics bug disturb logging; say so once per event.
             self.metrics.observer_errors.inc()
@@ -131,12 +141,34 @@ class MetricsObserver:
             m.logins.labels(protocol, "success", "none").inc()
             logged = _number(event.get("log_time"))
             if logged is not None:
-                m.device_logins.succeeded(_text(event, "device"), logged - (duration or 0.0))
+                start = logged - (duration or 0.0)
+                m.recent_logins.add(logged, "success")
+                attempt = LoginAttempt(
+                    when=start,
+                    peer=str(_text(event, "peer")),
+                    protocol=protocol,
+                    outcome="success",
+                    tls_version=str(version),
+                    tls_cipher=str(_text(event, "tls_cipher")),
+                    session=str(_text(event, "outcome")),
+                )
+                m.device_logins.succeeded(_text(event, "device"), start, attempt)
 
     def _refused_login(self, protocol: str, event: Mapping[str, Any]) -> None:
         reason = login_reason(event.get("reason"))
         self.metrics.logins.labels(protocol, "failure", reason).inc()
-        self.metrics.device_logins.refused(_text(event, "device"), reason)
+        logged = _number(event.get("log_time"))
+        attempt = None
+        if logged is not None:
+            self.metrics.recent_logins.add(logged, reason)
+            text = event.get("reason")
+            attempt = LoginAttempt(
+                when=logged,
+                peer=str(_text(event, "peer")),
+                protocol=protocol,
+                outcome=text if isinstance(text, str) else reason,
+            )
+        self.metrics.device_logins.refused(_text(event, "device"), reason, attempt)
 
     def _refused_connection(self, event: Mapping[str, Any]) -> None:
         protocol = event.get("protocol")

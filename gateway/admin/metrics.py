@@ -15,8 +15,10 @@ peer-supplied string.
 from __future__ import annotations
 
 import re
+from collections import Counter as Counts
+from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -29,6 +31,9 @@ from gateway.timing import UPSTREAM_STEP_SECONDS
 # Distinct values one free-text label may take before new ones count as "other".
 MAX_LABEL_VALUES = 40
 _LABEL_TEXT = re.compile(r"[A-Za-z0-9 ,._:/-]{1,80}")
+
+# Refusals the console lists per device.
+RECENT_REFUSALS = 5
 
 # A refusal's reason as the authenticator words it, by its start; the
 # address in "address 10.0.0.9 not in allow_from" must not become a label.
@@ -72,12 +77,58 @@ class BoundedLabel:
         return value
 
 
+@dataclass(frozen=True)
+class LoginAttempt:
+    """One login as the web console shows it: `outcome` is "success" or the
+    refusal's reason; the TLS fields and `session` (the session's outcome)
+    come with a successful login's session event."""
+
+    when: float
+    peer: str
+    protocol: str
+    outcome: str
+    tls_version: str = "none"
+    tls_cipher: str = "none"
+    session: str = ""
+
+
 @dataclass
 class DeviceLogin:
-    """What the metrics remember about one configured device."""
+    """What the metrics (and the console) remember about one configured device."""
 
     last_success: float | None = None
     last_outcome: str = "none"
+    last_attempt: LoginAttempt | None = None
+    refusals: deque[LoginAttempt] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSALS))
+
+
+class LoginWindow:
+    """Login attempts of the last hour by outcome, in one-minute buckets."""
+
+    def __init__(self, span: int = 60) -> None:
+        self._span = span
+        self._buckets: deque[tuple[int, Counts[str]]] = deque()
+
+    def add(self, when: float, outcome: str) -> None:
+        minute = int(when // 60)
+        if not self._buckets or self._buckets[-1][0] < minute:
+            self._buckets.append((minute, Counts()))
+        for bucket_minute, counts in reversed(self._buckets):
+            if bucket_minute <= minute:
+                counts[outcome] += 1
+                break
+        self._trim(minute)
+
+    def counts(self, now: float) -> Counts[str]:
+        self._trim(int(now // 60))
+        total: Counts[str] = Counts()
+        for _, counts in self._buckets:
+            total.update(counts)
+        return total
+
+    def _trim(self, minute: int) -> None:
+        while self._buckets and self._buckets[0][0] <= minute - self._span:
+            self._buckets.popleft()
 
 
 class DeviceLogins:
@@ -92,16 +143,21 @@ class DeviceLogins:
         self._configured = configured
         self._devices: dict[str, DeviceLogin] = {}
 
-    def succeeded(self, device: object, when: float) -> None:
+    def succeeded(self, device: object, when: float, attempt: LoginAttempt | None = None) -> None:
         entry = self._entry(device)
         if entry is not None:
             entry.last_success = max(when, entry.last_success or when)
             entry.last_outcome = "success"
+            if attempt is not None:
+                entry.last_attempt = attempt
 
-    def refused(self, device: object, reason: str) -> None:
+    def refused(self, device: object, reason: str, attempt: LoginAttempt | None = None) -> None:
         entry = self._entry(device)
         if entry is not None:
             entry.last_outcome = reason
+            if attempt is not None:
+                entry.last_attempt = attempt
+                entry.refusals.append(attempt)
 
     def get(self, device: str) -> DeviceLogin | None:
         return self._devices.get(device)
@@ -212,12 +268,21 @@ class GatewayMetrics:
             ["kind"],
             registry=r,
         )
+        self.upstream_logins = Counter(
+            "gateway_upstream_logins",
+            "Logins the gateway made at upstream mail servers, by protocol and provider "
+            "(a kept IMAP connection makes one for many device sessions).",
+            ["protocol", "provider"],
+            registry=r,
+        )
         self.observer_errors = Counter(
             "gateway_metrics_observer_errors",
             "Log events the metrics observer could not count (a bug: see the log).",
             registry=r,
         )
         self.device_logins = DeviceLogins(devices)
+        # For the console's overview; not exported (the counters above are).
+        self.recent_logins = LoginWindow()
         r.register(self.device_logins)
         r.register(UPSTREAM_STEP_SECONDS)
         if process:
@@ -225,6 +290,7 @@ class GatewayMetrics:
             PlatformCollector(registry=r)
         self.outcome_label = {"pop3": BoundedLabel(), "smtp": BoundedLabel()}
         self.tls_label = BoundedLabel(limit=80)
+        self.provider_label = BoundedLabel()
 
     def listener_label(self, value: object) -> str:
         """A configured listener's name, "unknown" when the event names none."""

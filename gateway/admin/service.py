@@ -114,6 +114,14 @@ def admin_services(
         metrics.registry.register(TokenCollector(runtime.tokens, now))
         checks["token_store"] = token_store_usable(runtime.tokens)
     site = AdminSite(metrics.registry, Readiness(checks))
+    if settings.users:
+        from gateway.admin.console import console_resource
+
+        site.add_console(
+            console_resource(
+                runtime, settings, metrics, lambda: watches, spool.spool if spool else None
+            )
+        )
     top = AdminService(metrics, MetricsObserver(metrics), publisher, config.state_dir)
     http = StreamServerEndpointService(
         _endpoint(runtime, settings), _with_tls(runtime, settings, site)
@@ -121,10 +129,11 @@ def admin_services(
     http.setName("admin-http")
     http.setServiceParent(top)
     log.info(
-        "admin listener on {address}:{port} ({scheme}): /metrics /healthz /readyz",
+        "admin listener on {address}:{port} ({scheme}): /metrics /healthz /readyz{console}",
         address=settings.address,
         port=settings.port,
         scheme="https" if settings.uses_tls else "http",
+        console=f" /console/ ({len(settings.users)} admin users)" if settings.users else "",
     )
     return [top]
 

@@ -73,7 +73,10 @@ class ReadyPage(Resource):
 
 
 class Index(Resource):
-    """`/`: what is here, for an admin who opens the address in a browser."""
+    """`/`: what is here, for an admin who opens the address in a browser;
+    with the web console, the browser goes there."""
+
+    console = False
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
@@ -81,6 +84,10 @@ class Index(Resource):
         return notFound()
 
     def render_GET(self, request: Request) -> bytes:
+        if self.console:
+            request.setResponseCode(303)
+            request.setHeader(b"location", b"/console/")
+            return b""
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         lines = ["mail gateway admin listener", ""]
         lines += [f"{path}  {what}" for path, what in ENDPOINTS.items()]
@@ -100,6 +107,11 @@ class AdminSite(Site):
         self.root.putChild(b"readyz", ReadyPage(readiness))
         super().__init__(self.root)
         self.displayTracebacks = False
+
+    def add_console(self, console: IResource) -> None:
+        """Serve the web console (`gateway.admin.console`) at `/console/`."""
+        self.root.putChild(b"console", console)
+        self.root.console = True
 
     def log(self, request: HTTPRequest) -> None:
         pass

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 
-from gateway.config.listeners import _addresses_overlap as addresses_overlap
-from gateway.config.listeners import is_ip_address
+from gateway.config.devices import argon2_password_hash as password_hash
+from gateway.config.listeners import addresses_overlap, is_ip_address
 from gateway.config.reader import Table
-from gateway.model import LOG_FORMATS, AdminSettings, LogSettings, TLSFiles, field_default
+from gateway.model import (
+    LOG_FORMATS,
+    AdminSettings,
+    AdminUser,
+    LogSettings,
+    TLSFiles,
+    field_default,
+)
+
+# A console session may idle from one minute to one day.
+_IDLE_LIMITS = (60.0, 86400.0)
 
 
 def admin_section(root: Table, tls: TLSFiles | None) -> AdminSettings | None:
@@ -25,10 +35,16 @@ def admin_section(root: Table, tls: TLSFiles | None) -> AdminSettings | None:
     wants_tls: bool | None = field_default(AdminSettings, "tls")
     if table.has("tls"):
         wants_tls = table.boolean("tls", False)
+    users = admin_users(table.table("users"))
+    idle = table.seconds("session_idle", field_default(AdminSettings, "session_idle"))
+    if idle is not None and not _IDLE_LIMITS[0] <= idle <= _IDLE_LIMITS[1]:
+        table.problem("session_idle", "must be between 60 and 86400 seconds")
     table.finish()
-    if address is None or port is None or not table.reader.clean_since(mark):
+    if address is None or port is None or idle is None or not table.reader.clean_since(mark):
         return None
-    settings = AdminSettings(address=address, port=port, tls=wants_tls)
+    settings = AdminSettings(
+        address=address, port=port, tls=wants_tls, users=users, session_idle=idle
+    )
     loopback = ipaddress.ip_address(address).is_loopback
     if settings.uses_tls and tls is None:
         table.problem(
@@ -47,6 +63,19 @@ def admin_section(root: Table, tls: TLSFiles | None) -> AdminSettings | None:
             table.problem("port", f"{address} port {port} is already taken by {path}")
             return None
     return settings
+
+
+def admin_users(table: Table) -> dict[str, AdminUser]:
+    """`[admin.users.NAME] password_hash = "$argon2id$..."`: the web console's
+    logins, hashed like device passwords (`gateway hash-password`)."""
+    users: dict[str, AdminUser] = {}
+    for name, entry in table.entries():
+        hashed = password_hash(entry)
+        entry.finish()
+        if hashed is not None:
+            users[name] = AdminUser(name=name, password_hash=hashed)
+    table.finish()
+    return users
 
 
 def log_section(table: Table) -> LogSettings:

@@ -21,7 +21,7 @@ def device(
     serve: what a device gets when it does not list `protocols`, so a printer
     meant only to send mail needs no `protocols = ["smtp"]`."""
     mark = table.reader.mark()
-    password_hash = _password_hash(table)
+    password_hash = argon2_password_hash(table)
     account = table.string("account")
     if account is not None and account not in accounts:
         table.problem("account", f"unknown account {account!r}")
@@ -60,7 +60,7 @@ def device(
     )
 
 
-def _password_hash(table: Table) -> Secret | None:
+def argon2_password_hash(table: Table) -> Secret | None:
     value = table.secret("password_hash")
     if value is None:
         return None

@@ -130,7 +130,7 @@ def check_listener_overlap(reader: Reader) -> None:
     seen: list[tuple[str, Listener]] = []
     for path, listener in reader.listeners:
         for other_path, other in seen:
-            if listener.port == other.port and _addresses_overlap(listener.address, other.address):
+            if listener.port == other.port and addresses_overlap(listener.address, other.address):
                 reader.add(
                     f"{path}.port",
                     f"{listener.address} port {listener.port} is already taken by {other_path}",
@@ -139,7 +139,7 @@ def check_listener_overlap(reader: Reader) -> None:
         seen.append((path, listener))
 
 
-def _addresses_overlap(a: str, b: str) -> bool:
+def addresses_overlap(a: str, b: str) -> bool:
     """Whether two listeners on one port would fight over it. "::" counts as
     every IPv4 address too: Twisted listens dual-stack there on Linux."""
     ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)

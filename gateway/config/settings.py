@@ -13,6 +13,7 @@ from gateway.config.listeners import listeners
 from gateway.config.reader import Table
 from gateway.config.secrets import check_secret_file
 from gateway.model import (
+    LONG_LINES_CHOICES,
     LimitSettings,
     OAuthSettings,
     PenaltySettings,
@@ -29,31 +30,48 @@ def _or(value: T | None, default: T) -> T:
 
 
 def pop3_section(table: Table) -> POP3Settings:
-    defaults = POP3Settings()
-    idle_timeout = table.seconds("idle_timeout", defaults.idle_timeout)
+    d = POP3Settings()
+    idle_timeout = table.seconds("idle_timeout", d.idle_timeout)
+    stall_timeout = table.seconds("stall_timeout", d.stall_timeout)
+    line_timeout = table.seconds("line_timeout", d.line_timeout)
+    auth_failure_delay = table.seconds("auth_failure_delay", d.auth_failure_delay)
     built = listeners(table, "pop3")
     table.finish()
-    return POP3Settings(listeners=built, idle_timeout=_or(idle_timeout, defaults.idle_timeout))
+    return POP3Settings(
+        listeners=built,
+        idle_timeout=_or(idle_timeout, d.idle_timeout),
+        stall_timeout=_or(stall_timeout, d.stall_timeout),
+        line_timeout=_or(line_timeout, d.line_timeout),
+        auth_failure_delay=_or(auth_failure_delay, d.auth_failure_delay),
+    )
 
 
 def smtp_section(table: Table) -> SMTPSettings:
     d = SMTPSettings()
     built = listeners(table, "smtp")
     idle_timeout = table.seconds("idle_timeout", d.idle_timeout)
+    stall_timeout = table.seconds("stall_timeout", d.stall_timeout)
+    line_timeout = table.seconds("line_timeout", d.line_timeout)
+    auth_failure_delay = table.seconds("auth_failure_delay", d.auth_failure_delay)
     max_message_size = table.integer("max_message_size", d.max_message_size, low=1024, high=2**31)
     max_recipients = table.integer("max_recipients", d.max_recipients, low=1, high=10000)
     retry_first = table.seconds("retry_first", d.retry_first)
     retry_max_interval = table.seconds("retry_max_interval", d.retry_max_interval)
     message_lifetime = table.seconds("message_lifetime", d.message_lifetime)
+    long_lines = table.choice("long_lines", LONG_LINES_CHOICES, d.long_lines)
     table.finish()
     return SMTPSettings(
         listeners=built,
         idle_timeout=_or(idle_timeout, d.idle_timeout),
+        stall_timeout=_or(stall_timeout, d.stall_timeout),
+        line_timeout=_or(line_timeout, d.line_timeout),
+        auth_failure_delay=_or(auth_failure_delay, d.auth_failure_delay),
         max_message_size=_or(max_message_size, d.max_message_size),
         max_recipients=_or(max_recipients, d.max_recipients),
         retry_first=_or(retry_first, d.retry_first),
         retry_max_interval=_or(retry_max_interval, d.retry_max_interval),
         message_lifetime=_or(message_lifetime, d.message_lifetime),
+        long_lines=_or(long_lines, d.long_lines),
     )
 
 

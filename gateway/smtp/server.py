@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits
-from gateway.model import Account, Device, Listener, Provider, listener_name
+from gateway.model import Account, Device, Listener, LongLines, Provider, listener_name
 from gateway.net import set_no_delay
 from gateway.sessions import LoginRefusals, Refused, log_value, peer_host
 from gateway.smtp import sasl
@@ -49,7 +49,6 @@ from gateway.smtp.parser import (
 )
 from gateway.smtp.policy import (
     NetworkDevices,
-    account_address,
     envelope_sender,
     relay_device,
     sender_allowed,
@@ -484,12 +483,12 @@ class SMTPServer(Protocol):
         except OSError as e:
             log.error("smtp spool cannot take a message: {error}", error=e)
             return self._reply(451, "4.3.0", "cannot store messages now, try again later")
-        account = self._txn.account
         self._intake = MessageIntake(
             incoming,
+            self._txn,
             max_size=self._size_limit(self._txn.device),
             max_line=self.factory.max_line_length,
-            rewrite_from_to=account_address(account) if account.rewrite_from_header else None,
+            long_lines=self.factory.long_lines,
         )
         self._input.start_data()
         self._reply(354, None, "end data with <CR><LF>.<CR><LF>")
@@ -592,6 +591,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = MAX_TEXT_LINE
+    long_lines: LongLines = "fold"
     auth_failure_delay: float = 1.0
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # the runtime's
 

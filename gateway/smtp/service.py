@@ -177,8 +177,12 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             clock=reactor,
             hostname=hostname,
             idle_timeout=settings.idle_timeout,
+            stall_timeout=settings.stall_timeout,
+            line_timeout=settings.line_timeout,
+            auth_failure_delay=settings.auth_failure_delay,
             max_message_size=settings.max_message_size,
             max_recipients=settings.max_recipients,
+            long_lines=settings.long_lines,
             limits=runtime.limits,
         )
         named.append(built)
@@ -197,6 +201,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
             built.idle_timeout = new.smtp.idle_timeout
             built.max_message_size = new.smtp.max_message_size
             built.max_recipients = new.smtp.max_recipients
+            built.long_lines = new.smtp.long_lines
         relay.retry = retry_policy(new.smtp)
         before, previous = previous, new
         relay.accounts_changed(

@@ -110,14 +110,24 @@ def fill(dovecot: Dovecot, count: int, user: str = "alice", body_lines: int = 3)
         dovecot.deliver(user, f"Message-ID: <{n}@x>\nSubject: {n}\n\n.{body}".encode())
 
 
-def imap_session_end(dovecot: Dovecot, user: str, timeout: float = 10) -> str:
-    """Dovecot's log line for the end of the user's latest IMAP session."""
-    logins = [
+def imap_logins(dovecot: Dovecot, user: str) -> list[str]:
+    """Dovecot's log lines for the user's IMAP logins, oldest first."""
+    return [
         x
         for x in dovecot.log_text().splitlines()
         if "imap-login: " in x and f"Login: user=<{user}>" in x
     ]
-    session = re.search(r"session=<([^>]+)>", logins[-1]).group(1)  # type: ignore[union-attr]
+
+
+def latest_imap_session(dovecot: Dovecot, user: str) -> str:
+    """The session id of the user's latest IMAP login."""
+    logins = imap_logins(dovecot, user)
+    return re.search(r"session=<([^>]+)>", logins[-1]).group(1)  # type: ignore[union-attr]
+
+
+def imap_session_end(dovecot: Dovecot, user: str, timeout: float = 10) -> str:
+    """Dovecot's log line for the end of the user's latest IMAP session."""
+    session = latest_imap_session(dovecot, user)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in dovecot.log_text().splitlines():
@@ -201,12 +211,17 @@ def test_dele_then_drop_changes_nothing(
     client.dele(2)
     drop(client)
     imap_gateway.wait_for_log(f"device={device} ")
-    end = imap_session_end(dovecot, "alice")
-    # Dovecot says "Logged out" only when the session ended with LOGOUT.
-    assert "Logged out" not in end, end
+    # The session was read-only: the kept upstream connection goes back to
+    # its keeper untouched (neither LOGOUT nor a close), and nothing changed.
+    session = latest_imap_session(dovecot, "alice")
+    assert not [x for x in dovecot.log_text().splitlines() if f"<{session}>: " in x], session
     assert ids(dovecot) == ["<1@x>", "<2@x>"]
     assert flags(dovecot) == ["", ""]
     assert dovecot.doveadm("mailbox", "list", "-u", "alice").split() == ["INBOX"]
+    again = pop(device)
+    assert again.stat()[0] == 2
+    again.quit()
+    assert latest_imap_session(dovecot, "alice") == session, "the next poll logged in again"
 
 
 def test_message_added_during_a_session_waits_for_the_next(

@@ -406,25 +406,7 @@ def test_starttls_injection_is_discarded(
     tls.close()
 
 
-def test_overlong_data_line_keeps_framing(
-    gateway: GatewayProcess, smtp_ports: SMTPPorts, ctx: ssl.SSLContext, sink: SMTPSink
-) -> None:
-    mark = marker()
-    with smtplib.SMTP("localhost", smtp_ports.submission, timeout=20) as c:
-        c.starttls(context=ctx)
-        c.login("alarm-panel", "alarm-panel-pw")
-        c.mail("alarm@example.com")
-        c.rcpt("r@example.org")
-        assert c.docmd("DATA")[0] == 354
-        smuggled = (
-            b"RSET\r\nMAIL FROM:<alarm@example.com>\r\nRCPT TO:<victim@example.org>\r\n"
-            b"DATA\r\nSubject: " + mark + b"\r\n\r\nsmuggled\r\n"
-        )
-        c.send(b"Subject: long\r\n\r\n" + b"A" * 100_000 + b"\r\n" + smuggled + b".\r\n")
-        code, text = c.getreply()
-        assert code == 554 and text.startswith(b"5.6.0"), text
-        assert c.noop()[0] == 250
-    assert [m for m in read_messages(sink.directory) if mark in m.content] == []
+# test_overlong_data_line_keeps_framing: in test_smtp_long_lines.py (long_lines = "refuse").
 
 
 def test_size_limit(gateway: GatewayProcess, smtp_ports: SMTPPorts, ctx: ssl.SSLContext) -> None:

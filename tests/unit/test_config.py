@@ -920,6 +920,17 @@ def test_smtp_section_and_relay_devices(config_dir: Path) -> None:
     assert config.devices["printer-3f"].relay_without_auth
 
 
+def test_smtp_long_lines(config_dir: Path) -> None:
+    assert load_config(write(config_dir, VALID)).smtp.long_lines == "fold"
+    text = VALID + '[smtp]\nlong_lines = "refuse"\n'
+    assert load_config(write(config_dir, text)).smtp.long_lines == "refuse"
+    text = VALID + '[smtp]\nlong_lines = "truncate"\n'
+    assert any(
+        "smtp.long_lines" in problem and "fold, refuse" in problem
+        for problem in all_problems(config_dir, text)
+    ), all_problems(config_dir, text)
+
+
 def test_relay_without_auth_needs_allow_from(config_dir: Path) -> None:
     text = edit(VALID, 'allow_from = ["10.20.0.0/16", "192.0.2.7", "2001:db8::/32"]\n', "")
     text = edit(

@@ -30,6 +30,7 @@ TEST_ONLY_IMPORTS = {
     "aiosmtpd": {"aiosmtpd"},
     "mypy": {"mypy"},
     "mypy-zope": {"mypy_zope"},
+    "selenium": {"selenium"},
 }
 # Not a distribution, but as test-only as one.
 TEST_TREE = {"tests"}
@@ -177,3 +178,22 @@ def test_no_gateway_module_imports_a_test_only_dependency() -> None:
         if name.split(".")[0] in forbidden
     ]
     assert found == []
+
+
+def private_imports() -> list[str]:
+    """`from gateway.x import _name` anywhere in the package: a private name
+    used from another module is a seam nobody declared."""
+    found = []
+    for module, path in gateway_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gateway"):
+                found += [
+                    f"{module}:{node.lineno} imports {node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+    return found
+
+
+def test_no_gateway_module_imports_a_private_name_of_another() -> None:
+    assert private_imports() == []

@@ -377,6 +377,8 @@ def test_size_limits(tmp_path: Path) -> None:
 
 
 def test_overlong_data_line_keeps_framing(gw: Gateway) -> None:
+    # `long_lines = "refuse"`; folding (the default) is tests/unit/test_smtp_folding.py.
+    gw.factory.long_lines = "refuse"
     client = gw.connect()
     client.login()
     client.send(b"MAIL FROM:<a@scan.example.com>", b"RCPT TO:<x@example.org>", b"DATA")

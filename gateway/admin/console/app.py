@@ -1,0 +1,345 @@
+"""The web console's routes (Klein), mounted at `/console/` on the admin listener.
+
+Every page but the login form and the OAuth2 callback needs a session;
+without one a GET is sent to the login form and anything else gets 403.
+Every POST must carry the session's CSRF token (403 otherwise), so another
+site cannot make an admin's browser act, even where `SameSite` is not
+honoured. Actions write one audit line each:
+``console action=... admin=... target=...``.
+
+Pages are server-rendered Jinja2 templates with autoescape on; none needs
+JavaScript (the device-code page reloads itself with a meta refresh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from gateway.admin.console import views
+from gateway.admin.console.auth import AdminLogins, Session, Sessions
+from gateway.admin.console.connect import AccountActions
+from gateway.admin.listeners import ListenerWatch
+from gateway.admin.metrics import GatewayMetrics
+from gateway.model import Config
+from gateway.oauth.admin import CommandFailed
+from gateway.oauth.errors import OAuthError
+from gateway.sessions import log_value
+from gateway.smtp.spool import Spool
+from gateway.smtp.spool_records import valid_id
+
+log = Logger(namespace="gateway.admin.console")
+
+COOKIE = b"gateway_console"
+PREFIX = "/console"
+_HEADERS = {
+    b"cache-control": b"no-store",
+    b"x-frame-options": b"DENY",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"content-security-policy": (
+        b"default-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self'; "
+        b"form-action 'self' http: https:; frame-ancestors 'none'; base-uri 'none'"
+    ),
+}
+
+
+def audit(action: str, admin: str, target: str) -> None:
+    """The audit line of one console action."""
+    log.info(
+        "console action={action} admin={admin} target={target}",
+        action=action,
+        admin=log_value(admin),
+        target=log_value(target),
+    )
+
+
+@dataclass
+class ConsoleState:
+    """What the console reads: the running gateway's own objects."""
+
+    config: Callable[[], Config]
+    clock: IReactorTime
+    metrics: GatewayMetrics
+    watches: Callable[[], list[ListenerWatch]]
+    spool: Spool | None
+    uses_tls: bool
+
+
+class Console:
+    app = Klein()
+
+    def __init__(
+        self,
+        state: ConsoleState,
+        logins: AdminLogins,
+        sessions: Sessions,
+        actions: AccountActions,
+    ) -> None:
+        self.state = state
+        self.logins = logins
+        self.sessions = sessions
+        self.actions = actions
+        self.templates = Environment(
+            loader=PackageLoader("gateway.admin.console", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+        )
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _session(self, request: Request) -> Session | None:
+        raw = request.getCookie(COOKIE)
+        return self.sessions.get(raw.decode("ascii", "replace") if raw else None)
+
+    def _set_cookie(self, request: Request, session: Session) -> None:
+        request.addCookie(
+            COOKIE,
+            session.id.encode("ascii"),
+            path=PREFIX.encode(),
+            secure=self.state.uses_tls,
+            httpOnly=True,
+            sameSite="strict",
+        )
+
+    def _admin(self, request: Request, *, post: bool = False) -> Session | None:
+        """The logged-in session, or None after answering (redirect or 403)."""
+        _headers(request)
+        session = self._session(request)
+        if session is None or session.admin is None:
+            if post:
+                request.setResponseCode(403)
+            else:
+                _redirect(request, f"{PREFIX}/login")
+            return None
+        if post and not session.csrf_ok(_field(request, "csrf")):
+            request.setResponseCode(403)
+            return None
+        return session
+
+    def _render(
+        self, request: Request, template: str, session: Session | None, **ctx: Any
+    ) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        notices: list[str] = []
+        if session is not None:
+            notices, session.notices = session.notices, []
+        page = self.templates.get_template(template).render(
+            prefix=PREFIX,
+            admin=session.admin if session is not None else None,
+            csrf=session.csrf if session is not None else "",
+            notices=notices,
+            page=template.removesuffix(".html"),
+            now=views.when(self.state.clock.seconds()),
+            **ctx,
+        )
+        return page.encode("utf-8")
+
+    # -- login -----------------------------------------------------------------
+
+    @app.route("/login", methods=["GET"])
+    def login_form(self, request: Request) -> bytes:
+        _headers(request)
+        session = self._session(request)
+        if session is not None and session.admin is not None:
+            _redirect(request, f"{PREFIX}/")
+            return b""
+        if session is None:
+            session = self.sessions.new()
+            self._set_cookie(request, session)
+        return self._render(request, "login.html", session, error=None)
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: Request) -> bytes:
+        _headers(request)
+        session = self._session(request)
+        if session is None or not session.csrf_ok(_field(request, "csrf")):
+            request.setResponseCode(403)
+            return b"expired or forged form: reload the login page\n"
+        name = _field(request, "name") or ""
+        password = _field(request, "password") or ""
+        peer = _peer(request)
+        admin = await self.logins.check(name, password, peer)
+        if admin is None:
+            audit("login-refused", name, peer)
+            request.setResponseCode(401)
+            return self._render(
+                request, "login.html", session, error="wrong name or password", name=name
+            )
+        # A fresh id once logged in: an id seen before the login is worth nothing.
+        self.sessions.end(session)
+        session = self.sessions.new(admin)
+        self._set_cookie(request, session)
+        audit("login", admin, peer)
+        _redirect(request, f"{PREFIX}/")
+        return b""
+
+    @app.route("/logout", methods=["POST"])
+    def logout(self, request: Request) -> bytes:
+        session = self._admin(request, post=True)
+        if session is None:
+            return b"forbidden\n"
+        self.sessions.end(session)
+        assert session.admin is not None
+        audit("logout", session.admin, "-")
+        _redirect(request, f"{PREFIX}/login")
+        return b""
+
+    # -- pages -----------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def overview(self, request: Request) -> bytes:
+        session = self._admin(request)
+        if session is None:
+            return b""
+        s = self.state
+        data = views.overview(s.config(), s.watches(), s.metrics, s.spool, s.clock.seconds())
+        return self._render(request, "overview.html", session, **data)
+
+    @app.route("/devices", methods=["GET"])
+    def devices(self, request: Request) -> bytes:
+        session = self._admin(request)
+        if session is None:
+            return b""
+        rows = views.devices(self.state.config(), self.state.metrics)
+        return self._render(request, "devices.html", session, devices=rows)
+
+    @app.route("/accounts", methods=["GET"])
+    def accounts(self, request: Request) -> bytes:
+        session = self._admin(request)
+        if session is None:
+            return b""
+        rows = views.accounts(
+            self.state.config(), self.state.clock.seconds(), self.actions.checks, self.actions.flow
+        )
+        waiting = any(
+            (row["flow"] and row["flow"]["status"] == "waiting")
+            or (row["check"] and row["check"]["running"])
+            for row in rows
+        )
+        # A refresh to the page's own URL would keep a #fragment, which
+        # browsers take as a jump within the page, not a reload: name it.
+        return self._render(
+            request,
+            "accounts.html",
+            session,
+            accounts=rows,
+            refresh=waiting,
+            refresh_url=f"{PREFIX}/accounts",
+        )
+
+    @app.route("/queue", methods=["GET"])
+    def queue(self, request: Request) -> bytes:
+        session = self._admin(request)
+        if session is None:
+            return b""
+        rows = views.queue(self.state.spool, self.state.clock.seconds())
+        return self._render(
+            request, "queue.html", session, messages=rows, spool=self.state.spool is not None
+        )
+
+    # -- actions ---------------------------------------------------------------
+
+    @app.route("/queue/<message_id>/<verb>", methods=["POST"])
+    def queue_action(self, request: Request, message_id: str, verb: str) -> bytes:
+        session = self._admin(request, post=True)
+        if session is None:
+            return b"forbidden\n"
+        assert session.admin is not None
+        spool = self.state.spool
+        if verb not in ("retry", "delete") or not valid_id(message_id) or spool is None:
+            request.setResponseCode(404)
+            return b"no such action\n"
+        if message_id not in spool.entries:
+            session.notices.append(f"no message {message_id} (already delivered or deleted?)")
+        else:
+            # What `gateway queue retry|delete` does while the gateway runs:
+            # a request file the relay carries out within seconds.
+            spool.dir.request("retry" if verb == "retry" else "delete", message_id)
+            audit(f"queue-{verb}", session.admin, message_id)
+            session.notices.append(f"{message_id}: {verb} requested; carried out within seconds")
+        _redirect(request, f"{PREFIX}/queue")
+        return b""
+
+    @app.route("/accounts/<name>/<verb>", methods=["POST"])
+    async def account_action(self, request: Request, name: str, verb: str) -> bytes:
+        session = self._admin(request, post=True)
+        if session is None:
+            return b"forbidden\n"
+        admin = session.admin
+        assert admin is not None
+        if name not in self.state.config().accounts or verb not in ("connect", "forget", "check"):
+            request.setResponseCode(404)
+            return b"no such account or action\n"
+        try:
+            if verb == "connect":
+                audit("connect", admin, name)
+                flow = self.actions.connect(name, admin, _callback_uri(request))
+                if flow.url is not None:
+                    _redirect(request, flow.url)
+                    return b""
+            elif verb == "forget":
+                outcome = await self.actions.forget(name, admin)
+                session.notices.append(f"{name}: tokens forgotten (at the provider: {outcome})")
+            else:
+                self.actions.check(name, admin)
+        except (CommandFailed, OAuthError) as e:
+            session.notices.append(f"{name}: {e}")
+        _redirect(request, f"{PREFIX}/accounts#account-{quote(name)}")
+        return b""
+
+    @app.route("/oauth/callback", methods=["GET"])
+    async def oauth_callback(self, request: Request) -> bytes:
+        _headers(request)
+        state = _field(request, "state") or ""
+        query = request.uri.decode("ascii", "replace").partition("?")[2]
+        flow = await self.actions.code_callback(query, state)
+        if flow is None:
+            request.setResponseCode(400)
+            return self._render(request, "callback.html", None, flow=None)
+        return self._render(
+            request,
+            "callback.html",
+            None,
+            flow=flow.view(),
+            account=flow.account,
+            refresh=True,
+            refresh_seconds=1,
+            refresh_url=f"{PREFIX}/accounts#account-{quote(flow.account)}",
+        )
+
+
+def _headers(request: Request) -> None:
+    for name, value in _HEADERS.items():
+        request.setHeader(name, value)
+
+
+def _redirect(request: Request, location: str) -> None:
+    request.setResponseCode(303)
+    request.setHeader(b"location", location.encode("utf-8"))
+
+
+def _field(request: Request, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return None
+    return bytes(values[0]).decode("utf-8", "replace")
+
+
+def _peer(request: Request) -> str:
+    peer = request.getClientAddress()
+    return str(getattr(peer, "host", peer))
+
+
+def _callback_uri(request: Request) -> str:
+    """The console's own callback as the admin's browser reaches it."""
+    scheme = "https" if request.isSecure() else "http"
+    host = (request.getHeader(b"host") or b"localhost").decode("ascii", "replace")
+    return f"{scheme}://{host}{PREFIX}/oauth/callback"
