@@ -1,7 +1,7 @@
 """Closed sessions leave nothing for the garbage collector.
 
 The real gateway service (`make_service`, as twistd runs it) in this test's
-reactor, in front of the real Dovecot (POP3) and an aiosmtpd submission
+reactor, in front of the real Dovecot (POP3, IMAP) and an aiosmtpd submission
 server (the SMTP relay's upstream), with devices on both TLS paths: implicit
 TLS, and STLS/STARTTLS on both legs. The cycle collector is switched off
 after a warm-up, then 200 full sessions run; once they are closed, every
@@ -45,6 +45,7 @@ from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import free_port
 from tests.harness.smtp_sink import SMTPSink
+from tests.helpers.imap import gateway_config_imap
 from tests.helpers.pop3 import Ports, gateway_config, message
 from tests.helpers.smtp_gateway import SMTPPorts, smtp_gateway_config, smtps_sink
 
@@ -196,6 +197,41 @@ async def test_pop3_sessions_leave_no_garbage(
         gc.enable()
         await top.stopService()
     assert left == {}, f"left behind by {SESSIONS} POP3 sessions ({path}): {left}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_imap_backed_sessions_leave_no_garbage(
+    clean_mailboxes: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    tmp_path: Path,
+    without_collector: None,
+) -> None:
+    """An IMAP-backed account: the device sessions share the kept upstream
+    connection, which stays open (it was opened during the warm-up)."""
+    dovecot = clean_mailboxes
+    dovecot.deliver("alice", message(1))
+    ports = {"implicit": free_port(), "starttls": free_port()}
+    text = gateway_config_imap(tmp_path / "state", ports, dovecot, tls_upstream, tls_gateway)
+    top = await started(text, tmp_path)
+    ctx = ssl.create_default_context(cafile=str(tls_gateway.ca_file))
+
+    def sessions(n: int) -> None:
+        for _ in range(n):
+            client = poplib.POP3_SSL("127.0.0.1", ports["implicit"], context=ctx, timeout=10)
+            client.user("printer")
+            client.pass_("printer-pw")
+            assert client.stat()[0] == 1
+            client.uidl()
+            client.retr(1)
+            client.quit()
+
+    try:
+        left = await leftovers_after(sessions, lambda: _limits_total(top) == 0)
+    finally:
+        gc.enable()
+        await top.stopService()
+    assert left == {}, f"left behind by {SESSIONS} IMAP-backed sessions: {left}"
 
 
 @pytest.fixture
