@@ -302,6 +302,13 @@ class SMTPSettings:
     # Postfix does, or the message refused with 554 5.6.0. A device that gets
     # 554 usually never sends the message again, hence folding by default.
     long_lines: LongLines = "fold"
+    # Upstream connections per account at once (Microsoft 365 allows 3
+    # concurrent SMTP AUTH connections per mailbox), how long an idle one is
+    # kept for the next message, and how often `gateway queue` requests are
+    # looked for.
+    relay_connections: int = 3
+    relay_keepalive: float = 2.0
+    control_interval: float = 2.0
 
 
 @dataclass(frozen=True)
