@@ -26,7 +26,12 @@ Measured:
   never seen (one FETCH of Message-IDs), a later UIDL (map lookup only), and
   how many octets of commands Dovecot received from the gateway for a set-up
   (its log's in= figure): a per-message fetch would show as ~30 octets per
-  message.
+  message. Since the kept upstream connection (issue 14) the "gateway" side's
+  set-up reuses the kept login; the octet count uses an account with
+  `keep_connection = false`.
+- Kept connection: 1,000 polls (100 with --quick) of the unchanged
+  1,000-message folder (login, STAT, QUIT): upstream logins (Dovecot's log),
+  median poll time and the gateway's CPU per poll (/proc/PID/stat).
 
 Figures are reported, not asserted. The machine may be shared with other
 work; the load average before and after is recorded with the results.
@@ -236,6 +241,13 @@ def gateway_config(
             f"[devices.dev-{user}]",
             f'password_hash = "{password_hash}"\naccount = "acct-{user}"',
             'allow_from = ["127.0.0.0/8"]',
+            # The same IMAP account without the kept connection: a login per session.
+            f"[accounts.once-{user}]",
+            f'provider = "dovecot"\nusername = "{user}"\npassword = "pw-{user}"',
+            'mailbox = "imap"\nkeep_connection = false',
+            f"[devices.once-{user}]",
+            f'password_hash = "{password_hash}"\naccount = "once-{user}"',
+            'allow_from = ["127.0.0.0/8"]',
             # The same mailbox through the POP3 path, for comparison.
             f"[accounts.pop-{user}]",
             f'provider = "dovecot-pop3"\nusername = "{user}"\npassword = "pw-{user}"',
@@ -285,11 +297,17 @@ class Bench:
             with gateway:
                 assert gateway.process is not None
                 self.gateway_pid = gateway.process.pid
-                self.ports = {"gateway": port, "via_pop3": port, "direct": dovecot.pop3s_port}
+                self.ports = {
+                    "gateway": port,
+                    "via_pop3": port,
+                    "once": port,
+                    "direct": dovecot.pop3s_port,
+                }
                 gateway_ca = ssl.create_default_context(cafile=str(own.ca_file))
                 self.contexts = {
                     "gateway": gateway_ca,
                     "via_pop3": gateway_ca,
+                    "once": gateway_ca,
                     "direct": ssl.create_default_context(cafile=str(upstream.ca_file)),
                 }
                 self.warm_up()
@@ -300,6 +318,7 @@ class Bench:
                 self.setup_time("setup_10", "small")
                 self.uidl_times()
                 self.commands_sent()
+                self.kept_polls()
         info["loadavg_after"] = os.getloadavg()
         info["elapsed_s"] = time.monotonic() - started
         self.summarise()
@@ -310,6 +329,8 @@ class Bench:
             return f"dev-{user}", DEVICE_PASSWORD
         if side == "via_pop3":
             return f"pop-{user}", DEVICE_PASSWORD
+        if side == "once":
+            return f"once-{user}", DEVICE_PASSWORD
         return user, f"pw-{user}"
 
     def session(self, side: str, user: str) -> Client:
@@ -407,7 +428,7 @@ class Bench:
 
     def commands_sent(self) -> None:
         """Octets Dovecot received from the gateway for one set-up of the 1,000 folder."""
-        client = self.session("gateway", "folder")
+        client = self.session("once", "folder")
         client.command(b"STAT")
         client.command(b"QUIT")
         client.close()
@@ -421,6 +442,45 @@ class Bench:
         if found:
             self.results["setup_1000_imap_octets"] = {"in": int(found[0]), "out": int(found[1])}
             log(f"setup_1000: Dovecot received {found[0]} octets of IMAP commands, sent {found[1]}")
+
+    def kept_polls(self) -> None:
+        """Polls of the unchanged 1,000-message folder on the kept connection."""
+        polls = 100 if self.quick else 1000
+
+        def logins() -> int:
+            text = self.dovecot.log_text()
+            return text.count("imap-login: Info: Login: user=<folder>")
+
+        def cpu_seconds() -> float:
+            with open(f"/proc/{self.gateway_pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        first = self.session("gateway", "folder")  # the kept login, made before counting
+        first.command(b"QUIT")
+        first.close()
+        before, cpu0 = logins(), cpu_seconds()
+        samples = []
+        for _ in range(polls):
+            t0 = time.perf_counter()
+            client = self.session("gateway", "folder")
+            client.command(b"STAT")
+            client.command(b"QUIT")
+            samples.append(time.perf_counter() - t0)
+            client.close()
+        cpu = cpu_seconds() - cpu0
+        out = {
+            "polls": polls,
+            "upstream_logins_per_1000_polls": (logins() - before) * 1000 / polls,
+            "poll_ms_median": 1000 * statistics.median(samples),
+            "gateway_cpu_ms_per_poll": 1000 * cpu / polls,
+        }
+        self.results["kept_polls_1000"] = out
+        log(
+            f"kept_polls_1000: {out['upstream_logins_per_1000_polls']:.0f} upstream logins "
+            f"per 1,000 polls, poll {out['poll_ms_median']:.1f} ms, gateway CPU "
+            f"{out['gateway_cpu_ms_per_poll']:.2f} ms per poll (incl. the device's TLS)"
+        )
 
     def summarise(self) -> None:
         summary: dict[str, Any] = {}

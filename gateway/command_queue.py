@@ -46,6 +46,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.tls import forget_tls_layer
+
 Work = Coroutine[Any, Any, None]
 
 
@@ -73,14 +75,41 @@ Step = Work | Literal[Empty.EMPTY] | None
 CLOSE_GRACE: Final = 10.0
 
 
+def _nothing() -> None:
+    pass
+
+
+def _no() -> bool:
+    return False
+
+
+def _none() -> int:
+    return 0
+
+
+def _ignore(failure: Failure) -> None:
+    pass
+
+
+def _empty() -> Step:
+    return EMPTY
+
+
 class Deadline:
-    """One timer on the injected clock that can be started, pushed back and stopped."""
+    """One timer on the injected clock that can be started, pushed back and stopped.
+
+    `close()` ends it for good and forgets what it would call: that callback
+    is a method of the session holding the deadline, and keeping it would
+    leave the closed session in a reference cycle, freed only by a full
+    garbage collection.
+    """
 
     def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
         self._clock = clock
         self.seconds = seconds
         self._expired = expired
         self._call: IDelayedCall | None = None
+        self._closed = False
 
     @property
     def armed(self) -> bool:
@@ -88,6 +117,8 @@ class Deadline:
 
     def start(self) -> None:
         """Expire `seconds` from now, whether or not the timer was running."""
+        if self._closed:
+            return
         if self._call is not None:
             self._call.reset(self.seconds)
         else:
@@ -102,6 +133,12 @@ class Deadline:
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+    def close(self) -> None:
+        """Stop for good: `start` does nothing any more."""
+        self.stop()
+        self._closed = True
+        self._expired = _nothing
 
     def _fire(self) -> None:
         self._call = None
@@ -156,6 +193,12 @@ class OutputFlow:
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError("write to the transport; this only passes on the flow")
+
+    def release(self) -> None:
+        """The connection is gone: forget the queue's callbacks and the inner
+        producer (the queue holds this flow, so they would make a cycle)."""
+        self._blocked = self._unblocked = _nothing
+        self._inner = None
 
 
 class CommandQueue:
@@ -247,11 +290,25 @@ class CommandQueue:
             self._linger.start()
 
     def stop(self) -> None:
-        """The connection is gone (or going): no timer may fire any more."""
-        self._idle.stop()
-        self._stalled.stop()
-        self._line.stop()
-        self._linger.stop()
+        """The connection is gone: no timer may fire any more.
+
+        The queue also lets go of its server's callbacks (bound methods and
+        closures over the server, which holds the queue). Without that every
+        closed session would be a reference cycle that only the garbage
+        collector's full pass frees, and a burst of sessions would leave
+        thousands of them behind. A command still running keeps what it
+        needs through its own frame; when it ends, the queue sees the
+        connection as gone and runs nothing more.
+        """
+        for deadline in (self._idle, self._stalled, self._line, self._linger):
+            deadline.close()
+        forget_tls_layer(self._transport)
+        self.output.release()
+        self._next_command = _empty
+        self._connected = self._partial_line = _no
+        self._backlog = _none
+        self._on_error = _ignore
+        self._after_batch = _nothing
 
     def _start(self, work: Work) -> None:
         self._busy = True

@@ -180,16 +180,20 @@ class Slot:
         left open would be a way round the limits)."""
         if self.lifetime is not None:
             self.lifetime.stop()
-        if self._linger is None:
+        if self._linger is None and self._open:
             self._linger = Deadline(self._clock, CLOSE_GRACE, abort)
             self._linger.start()
 
     def close(self) -> None:
-        """The connection is gone: it counts no more and its deadlines stop."""
+        """The connection is gone: it counts no more and its deadlines stop.
+
+        They are closed, not only stopped: their callbacks are the server's
+        methods, and the server holds this slot (a cycle otherwise).
+        """
         if self.lifetime is not None:
-            self.lifetime.stop()
+            self.lifetime.close()
         if self._linger is not None:
-            self._linger.stop()
+            self._linger.close()
         if self._open and self.refused is None:
             self._limits.release(self)
         self._open = False

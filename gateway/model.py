@@ -206,6 +206,11 @@ class Account:
     move_to: str | None = None
     # IMAP-backed: set \Seen on messages a device retrieved.
     mark_seen: bool = False
+    # IMAP-backed: keep one logged-in upstream connection open between device
+    # sessions (`gateway.maildrop.imap_keeper`), closed `keep_idle` seconds
+    # after the last session ended.
+    keep_connection: bool = True
+    keep_idle: float = 300.0
     # SMTP: envelope senders a device may use (exact addresses or "*@domain");
     # empty means only the account's own address (`username`).
     allowed_senders: tuple[str, ...] = ()
@@ -297,6 +302,13 @@ class SMTPSettings:
     # Postfix does, or the message refused with 554 5.6.0. A device that gets
     # 554 usually never sends the message again, hence folding by default.
     long_lines: LongLines = "fold"
+    # Upstream connections per account at once (Microsoft 365 allows 3
+    # concurrent SMTP AUTH connections per mailbox), how long an idle one is
+    # kept for the next message, and how often `gateway queue` requests are
+    # looked for.
+    relay_connections: int = 3
+    relay_keepalive: float = 2.0
+    control_interval: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from gateway.model import IPNetwork
 from gateway.net import parse_peer_address
+from gateway.tls import forget_tls_layer
 
 log = Logger(namespace="gateway.proxy")
 
@@ -254,6 +255,8 @@ class ProxyProtocolWrapper(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        # The wrapped protocol's STLS/STARTTLS went to the real transport.
+        forget_tls_layer(self.transport)
         protocol, self.wrappedProtocol = self.wrappedProtocol, None
         if protocol is not None:
             protocol.connectionLost(reason)

@@ -32,6 +32,7 @@ from gateway.maildrop import Maildrop, UpstreamUnavailable
 from gateway.maildrop.graph import open_graph_maildrop
 from gateway.maildrop.graph_sizes import GraphSizeStore
 from gateway.maildrop.imap import open_imap_maildrop
+from gateway.maildrop.imap_keeper import IMAPKeeper
 from gateway.maildrop.pop3 import open_pop3_maildrop
 from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Config, Listener
@@ -67,6 +68,8 @@ class Runtime:
     uid_store: UIDStore | None = None
     # Exact sizes of Graph-backed accounts' messages; opened like `uid_store`.
     graph_sizes: GraphSizeStore | None = None
+    # The upstream IMAP connections kept per account between device sessions.
+    imap_keeper: IMAPKeeper = field(init=False)
     # What reads the configuration subscribes here, or reads its live mappings.
     holder: ConfigHolder = field(init=False)
     # The connection counts of both protocols' listeners; the limits are read
@@ -75,6 +78,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.holder = ConfigHolder(self.config)
+        self.imap_keeper = IMAPKeeper(self.reactor)
         self.limits = ConnectionLimits(lambda: self.config.limits)
         self.holder.on_reload(self._reconfigure)
 
@@ -138,6 +142,10 @@ class Runtime:
                 reactor=self.reactor,
                 tokens=self.graph_tokens(),
                 sizes=self.graph_size_store(),
+            )
+        if account.mailbox == "imap" and account.keep_connection:
+            return await self.imap_keeper.open(
+                account, provider, uid_store=self.imap_uid_store(), tokens=self.tokens
             )
         if account.mailbox == "imap":
             return await open_imap_maildrop(

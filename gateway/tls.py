@@ -110,12 +110,19 @@ def server_context_factory(identity: ServerIdentity, listener: Listener) -> ssl.
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
     )
     # Twisted refuses both keywords at once, even with one of them None.
-    if not legacy:
-        return make(raiseMinimumTo=floor)
-    options = make(insecurelyLowerMinimumTo=floor)
-    # CertificateOptions builds its context once and caches it; adjust it in
-    # place so only this listener offers the legacy list.
-    options.getContext().set_cipher_list(LEGACY_CIPHERS)
+    options = make(insecurelyLowerMinimumTo=floor) if legacy else make(raiseMinimumTo=floor)
+    # CertificateOptions builds its context once and caches it; adjust it in place.
+    context = options.getContext()
+    # A device that closes its socket without close_notify (Python's ssl,
+    # many embedded stacks) is an ordinary end of session: POP3 and SMTP
+    # frame their own data, so a cut cannot pass for a complete command or
+    # message. As an error, Twisted's TLS layer would build a Failure for it
+    # whose traceback holds the frame that holds it: a reference cycle that
+    # keeps the connection's TLS objects alive until a full collection.
+    context.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
+    if legacy:
+        # Only this listener offers the legacy list.
+        context.set_cipher_list(LEGACY_CIPHERS)
     return options
 
 
@@ -177,6 +184,26 @@ def client_options(host: str, ca_file: Path | None) -> IOpenSSLClientConnectionC
     rest of an upstream login. A changed CA file needs a restart.
     """
     return ssl.optionsForClientTLS(host, trustRoot=load_trust_root(ca_file))
+
+
+# What Twisted's STARTTLS (twisted.internet._newtls.startTLS) sets on the TCP
+# transport itself: bound methods of the TLS protocol, whose own transport
+# (`_BypassTLS`) points back at the TCP transport. Twisted never takes them off.
+_STARTTLS_LINKS = ("getHandle", "getPeerCertificate")
+
+
+def forget_tls_layer(transport: object) -> None:
+    """Take the TLS layer's methods off a TCP transport whose connection is lost.
+
+    Left there, each connection that started TLS in the middle (STLS,
+    STARTTLS, on either side) would stay behind in a reference cycle with its
+    TLS protocol until a full garbage collection. Call it from the protocol's
+    `connectionLost`, when Twisted no longer uses them; anything that is not
+    such a transport is left alone.
+    """
+    attributes = getattr(transport, "__dict__", {})
+    for name in _STARTTLS_LINKS:
+        attributes.pop(name, None)
 
 
 def describe(connection: SSL.Connection | None) -> tuple[str, str]:

@@ -16,7 +16,9 @@ Which event is which, by namespace and fields:
 - a delivery outcome: namespace ``gateway.smtp.relay`` with ``delivery``;
 - a login penalty that starts: namespace ``gateway.penalties`` with ``penalty``;
 - a connection refused for a limit: namespace ``gateway.limits`` with
-  ``limit`` and ``protocol``.
+  ``limit`` and ``protocol``;
+- an upstream login: namespace ``gateway.upstream.logins`` with
+  ``upstream_login`` (the protocol) and ``provider``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ LIMITS = frozenset(LIMIT_NAMES)
 DELIVERY_OUTCOMES = frozenset({"delivered", "deferred", "expired", "dead_letter"})
 PENALTY_NAMESPACE = "gateway.penalties"
 PENALTY_KINDS = frozenset({"lockout", "device_slowdown"})
+UPSTREAM_LOGINS_NAMESPACE = "gateway.upstream.logins"
+UPSTREAM_PROTOCOLS = frozenset({"pop3", "imap", "smtp", "graph"})
 
 
 def _text(event: Mapping[str, Any], key: str) -> Any:
@@ -97,6 +101,12 @@ class MetricsObserver:
             elif namespace == PENALTY_NAMESPACE and "penalty" in event:
                 kind = event["penalty"]
                 self.metrics.penalties.labels(kind if kind in PENALTY_KINDS else "other").inc()
+            elif namespace == UPSTREAM_LOGINS_NAMESPACE and "upstream_login" in event:
+                protocol = event["upstream_login"]
+                self.metrics.upstream_logins.labels(
+                    protocol if protocol in UPSTREAM_PROTOCOLS else "other",
+                    self.metrics.provider_label(event.get("provider")),
+                ).inc()
         except Exception:
             # Never let a metrics bug disturb logging; say so once per event.
             self.metrics.observer_errors.inc()

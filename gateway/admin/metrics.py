@@ -268,6 +268,13 @@ class GatewayMetrics:
             ["kind"],
             registry=r,
         )
+        self.upstream_logins = Counter(
+            "gateway_upstream_logins",
+            "Logins the gateway made at upstream mail servers, by protocol and provider "
+            "(a kept IMAP connection makes one for many device sessions).",
+            ["protocol", "provider"],
+            registry=r,
+        )
         self.observer_errors = Counter(
             "gateway_metrics_observer_errors",
             "Log events the metrics observer could not count (a bug: see the log).",
@@ -283,6 +290,7 @@ class GatewayMetrics:
             PlatformCollector(registry=r)
         self.outcome_label = {"pop3": BoundedLabel(), "smtp": BoundedLabel()}
         self.tls_label = BoundedLabel(limit=80)
+        self.provider_label = BoundedLabel()
 
     def listener_label(self, value: object) -> str:
         """A configured listener's name, "unknown" when the event names none."""

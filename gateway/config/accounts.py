@@ -58,6 +58,8 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
     if move_to is not None and on_delete != "move":
         table.problem("move_to", 'only used with on_delete = "move"')
     mark_seen = table.boolean("mark_seen", field_default(Account, "mark_seen"))
+    keep_connection = table.boolean("keep_connection", field_default(Account, "keep_connection"))
+    keep_idle = table.seconds("keep_idle", field_default(Account, "keep_idle"))
     senders = tuple(_senders(table))
     rewrite_sender = table.boolean("rewrite_sender", field_default(Account, "rewrite_sender"))
     rewrite_from_header = table.boolean(
@@ -85,6 +87,8 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
         or folder is None
         or on_delete is None
         or mark_seen is None
+        or keep_connection is None
+        or keep_idle is None
         or rewrite_sender is None
         or rewrite_from_header is None
     ):
@@ -101,6 +105,8 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
         on_delete=on_delete,
         move_to=move_to,
         mark_seen=mark_seen,
+        keep_connection=keep_connection,
+        keep_idle=keep_idle,
         allowed_senders=senders,
         rewrite_sender=rewrite_sender,
         rewrite_from_header=rewrite_from_header,

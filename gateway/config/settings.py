@@ -59,6 +59,9 @@ def smtp_section(table: Table) -> SMTPSettings:
     retry_max_interval = table.seconds("retry_max_interval", d.retry_max_interval)
     message_lifetime = table.seconds("message_lifetime", d.message_lifetime)
     long_lines = table.choice("long_lines", LONG_LINES_CHOICES, d.long_lines)
+    relay_connections = table.integer("relay_connections", d.relay_connections, low=1, high=100)
+    relay_keepalive = table.seconds("relay_keepalive", d.relay_keepalive)
+    control_interval = table.seconds("control_interval", d.control_interval)
     table.finish()
     return SMTPSettings(
         listeners=built,
@@ -72,6 +75,9 @@ def smtp_section(table: Table) -> SMTPSettings:
         retry_max_interval=_or(retry_max_interval, d.retry_max_interval),
         message_lifetime=_or(message_lifetime, d.message_lifetime),
         long_lines=_or(long_lines, d.long_lines),
+        relay_connections=_or(relay_connections, d.relay_connections),
+        relay_keepalive=_or(relay_keepalive, d.relay_keepalive),
+        control_interval=_or(control_interval, d.control_interval),
     )
 
 

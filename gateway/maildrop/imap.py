@@ -18,6 +18,10 @@ POP3 message number means.
   folder selected read-write and the account's DELE policy applied to exactly
   the UIDs the device deleted: `expunge`, `move` or `keep`. `abort()` drops
   the connection without LOGOUT; the session was read-only, so nothing changes.
+- On a kept connection (`gateway.maildrop.imap_keeper`) the session ends by
+  handing the connection back instead of LOGOUT or a drop: `release(wrote)`
+  after QUIT, or after a dropped session that left no command pending; a
+  failed QUIT, or a drop in the middle of a command, still drops it.
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+# How a session on a kept connection ends: `wrote` says whether QUIT changed
+# the folder (it was selected read-write); `None` means the connection is unfit
+# to keep (it was aborted).
+Release = Callable[[bool | None], None]
+
 # TOP: the first prefix fetched, then each next one this many times larger.
 TOP_FIRST_WINDOW = 32 * 1024
 TOP_GROWTH = 4
@@ -103,8 +112,12 @@ class IMAPMaildrop:
         snapshot: Snapshot,
         *,
         uid_store: UIDStore | None,
+        release: Release | None = None,
     ) -> None:
         self._client = client
+        self._release = release
+        # A kept connection went back to its keeper: this session touches it no more.
+        self._handed_back = False
         self._account = account
         self._snapshot = snapshot
         self._store = uid_store
@@ -285,7 +298,7 @@ class IMAPMaildrop:
         numbers = sorted(set(deleted))
         for n in numbers:
             if not 1 <= n <= len(self._snapshot.uids):
-                self.abort()
+                self._drop()
                 raise NoSuchMessage(f"cannot delete message {n}: not in the snapshot")
         uids = [self._snapshot.uids[n - 1] for n in numbers]
         seen = sorted(self._retrieved) if self._account.mark_seen else []
@@ -297,18 +310,21 @@ class IMAPMaildrop:
                 if uids:
                     await self._apply_policy(uids, folder)
         except ServerError as e:
-            self.abort()
+            self._drop()
             raise UpstreamUnavailable(
                 f"{self._client.peer} refused {e.verb} at QUIT: {e.status.describe()}",
                 "some deleted messages were not removed",
             ) from None
         except IMAPProtocolError as e:
-            self.abort()
+            self._drop()
             raise UpstreamLost(f"{self._client.peer}: {e}") from None
         except BaseException:
-            self.abort()
+            self._drop()
             raise
-        await self._logout()
+        if self._release is not None:
+            self._hand_back(bool(uids or seen))
+        else:
+            await self._logout()
 
     async def _select_for_update(self) -> FolderState:
         state = FolderState()
@@ -453,7 +469,23 @@ class IMAPMaildrop:
                 result.raiseException()
 
     def abort(self) -> None:
-        self._client.abort()
+        """The device went away: nothing was written. A kept connection at rest
+        between commands goes back to its keeper; one mid-command is dropped."""
+        if self._release is not None and not self._client.busy and not self._client.ended:
+            self._hand_back(False)
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
+        if not self._handed_back:
+            self._client.abort()
+            self._hand_back(None)
+
+    def _hand_back(self, wrote: bool | None) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            self._handed_back = True
+            release(wrote)
 
 
 def _ignore(response: Response) -> None:

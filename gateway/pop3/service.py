@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
 
 from gateway.model import Config, Listener
 from gateway.pop3.server import POP3ServerFactory
@@ -41,7 +42,22 @@ def pop3_services(runtime: Runtime) -> list[IService]:
 
     runtime.holder.on_reload(reconfigure)
 
-    return [
+    # First in the list, so it stops after the listeners: their sessions hand
+    # kept IMAP connections back before the keeper logs them out.
+    return [KeptConnections(runtime)] + [
         listener_service(runtime, listener, functools.partial(factory, listener=listener))
         for listener in config.pop3.listeners
     ]
+
+
+class KeptConnections(Service):
+    """Logs out the upstream IMAP connections kept between device sessions
+    when the gateway stops, rather than leaving the provider a dropped socket."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.setName("imap-kept-connections")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._runtime.imap_keeper.close_all()

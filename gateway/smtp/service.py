@@ -158,6 +158,9 @@ def smtp_services(runtime: Runtime) -> list[IService]:
         clock=reactor,
         hostname=hostname,
         retry=retry_policy(settings),
+        connections=settings.relay_connections,
+        keepalive=settings.relay_keepalive,
+        control_interval=settings.control_interval,
     )
     log_ignored(NetworkDevices.from_devices(config.devices.values()))
 

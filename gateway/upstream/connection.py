@@ -128,6 +128,9 @@ async def open_connection(
         protocol = await timed_step(step, provider.name, "connect", connecting)
         # The same object, typed as the client class it was built from.
         connected = next(p for p in built if p is protocol)
+        # The factory (reachable from Twisted's connector for as long as that
+        # lives) must not keep the client and its session alive.
+        built.clear()
     except Exception as e:
         if timed_out:
             raise error(

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.net import set_no_delay
+from gateway.tls import forget_tls_layer
 from gateway.upstream.errors import UpstreamLost, UpstreamUnavailable, describe_error
 
 
@@ -66,6 +67,14 @@ class Command:
 ErrorFactory = Callable[[str], Exception]
 _C = TypeVar("_C", bound=Command)
 _T = TypeVar("_T")
+
+
+def _nothing() -> None:
+    pass
+
+
+def _no() -> bool:
+    return False
 
 
 async def outcome(step: Deferred[_T]) -> _T | Failure:
@@ -335,8 +344,25 @@ class Pipeline(Generic[_C]):
         else:
             self.cancel_timer()
         waiters, self._closed_waiters = self._closed_waiters, []
+        self._release()
         for d in waiters:
             d.callback(None)
+
+    def _release(self) -> None:
+        """Forget the client's callbacks once the connection is gone.
+
+        They are the client's bound methods and closures over it, and the
+        client holds this pipeline: kept, they would make every closed
+        connection a reference cycle that only a full garbage collection
+        frees. Nothing calls them any more: the session has ended, so
+        `enqueue` fails at once and no reply is read.
+        """
+        assert self._ended is not None  # connection_lost ended the session
+        make = self._ended[0]
+        self._process = _nothing
+        self._error = lambda: make
+        self._mid_answer = self._can_pipeline = _no
+        self._read_ahead = None
 
     def when_closed(self) -> Deferred[None]:
         """Fires (never fails) once the connection is gone."""
@@ -461,6 +487,7 @@ class PipelinedClient(Protocol, Generic[_C]):
             self._pipe.process()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        forget_tls_layer(self.transport)  # after STLS/STARTTLS
         self._pipe.connection_lost(self._describe_loss(reason))
 
     def _describe_loss(self, reason: Failure) -> str:

@@ -340,7 +340,7 @@ def test_mpop_downloads_and_deletes(
     box: Any, graph_ports: dict[str, int], tls_gateway: TLSMaterial, tmp_path: Path
 ) -> None:
     mimes = three(box)
-    got = mpop_download(graph_ports['starttls'], tls_gateway.ca_file, tmp_path)
+    got = mpop_download(graph_ports["starttls"], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(mimes)
     for original in mimes:
         assert any(g.endswith(original.replace(b"\r\n", b"\n")) for g in got), original[:80]
@@ -351,7 +351,7 @@ def test_fetchmail_downloads_and_deletes(
     box: Any, graph_ports: dict[str, int], tls_gateway: TLSMaterial, tmp_path: Path
 ) -> None:
     mimes = three(box)
-    got = fetchmail_download(graph_ports['implicit'], tls_gateway.ca_file, tmp_path)
+    got = fetchmail_download(graph_ports["implicit"], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(mimes)
     for original in mimes:
         body = original.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n")

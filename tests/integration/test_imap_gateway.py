@@ -5,6 +5,7 @@ of the session Dovecot, driven by poplib, raw sockets and real POP3 clients
 from __future__ import annotations
 
 import poplib
+import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -89,6 +90,21 @@ def fill(dovecot: Dovecot, count: int, user: str = "alice", body_lines: int = 3)
         dovecot.deliver(user, f"Message-ID: <{n}@x>\nSubject: {n}\n\n.{body}".encode())
 
 
+def imap_logins(dovecot: Dovecot, user: str) -> list[str]:
+    """Dovecot's log lines for the user's IMAP logins, oldest first."""
+    return [
+        x
+        for x in dovecot.log_text().splitlines()
+        if "imap-login: " in x and f"Login: user=<{user}>" in x
+    ]
+
+
+def latest_imap_session(dovecot: Dovecot, user: str) -> str:
+    """The session id of the user's latest IMAP login."""
+    logins = imap_logins(dovecot, user)
+    return re.search(r"session=<([^>]+)>", logins[-1]).group(1)  # type: ignore[union-attr]
+
+
 def imap_session_end(dovecot: Dovecot, user: str, timeout: float = 10) -> str:
     """Dovecot's log line for the end of the user's latest IMAP session."""
     return dovecot.session_end(user, "imap-login: ", timeout)
@@ -168,12 +184,17 @@ def test_dele_then_drop_changes_nothing(
     client.dele(2)
     drop(client)
     imap_gateway.wait_for_log(f"device={device} ")
-    end = imap_session_end(dovecot, "alice")
-    # Dovecot says "Logged out" only when the session ended with LOGOUT.
-    assert "Logged out" not in end, end
+    # The session was read-only: the kept upstream connection goes back to
+    # its keeper untouched (neither LOGOUT nor a close), and nothing changed.
+    session = latest_imap_session(dovecot, "alice")
+    assert not [x for x in dovecot.log_text().splitlines() if f"<{session}>: " in x], session
     assert ids(dovecot) == ["<1@x>", "<2@x>"]
     assert flags(dovecot) == ["", ""]
     assert dovecot.doveadm("mailbox", "list", "-u", "alice").split() == ["INBOX"]
+    again = pop(device)
+    assert again.stat()[0] == 2
+    again.quit()
+    assert latest_imap_session(dovecot, "alice") == session, "the next poll logged in again"
 
 
 def test_message_added_during_a_session_waits_for_the_next(
@@ -288,7 +309,7 @@ def test_mpop_downloads_and_deletes(
     tmp_path: Path,
 ) -> None:
     expected = stored(clean_mailboxes)
-    got = mpop_download(imap_ports['starttls'], tls_gateway.ca_file, tmp_path)
+    got = mpop_download(imap_ports["starttls"], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(expected)
     for original in expected:
         assert any(g.endswith(original.replace(b"\r\n", b"\n")) for g in got), original[:80]
@@ -303,7 +324,7 @@ def test_fetchmail_downloads_and_deletes(
     tmp_path: Path,
 ) -> None:
     expected = stored(clean_mailboxes)
-    got = fetchmail_download(imap_ports['implicit'], tls_gateway.ca_file, tmp_path)
+    got = fetchmail_download(imap_ports["implicit"], tls_gateway.ca_file, tmp_path)
     assert len(got) == len(expected)
     for original in expected:
         body = original.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n")

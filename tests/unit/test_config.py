@@ -1420,3 +1420,18 @@ def test_an_oauth_table_overrides_only_what_it_names(config_dir: Path) -> None:
 def test_an_explicit_sasl_beats_the_presets(config_dir: Path) -> None:
     text = provider_text('preset = "gmail"\nclient_id = "id"\nsasl = "oauthbearer"')
     assert load_config(write(config_dir, text)).providers["p"].sasl == "oauthbearer"
+
+
+def test_relay_connections_keepalive_and_control_interval(config_dir: Path) -> None:
+    defaults = load_config(write(config_dir, VALID)).smtp
+    assert (defaults.relay_connections, defaults.relay_keepalive, defaults.control_interval) == (
+        3,
+        2.0,
+        2.0,
+    )
+    text = VALID + "\n[smtp]\nrelay_connections = 1\nrelay_keepalive = 30\ncontrol_interval = 5\n"
+    smtp = load_config(write(config_dir, text)).smtp
+    assert (smtp.relay_connections, smtp.relay_keepalive, smtp.control_interval) == (1, 30.0, 5.0)
+    assert all_problems(config_dir, VALID + "\n[smtp]\nrelay_connections = 0\n")[0].startswith(
+        "smtp.relay_connections"
+    )

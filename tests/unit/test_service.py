@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactor
 
 from gateway.config import load_config
 from gateway.service import make_service
-from gateway.smtp.service import LocalHostname
+from gateway.smtp.service import LocalHostname, SpoolService
 from tests.harness.certs import make_tls_material
 
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXo"
@@ -65,6 +65,7 @@ def test_the_service_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert IServiceCollection.providedBy(top)
     names = [service.name for service in top]
     assert names == [
+        "imap-kept-connections",
         "pop3-implicit-0.0.0.0-9950",
         "smtp-hostname",
         "smtp-spool",
@@ -94,3 +95,21 @@ def test_local_hostname_keeps_the_kernel_name_when_the_lookup_fails() -> None:
     LocalHostname(lambda: answer, named).startService()
     answer.errback(OSError("resolver down"))
     assert named[0].hostname == socket.gethostname()
+
+
+def test_the_relay_takes_its_connections_keepalive_and_control_interval_from_smtp(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            "[[smtp.listen]]",
+            "[smtp]\nrelay_connections = 1\nrelay_keepalive = 30\ncontrol_interval = 5\n\n"
+            "[[smtp.listen]]",
+        )
+    )
+    top = make_service(load_config(path), MemoryReactor())
+    spool = top.getServiceNamed("smtp-spool")
+    assert isinstance(spool, SpoolService)
+    relay = spool.relay
+    assert (relay.connections, relay.keepalive, relay.control_interval) == (1, 30.0, 5.0)

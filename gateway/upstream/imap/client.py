@@ -48,6 +48,11 @@ from gateway.upstream.sasl import SASLMechanism
 
 # Untagged responses a command collects (when it has no callback of its own).
 MAX_COLLECTED = 8 * 1024 * 1024
+# IDLE waits this long for anything before the connection counts as dead;
+# RFC 2177 servers may drop an IDLE after 30 minutes, so it is renewed sooner.
+IDLE_SILENCE = 31 * 60.0
+# Untagged responses that say the folder changed (RFC 3501 7.3, 7.4; RFC 7162 VANISHED).
+_CHANGE_WORDS = frozenset({b"EXISTS", b"EXPUNGE", b"VANISHED"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,9 @@ class _Command(Command):
     on_challenge: Callable[[bytes], bytes | None] | None = None
     untagged: list[Response] = field(default_factory=list)
     collected: int = 0
+    # IDLE: the server said "+ idling"; DONE is due (sent at once if idling).
+    idling: bool = False
+    done_due: bool = False
 
 
 class IMAPClient(PipelinedClient[_Command]):
@@ -109,6 +117,11 @@ class IMAPClient(PipelinedClient[_Command]):
         self._parser = ResponseParser()
         self._next_tag = 1
         self._bye: Status | None = None
+        # How many change notices (EXISTS, EXPUNGE, VANISHED, flag updates)
+        # arrived outside SELECT/EXAMINE: a kept connection compares it with
+        # the value at its last snapshot (`gateway.maildrop.imap_keeper`).
+        self.changes = 0
+        self._idle: _Command | None = None
         self._pipe: Pipeline[_Command] = Pipeline(
             clock,
             timeout,
@@ -226,6 +239,43 @@ class IMAPClient(PipelinedClient[_Command]):
         )
         return self._enqueue(cmd, b"LOGOUT", ())
 
+    def idle(self, on_untagged: Callable[[Response], None] | None = None) -> Deferred[Tagged]:
+        """IDLE (RFC 2177) until `done()`; fires with its tagged OK after DONE.
+
+        Untagged responses meanwhile go to `on_untagged`. No command may be
+        queued behind it except after `done()`, which lets a pipelinable one
+        follow DONE in the same round trip.
+        """
+        cmd = _Command(
+            "IDLE", self._pipe.new_deferred(), on_untagged=on_untagged, timeout=IDLE_SILENCE
+        )
+        self._idle = cmd
+        return self._enqueue(cmd, b"IDLE", ())
+
+    def done(self) -> None:
+        """End an IDLE: DONE now if the server is idling, else as soon as it says so."""
+        cmd = self._idle
+        if cmd is None:
+            return
+        cmd.done_due = True
+        if cmd.idling:
+            self._send_done(cmd)
+
+    def _send_done(self, cmd: _Command) -> None:
+        self._idle = None
+        self._pipe.write(b"DONE\r\n")
+        # The tagged OK is due now, within the ordinary timeout; what waits
+        # behind IDLE may go out right after DONE.
+        cmd.timeout = None
+        cmd.pipelinable = True
+        self._pipe.cancel_timer()
+        self._pipe.send_queued()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command is pending: the connection is not at rest between commands."""
+        return bool(self._pipe.inflight or self._pipe.queue)
+
     def _describe_loss(self, reason: Failure) -> str:
         if self._bye is not None and not reason.check(SSL.Error, VerificationError):
             return f"{self.peer} said {self._bye.describe()} and closed the connection"
@@ -294,6 +344,11 @@ class IMAPClient(PipelinedClient[_Command]):
         if head.pieces:
             self._pipe.write(head.pieces.pop(0))
             return
+        if head.verb == "IDLE" and not head.idling:
+            head.idling = True
+            if head.done_due:
+                self._send_done(head)
+            return
         if head.on_challenge is None:
             raise IMAPProtocolError(f"unexpected continuation request during {head.verb}")
         try:
@@ -310,6 +365,7 @@ class IMAPClient(PipelinedClient[_Command]):
         if kind == b"BYE":
             self._bye = parse_status(response)
             return
+        self._note_change(head, response)
         if kind == b"CAPABILITY":
             parts = response.first_line.split(b" ", 2)
             self.capabilities = Capabilities.parse(parts[2] if len(parts) > 2 else b"")
@@ -328,6 +384,24 @@ class IMAPClient(PipelinedClient[_Command]):
         if head.collected > MAX_COLLECTED:
             raise IMAPProtocolError(f"{head.verb} answer larger than {MAX_COLLECTED} octets")
         head.untagged.append(response)
+
+    def _note_change(self, head: _Command | None, response: Response) -> None:
+        """Count what says the folder changed; SELECT/EXAMINE's own answer does not.
+
+        A FETCH counts when it is a flag update (FLAGS without the size, date
+        or body a command asked for): `* 3 FETCH (FLAGS (...))` after another
+        client set `$POP3Deleted`, say.
+        """
+        words = response.words(2)
+        if len(words) < 2:
+            return
+        if words[1] in _CHANGE_WORDS or words[0] == b"VANISHED":
+            if head is None or head.verb not in ("SELECT", "EXAMINE"):
+                self.changes += 1
+        elif words[1] == b"FETCH" and not response.literals:
+            line = response.first_line.upper()
+            if b"FLAGS" in line and b"RFC822.SIZE" not in line and b"INTERNALDATE" not in line:
+                self.changes += 1
 
     def _tagged(self, response: Response) -> None:
         cmd = next((c for c in self._pipe.inflight if c.tag == response.tag), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 
 from gateway.model import Account, Provider
 from gateway.timing import timed_step
@@ -36,6 +37,10 @@ from gateway.upstream.imap.client import IMAPClient
 from gateway.upstream.imap.responses import ServerError, Status
 from gateway.upstream.refusals import Answer, classify_login
 from gateway.upstream.sasl import SASLMechanism
+
+# One line per upstream login, with `upstream_login` (the protocol) among its
+# fields: `gateway.admin.events` counts them as gateway_upstream_logins_total.
+login_log = Logger(namespace="gateway.upstream.logins")
 
 
 async def connect(
@@ -175,11 +180,23 @@ async def open_session(
     reactor: Any,
     endpoint_factory: EndpointFactory = hostname_endpoint,
     tokens: TokenSource | None = None,
+    why: str = "device session",
 ) -> IMAPClient:
-    """Connect and log in as `account`; the client is in the authenticated state."""
+    """Connect and log in as `account`; the client is in the authenticated state.
+
+    `why` goes to the login's log line: a device session, or what made a
+    kept connection log in again.
+    """
     client = await connect(provider, reactor=reactor, endpoint_factory=endpoint_factory)
     logging_in = timed_step(
         "imap", provider.name, "login", login(client, account, provider, tokens=tokens)
     )
     await or_abort(client, logging_in, "login failed")
+    login_log.info(
+        "upstream imap login for account {account} at {provider} ({why})",
+        upstream_login="imap",
+        account=account.name,
+        provider=provider.name,
+        why=why,
+    )
     return client
