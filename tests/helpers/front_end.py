@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from argon2 import PasswordHasher
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.testing import StringTransport
 
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -64,3 +65,16 @@ def pipeline_until_paused(transport: UnreadTransport, proto: IProtocol, command:
         proto.dataReceived(chunk)
         sent += len(chunk)
     return sent
+
+
+def connect_in_memory(
+    factory: IProtocolFactory, peer: str, transport_class: type[StringTransport]
+) -> tuple[Any, Any]:
+    """A device at `peer` connected to the front end `factory` builds, over an
+    in-memory transport of `transport_class`: the protocol and the transport."""
+    address = IPv4Address("TCP", peer, 40000)
+    proto = factory.buildProtocol(address)
+    assert proto is not None
+    transport = transport_class(peerAddress=address)
+    proto.makeConnection(transport)
+    return proto, transport

@@ -8,7 +8,6 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.testing import MemoryReactorClock
@@ -27,6 +26,7 @@ from tests.helpers.front_end import (
     FAST_HASHER,
     TLSRecordingTransport,
     UnreadTransport,
+    connect_in_memory,
     pipeline_until_paused,
     run_now,
 )
@@ -96,9 +96,7 @@ class Gateway:
         peer: str = "10.1.2.3",
         transport_class: type[TLSRecordingTransport] = TLSRecordingTransport,
     ) -> Device_:
-        proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
-        proto.makeConnection(transport)
+        proto, transport = connect_in_memory(self.factory, peer, transport_class)
         client = Device_(proto, transport, self.clock)
         assert client.read() == b"+OK POP3 gateway ready\r\n"
         return client

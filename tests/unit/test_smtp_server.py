@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -20,6 +19,7 @@ from tests.helpers.front_end import (
     FAST_HASHER,
     TLSRecordingTransport,
     UnreadTransport,
+    connect_in_memory,
     pipeline_until_paused,
     run_now,
 )
@@ -108,9 +108,7 @@ class Gateway:
         peer: str = "10.1.2.3",
         transport_class: type[TLSRecordingTransport] = TLSRecordingTransport,
     ) -> Client:
-        proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
-        proto.makeConnection(transport)
+        proto, transport = connect_in_memory(self.factory, peer, transport_class)
         client = Client(proto, transport, self.clock)
         assert client.read() == b"220 gw.test ESMTP mail gateway ready\r\n"
         return client
