@@ -168,18 +168,8 @@ def deliver(dovecot: Dovecot, user: str) -> bytes:
     return crlf(dovecot.messages(user)[0])
 
 
-# -- the delegated default paths -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("account", ["m365", "outlook"])
-def test_microsoft_device_code_default_as_a_public_client(
-    env: dict[str, Any],
-    idp: OAuthServerProcess,
-    presets_dovecot: Dovecot,
-    ctx: ssl.SSLContext,
-    account: str,
-) -> None:
-    before = idp.stats()["counts"]
+def authorize_by_device_code(env: dict[str, Any], idp: OAuthServerProcess, account: str) -> None:
+    """`gateway oauth authorize ACCOUNT` with alice approving the device code."""
     process = gateway_cli(env, "oauth", "authorize", account)
     assert process.stdout is not None
     seen = ""
@@ -192,21 +182,10 @@ def test_microsoft_device_code_default_as_a_public_client(
     idp.control("approve", user_code=user_code, username="alice")
     _out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    expected = deliver(presets_dovecot, "alice")
-    assert fetch_all(env, ctx, f"{account}-dev") == [expected]
-    assert "method=XOAUTH2" in presets_dovecot.log_text()
-    counts = idp.stats()["counts"]
-    # Entra refuses a secret from a public client (AADSTS700025): none was sent,
-    # although the m365 provider holds one for its app-only account.
-    assert counts.get("secret_from_public_client", 0) == 0
-    for grant in ("urn:ietf:params:oauth:grant-type:device_code", "refresh_token"):
-        key = f"secret:{grant}"
-        assert counts.get(key, 0) == before.get(key, 0)
 
 
-def test_gmail_code_grant_with_the_loopback_ip_redirect(
-    env: dict[str, Any], idp: OAuthServerProcess, presets_dovecot: Dovecot, ctx: ssl.SSLContext
-) -> None:
+def authorize_gmail_by_code_grant(env: dict[str, Any]) -> None:
+    """`gateway oauth authorize gmail`, with the browser's part played here."""
     # Standard input stays open: its end would tell the command that nothing
     # will be pasted, and it would stop listening.
     process = subprocess.Popen(
@@ -245,6 +224,37 @@ def test_gmail_code_grant_with_the_loopback_ip_redirect(
         assert b"Signed in" in page.read()
     _out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
+
+
+# -- the delegated default paths -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("account", ["m365", "outlook"])
+def test_microsoft_device_code_default_as_a_public_client(
+    env: dict[str, Any],
+    idp: OAuthServerProcess,
+    presets_dovecot: Dovecot,
+    ctx: ssl.SSLContext,
+    account: str,
+) -> None:
+    before = idp.stats()["counts"]
+    authorize_by_device_code(env, idp, account)
+    expected = deliver(presets_dovecot, "alice")
+    assert fetch_all(env, ctx, f"{account}-dev") == [expected]
+    assert "method=XOAUTH2" in presets_dovecot.log_text()
+    counts = idp.stats()["counts"]
+    # Entra refuses a secret from a public client (AADSTS700025): none was sent,
+    # although the m365 provider holds one for its app-only account.
+    assert counts.get("secret_from_public_client", 0) == 0
+    for grant in ("urn:ietf:params:oauth:grant-type:device_code", "refresh_token"):
+        key = f"secret:{grant}"
+        assert counts.get(key, 0) == before.get(key, 0)
+
+
+def test_gmail_code_grant_with_the_loopback_ip_redirect(
+    env: dict[str, Any], idp: OAuthServerProcess, presets_dovecot: Dovecot, ctx: ssl.SSLContext
+) -> None:
+    authorize_gmail_by_code_grant(env)
     expected = deliver(presets_dovecot, "alice")
     assert fetch_all(env, ctx, "gmail-dev") == [expected]
     # Google keeps the refresh token and wants the desktop client's secret.
@@ -286,8 +296,8 @@ def test_app_only_accounts_work_without_authorize(
 def test_revoke_calls_googles_revocation_endpoint(
     env: dict[str, Any], idp: OAuthServerProcess
 ) -> None:
-    if cli_status(env)["gmail"]["state"] != "ok":
-        pytest.skip("needs the gmail account authorised by the code-grant test")
+    if cli_status(env)["gmail"]["state"] != "ok":  # run on its own
+        authorize_gmail_by_code_grant(env)
     revocations = idp.count("revoke")
     process = gateway_cli(env, "oauth", "revoke", "gmail")
     out, err = process.communicate(timeout=30)
@@ -304,8 +314,8 @@ def test_revoke_calls_googles_revocation_endpoint(
 def test_a_revoked_microsoft_grant_shows_its_aadsts_code_and_advice(
     env: dict[str, Any], idp: OAuthServerProcess, ctx: ssl.SSLContext
 ) -> None:
-    if cli_status(env)["outlook"]["state"] != "ok":
-        pytest.skip("needs the outlook account authorised by the device-code test")
+    if cli_status(env)["outlook"]["state"] != "ok":  # run on its own
+        authorize_by_device_code(env, idp, "outlook")
     idp.control("revoke", username="alice")  # its access tokens die with it
     with pytest.raises(poplib.error_proto) as info:
         fetch_all(env, ctx, "outlook-dev")
