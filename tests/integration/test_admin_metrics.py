@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import poplib
-import shutil
 import smtplib
 import socket
 import ssl
@@ -255,7 +254,6 @@ def test_metrics_follow_pop3_smtp_and_failed_logins(
     assert not any("ghost" in str(labels) for _, labels in after)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (prometheus) not installed")
 def test_promtool_accepts_the_exposition(gateway: GatewayProcess, admin_ports: Ports) -> None:
     text, _ = scrape(admin_ports.admin)
     result = subprocess.run(
