@@ -7,7 +7,6 @@ wait for something to show, save a screenshot, read the page's HTML.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,10 +23,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-def available() -> bool:
-    return shutil.which(CHROMIUM) is not None and shutil.which(CHROMEDRIVER) is not None
 
 
 class Browser:
