@@ -23,6 +23,7 @@ from gateway.cli.common import add_command, config_location
 from gateway.config import ConfigError, load_config
 from gateway.model import Config
 from gateway.smtp.spool import QueueEntry, SpoolDir, valid_id
+from gateway.units import short_duration, short_size
 
 if TYPE_CHECKING:
     from gateway.cli.common import Commands
@@ -143,38 +144,19 @@ def describe(entry: QueueEntry, now: float) -> str:
     sender = f"<{env.original_sender}>"
     what = "bounce" if env.identified_by == "bounce" else f"device {env.device}"
     head = (
-        f"{entry.id}  {entry.status:6}  account {env.account}  {what}  {_size(env.size)}  "
-        f"age {_duration(now - env.received)}  {sender} -> <{rcpts[0]}>{more}"
+        f"{entry.id}  {entry.status:6}  account {env.account}  {what}  {short_size(env.size)}  "
+        f"age {short_duration(now - env.received)}  {sender} -> <{rcpts[0]}>{more}"
     )
     lines = [head]
     if entry.status == "queued":
         when = state.next_attempt - now
-        nxt = "now" if when <= 0 else f"in {_duration(when)}"
+        nxt = "now" if when <= 0 else f"in {short_duration(when)}"
         lines.append(f"    attempts {state.attempts}, next try {nxt}")
         if state.last_error:
             lines.append(f"    last error: {state.last_error}")
     elif state.dead_reason:
         lines.append(f"    failed: {state.dead_reason}")
     return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 1024 / 1024:.1f} MiB"
-
-
-def _duration(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
 
 
 # -- retry / delete ------------------------------------------------------------------

@@ -21,6 +21,7 @@ from gateway.model import Config
 from gateway.oauth.admin import status_report
 from gateway.oauth.refusal import KINDS_BY_NAME
 from gateway.smtp.spool import Spool
+from gateway.units import short_duration
 
 # Token states (as `gateway oauth status` names them) that need the admin.
 NEEDS_ADMIN = frozenset({"not_authorized", "needs_reauth", "failed", "revoked", "unreadable"})
@@ -78,7 +79,7 @@ def spool_summary(spool: Spool | None, now: float) -> dict[str, Any] | None:
         "queued": len(queued),
         "dead": len(spool.entries) - len(queued),
         "oldest": when(oldest),
-        "oldest_age": _age(now - oldest) if oldest is not None else None,
+        "oldest_age": short_duration(now - oldest) if oldest is not None else None,
     }
 
 
@@ -187,7 +188,7 @@ def queue(spool: Spool | None, now: float) -> list[dict[str, Any]]:
                 "recipients": entry.pending or list(env.recipients),
                 "size": env.size,
                 "received": when(env.received),
-                "age": _age(now - env.received),
+                "age": short_duration(now - env.received),
                 "attempts": state.attempts,
                 "next_try": (
                     ("now" if state.next_attempt <= now else when(state.next_attempt))
@@ -199,14 +200,3 @@ def queue(spool: Spool | None, now: float) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
