@@ -54,7 +54,11 @@ def account(name: str, table: Table, providers: set[str]) -> Account | None:
     on_delete = table.choice("on_delete", DELETE_POLICIES, field_default(Account, "on_delete"))
     move_to = table.string("move_to", None)
     if on_delete == "move" and move_to is None and not table.has("move_to"):
-        table.problem("move_to", 'required with on_delete = "move": the folder to move to')
+        if mailbox == "graph":
+            # Graph's well-known name for Deleted Items, what Outlook's delete does.
+            move_to = "deleteditems"
+        else:
+            table.problem("move_to", 'required with on_delete = "move": the folder to move to')
     if move_to is not None and on_delete != "move":
         table.problem("move_to", 'only used with on_delete = "move"')
     mark_seen = table.boolean("mark_seen", field_default(Account, "mark_seen"))

@@ -72,3 +72,20 @@ def test_lock_key_names_the_graph_folder() -> None:
 
 def test_provider_graph_endpoint_for_checks() -> None:
     assert Provider(name="p").graph == DEFAULT_GRAPH_URL
+
+
+def test_graph_move_goes_to_deleted_items_by_default(tmp_path: Path) -> None:
+    text = BASE.format(url="http://127.0.0.1:8080/v1.0").replace('move_to = "deleteditems"\n', "")
+    assert load(tmp_path, text).accounts["scanner"].move_to == "deleteditems"
+
+
+def test_an_imap_move_still_needs_its_folder(tmp_path: Path) -> None:
+    text = (
+        BASE.format(url="http://127.0.0.1:8080/v1.0")
+        .replace('move_to = "deleteditems"\n', "")
+        .replace('mailbox = "graph"', 'mailbox = "imap"')
+        .replace('graph_url = "http://127.0.0.1:8080/v1.0"', 'imap = { host = "imap.example" }')
+    )
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert any(p.path == "accounts.scanner.move_to" for p in info.value.problems)
