@@ -65,6 +65,8 @@ APP_ONLY_GRANTS: Final[frozenset[Grant]] = frozenset({"client_credentials", "ser
 DELETE_POLICIES: Final[tuple[DeletePolicy, ...]] = get_args(DeletePolicy)
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
 LONG_LINES_CHOICES: Final[tuple[LongLines, ...]] = get_args(LongLines)
+StateBackendName = Literal["embedded", "postgresql"]
+STATE_BACKENDS: Final[tuple[StateBackendName, ...]] = get_args(StateBackendName)
 
 # An OAuth2 account without `grant` gets its preset's default grant, or this
 # one: the device-code grant needs nothing but a browser somewhere.
@@ -423,6 +425,33 @@ class PenaltySettings:
 
 
 @dataclass(frozen=True)
+class StateSettings:
+    """`[state]`: where the state nodes must agree on lives (gateway.state).
+
+    "embedded" keeps it under `state_dir`, for one host (its worker processes
+    share it through file locks). "postgresql" keeps it in one database that
+    every node reaches, so any node can serve any device and take over a dead
+    node's queued mail.
+    """
+
+    backend: StateBackendName = "embedded"
+    # A libpq connection string ("host=db1 dbname=gateway user=gateway") or a
+    # postgresql:// URI; its password, if any, comes from `password_file`.
+    dsn: str = ""
+    password: Secret | None = None
+    # How this node names itself in locks, leases and `gateway state status`;
+    # "" means the host name.
+    node: str = ""
+    # A process that has not renewed its heartbeat for this long is dead: its
+    # mailbox locks are free and its in-flight messages are taken over.
+    lease_time: float = 30.0
+    # Connections (and threads) per gateway process.
+    pool_size: int = 4
+    # How long a device waits for the database before it is told to retry.
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     tls: TLSFiles | None
@@ -435,6 +464,7 @@ class Config:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     penalties: PenaltySettings = field(default_factory=PenaltySettings)
+    state: StateSettings = field(default_factory=StateSettings)
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)

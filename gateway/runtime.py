@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
@@ -38,6 +38,7 @@ from gateway.maildrop.uidl_map import UIDStore
 from gateway.model import Account, Config, Listener
 from gateway.proxy_protocol import ProxyProtocolFactory
 from gateway.state import StateError
+from gateway.state.backend import StateBackend, open_state_backend
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
 from gateway.upstream.graph import GraphTokens, TokenSourceGraphTokens
@@ -75,8 +76,13 @@ class Runtime:
     # The connection counts of both protocols' listeners; the limits are read
     # from the current configuration at each connect.
     limits: ConnectionLimits = field(init=False)
+    # Where what nodes and workers must agree on lives (gateway.state): given
+    # by `make_service`; built from `config.state` when left out.
+    state_backend: InitVar[StateBackend | None] = None
+    state: StateBackend = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, state_backend: StateBackend | None) -> None:
+        self.state = state_backend or open_state_backend(self.config.state, self.reactor)
         self.holder = ConfigHolder(self.config)
         self.imap_keeper = IMAPKeeper(self.reactor)
         self.limits = ConnectionLimits(lambda: self.config.limits)

@@ -23,6 +23,7 @@ from gateway.pop3.service import pop3_services
 from gateway.reload import Reloader, ReloadOnHangup
 from gateway.runtime import Runtime
 from gateway.smtp.service import smtp_services
+from gateway.state.backend import StateService, open_state_backend
 from gateway.tls import load_server_identity
 
 
@@ -36,6 +37,9 @@ def token_manager(config: Config, reactor: Any) -> TokenManager | None:
 def make_service(config: Config, reactor: Any) -> MultiService:
     top = MultiService()
     top.setName("gateway")
+    state = open_state_backend(config.state, reactor)
+    # First: started before, and stopped after, every service that uses it.
+    StateService(state, reactor).setServiceParent(top)
     runtime = Runtime(
         config=config,
         reactor=reactor,
@@ -43,6 +47,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         authenticator=DeviceAuthenticator(
             config.devices, penalties=penalty_book(config.penalties, reactor), clock=reactor
         ),
+        state_backend=state,
     )
     reloader = Reloader(runtime, parent=top, make_tokens=lambda c: token_manager(c, reactor))
     tokens = token_manager(config, reactor)

@@ -10,6 +10,7 @@ PACKAGES=(
     curl fetchmail mpop msmtp swaks openssl haproxy
     prometheus fail2ban
     chromium chromium-driver
+    postgresql
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl
     python3-venv
 )
@@ -75,5 +76,14 @@ ensure_venv() {
     fi
 }
 
+# initdb and postgres refuse to run as root: the tests' throwaway clusters
+# belong to this unprivileged user when the suite runs as root (CI does).
+ensure_pg_user() {
+    if [[ $(id -u) -eq 0 ]] && ! id pgtest >/dev/null 2>&1; then
+        useradd --system --no-create-home pgtest
+    fi
+}
+
 ensure_packages
+ensure_pg_user
 ensure_venv

@@ -12,9 +12,11 @@ import pytest
 from tests.harness.certs import TLSMaterial, make_tls_material
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess
+from tests.harness.postgres import PostgresCluster
 from tests.harness.smtp_sink import SMTPSink
 from tests.helpers.pop3 import Ports, gateway_config
 from tests.helpers.smtp_gateway import SUBMISSION_USERS
+from tests.helpers.state import migrated_database
 
 UPSTREAM_USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 
@@ -47,6 +49,21 @@ def dovecot(
     one costs ~0.1 s, sharing it keeps the suite fast."""
     with Dovecot(tmp_path_factory.mktemp("dovecot"), UPSTREAM_USERS, tls=tls_upstream) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One real PostgreSQL cluster for the whole session (under a second to
+    start); tests take fresh databases from it. Tests that stop or crash the
+    server start their own `PostgresCluster`."""
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def state_dsn(postgres: PostgresCluster) -> str:
+    """A fresh database with the gateway's schema, for one test."""
+    return migrated_database(postgres)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The `gateway` admin command (console script `gateway = "gateway.cli:main"`).
 
 One module per group of commands, each with a `register(commands)`:
-`config` (hash-password, check-config), `oauth`, `queue`; what they share
+`config` (hash-password, check-config), `oauth`, `queue`, `check`, `state`; what they share
 (common options, JSON output, problem reports) is in `common`, which imports
 none of them, so adding a command touches nothing else.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway.cli import check, config, oauth, queue
+from gateway.cli import check, config, oauth, queue, state
 from gateway.cli.common import PROG, add_common_options
 
 __all__ = ["build_parser", "main"]
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         oauth.register,
         queue.register,
         check.register,
+        state.register,
     ):
         register(commands)
     return parser

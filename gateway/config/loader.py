@@ -33,6 +33,7 @@ from gateway.config.settings import (
     proxy_section,
     smtp_section,
 )
+from gateway.config.state import state_section
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
@@ -61,6 +62,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     penalties = penalties_section(root.table("penalties"))
     oauth = oauth_section(root.table("oauth"))
     limits = limits_section(root.table("limits"))
+    state = state_section(root.table("state"))
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
@@ -92,6 +94,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         proxy=proxy,
         limits=limits,
         penalties=penalties,
+        state=state,
         providers=providers,
         accounts=accounts,
         devices=devices,

@@ -1,4 +1,4 @@
-"""The gateway's state directory: tokens, spool, UIDL maps, all under one root.
+"""The embedded backend's state directory: tokens, spool, UIDL maps, all under one root.
 
 Every writer goes through `atomic_write` so a crash or `kill -9` leaves either
 the old file or the new one, never a torn one. The operator's config file is
