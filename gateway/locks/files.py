@@ -17,7 +17,7 @@ not something to wait for.
 Lock files are never deleted: unlinking one while another process has it
 open would let two processes lock two different files for one mailbox.
 There is one small file per mailbox ever used. The holder writes its label
-into the file so that a refused session's log line can name it.
+(and pid) into the file so that a refused session's log line can name it.
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ class FileMailboxLocks:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = _read_label(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+            holder = _read_holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
             os.close(fd)
             if holder is None:
                 raise LockUnavailable(f"lock file {path}: {e.strerror or e}") from None
-            return InUse(holder or "another process")
+            return holder
         try:
-            text = f"{label} (pid {os.getpid()})".encode("utf-8", "replace")[:_LABEL_BYTES]
+            text = f"{label}\n{os.getpid()}\n".encode("utf-8", "replace")[:_LABEL_BYTES]
             os.ftruncate(fd, 0)
             os.pwrite(fd, text, 0)
         except OSError:
@@ -99,9 +99,12 @@ class FileMailboxLocks:
         return succeed(None)
 
 
-def _read_label(fd: int) -> str:
+def _read_holder(fd: int) -> InUse:
+    """Who holds the lock, from what it wrote: its label, then its pid."""
     try:
         data = os.pread(fd, _LABEL_BYTES, 0)
     except OSError:
-        return ""
-    return data.decode("utf-8", "replace").strip()
+        data = b""
+    label, _, pid = data.decode("utf-8", "replace").partition("\n")
+    # Empty in the instant between the holder's flock and its write.
+    return InUse(label or "another process", pid.strip() or None)

@@ -38,10 +38,12 @@ class LockUnavailable(Exception):
 
 @dataclass(frozen=True)
 class InUse:
-    """The mailbox is held by another session; `holder` names it for the log
-    (the device, and the process or node when it is not this one)."""
+    """The mailbox is held by another session: `holder` is its device, for
+    the log line, and `process` the gateway process holding it when that is
+    another one whose name says more than a pid (PostgreSQL: node:pid:nonce)."""
 
     holder: str
+    process: str | None = None
 
 
 @dataclass(eq=False)

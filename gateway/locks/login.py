@@ -39,9 +39,11 @@ async def lock_mailbox(
         )
         return "mailbox lock unavailable, try again later", "SYS/TEMP"
     if isinstance(lock, InUse):
+        where = f" in process {log_value(lock.process)}" if lock.process else ""
         log.info(
-            "pop3 device {device} from {peer}: account {account} is in use by {holder}",
+            "pop3 device {device} from {peer}: account {account} is in use by {holder}{where}",
             holder=log_value(lock.holder or "-"),
+            where=where,
             **fields,
         )
         return "mailbox in use by another session", "IN-USE"

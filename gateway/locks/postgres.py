@@ -144,9 +144,7 @@ class PostgresMailboxLocks:
         del self._held[key], self._labels[key]
         if not alive:
             raise LockUnavailable("this process's state lease has lapsed")
-        if process == self._process:
-            return InUse(str(holder))
-        return InUse(f"{holder} ({process})")
+        return InUse(str(holder), None if process == self._process else str(process))
 
     def _failed(self, key: str, failure: Any) -> Any:
         self._held.pop(key, None)
