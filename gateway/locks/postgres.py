@@ -67,6 +67,7 @@ SELECT
     (SELECT process FROM gateway_mailbox_locks WHERE mailbox = %(mailbox)s)
 """
 
+_RELEASE_MANY = "DELETE FROM gateway_mailbox_locks WHERE process = %s AND token = ANY(%s)"
 _RELEASE = "DELETE FROM gateway_mailbox_locks WHERE mailbox = %s AND process = %s AND token = %s"
 
 
@@ -96,6 +97,9 @@ class PostgresMailboxLocks:
         self._labels: dict[str, str] = {}
         # Releases on their way to the database, by mailbox key.
         self._releasing: dict[str, Deferred[None]] = {}
+        # Releases the database missed, by token, retried together.
+        self._unreleased: dict[str, Deferred[None]] = {}
+        self._retry: Any = None
         if lease is not None:
             lease.on_lapse(self._lapsed)
 
@@ -162,36 +166,53 @@ class PostgresMailboxLocks:
         attempted: Deferred[None] = Deferred()
         self._releasing[lease.key] = attempted
         done: Deferred[None] = Deferred()
-        self._delete(lease, done, attempted)
-        return done
-
-    def _delete(
-        self, lease: MailboxLease, done: Deferred[None], attempted: Deferred[None] | None
-    ) -> None:
-        mailbox, token = row_key(lease.key), lease.handle
+        token = str(lease.handle)
 
         def work(connection: psycopg.Connection[Any]) -> None:
-            connection.execute(_RELEASE, (mailbox, self._process, token))
+            connection.execute(_RELEASE, (row_key(lease.key), self._process, token))
 
-        def first_attempt_over() -> None:
-            if attempted is not None:
-                if self._releasing.get(lease.key) is attempted:
-                    del self._releasing[lease.key]
-                attempted.callback(None)
+        def over() -> None:
+            if self._releasing.get(lease.key) is attempted:
+                del self._releasing[lease.key]
+            attempted.callback(None)
 
         def deleted(_: object) -> None:
-            first_attempt_over()
+            over()
             done.callback(None)
 
         def failed(failure: Any) -> None:
-            if attempted is not None:
-                log.warn(
-                    "mailbox lock release not stored, retrying every {seconds:.0f} s: {error}",
-                    seconds=RELEASE_RETRY,
-                    error=failure.getErrorMessage(),
-                )
-            first_attempt_over()
-            self._clock.callLater(RELEASE_RETRY, self._delete, lease, done, None)
+            log.warn(
+                "mailbox lock release not stored, retrying every {seconds:.0f} s: {error}",
+                seconds=RELEASE_RETRY,
+                error=failure.getErrorMessage(),
+            )
+            self._unreleased[token] = done
+            self._retry_later()
+            over()
+
+        self._database.run(work).addCallbacks(deleted, failed)
+        return done
+
+    def _retry_later(self) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(RELEASE_RETRY, self._retry_releases)
+
+    def _retry_releases(self) -> None:
+        """One statement for every release the database missed, so that a
+        long outage costs one connection per retry, not one per session."""
+        batch, self._unreleased = self._unreleased, {}
+        tokens = list(batch)
+
+        def work(connection: psycopg.Connection[Any]) -> None:
+            connection.execute(_RELEASE_MANY, (self._process, tokens))
+
+        def deleted(_: object) -> None:
+            for done in batch.values():
+                done.callback(None)
+
+        def failed(_: object) -> None:
+            self._unreleased.update(batch)
+            self._retry_later()
 
         self._database.run(work).addCallbacks(deleted, failed)
 

@@ -22,6 +22,7 @@ from pytest_twisted import ensureDeferred
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from gateway.locks import InUse, LockUnavailable, MailboxLease, MailboxLocks
 from gateway.locks.files import FileMailboxLocks
@@ -196,6 +197,19 @@ async def test_an_unusable_lock_directory_is_a_temporary_failure(tmp_path: Path)
 # -- PostgreSQL: leases, takeover, lapses ----------------------------------------
 
 
+def logged(text: str) -> Deferred[None]:
+    """Fires when a log event whose format holds `text` is emitted."""
+    seen: Deferred[None] = Deferred()
+
+    def observe(event: dict[str, Any]) -> None:
+        if text in (event.get("log_format") or ""):
+            globalLogPublisher.removeObserver(observe)
+            seen.callback(None)
+
+    globalLogPublisher.addObserver(observe)
+    return seen
+
+
 def _insert_process(cluster: PostgresCluster, dsn: str, name: str, seconds: float) -> None:
     cluster.query(
         dsn,
@@ -291,7 +305,10 @@ async def test_a_lapsed_lease_drops_its_sessions_and_refuses_until_renewed(
             with pytest.raises(LockUnavailable, match="lease"):
                 await locks.acquire(OTHER, "fax")
             # The session that held it ends: the release waits for the database.
+            missed = logged("mailbox lock release not stored")
             released = locks.release(lease)
+            await missed
+            assert not released.called
             cluster.start()
             await released
             while not backend.lease.alive:
