@@ -30,7 +30,13 @@ RECENT = "10 minutes"
 
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
-STATUS_QUERIES: dict[str, StatusQuery] = {}
+STATUS_QUERIES: dict[str, StatusQuery] = {
+    "spool depth": (
+        "gateway_spool",
+        "SELECT state || ' on ' || coalesce(split_part(lease_holder, ':', 1), node || ' (free)'),"
+        " count(*) FROM gateway_spool GROUP BY 1 ORDER BY 1",
+    ),
+}
 
 
 def register(commands: Commands) -> None:

@@ -321,7 +321,10 @@ class AccountWorker:
             return
         if self.account not in self.relay.accounts:
             return
-        waiting = [e.state.next_attempt for e in self.relay.spool.iter_queued(self.account)]
+        # Those another process holds are looked at again at the next look.
+        busy = self.relay.busy
+        queued = self.relay.spool.iter_queued(self.account)
+        waiting = [e.state.next_attempt for e in queued if e.id not in busy]
         if waiting and self._timer is None:
             delay = max(0.0, min(waiting) - self.relay.clock.seconds())
             self._timer = self.relay.clock.callLater(delay, self.wake)
@@ -376,12 +379,14 @@ class AccountWorker:
 
     async def deliver(self, lane: Lane, client: Session, entry: QueueEntry) -> None:
         self.in_flight[entry.id] = entry
+        claimed = False
         try:
-            if not await self._claim(entry):
-                return
-        except BaseException:
-            del self.in_flight[entry.id]
-            raise
+            claimed = await self._claim(entry)
+        finally:
+            if not claimed:
+                del self.in_flight[entry.id]
+        if not claimed:
+            return
         try:
             await self._attempt(lane, client, entry)
         finally:

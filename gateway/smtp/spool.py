@@ -238,6 +238,9 @@ class Spool:
         return found
 
     async def listing(self) -> list[QueueEntry]:
+        if self.shared:  # other workers' messages too, as they are on disk
+            found: list[QueueEntry] = await self._run(self.dir.scan, clean=False)
+            return found
         return sorted(self.entries.values(), key=lambda e: e.id)
 
     # -- admin requests ---------------------------------------------------------------

@@ -42,6 +42,7 @@ against our lease), an admin's delete, or as a dead letter kept in place.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, BinaryIO, TypeVar
@@ -80,6 +81,10 @@ _FREE = f"(s.lease_holder IS NULL OR s.lease_until <= now() OR NOT {_ALIVE})"
 
 class PgIncoming(IncomingMessage):
     """A message being received, for an INSERT rather than a rename."""
+
+    def _create(self) -> BinaryIO:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.fdopen(fd, "w+b")
 
     def payload(self) -> bytes:
         """The message's bytes (spool thread); the tmp file goes with it."""
