@@ -1,0 +1,155 @@
+"""A real twistd gateway with its spool in PostgreSQL: accepted with the
+upstream down, stored in the database, delivered once it is up; PostgreSQL
+stopped during DATA gives 451 and nothing is stored; once it is back the
+same gateway accepts again, without a restart."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import ssl
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.certs import TLSMaterial
+from tests.harness.gateway_process import GatewayProcess, free_port
+from tests.harness.postgres import PostgresCluster
+from tests.harness.smtp_sink import read_messages
+from tests.helpers.smtp_gateway import SMTPPorts, smtp_gateway_config, smtps_sink
+from tests.helpers.state import migrated_database, state_toml
+from tests.helpers.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster() -> Iterator[PostgresCluster]:
+    """Its own cluster: this test stops and starts it."""
+    with PostgresCluster() as own:
+        yield own
+
+
+def message(mark: bytes) -> bytes:
+    return (
+        b"From: relay@example.com\r\nTo: r@example.org\r\nSubject: " + mark + b"\r\n\r\n"
+        b"hello from a printer\r\n"
+    )
+
+
+def session(port: int, ctx: ssl.SSLContext) -> smtplib.SMTP:
+    client = smtplib.SMTP("localhost", port, timeout=20)
+    client.starttls(context=ctx)
+    client.login("flaky-dev", "flaky-dev-pw")
+    return client
+
+
+def queue_list(gw: GatewayProcess) -> list[dict[str, object]]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "--config",
+            str(gw.config),
+            "queue",
+            "list",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["spool"] == "PostgreSQL table gateway_spool"
+    return document["messages"]  # type: ignore[no-any-return]
+
+
+def stored(cluster: PostgresCluster, dsn: str, mark: bytes) -> int:
+    rows = cluster.query(
+        dsn, "SELECT count(*) FROM gateway_spool WHERE position(%s in message) > 0", mark
+    )
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
+def test_the_spool_in_postgresql_end_to_end(
+    tmp_path: Path,
+    cluster: PostgresCluster,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    ctx: ssl.SSLContext,
+) -> None:
+    dsn = migrated_database(cluster)
+    ports = SMTPPorts()  # the "flaky" upstream: nobody listens there yet
+    text = smtp_gateway_config(
+        tmp_path / "gw" / "state",
+        ports,
+        submission_port=free_port(),
+        smtps_port=free_port(),
+        upstream=tls_upstream,
+        own=tls_gateway,
+    )
+    gw = GatewayProcess(
+        tmp_path / "gw", text + "\n" + state_toml(dsn, lease_time=5, timeout=2), ports.listening()
+    )
+    with gw:
+        # Upstream down: accepted, and the acceptance is a row in PostgreSQL.
+        marks = [b"pg-%d-" % i + uuid.uuid4().hex.encode() for i in range(5)]
+        with session(ports.submission, ctx) as client:
+            for mark in marks:
+                client.sendmail("relay@example.com", ["r@example.org"], message(mark))
+        assert all(stored(cluster, dsn, mark) == 1 for mark in marks)
+        assert not list((tmp_path / "gw" / "state").glob("spool/queue/*.msg"))
+        gw.wait_for_log("smtp deferred", timeout=15)
+        listed = queue_list(gw)
+        assert len(listed) == 5 and all(m["attempts"] for m in listed)
+
+        # Upstream up: each delivered, once; the table empties.
+        with smtps_sink(tmp_path / "late", tls_upstream, port=ports.flaky) as late:
+            late.wait_for(5, timeout=30)
+            wait_until(
+                lambda: cluster.query(dsn, "SELECT count(*) FROM gateway_spool")[0][0] == 0,
+                timeout=20,
+                message="the spool table did not empty",
+            )
+            arrived = read_messages(late.directory)
+        subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in arrived)
+        assert subjects == sorted(marks)
+
+        # PostgreSQL stops while a device is in DATA: 451, nothing accepted.
+        lost = b"pg-down-" + uuid.uuid4().hex.encode()
+        with session(ports.submission, ctx) as client:
+            client.mail("relay@example.com")
+            client.rcpt("r@example.org")
+            code, _ = client.docmd("DATA")
+            assert code == 354
+            cluster.stop("fast")
+            client.send(message(lost) + b".\r\n")
+            code, reply = client.getreply()
+            assert code == 451 and reply.startswith(b"4.3.0"), reply
+        gw.wait_for_log("smtp spool could not store a message: state database")
+
+        # Back: the same gateway accepts again (the pool reconnects).
+        cluster.start()
+        again = b"pg-back-" + uuid.uuid4().hex.encode()
+
+        def accepted() -> bool:
+            try:
+                with session(ports.submission, ctx) as client:
+                    client.sendmail("relay@example.com", ["r@example.org"], message(again))
+            except smtplib.SMTPDataError as e:
+                assert e.smtp_code == 451
+                return False
+            return True
+
+        wait_until(accepted, timeout=30, message="no 250 after PostgreSQL came back")
+        assert gw.process is not None and gw.process.poll() is None  # not restarted
+        assert stored(cluster, dsn, again) == 1
+        assert stored(cluster, dsn, lost) == 0
+        assert "Traceback" not in gw.log_text()
