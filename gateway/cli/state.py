@@ -33,7 +33,8 @@ StatusQuery = tuple[str, str]
 STATUS_QUERIES: dict[str, StatusQuery] = {
     "spool depth": (
         "gateway_spool",
-        "SELECT state || ' on ' || coalesce(split_part(lease_holder, ':', 1), node || ' (free)'),"
+        # By the node holding it (delivering), else the node that accepted it.
+        "SELECT state || ' on ' || coalesce(split_part(lease_holder, ':', 1), node),"
         " count(*) FROM gateway_spool GROUP BY 1 ORDER BY 1",
     ),
 }

@@ -48,23 +48,18 @@ def session(port: int, ctx: ssl.SSLContext) -> smtplib.SMTP:
     return client
 
 
-def queue_list(gw: GatewayProcess) -> list[dict[str, object]]:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "--config",
-            str(gw.config),
-            "queue",
-            "list",
-            "--json",
-        ],
+def cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--config", str(gw.config), *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def queue_list(gw: GatewayProcess) -> list[dict[str, object]]:
+    result = cli(gw, "queue", "list", "--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["spool"] == "PostgreSQL table gateway_spool"
@@ -76,6 +71,13 @@ def stored(cluster: PostgresCluster, dsn: str, mark: bytes) -> int:
         dsn, "SELECT count(*) FROM gateway_spool WHERE position(%s in message) > 0", mark
     )
     return int(rows[0][0])  # type: ignore[call-overload]
+
+
+def stored_id(cluster: PostgresCluster, dsn: str, mark: bytes) -> str:
+    rows = cluster.query(
+        dsn, "SELECT id FROM gateway_spool WHERE position(%s in message) > 0", mark
+    )
+    return str(rows[0][0])
 
 
 def test_the_spool_in_postgresql_end_to_end(
@@ -100,15 +102,29 @@ def test_the_spool_in_postgresql_end_to_end(
     )
     with gw:
         # Upstream down: accepted, and the acceptance is a row in PostgreSQL.
-        marks = [b"pg-%d-" % i + uuid.uuid4().hex.encode() for i in range(5)]
+        marks = [b"pg-%d-" % i + uuid.uuid4().hex.encode() for i in range(6)]
         with session(ports.submission, ctx) as client:
             for mark in marks:
                 client.sendmail("relay@example.com", ["r@example.org"], message(mark))
         assert all(stored(cluster, dsn, mark) == 1 for mark in marks)
         assert not list((tmp_path / "gw" / "state").glob("spool/queue/*.msg"))
-        gw.wait_for_log("smtp deferred", timeout=15)
-        listed = queue_list(gw)
-        assert len(listed) == 5 and all(m["attempts"] for m in listed)
+        listed = wait_until(
+            lambda: queue_list(gw),
+            timeout=15,
+            message="not every message was tried",
+            done=lambda found: len(found) == 6 and all(m["attempts"] for m in found),
+        )
+        assert all("cannot connect" in str(m["last_error"]) for m in listed)
+        status = cli(gw, "state", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        depth = json.loads(status.stdout)["spool depth"]
+        assert sum(depth.values()) == 6 and all(k.startswith("queued on ") for k in depth)
+
+        # An admin deletes one (at once, or by the process delivering it now).
+        doomed = marks.pop()
+        deleted = cli(gw, "queue", "delete", stored_id(cluster, dsn, doomed))
+        assert deleted.returncode == 0, deleted.stderr
+        wait_until(lambda: stored(cluster, dsn, doomed) == 0, timeout=15, message="not deleted")
 
         # Upstream up: each delivered, once; the table empties.
         with smtps_sink(tmp_path / "late", tls_upstream, port=ports.flaky) as late:
@@ -120,7 +136,7 @@ def test_the_spool_in_postgresql_end_to_end(
             )
             arrived = read_messages(late.directory)
         subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in arrived)
-        assert subjects == sorted(marks)
+        assert subjects == sorted(marks)  # each once; the deleted one never
 
         # PostgreSQL stops while a device is in DATA: 451, nothing accepted.
         lost = b"pg-down-" + uuid.uuid4().hex.encode()
