@@ -118,6 +118,7 @@ class PgSpool:
         self.me = backend.identity.name
         self.node = backend.identity.node
         self.lease_time = backend.settings.lease_time
+        self.process_lease = backend.lease
         self.dir = files  # tmp/ for large messages being received; its lock for readiness
         self.clock = clock
         self.accounts = accounts
@@ -231,6 +232,10 @@ class PgSpool:
 
     async def claim(self, entry: QueueEntry) -> QueueEntry | None:
         """Confirm (and extend) our lease, and read the delivery state."""
+        if self.process_lease is not None and not self.process_lease.alive:
+            # Before our first renewal, or after a lapse, others may take
+            # what we hold: no attempt until our own lease is known to hold.
+            return None
         now = self.clock.seconds()
         row = await self._run(_confirm, entry.id, self.me, self.lease_time, now)
         if row is None:
