@@ -215,8 +215,11 @@ class Spool:
         (or a dead one left), and those they removed dropped from the index."""
         if not self.shared:
             return []
+        # Only what was indexed before the listing: a message committed
+        # meanwhile may be missing from it.
+        before = set(self.entries)
         present: dict[str, Status] = await self._run(self.dir.names)
-        for message_id in [i for i in self.entries if i not in present]:
+        for message_id in [i for i in before if i not in present and i in self.entries]:
             if message_id not in self._held:
                 self.forget(self.entries[message_id])
         new = [i for i in present if i not in self.entries]
