@@ -227,3 +227,34 @@ async def test_postgresql_takes_the_lease_with_the_insert(
         assert rows == [(spool.me, "queued", len(body(1)))]
     finally:
         await processes.close()
+
+
+@ensureDeferred
+async def test_the_console_queue_page_lists_and_deletes(
+    processes: Processes, tmp_path: Path
+) -> None:
+    from tests.unit.test_console import COOKIE, console, request
+
+    one, two = await processes.spool(), await processes.spool()
+    mine, theirs = await accept(one, body(1)), await accept(two, body(2))
+    await one.refresh(reactor.seconds())
+    c, _ = console(tmp_path / "console")
+    c.state.spool = one
+    session = c.sessions.new("root")
+    r = request(b"queue")
+    r.received_cookies[COOKIE] = session.id.encode()
+    page = await c.queue(r)
+    assert isinstance(page, bytes)
+    assert mine.id.encode() in page and theirs.id.encode() in page  # every process's
+    r = request(f"queue/{theirs.id}/delete".encode(), b"POST", csrf=session.csrf)
+    r.received_cookies[COOKIE] = session.id.encode()
+    await c.queue_action(r, theirs.id, "delete")
+    assert r.responseCode == 303
+    if isinstance(one, PgSpool):
+        # The accepting process holds it: left on its row for that process,
+        # which carries it out at its next claim instead of an attempt.
+        assert len(await one.listing()) == 2
+        assert await two.claim(theirs) is None
+        assert [e.id for e in await one.listing()] == [mine.id]
+    else:  # a request for whichever worker's relay
+        assert one.requests() == [("delete", theirs.id)]
