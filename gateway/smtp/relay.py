@@ -110,6 +110,7 @@ class Relay(Service):
         # Messages whose claim another process held at our last try: left
         # alone until the next look.
         self.busy: set[str] = set()
+        self.claim_error: str | None = None
         self._control: LoopingCall | None = None
         self._control_error: str | None = None
         self._stopping = False
@@ -366,12 +367,16 @@ class AccountWorker:
         try:
             claimed = await spool.claim(entry)
         except (OSError, ValueError) as e:
-            log.error("smtp spool: cannot claim message {id}: {error}", id=entry.id, error=e)
+            # Once per distinct error (a database down fails every claim).
+            if str(e) != self.relay.claim_error:
+                self.relay.claim_error = str(e)
+                log.error("smtp spool: cannot claim message {id}: {error}", id=entry.id, error=e)
             claimed = None
         if claimed is None:
             if entry.id in spool.entries:
                 self.relay.busy.add(entry.id)
             return False
+        self.relay.claim_error = None
         if entry.status == "queued" and entry.state.next_attempt <= self.relay.clock.seconds():
             return True
         await spool.release(entry)

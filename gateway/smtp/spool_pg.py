@@ -18,8 +18,9 @@ held by a process whose `gateway_processes` lease passed. Before each
 attempt the holder confirms the lease; after it, one statement that checks
 the lease is still ours records the outcome (delete when delivered, or the
 new delivery state) and lets the lease go. So a process killed with -9 holds
-its messages for at most `[state] lease_time`; then another process takes
-them over.
+its messages for at most `[state] lease_time`; another process takes them
+over at its next look: within `lease_time + control_interval` (32 s with
+the defaults), and each is then tried when its retry time has come.
 
 When a message can go out twice (SMTP's own windows, RFC 1047, and the
 lease's):
