@@ -10,6 +10,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +170,54 @@ def test_the_spool_in_postgresql_end_to_end(
         assert stored(cluster, dsn, again) == 1
         assert stored(cluster, dsn, lost) == 0
         assert "Traceback" not in gw.log_text()
+
+
+def node(
+    base: Path, dsn: str, ports: SMTPPorts, upstream: TLSMaterial, own: TLSMaterial
+) -> GatewayProcess:
+    text = smtp_gateway_config(
+        base / "state",
+        ports,
+        submission_port=free_port(),
+        smtps_port=free_port(),
+        upstream=upstream,
+        own=own,
+    )
+    extra = state_toml(dsn, lease_time=5, timeout=2, node=base.name)
+    return GatewayProcess(base, text + "\n" + extra, ports.listening())
+
+
+def test_a_killed_node_messages_are_delivered_by_the_other_once(
+    tmp_path: Path,
+    postgres: PostgresCluster,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    ctx: ssl.SSLContext,
+) -> None:
+    dsn = migrated_database(postgres)
+    first_ports = SMTPPorts()
+    second_ports = SMTPPorts(flaky=first_ports.flaky)  # one upstream for both
+    first = node(tmp_path / "first", dsn, first_ports, tls_upstream, tls_gateway)
+    second = node(tmp_path / "second", dsn, second_ports, tls_upstream, tls_gateway)
+    with first, second:
+        marks = [b"node-%02d-" % i + uuid.uuid4().hex.encode() for i in range(20)]
+        with session(first_ports.submission, ctx) as client:
+            for mark in marks:
+                client.sendmail("relay@example.com", ["r@example.org"], message(mark))
+        first.wait_for_log("smtp deferred", timeout=15)
+        first.kill()  # -9: its leases are held by a dead process now
+        killed_at = time.monotonic()
+        with smtps_sink(tmp_path / "late", tls_upstream, port=first_ports.flaky) as late:
+            late.wait_for(20, timeout=60)
+            taken_over = time.monotonic() - killed_at
+            wait_until(
+                lambda: postgres.query(dsn, "SELECT count(*) FROM gateway_spool")[0][0] == 0,
+                timeout=20,
+                message="the spool table did not empty",
+            )
+            arrived = read_messages(late.directory)
+        second.wait_for_log("took over message")
+    subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in arrived)
+    assert subjects == sorted(marks)  # every one, once
+    # lease_time (5 s) + a look (2 s) + the retry interval (at most 2 s), with slack.
+    assert taken_over < 20
