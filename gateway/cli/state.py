@@ -30,7 +30,13 @@ RECENT = "10 minutes"
 
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
-STATUS_QUERIES: dict[str, StatusQuery] = {}
+STATUS_QUERIES: dict[str, StatusQuery] = {
+    "oauth tokens": (
+        "gateway_oauth_tokens",
+        "SELECT state || CASE WHEN refresh_until > now() THEN ' (refreshing)' ELSE '' END,"
+        " count(*) FROM gateway_oauth_tokens GROUP BY 1 ORDER BY 1",
+    ),
+}
 
 
 def register(commands: Commands) -> None:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 
 from gateway.model import Account
 from gateway.oauth.endpoint import TokenEndpoint
-from gateway.oauth.store import Signature, TokenRecord
+from gateway.oauth.record import TokenRecord
 from gateway.oauth.tokens import Tokens
 
 Resource = Literal["mail", "graph"]
@@ -45,8 +45,13 @@ class AccountState:
     endpoint: TokenEndpoint | None
     setup_error: str | None = None
     record: TokenRecord | None = None
-    signature: Signature | None = None
+    # The store's stamp of the record last read (`TokenBackend.stamp`).
+    signature: object = None
     loaded: bool = False
+    # The lineage of a result only memory holds: the store could not be written.
+    unsaved: str | None = None
+    # The store could not be reached at the last look (logged once).
+    store_down: bool = False
     unreadable: str | None = None
     # The lineage whose refresh the provider refused in this process.
     blocked_lineage: str | None = None
