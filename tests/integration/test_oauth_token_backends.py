@@ -1,0 +1,212 @@
+"""The token store interface, once for each state backend: embedded files
+and PostgreSQL ("one suite, two backends"), and two token managers (two
+gateway processes) racing logins with an expired token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.task import deferLater
+
+from gateway.model import Secret
+from gateway.oauth.cipher import MAGIC
+from gateway.oauth.record import StoreUnreadable, TokenRecord
+from gateway.oauth.tokens import Tokens, parse_token_response
+from tests.harness.oauth_server import AuthServer
+from tests.helpers.oauth import CLIENT_SECRET, fresh_key, oauth_config
+from tests.helpers.token_stores import TokenStores, token_stores
+
+__all__ = ["token_stores"]
+
+pytestmark = pytest.mark.integration
+
+ACCESS = "access-token-value-123"
+REFRESH = "refresh-token-value-456"
+REFRESH_GRANT = "token:refresh_token"
+CROWD = 40
+
+
+def record(account: str = "scanner", now: float = 1000.0) -> TokenRecord:
+    tokens = Tokens(Secret(ACCESS), now + 3600, Secret(REFRESH), "mail")
+    return TokenRecord.authorized(account, "device_code", tokens, now)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_record_is_stored_and_read_back(token_stores: TokenStores) -> None:
+    store = await token_stores.store()
+    assert await store.fetch("scanner") is None
+    assert await store.stamp("scanner", fresh=True) is None
+    mine = record()
+    assert await store.change("scanner", lambda current: mine) == mine
+    assert await store.fetch("scanner") == mine
+    assert await store.stamp("scanner", fresh=True) is not None
+    assert await store.stored_accounts() == ["scanner"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_starts_from_what_another_process_stored(
+    token_stores: TokenStores,
+) -> None:
+    first, second = await token_stores.store(), await token_stores.store()
+    await first.change("scanner", lambda _: record())
+    before = await second.stamp("scanner", fresh=True)
+    rotated = Tokens(Secret("new-access"), 9000.0, Secret("rotated-refresh"), "mail")
+    await first.change("scanner", lambda current: current and current.refreshed(rotated, 5000.0))
+    assert await second.stamp("scanner", fresh=True) != before
+    seen: list[TokenRecord | None] = []
+
+    def note_error(current: TokenRecord | None) -> TokenRecord | None:
+        seen.append(current)
+        return current and current.failed("ok", "temporary: x", 6000.0)
+
+    saved = await second.change("scanner", note_error)
+    assert seen[0] is not None and seen[0].tokens == rotated
+    assert saved is not None and saved.tokens == rotated and saved.last_error == "temporary: x"
+    assert (await first.fetch("scanner")) == saved
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_that_returns_the_record_writes_nothing(token_stores: TokenStores) -> None:
+    store = await token_stores.store()
+    mine = record()
+    await store.change("scanner", lambda _: mine)
+    stamp = await store.stamp("scanner", fresh=True)
+    assert await store.change("scanner", lambda current: current) == mine
+    assert await store.stamp("scanner", fresh=True) == stamp
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_key_cannot_read_and_only_a_new_authorisation_replaces(
+    token_stores: TokenStores,
+) -> None:
+    await (await token_stores.store()).change("scanner", lambda _: record())
+    token_stores.key = fresh_key()
+    other = await token_stores.store()
+    with pytest.raises(StoreUnreadable, match="wrong key") as info:
+        await other.fetch("scanner")
+    assert ACCESS not in str(info.value) and REFRESH not in str(info.value)
+    with pytest.raises(StoreUnreadable):
+        await other.change("scanner", lambda current: current)
+    fresh = record(now=2000.0)
+    assert await other.change("scanner", lambda _: fresh, replace_unreadable=True) == fresh
+    assert await other.fetch("scanner") == fresh
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_refresh_claim_at_a_time(token_stores: TokenStores) -> None:
+    first, second = await token_stores.store(), await token_stores.store()
+    await first.change("scanner", lambda _: record())
+    claim = await first.claim_refresh("scanner")
+    assert claim is not None
+    assert await second.claim_refresh("scanner") is None
+    await claim.release()
+    again = await second.claim_refresh("scanner")
+    assert again is not None
+    assert await first.claim_refresh("scanner") is None
+    await again.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_database_never_sees_a_token(token_stores: TokenStores) -> None:
+    if token_stores.dsn is None:
+        pytest.skip("PostgreSQL only")
+    mine = record()
+    await (await token_stores.store()).change("scanner", lambda _: mine)
+    with psycopg.connect(token_stores.dsn) as connection:
+        rows = connection.execute(
+            "SELECT account, blob, lineage, state, last_error FROM gateway_oauth_tokens"
+        ).fetchall()
+    [(account, blob, lineage, state, last_error)] = rows
+    assert (account, state, last_error) == ("scanner", "ok", None)
+    assert lineage == mine.lineage
+    blob = bytes(blob)
+    assert blob.startswith(MAGIC)
+    for secret in (ACCESS, REFRESH):
+        assert secret.encode() not in blob
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_refresh_lease_of_a_dead_process_is_taken_over(
+    token_stores: TokenStores,
+) -> None:
+    if token_stores.dsn is None:
+        pytest.skip("PostgreSQL: an embedded holder's flock dies with its process")
+    first, second = await token_stores.store(), await token_stores.store()
+    await first.change("scanner", lambda _: record())
+    assert await first.claim_refresh("scanner") is not None
+    assert await second.claim_refresh("scanner") is None
+    # The holder dies: its process lease passes without a renewal.
+    with psycopg.connect(token_stores.dsn, autocommit=True) as connection:
+        connection.execute(
+            "UPDATE gateway_processes SET lease_until = now() - interval '1 second'"
+            " WHERE process = (SELECT refreshing FROM gateway_oauth_tokens)"
+        )
+    assert await second.claim_refresh("scanner") is not None
+
+
+# -- two gateway processes, one refresh ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_racing_logins_make_one_refresh_and_keep_the_rotated_token(
+    token_stores: TokenStores, tmp_path: Path
+) -> None:
+    server = AuthServer(client_secret=CLIENT_SECRET)
+    port = server.listen(reactor)
+    managers = []
+    try:
+        config = oauth_config(token_stores.state_dir, server.base_url, secret=CLIENT_SECRET)
+        managers = [await token_stores.manager(config) for _ in range(2)]
+        answer = server._issue("alice", "gateway", "mail", refresh=True)
+        first_refresh = answer["refresh_token"]
+        expired = parse_token_response(answer, time.time() - 7200)
+        seeded = TokenRecord.authorized("scanner", "device_code", expired, time.time())
+        await (await token_stores.store()).change(
+            "scanner", lambda _: seeded, replace_unreadable=True
+        )
+        account = config.accounts["scanner"]
+        # Both processes have read the expired token before anyone refreshes.
+        for manager in managers:
+            manager.open()
+        server.hold = True
+        calls = [ensureDeferred(managers[i % 2].access_token(account)) for i in range(CROWD)]
+        while not server.held:
+            await deferLater(reactor, 0.01, lambda: None)
+        # Long enough for the other process to ask for the claim several times.
+        await deferLater(reactor, 0.5, lambda: None)
+        assert len(server.held) == 1 and not any(d.called for d in calls)
+        server.release()
+        results = await DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+        tokens = {token for _, token in results}
+        assert len(tokens) == 1
+        assert server.counts[REFRESH_GRANT] == 1
+        # The rotated refresh token is what the store holds; the old one is dead.
+        stored = await (await token_stores.store()).fetch("scanner")
+        assert stored is not None and stored.tokens is not None
+        rotated = stored.tokens.refresh_token
+        assert rotated is not None and rotated.reveal() != first_refresh
+        assert server.refresh[rotated.reveal()].active
+        assert not server.refresh[first_refresh].active
+        assert stored.tokens.access_token.reveal() in tokens
+        # It is the one the provider takes next.
+        status, _ = server.token(
+            {
+                "grant_type": "refresh_token",
+                "refresh_token": rotated.reveal(),
+                "client_id": "gateway",
+                "client_secret": CLIENT_SECRET,
+            }
+        )
+        assert status == 200
+        assert sum(m.refresh_requests("scanner") for m in managers) == 1
+    finally:
+        for manager in managers:
+            if manager.running:
+                manager.stopService()
+        await port.stopListening()
