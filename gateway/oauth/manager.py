@@ -312,11 +312,21 @@ class TokenManager(Service):
                 f"account {account.name}: token store unusable: {self._broken}",
                 DEVICE_TEXT_BROKEN,
             )
+        # A shared store's stamp may be a few seconds old; not when memory has
+        # no usable token to offer (an authorisation just stored elsewhere).
+        record = state.record
+        stale = (
+            record is None
+            or record.state != "ok"
+            or record.tokens is None
+            or not record.tokens.valid_at(self._clock.seconds())
+        )
         try:
-            await self._sync(state)
+            await self._sync(state, fresh=stale)
         except StateUnavailable as e:
             # The tokens in memory serve while they are valid; a login that
             # needs a new one fails as temporary (`_token`).
+            sync_failed(Failure(), state)
             if not state.loaded:
                 raise UpstreamUnavailable(
                     f"account {account.name}: the token store is unavailable: {e}"

@@ -144,6 +144,13 @@ async def test_an_unreachable_database_costs_only_logins_that_need_a_new_token(
             await manager.access_token(printer)
         assert info.value.code == "SYS/TEMP"
         assert "account printer: the token store is unavailable" in info.value.detail
+        # A refresh (the mail server refused the token) is not even asked for:
+        # its result could not be stored.
+        with pytest.raises(UpstreamUnavailable) as info:
+            await manager.access_token(scanner, force_refresh=True)
+        assert info.value.code == "SYS/TEMP"
+        assert "a fresh token is needed and the token store is unavailable" in info.value.detail
+        assert manager.refresh_requests("scanner") == 0
     finally:
         await backend.lease.stop()
         await backend.database.stop()
