@@ -103,6 +103,16 @@ def token_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tok
         stores.close()
 
 
+@pytest.fixture
+def pg_token_stores(postgres: PostgresCluster, tmp_path: Path) -> Iterator[TokenStores]:
+    """PostgreSQL stores only, for what only the shared table has."""
+    stores = TokenStores("postgresql", tmp_path / "state", migrated_database(postgres))
+    try:
+        yield stores
+    finally:
+        stores.close()
+
+
 def command_store(config: Config, key: GatewayKey | None = None) -> TokenBackend:
     """The store `gateway oauth` uses for `config` (its [state] backend),
     with the key from the state directory unless given."""

@@ -4,6 +4,9 @@ gateway processes) racing logins with an expired token."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +23,11 @@ from gateway.oauth.record import StoreUnreadable, TokenRecord
 from gateway.oauth.tokens import Tokens, parse_token_response
 from tests.harness.oauth_server import AuthServer
 from tests.helpers.oauth import CLIENT_SECRET, fresh_key, oauth_config
-from tests.helpers.token_stores import TokenStores, token_stores
+from tests.helpers.token_stores import TokenStores, pg_token_stores, token_stores
 
-__all__ = ["token_stores"]
+__all__ = ["pg_token_stores", "token_stores"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -112,13 +117,57 @@ async def test_one_refresh_claim_at_a_time(token_stores: TokenStores) -> None:
     await again.release()
 
 
+# A process that holds the account's refresh claim and waits to be killed.
+HOLDER = """
+import sys, time
+from pathlib import Path
+from gateway.oauth.store import TokenStore
+from tests.helpers.oauth import fresh_key
+store = TokenStore.open(Path(sys.argv[1]), fresh_key())
+claim = store._claim("scanner")
+print("held" if claim is not None else "refused", flush=True)
+time.sleep(60)
+"""
+
+
 @pytest_twisted.ensureDeferred
-async def test_the_database_never_sees_a_token(token_stores: TokenStores) -> None:
+async def test_the_refresh_claim_of_a_dead_process_is_free(token_stores: TokenStores) -> None:
+    mine = await token_stores.store()
+    await mine.change("scanner", lambda _: record())
     if token_stores.dsn is None:
-        pytest.skip("PostgreSQL only")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(token_stores.state_dir)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            assert await mine.claim_refresh("scanner") is None
+        finally:
+            holder.kill()  # -9: the kernel drops its flock
+            holder.wait()
+    else:
+        other = await token_stores.store()
+        assert await other.claim_refresh("scanner") is not None
+        assert await mine.claim_refresh("scanner") is None
+        # The holder dies: its process lease passes without a renewal.
+        with psycopg.connect(token_stores.dsn, autocommit=True) as connection:
+            connection.execute(
+                "UPDATE gateway_processes SET lease_until = now() - interval '1 second'"
+                " WHERE process = (SELECT refreshing FROM gateway_oauth_tokens)"
+            )
+    claim = await mine.claim_refresh("scanner")
+    assert claim is not None
+    await claim.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_database_never_sees_a_token(pg_token_stores: TokenStores) -> None:
     mine = record()
-    await (await token_stores.store()).change("scanner", lambda _: mine)
-    with psycopg.connect(token_stores.dsn) as connection:
+    await (await pg_token_stores.store()).change("scanner", lambda _: mine)
+    assert pg_token_stores.dsn is not None
+    with psycopg.connect(pg_token_stores.dsn) as connection:
         rows = connection.execute(
             "SELECT account, blob, lineage, state, last_error FROM gateway_oauth_tokens"
         ).fetchall()
@@ -129,25 +178,6 @@ async def test_the_database_never_sees_a_token(token_stores: TokenStores) -> Non
     assert blob.startswith(MAGIC)
     for secret in (ACCESS, REFRESH):
         assert secret.encode() not in blob
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_refresh_lease_of_a_dead_process_is_taken_over(
-    token_stores: TokenStores,
-) -> None:
-    if token_stores.dsn is None:
-        pytest.skip("PostgreSQL: an embedded holder's flock dies with its process")
-    first, second = await token_stores.store(), await token_stores.store()
-    await first.change("scanner", lambda _: record())
-    assert await first.claim_refresh("scanner") is not None
-    assert await second.claim_refresh("scanner") is None
-    # The holder dies: its process lease passes without a renewal.
-    with psycopg.connect(token_stores.dsn, autocommit=True) as connection:
-        connection.execute(
-            "UPDATE gateway_processes SET lease_until = now() - interval '1 second'"
-            " WHERE process = (SELECT refreshing FROM gateway_oauth_tokens)"
-        )
-    assert await second.claim_refresh("scanner") is not None
 
 
 # -- two gateway processes, one refresh ------------------------------------------
