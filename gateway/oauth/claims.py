@@ -31,6 +31,24 @@ CLAIM_POLL = 0.15
 CLAIM_WAIT = DEFAULT_TIMEOUT + 5.0
 
 
+async def claim_for(state: AccountState, store: TokenBackend, clock: IReactorTime) -> RefreshClaim:
+    """The claim this process kept (an unsaved result), or a new one."""
+    if state.claim is not None:
+        return state.claim
+    return await claim_refresh(store, state.account.name, clock)
+
+
+async def settle(state: AccountState, claim: RefreshClaim) -> None:
+    """After a refresh: release the claim, unless its result is only in
+    memory (the store could not be written): then it is kept until
+    `outcomes.save_unsaved` stores it."""
+    if state.unsaved is not None:
+        state.claim = claim
+        return
+    state.claim = None
+    await claim.release()
+
+
 async def claim_refresh(
     store: TokenBackend, account: str, clock: IReactorTime, wait: float = CLAIM_WAIT
 ) -> RefreshClaim:

@@ -44,9 +44,8 @@ Graph's `.default`. Each resource has its own single flight, and the two
 take turns at the token endpoint (`AccountState.lock`), since each refresh
 rotates the refresh token they share.
 
-The record-keeping of outcomes is `gateway.oauth.outcomes`, the timer's
-rules `gateway.oauth.schedule`, the per-account memory
-`gateway.oauth.account_state`.
+Helpers: `outcomes` (record-keeping), `schedule` (the timer's rules),
+`account_state` (per-account memory), `store_sync`, `claims`.
 
 The store is a `TokenBackend` (`gateway.oauth.backend`): the encrypted files
 of the embedded state backend, or PostgreSQL's `gateway_oauth_tokens`. A
@@ -77,13 +76,14 @@ from gateway.oauth.account_state import (
     GRAPH,
     MAIL,
     MAX_SLEEP,
+    UNSAVED_RETRY,
     AccountState,
     Resource,
     skew,
     tokens_of,
 )
 from gateway.oauth.backend import TokenBackend, open_token_backend
-from gateway.oauth.claims import claim_refresh, refreshed_elsewhere
+from gateway.oauth.claims import claim_for, refreshed_elsewhere, settle
 from gateway.oauth.endpoint import NoOAuthClient, TokenEndpoint
 from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
 from gateway.oauth.grants import graph_scopes, request_tokens
@@ -365,23 +365,14 @@ class TokenManager(Service):
         d = ensureDeferred(
             outcomes.login_refused(self._store, state, refusal, self._clock.seconds())
         )
-        d.addErrback(self._write_failed, state)
+        d.addErrback(sync_failed, state)
 
     def login_succeeded(self, account: Account) -> None:
         """Clear a refusal a login recorded; a memory check at every login."""
         state = self._states.get(account.name)
         if state is None or self._store is None:
             return
-        ensureDeferred(outcomes.login_succeeded(self._store, state)).addErrback(
-            self._write_failed, state
-        )
-
-    def _write_failed(self, failure: Failure, state: AccountState) -> None:
-        log.failure(
-            "oauth account {account}: recording a login's outcome failed",
-            failure,
-            account=state.account.name,
-        )
+        ensureDeferred(outcomes.login_succeeded(self._store, state)).addErrback(sync_failed, state)
 
     # -- the store, as other processes change it --------------------------------
 
@@ -454,7 +445,7 @@ class TokenManager(Service):
             before = tokens_of(state.record, resource)
             # Other processes: one refresh at a time per account, each
             # starting from what the last one stored.
-            claim = await claim_refresh(self._opened(), state.account.name, self._clock)
+            claim = await claim_for(state, self._opened(), self._clock)
             try:
                 if state.unsaved is not None:
                     await outcomes.save_unsaved(self._opened(), state)
@@ -465,7 +456,7 @@ class TokenManager(Service):
                     return theirs
                 return await self._do_refresh(state, resource)
             finally:
-                await claim.release()
+                await settle(state, claim)
         finally:
             state.lock.release()
 
@@ -552,6 +543,8 @@ class TokenManager(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         delay = sleep_for(self._states.values(), self._config.oauth, self._clock.seconds())
+        if any(state.unsaved is not None for state in self._states.values()):
+            delay = min(delay, UNSAVED_RETRY)
         self._timer = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:

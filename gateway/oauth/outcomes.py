@@ -72,11 +72,19 @@ async def save_unsaved(store: TokenBackend, state: AccountState) -> None:
     """Retry writing a result only memory holds (a rotated refresh token must
     reach the store before another process refreshes with the old one)."""
     lineage, record = state.unsaved, state.record
-    if lineage is None or record is None or record.lineage != lineage:
-        return
-    await save(store, state, lineage, lambda _current: record)
-    if state.unsaved is None:
-        log.info("oauth account {account}: saved to the token store", account=state.account.name)
+    if lineage is not None and (record is None or record.lineage != lineage):
+        state.unsaved = None
+    elif lineage is not None and record is not None:
+        await save(store, state, lineage, lambda _current: record)
+        if state.unsaved is None:
+            log.info(
+                "oauth account {account}: saved to the token store", account=state.account.name
+            )
+    # A refresh in progress (it holds the lock) releases the claim itself.
+    claim = state.claim
+    if state.unsaved is None and claim is not None and not state.lock.locked:
+        state.claim = None
+        await claim.release()
 
 
 async def first_app_only_record(store: TokenBackend, state: AccountState) -> TokenRecord | None:

@@ -44,9 +44,10 @@ Change = Callable[[TokenRecord | None], TokenRecord | None]
 
 # How long a node trusts the version it last saw of an account's row.
 SYNC_INTERVAL = 2.0
-# How long a refresh lease holds without being released: longer than a
-# token request may take.
-REFRESH_LEASE = DEFAULT_TIMEOUT * 2
+# How long a refresh lease holds without being released, however long the
+# token request takes or its result waits to be stored (a dead holder loses
+# it sooner, with its process lease).
+REFRESH_LEASE = DEFAULT_TIMEOUT * 4
 WHERE = "token store row in PostgreSQL"
 _LOCK_PREFIX = "gateway_oauth_tokens:"
 

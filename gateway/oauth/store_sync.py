@@ -48,7 +48,25 @@ def apply_loaded(
         state.retry_at = 0.0
         state.refreshed_at.clear()
         return previous
+    if (
+        result is not None
+        and state.blocked_lineage == result.lineage
+        and result.state == "ok"
+        and _refresh_token(result) != _refresh_token(previous)
+    ):
+        # Another process stored a newer refresh token of the grant this
+        # process saw refused (it had refreshed with an older one).
+        state.blocked_lineage = None
+        state.failures = 0
+        state.retry_at = 0.0
     return state.record
+
+
+def _refresh_token(record: TokenRecord | None) -> str | None:
+    tokens = record.tokens if record is not None else None
+    if tokens is None or tokens.refresh_token is None:
+        return None
+    return tokens.refresh_token.reveal()
 
 
 def reachable(state: AccountState) -> None:
@@ -58,7 +76,8 @@ def reachable(state: AccountState) -> None:
 
 
 def sync_failed(failure: Failure, state: AccountState) -> None:
-    """A look at the store that nobody waits for failed: log it once."""
+    """A look at (or a write to) the store that nobody waits for failed:
+    an unreachable store is logged once per outage."""
     if failure.check(StateUnavailable):
         if not state.store_down:
             state.store_down = True
@@ -69,7 +88,7 @@ def sync_failed(failure: Failure, state: AccountState) -> None:
             )
         return
     log.failure(
-        "oauth account {account}: reading the token store failed",
+        "oauth account {account}: using the token store failed",
         failure,
         account=state.account.name,
     )
