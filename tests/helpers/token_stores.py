@@ -29,7 +29,7 @@ from gateway.oauth.keys import GatewayKey, load_key
 from gateway.oauth.manager import TokenManager
 from gateway.oauth.record import TokenRecord
 from gateway.oauth.store import TokenStore
-from gateway.oauth.store_postgres import PostgresTokenStore
+from gateway.oauth.store_postgres import BlockingRunner, PostgresTokenStore
 from gateway.oauth.tokens import parse_token_response
 from gateway.state.backend import StateBackend
 from tests.harness.postgres import PostgresCluster
@@ -118,6 +118,13 @@ def command_store(config: Config, key: GatewayKey | None = None) -> TokenBackend
     with the key from the state directory unless given."""
     key = key or load_key(OAuthSettings(), config.state_dir, environ={})
     return open_command_backend(config, key)
+
+
+def shared_store(dsn: str, key: GatewayKey) -> TokenBackend:
+    """The PostgreSQL token table at `dsn` as `gateway oauth` reaches it
+    (blocking; fired Deferreds), for seeding the nodes of a cluster test.
+    Every node must have `key` (the same `[oauth] key_file` or GATEWAY_KEY)."""
+    return PostgresTokenStore(BlockingRunner(postgres_settings(dsn)), key, "test:seed", None)
 
 
 def seed_answer(
