@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 
 from gateway.config.loader import load_config
 from gateway.model import Secret
+from gateway.oauth.admin import fired
 from gateway.oauth.keys import KEY_ENV, encode_key, load_key, new_key
 from gateway.oauth.manager import TokenManager
 from gateway.oauth.record import TokenRecord
@@ -29,7 +30,7 @@ from gateway.upstream.errors import UpstreamUnavailable
 from tests.harness.postgres import PostgresCluster
 from tests.helpers.oauth import fresh_key, oauth_config
 from tests.helpers.state import backend_for, migrated_database, postgres_settings
-from tests.helpers.token_stores import command_store, seed_answer
+from tests.helpers.token_stores import command_store, seed_answer, shared_store
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,8 @@ def test_gateway_oauth_works_on_the_shared_table(tmp_path: Path, state_dsn: str)
         "expires_in": 3600,
         "token_type": "Bearer",
     }
-    seed_answer(command_store(config, key), "scanner", answer)
+    seeded = seed_answer(command_store(config, key), "scanner", answer)
+    assert fired(shared_store(state_dsn, key).fetch("scanner")) == seeded
     # Nothing was written under the state directory: the tokens are in the table.
     assert not (tmp_path / "state" / "oauth").exists()
 
