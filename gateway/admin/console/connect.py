@@ -184,7 +184,11 @@ class AccountActions:
         if store is not None and store.shared:
             shared: TokenBackend = store
             return shared
-        opened = open_store(self._config(), create_key=True, environ=self._environ)
+        config = self._config()
+        if config.state.backend == "postgresql":
+            # Never a blocking connection on the reactor thread.
+            raise CommandFailed("the gateway's token store is not open yet; try again")
+        opened = open_store(config, create_key=True, environ=self._environ)
         assert opened is not None
         return opened
 
