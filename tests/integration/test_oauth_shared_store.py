@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
+from gateway.admin.console.connect import AccountActions
 from gateway.config.loader import load_config
 from gateway.model import Secret
 from gateway.oauth.admin import fired
+from gateway.oauth.http import TreqPoster
 from gateway.oauth.keys import KEY_ENV, encode_key, load_key, new_key
 from gateway.oauth.manager import TokenManager
 from gateway.oauth.record import TokenRecord
@@ -30,7 +33,15 @@ from gateway.upstream.errors import UpstreamUnavailable
 from tests.harness.postgres import PostgresCluster
 from tests.helpers.oauth import fresh_key, oauth_config
 from tests.helpers.state import backend_for, migrated_database, postgres_settings
-from tests.helpers.token_stores import command_store, seed_answer, shared_store
+from tests.helpers.token_stores import (
+    TokenStores,
+    command_store,
+    pg_token_stores,
+    seed_answer,
+    shared_store,
+)
+
+__all__ = ["pg_token_stores"]
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +167,34 @@ async def test_an_unreachable_database_costs_only_logins_that_need_a_new_token(
     finally:
         await backend.lease.stop()
         await backend.database.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_console_forgets_tokens_in_the_shared_table(
+    tmp_path: Path, pg_token_stores: TokenStores
+) -> None:
+    assert pg_token_stores.dsn is not None
+    config = replace(oauth_config(tmp_path / "state"), state=postgres_settings(pg_token_stores.dsn))
+    manager = await pg_token_stores.manager(config)
+    store = manager.store
+    assert store is not None and store.shared
+    now = time.time()
+    tokens = Tokens(Secret("an-access"), now + 3600, Secret("a-refresh"), "mail")
+    await store.change(
+        "scanner", lambda _: TokenRecord.authorized("scanner", "device_code", tokens, now)
+    )
+    audit: list[tuple[str, str, str]] = []
+    actions = AccountActions(
+        lambda: config,
+        reactor=reactor,
+        clock=reactor,
+        poster=TreqPoster(reactor),
+        tokens=lambda: manager,
+        audit=lambda *entry: audit.append(entry),
+    )
+    outcome = await actions.forget("scanner", "admin")
+    assert outcome == "no_endpoint"
+    assert audit == [("forget-tokens", "admin", "scanner")]
+    other = await pg_token_stores.store()
+    forgotten = await other.fetch("scanner")
+    assert forgotten is not None and forgotten.state == "revoked" and forgotten.tokens is None
