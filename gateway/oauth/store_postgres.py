@@ -10,7 +10,9 @@ never overwritten by an older one).
 
 One refresh per account across nodes: the refresh lease (`refreshing`,
 `refresh_until`) is taken by one UPDATE that succeeds only if the lease is
-free, expired, or held by a process that is dead per `gateway_processes`.
+free, expired, or held by a process that is dead per `gateway_processes`
+(its lease passed; or it has no row there and took the refresh lease over
+`UNREGISTERED_GRACE` ago).
 The lease lasts longer than a token request may (the HTTP client's timeout),
 so a live holder never loses it mid-request; a holder killed mid-request
 frees it with its process lease (`[state] lease_time`).
@@ -48,6 +50,9 @@ SYNC_INTERVAL = 2.0
 # token request takes or its result waits to be stored (a dead holder loses
 # it sooner, with its process lease).
 REFRESH_LEASE = DEFAULT_TIMEOUT * 4
+# How long the refresh lease of a process with no row in gateway_processes
+# holds: one starting may refresh before its first lease is written.
+UNREGISTERED_GRACE = 30.0
 WHERE = "token store row in PostgreSQL"
 _LOCK_PREFIX = "gateway_oauth_tokens:"
 
@@ -219,10 +224,21 @@ class PostgresTokenStore:
                 " refresh_until = now() + make_interval(secs => %(lease)s)"
                 " WHERE t.account = %(account)s AND (t.refreshing IS NULL"
                 " OR t.refreshing = %(me)s OR t.refresh_until <= now()"
-                " OR NOT EXISTS (SELECT 1 FROM gateway_processes AS p"
-                " WHERE p.process = t.refreshing AND p.lease_until > now()))"
+                # A holder whose process lease has passed is dead.
+                " OR EXISTS (SELECT 1 FROM gateway_processes AS p"
+                " WHERE p.process = t.refreshing AND p.lease_until <= now())"
+                # One with no row at all (gone, or not registered yet: a node
+                # starting, `gateway check`) is given UNREGISTERED_GRACE.
+                " OR (NOT EXISTS (SELECT 1 FROM gateway_processes AS p"
+                " WHERE p.process = t.refreshing)"
+                " AND t.refresh_until <= now() + make_interval(secs => %(young)s)))"
                 " RETURNING t.account",
-                {"me": me, "lease": REFRESH_LEASE, "account": account},
+                {
+                    "me": me,
+                    "lease": REFRESH_LEASE,
+                    "young": REFRESH_LEASE - UNREGISTERED_GRACE,
+                    "account": account,
+                },
             ).fetchone()
             if taken is not None:
                 return True

@@ -20,9 +20,11 @@ from twisted.internet.task import deferLater
 from gateway.model import Secret
 from gateway.oauth.cipher import MAGIC
 from gateway.oauth.record import StoreUnreadable, TokenRecord
+from gateway.oauth.store_postgres import UNREGISTERED_GRACE, PostgresTokenStore
 from gateway.oauth.tokens import Tokens, parse_token_response
 from tests.harness.oauth_server import AuthServer
 from tests.helpers.oauth import CLIENT_SECRET, fresh_key, oauth_config
+from tests.helpers.state import backend_for, postgres_settings
 from tests.helpers.token_stores import TokenStores, pg_token_stores, token_stores
 
 __all__ = ["pg_token_stores", "token_stores"]
@@ -122,6 +124,7 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from gateway.oauth.store import TokenStore
+from tests.helpers.state import backend_for, postgres_settings
 from tests.helpers.oauth import fresh_key
 store = TokenStore.open(Path(sys.argv[1]), fresh_key())
 claim = store._claim("scanner")
@@ -160,6 +163,31 @@ async def test_the_refresh_claim_of_a_dead_process_is_free(token_stores: TokenSt
     claim = await mine.claim_refresh("scanner")
     assert claim is not None
     await claim.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_without_a_process_row_keeps_its_lease_for_a_grace_time(
+    pg_token_stores: TokenStores,
+) -> None:
+    assert pg_token_stores.dsn is not None
+    mine = await pg_token_stores.store()
+    await mine.change("scanner", lambda _: record())
+    # `gateway check`, or a node whose first process lease is not written yet.
+    backend = backend_for(postgres_settings(pg_token_stores.dsn), reactor)
+    assert backend.database is not None
+    unregistered = PostgresTokenStore(backend.database, pg_token_stores.key, "nobody:1:x", reactor)
+    try:
+        assert await unregistered.claim_refresh("scanner") is not None
+        assert await mine.claim_refresh("scanner") is None
+        with psycopg.connect(pg_token_stores.dsn, autocommit=True) as connection:
+            connection.execute(
+                "UPDATE gateway_oauth_tokens SET refresh_until = refresh_until"
+                " - make_interval(secs => %s)",
+                (UNREGISTERED_GRACE + 1,),
+            )
+        assert await mine.claim_refresh("scanner") is not None
+    finally:
+        await backend.database.stop()
 
 
 @pytest_twisted.ensureDeferred
