@@ -42,6 +42,12 @@ STATUS_QUERIES: dict[str, StatusQuery] = {
         "SELECT state || CASE WHEN refresh_until > now() THEN ' (refreshing)' ELSE '' END,"
         " count(*) FROM gateway_oauth_tokens GROUP BY 1 ORDER BY 1",
     ),
+    "spool depth": (
+        "gateway_spool",
+        # By the node holding it (delivering), else the node that accepted it.
+        "SELECT state || ' on ' || coalesce(split_part(lease_holder, ':', 1), node),"
+        " count(*) FROM gateway_spool GROUP BY 1 ORDER BY 1",
+    ),
 }
 
 
