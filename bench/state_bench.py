@@ -30,8 +30,10 @@ of them (Dovecot direct included), medians shown:
   "direct" is Dovecot's submission service, which answers only after relaying
   to a sink: a bound on the upstream, not the same work;
 - the CPU PostgreSQL adds: gateway CPU per POP3 session and per SMTP message,
-  PostgreSQL minus embedded, 1 process each, connected directly; the
-  PostgreSQL server's own CPU per session is shown beside it.
+  PostgreSQL minus embedded, 1 process each, connected directly: the median
+  of the differences of neighbouring runs (each round's, then --cpu-pairs
+  extra pairs of those two alone); the PostgreSQL server's own CPU per
+  session is shown beside it.
 
 Everything (clients, gateways, Dovecot, PostgreSQL, HAProxy) shares the 2-core
 machine, and other work may too (the "other" cores column): compare ratios
