@@ -30,7 +30,12 @@ RECENT = "10 minutes"
 
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
-STATUS_QUERIES: dict[str, StatusQuery] = {}
+STATUS_QUERIES: dict[str, StatusQuery] = {
+    "uidl maps": (
+        "gateway_uidl_mailboxes",
+        "SELECT 'accounts', count(*) FROM gateway_uidl_mailboxes",
+    ),
+}
 
 
 def register(commands: Commands) -> None:
