@@ -158,11 +158,14 @@ class HAProxy:
     def server_states(self, balanced: str) -> dict[str, str]:
         """Server name -> HAProxy's status ("UP", "DOWN", "UP 1/2", ...) in
         the backend of a `Balanced` frontend, from the stats socket."""
+        chunks = []
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(5)
-            client.connect(str(self.stats_socket))
+            try:
+                client.connect(str(self.stats_socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return {}  # HAProxy has not opened its socket yet
             client.sendall(b"show stat\n")
-            chunks = []
             while chunk := client.recv(65536):
                 chunks.append(chunk)
         text = b"".join(chunks).decode().lstrip("# ")

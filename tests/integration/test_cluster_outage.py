@@ -55,6 +55,9 @@ def cluster(
         listeners={"pop3s": Listening("pop3", "implicit")},
         body=body,
         nodes=2,
+        # Longer than the outage: the nodes stay ready (/readyz) and answer
+        # the devices themselves, which is what this test looks at.
+        lease_time=20,
         state_extra={"timeout": 2},
     ) as running:
         yield running
