@@ -1,4 +1,4 @@
-"""The gateway-owned UIDL map of IMAP-backed accounts, in the state directory.
+"""The gateway-owned UIDL map of IMAP-backed accounts, kept by the state backend.
 
 A POP3 device remembers which messages it has already downloaded by their
 UIDL. For an IMAP folder the natural UIDL is "UIDVALIDITY.UID", but a folder
