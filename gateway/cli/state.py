@@ -35,6 +35,12 @@ STATUS_QUERIES: dict[str, StatusQuery] = {
         "gateway_uidl_mailboxes",
         "SELECT 'accounts', count(*) FROM gateway_uidl_mailboxes",
     ),
+    "locks held": (
+        "gateway_mailbox_locks",
+        # Only live holders: a dead process's rows are free for the taking.
+        "SELECT p.node, count(*) FROM gateway_mailbox_locks JOIN gateway_processes p"
+        " USING (process) WHERE p.lease_until > now() GROUP BY 1 ORDER BY 1",
+    ),
 }
 
 
