@@ -198,6 +198,14 @@ class GatewayCluster:
             done=agrees,
         )
 
+    def query(self, sql: str, *params: object) -> list[tuple[object, ...]]:
+        """Rows of one statement on the nodes' database (what they stored)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            cursor = connection.execute(sql.encode(), params or None)
+            return cursor.fetchall() if cursor.description else []
+
     def logs(self) -> dict[str, str]:
         return {node.name: node.log_text() for node in self.nodes}
 

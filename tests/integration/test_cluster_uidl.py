@@ -67,7 +67,16 @@ class Logs:
 
 
 def uidls(cluster: GatewayCluster, ctx: ssl.SSLContext) -> list[str]:
-    """One device session through HAProxy: its UIDL listing, then QUIT."""
+    """One device session through HAProxy: its UIDL listing, then QUIT.
+
+    It starts once the previous session's mailbox lock is gone from the
+    database: that node releases it just after its answer to QUIT, and a
+    login in between would be [IN-USE] (and move HAProxy's round robin on)."""
+    wait_until(
+        lambda: cluster.query("SELECT count(*) FROM gateway_mailbox_locks")[0][0] == 0,
+        10,
+        "the previous session's mailbox lock was not released",
+    )
     client = poplib.POP3_SSL("localhost", cluster.port("pop3s"), context=ctx, timeout=20)
     client.user("printer")
     client.pass_("printer-pw")
