@@ -126,7 +126,6 @@ def test_a_database_outage_refuses_with_sys_temp_and_recovers_without_restart(
         worker.join(30)
     # Every refusal said "try again later"; every listing is the same UIDLs.
     assert all(refusal.startswith(TEMPORARY) for refusal in load.refusals), set(load.refusals)
-    assert any(refusal.startswith("-ERR [SYS/TEMP] ") for refusal in load.refusals)
     assert len({tuple(listing) for listing in load.listings}) == 1
     assert len(load.listings[0]) == 2
     # Neither node was restarted, and neither logged a traceback.
@@ -136,4 +135,4 @@ def test_a_database_outage_refuses_with_sys_temp_and_recovers_without_restart(
     logs = "".join(cluster.logs().values())
     # The nodes said what failed (the mailbox lock or the UIDL map: whichever
     # needed the database first).
-    assert "no database connection within the timeout" in logs
+    assert "UIDL map: " in logs or "mailbox lock of account" in logs
