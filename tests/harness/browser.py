@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -80,9 +81,22 @@ class Browser:
         the form leads to: the console has no script, so every button submits
         and loads a new page. Reading before the old page is gone would read
         the old page."""
-        old = self.find("html")
-        self.find(css).click()
-        WebDriverWait(self.driver, timeout).until(staleness_of(old))
+        wait = WebDriverWait(self.driver, timeout)
+        for attempt in range(3):
+            # A page still loading (after a reload) can swap the button out
+            # between finding and clicking it; such a click submitted nothing.
+            wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+            old = self.find("html")
+            try:
+                self.find(css).click()
+                break
+            except (StaleElementReferenceException, WebDriverException) as e:
+                swapped = isinstance(e, StaleElementReferenceException) or (
+                    "does not belong to the document" in str(e)
+                )
+                if not swapped or attempt == 2:
+                    raise
+        wait.until(staleness_of(old))
         self.remember()
 
     def wait_until(
