@@ -8,6 +8,8 @@ device polls again later and is never let in without the lock.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gateway.locks.interface import InUse, LockUnavailable, MailboxLease, MailboxLocks, mailbox_key
@@ -48,3 +50,27 @@ async def lock_mailbox(
         )
         return "mailbox in use by another session", "IN-USE"
     return lock
+
+
+# Longest a QUIT's +OK waits for its lock's release to be stored.
+RELEASE_WAIT = 2.0
+
+
+def released(release: Deferred[None], clock: IReactorTime) -> Deferred[None]:
+    """Fires when `release` has freed the lock, or after `RELEASE_WAIT`.
+
+    A POP3 QUIT answers only then, so the device's next session - which
+    HAProxy may send to another node - finds the mailbox free instead of
+    [IN-USE]. Bounded, because a release the database missed is retried by
+    the backend on its own, and the device must not wait for that."""
+    done: Deferred[None] = Deferred()
+
+    def fire(_: object = None) -> None:
+        if not done.called:
+            done.callback(None)
+
+    release.addBoth(fire)
+    if not done.called:
+        timer = clock.callLater(RELEASE_WAIT, fire)
+        done.addBoth(lambda result: timer.cancel() if timer.active() else None)
+    return done

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -26,7 +27,7 @@ from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, W
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits, Slot
 from gateway.locks import MailboxLease, MailboxLocks
-from gateway.locks.login import lock_mailbox
+from gateway.locks.login import lock_mailbox, released
 from gateway.maildrop import (
     Maildrop,
     MaildropError,
@@ -483,7 +484,7 @@ class POP3Server(Protocol):
             return
         self.record.deleted = len(deleted)
         self.record.outcome = "quit"
-        self._release_maildrop(abort=False)
+        await released(self._release_maildrop(abort=False), self.factory.clock)
         if self._connected:
             self._ok(f"bye, {len(deleted)} messages deleted")
             self._queue.lose_connection()
@@ -516,13 +517,12 @@ class POP3Server(Protocol):
             detail=error.detail or str(error),
         )
 
-    def _release_maildrop(self, abort: bool) -> None:
+    def _release_maildrop(self, abort: bool) -> Deferred[None]:
         if self._maildrop is not None and abort:
             self._maildrop.abort()
         self._maildrop = None
-        if self._mailbox_lock is not None:
-            self.factory.locks.release(self._mailbox_lock)
-            self._mailbox_lock = None
+        lock, self._mailbox_lock = self._mailbox_lock, None
+        return succeed(None) if lock is None else self.factory.locks.release(lock)
 
     def _describe_tls(self) -> None:
         self._tls_described = True
