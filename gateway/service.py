@@ -6,6 +6,11 @@ manager, the POP3 listeners (gateway.pop3.service), the SMTP spool, relay
 and listeners (gateway.smtp.service), the admin listener with metrics and
 health (gateway.admin.service), and the SIGHUP handler that reloads the
 configuration and the listeners' certificate (gateway.reload).
+
+With `workers` above one, what twistd runs is the supervisor of the worker
+processes instead (gateway.workers.supervisor), and each worker builds the
+tree here for its `WorkerRole`: POP3 in every worker, the SMTP spool,
+relay and listeners and the admin listener in worker 0 only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from gateway.runtime import Runtime
 from gateway.smtp.service import smtp_services
 from gateway.state.backend import StateService, open_state_backend
 from gateway.tls import load_server_identity
+from gateway.workers.role import WorkerRole
+from gateway.workers.supervisor import WorkerSupervisor
 
 
 def token_manager(config: Config, reactor: Any) -> TokenManager | None:
@@ -34,7 +41,10 @@ def token_manager(config: Config, reactor: Any) -> TokenManager | None:
     return TokenManager(config, clock=reactor, reactor=reactor)
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
+def make_service(config: Config, reactor: Any, worker: WorkerRole | None = None) -> MultiService:
+    """The gateway's service tree; `worker` is given in a worker process."""
+    if worker is None and config.workers > 1:
+        return WorkerSupervisor(config, reactor)
     top = MultiService()
     top.setName("gateway")
     state = open_state_backend(config.state, reactor)
@@ -57,9 +67,12 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         tokens.setServiceParent(top)
         runtime.tokens = tokens
         reloader.follow_tokens(tokens)
-    services = pop3_services(runtime) + smtp_services(runtime)
+    services = pop3_services(runtime)
+    if worker is None or worker.smtp:
+        services += smtp_services(runtime)
     # The admin listener (if configured) watches the services built above.
-    for service in services + admin_services(runtime, services):
+    admin = admin_services(runtime, services) if worker is None or worker.admin else []
+    for service in services + admin:
         service.setServiceParent(top)
     ReloadOnHangup(reactor, reloader.reload).setServiceParent(top)
     return top

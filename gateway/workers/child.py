@@ -1,0 +1,129 @@
+"""One worker process: `python -m gateway.workers.child`, started by the supervisor.
+
+It runs the gateway's service tree as twistd would (privileged start, then
+start, then the reactor; stop before the reactor shuts down), with two
+differences: the listeners adopt the sockets the parent bound (named by
+`--socket ADDRESS,PORT,FD`), and its log events go to the parent as JSON
+lines on standard output instead of to a file. It stops when told (SIGTERM,
+from the parent's stop) or when its standard input, a pipe from the parent,
+closes: an orphaned worker would otherwise keep serving from a gateway
+nobody supervises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.config import ConfigError, load_config
+from gateway.service import make_service
+from gateway.tls import TLSSetupError
+from gateway.workers.role import WorkerRole
+from gateway.workers.sockets import InheritedSocket, inherit
+from gateway.workers.supervisor import STARTED_KEY
+
+log = Logger(namespace="gateway.workers")
+
+# Exit status of a worker that cannot start (bad config, unusable TLS files).
+EXIT_CANNOT_START = 78
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gateway.workers.child")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--socket", action="append", default=[], type=InheritedSocket.parse)
+    return parser.parse_args(argv)
+
+
+@implementer(IReadDescriptor)
+class ParentPipe:
+    """Standard input, a pipe from the parent: its end means the parent is gone."""
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self._reactor = reactor
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "parent-pipe"
+
+    def doRead(self) -> Failure | None:
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        return None if data else Failure(ConnectionDone())
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._reactor.removeReader(self)
+        if self._reactor.running:
+            log.info("worker: the parent process is gone; stopping")
+            self._reactor.stop()
+
+
+def log_to_parent() -> None:
+    """Every log event, as one JSON line on standard output (the parent reads it)."""
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out, recordSeparator="")])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    log_to_parent()
+    from twisted.internet import reactor
+
+    role = WorkerRole(args.index, args.workers)
+    inherit(args.socket)
+    try:
+        config = load_config(args.config)
+        service = make_service(config, reactor, worker=role)
+    except ConfigError as e:
+        for problem in e.problems:
+            log.critical(
+                "worker: configuration {source}: {problem}",
+                source=args.config,
+                problem=str(problem),
+            )
+        raise SystemExit(EXIT_CANNOT_START) from None
+    except (TLSSetupError, OSError) as e:
+        log.critical(
+            "worker: cannot start with {source}: {error}", source=args.config, error=str(e)
+        )
+        raise SystemExit(EXIT_CANNOT_START) from None
+    os.set_blocking(0, False)
+    reactor.addReader(ParentPipe(reactor))
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+
+    def started() -> None:
+        log.info(
+            "worker {worker} of {workers} started, pid {pid}, serving {parts}",
+            worker=role.index,
+            workers=role.count,
+            pid=os.getpid(),
+            parts=role.describe(),
+            **{STARTED_KEY: True},
+        )
+
+    reactor.callWhenRunning(started)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
