@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
+from twisted.logger import LogPublisher, globalLogPublisher
 
 from gateway.admin.service import admin_services
 from gateway.devices import DeviceAuthenticator
@@ -41,9 +42,21 @@ def token_manager(config: Config, reactor: Any) -> TokenManager | None:
     return TokenManager(config, clock=reactor, reactor=reactor)
 
 
-def make_service(config: Config, reactor: Any, worker: WorkerRole | None = None) -> MultiService:
-    """The gateway's service tree; `worker` is given in a worker process."""
+def make_service(
+    config: Config,
+    reactor: Any,
+    worker: WorkerRole | None = None,
+    metrics_events: LogPublisher | None = None,
+) -> MultiService:
+    """The gateway's service tree.
+
+    In a worker process, `worker` says what it serves and `metrics_events`
+    carries the log events its admin metrics count (every worker's)."""
     if worker is None and config.workers > 1:
+        if config.tls is not None:
+            # A certificate that cannot be used stops the start here, with
+            # the same message as with one process (each worker reads it too).
+            load_server_identity(config.tls)
         return WorkerSupervisor(config, reactor)
     top = MultiService()
     top.setName("gateway")
@@ -71,7 +84,10 @@ def make_service(config: Config, reactor: Any, worker: WorkerRole | None = None)
     if worker is None or worker.smtp:
         services += smtp_services(runtime)
     # The admin listener (if configured) watches the services built above.
-    admin = admin_services(runtime, services) if worker is None or worker.admin else []
+    admin: list[IService] = []
+    if worker is None or worker.admin:
+        publisher = globalLogPublisher if metrics_events is None else metrics_events
+        admin = admin_services(runtime, services, publisher=publisher)
     for service in services + admin:
         service.setServiceParent(top)
     ReloadOnHangup(reactor, reloader.reload).setServiceParent(top)

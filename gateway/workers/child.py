@@ -20,7 +20,14 @@ from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import (
+    Logger,
+    LogPublisher,
+    eventFromJSON,
+    globalLogBeginner,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -48,11 +55,17 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 @implementer(IReadDescriptor)
 class ParentPipe:
-    """Standard input, a pipe from the parent: its end means the parent is gone."""
+    """Standard input, a pipe from the parent: its end means the parent is gone.
 
-    def __init__(self, reactor: Any, fd: int = 0) -> None:
+    Worker 0 (the admin listener's) also reads the other workers' log events
+    on it, one JSON line each, and publishes them to `events`, which only
+    its metrics observe (the parent has logged them already)."""
+
+    def __init__(self, reactor: Any, events: LogPublisher | None = None, fd: int = 0) -> None:
         self._reactor = reactor
+        self._events = events
         self._fd = fd
+        self._buffer = b""
 
     def fileno(self) -> int:
         return self._fd
@@ -62,12 +75,26 @@ class ParentPipe:
 
     def doRead(self) -> Failure | None:
         try:
-            data = os.read(self._fd, 4096)
+            data = os.read(self._fd, 65536)
         except BlockingIOError:
             return None
         except OSError:
             data = b""
-        return None if data else Failure(ConnectionDone())
+        if not data:
+            return Failure(ConnectionDone())
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        if self._events is not None:
+            for line in lines:
+                self._publish(line)
+        return None
+
+    def _publish(self, line: bytes) -> None:
+        assert self._events is not None
+        try:
+            event = eventFromJSON(line.decode("utf-8", "replace"))
+        except ValueError:
+            return
+        self._events(event)
 
     def connectionLost(self, reason: Failure) -> None:
         self._reactor.removeReader(self)
@@ -89,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     role = WorkerRole(args.index, args.workers)
     inherit(args.socket)
+    # What the admin listener's metrics count: this worker's events and,
+    # in worker 0, the others' (read from the parent pipe).
+    events = LogPublisher()
+    globalLogPublisher.addObserver(events)
     try:
         config = load_config(args.config)
-        service = make_service(config, reactor, worker=role)
+        service = make_service(config, reactor, worker=role, metrics_events=events)
     except ConfigError as e:
         for problem in e.problems:
             log.critical(
@@ -106,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         raise SystemExit(EXIT_CANNOT_START) from None
     os.set_blocking(0, False)
-    reactor.addReader(ParentPipe(reactor))
+    reactor.addReader(ParentPipe(reactor, events if role.admin else None))
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

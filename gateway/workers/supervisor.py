@@ -23,6 +23,7 @@ SIGTERM to every worker and waits for them to finish, then SIGKILL after
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -54,6 +55,15 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 10.0
 # How long the workers get to close their sessions at stop before SIGKILL.
 STOP_TIMEOUT = 20.0
+# Events worker 0's metrics count (gateway.admin.events reads them) come
+# from these namespaces; the supervisor's own do not count.
+METRICS_NAMESPACES = (
+    "gateway.pop3",
+    "gateway.smtp",
+    "gateway.penalties",
+    "gateway.limits",
+    "gateway.upstream",
+)
 # The log event a worker writes when its services have started.
 STARTED_KEY = "worker_started"
 
@@ -188,6 +198,8 @@ class Worker:
         if event.get(STARTED_KEY):
             self.started = True
         self.supervisor.publish(event)
+        if self.role.index != 0:
+            self.supervisor.to_metrics(line, event)
 
     def stderr_line(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip()
@@ -234,6 +246,21 @@ class Worker:
         self.restart = supervisor.reactor.callLater(delay, self.spawn)
 
 
+def exit_status_1() -> None:
+    """Make the parent exit with status 1 once twistd has shut down: twistd
+    itself exits 0 whenever its reactor stopped."""
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
+
+    atexit.register(leave)
+
+
 def _exit_description(reason: Failure) -> str:
     value = reason.value
     if isinstance(value, ProcessDone):
@@ -254,6 +281,7 @@ class WorkerSupervisor(MultiService):
         *,
         spawn: Callable[..., IProcessTransport] | None = None,
         publisher: ILogObserver = globalLogPublisher,
+        exit_failed: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.setName("workers")
@@ -263,6 +291,8 @@ class WorkerSupervisor(MultiService):
         self.reactor = reactor
         self.spawn = spawn or reactor.spawnProcess
         self.publish = publisher
+        self._exit_failed = exit_failed or exit_status_1
+        self.failed = False
         self.stopping = False
         self._sockets: dict[tuple[str, int], socket.socket] = {}
         self.workers = [Worker(self, WorkerRole(i, config.workers)) for i in range(config.workers)]
@@ -305,13 +335,32 @@ class WorkerSupervisor(MultiService):
             for address, port in role.addresses(self.config)
         ]
 
+    def to_metrics(self, line: bytes, event: dict[str, Any]) -> None:
+        """Give worker 0, which serves the admin listener, another worker's
+        event for its metrics (on its standard input). While worker 0 is
+        being restarted, events are not counted."""
+        if self.config.admin is None:
+            return
+        namespace = event.get("log_namespace") or ""
+        if not namespace.startswith(METRICS_NAMESPACES):
+            return
+        sink = self.workers[0].process
+        if sink is not None:
+            sink.write(line + b"\n")
+
     def reload(self) -> None:
         """SIGHUP: every worker re-reads the configuration and the certificate."""
         sent = [w.pid for w in self.workers if w.signal("HUP")]
         log.info("reload: SIGHUP sent to {count} workers (pids {pids})", count=len(sent), pids=sent)
 
     def give_up(self) -> None:
-        """A worker failed at its first start (its log says why): stop the gateway."""
+        """A worker failed at its first start (its log says why): stop the
+        gateway, which then exits with status 1 as it would have had the
+        problem been found in the parent (systemd sees a failed start)."""
+        if self.failed:
+            return
+        self.failed = True
+        self._exit_failed()
         if not self.stopping and self.reactor.running:
             self.reactor.stop()
 

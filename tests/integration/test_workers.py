@@ -15,12 +15,14 @@ import ssl
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
@@ -214,6 +216,87 @@ def test_parent_killed_with_9_takes_its_workers_along(
             lambda left: f"orphaned workers still running: {left}",
             done=lambda left: not left,
         )
+
+
+def pop3_sessions_counted(admin_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "gateway_sessions_total" and sample.labels.get("protocol") == "pop3"
+        )
+    )
+
+
+def test_metrics_count_every_workers_sessions(
+    tmp_path: Path,
+    clean_mailboxes: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    devices: Devices,
+) -> None:
+    admin = free_port()
+    text = config_text(
+        tmp_path / "state",
+        devices.port,
+        clean_mailboxes,
+        tls_upstream,
+        tls_gateway,
+        workers=2,
+        extra=("[admin]", f'address = "127.0.0.1"\nport = {admin}'),
+    )
+    with GatewayProcess(tmp_path / "gw", text, [devices.port, admin]) as gateway:
+        workers = wait_for_workers(gateway, 2)
+        wait_until(
+            lambda: (devices.sessions(8, parallel=4), gateway.log_text())[1],
+            60,
+            lambda log: f"sessions not served by both workers {workers}:\n{log[-3000:]}",
+            done=lambda log: pids_that_logged(log, "pop3 session ") == set(workers.values()),
+        )
+        # Served by worker 0 (the admin listener's) and by worker 1: all counted
+        # (the last session's line may follow its client's QUIT by a moment).
+        wait_until(
+            lambda: (pop3_sessions_counted(admin), gateway.log_text().count("pop3 session ")),
+            10,
+            lambda both: f"metrics count {both[0]} pop3 sessions, the log {both[1]}",
+            done=lambda both: both[0] == both[1] >= 8,
+        )
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway_with_status_1(
+    tmp_path: Path,
+    clean_mailboxes: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+    devices: Devices,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    # Worker 0 runs the spool; a file where its directory goes stops it.
+    (state / "spool").write_text("not a directory")
+    smtp = free_port()
+    text = config_text(
+        state,
+        devices.port,
+        clean_mailboxes,
+        tls_upstream,
+        tls_gateway,
+        workers=2,
+        extra=tuple(listen("smtp", smtp, "implicit")),
+    )
+    gateway = GatewayProcess(tmp_path / "gw", text, [devices.port])
+    gateway.start()
+    try:
+        assert gateway.process is not None
+        assert gateway.process.wait(30) == 1
+        log = gateway.log_text()
+        assert "smtp spool cannot be used" in log
+        assert "could not start" in log and "stopping the gateway" in log
+    finally:
+        gateway.stop()
 
 
 def low_free_port() -> int:
