@@ -289,7 +289,7 @@ class WorkerSupervisor(MultiService):
         self.config = config
         self.config_path = config.source
         self.reactor = reactor
-        self.spawn = spawn or reactor.spawnProcess
+        self.spawn = spawn or (lambda *args, **kw: reactor.spawnProcess(*args, **kw))
         self.publish = publisher
         self._exit_failed = exit_failed or exit_status_1
         self.failed = False
