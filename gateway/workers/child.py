@@ -36,12 +36,13 @@ from gateway.service import make_service
 from gateway.tls import TLSSetupError
 from gateway.workers.role import WorkerRole
 from gateway.workers.sockets import InheritedSocket, inherit
-from gateway.workers.supervisor import STARTED_KEY
+from gateway.workers.supervisor import EX_CONFIG, STARTED_KEY
 
 log = Logger(namespace="gateway.workers")
 
-# Exit status of a worker that cannot start (bad config, unusable TLS files).
-EXIT_CANNOT_START = 78
+# A worker that cannot start for its configuration (the file, the TLS
+# files) exits with EX_CONFIG: the supervisor then stops instead of retrying.
+EXIT_CANNOT_START = EX_CONFIG
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:

@@ -23,7 +23,6 @@ SIGTERM to every worker and waits for them to finish, then SIGKILL after
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import sys
@@ -64,6 +63,9 @@ METRICS_NAMESPACES = (
     "gateway.limits",
     "gateway.upstream",
 )
+# sysexits.h EX_CONFIG: a worker that exits with it (a configuration or
+# state schema problem) would fail the same way again: not restarted.
+EX_CONFIG = 78
 # The log event a worker writes when its services have started.
 STARTED_KEY = "worker_started"
 
@@ -224,14 +226,15 @@ class Worker:
                 "worker {worker} pid {pid} stopped: {how}", worker=self.role.index, pid=pid, how=how
             )
             return
-        if not self.started and self.launches == 1:
+        status = getattr(reason.value, "exitCode", None)
+        if status == EX_CONFIG or (not self.started and self.launches == 1):
             log.critical(
                 "worker {worker} pid {pid} could not start ({how}); stopping the gateway",
                 worker=self.role.index,
                 pid=pid,
                 how=how,
             )
-            supervisor.give_up()
+            supervisor.give_up(status if isinstance(status, int) and status > 0 else 1)
             return
         self.deaths = 0 if lived >= STABLE_AFTER else self.deaths + 1
         delay = min(RESTART_MAX, RESTART_FIRST * 2 ** max(0, self.deaths - 1))
@@ -246,19 +249,15 @@ class Worker:
         self.restart = supervisor.reactor.callLater(delay, self.spawn)
 
 
-def exit_status_1() -> None:
-    """Make the parent exit with status 1 once twistd has shut down: twistd
-    itself exits 0 whenever its reactor stopped."""
-
-    def leave() -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(1)
-
-    atexit.register(leave)
+def leave(status: int) -> None:
+    """End the supervisor with `status` (twistd itself exits 0 whenever its
+    reactor stopped), after writing out what its log still holds."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def _exit_description(reason: Failure) -> str:
@@ -281,7 +280,7 @@ class WorkerSupervisor(MultiService):
         *,
         spawn: Callable[..., IProcessTransport] | None = None,
         publisher: ILogObserver = globalLogPublisher,
-        exit_failed: Callable[[], None] | None = None,
+        exit_failed: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
         self.setName("workers")
@@ -291,7 +290,7 @@ class WorkerSupervisor(MultiService):
         self.reactor = reactor
         self.spawn = spawn or (lambda *args, **kw: reactor.spawnProcess(*args, **kw))
         self.publish = publisher
-        self._exit_failed = exit_failed or exit_status_1
+        self._exit_failed = exit_failed or self._exit_after_shutdown
         self.failed = False
         self.stopping = False
         self._sockets: dict[tuple[str, int], socket.socket] = {}
@@ -353,16 +352,21 @@ class WorkerSupervisor(MultiService):
         sent = [w.pid for w in self.workers if w.signal("HUP")]
         log.info("reload: SIGHUP sent to {count} workers (pids {pids})", count=len(sent), pids=sent)
 
-    def give_up(self) -> None:
-        """A worker failed at its first start (its log says why): stop the
-        gateway, which then exits with status 1 as it would have had the
-        problem been found in the parent (systemd sees a failed start)."""
+    def give_up(self, status: int) -> None:
+        """A worker failed at its first start, or found a problem restarting
+        cannot fix (its log says which): stop the gateway, which exits with
+        the worker's status as one process would have (1, or 78 for a
+        configuration problem, which systemd's RestartPreventExitStatus=78
+        keeps from restarting)."""
         if self.failed:
             return
         self.failed = True
-        self._exit_failed()
+        self._exit_failed(status)
         if not self.stopping and self.reactor.running:
             self.reactor.stop()
+
+    def _exit_after_shutdown(self, status: int) -> None:
+        self.reactor.addSystemEventTrigger("after", "shutdown", leave, status)
 
     def stopService(self) -> Deferred[Any]:
         self.stopping = True

@@ -151,7 +151,7 @@ def test_workers_share_one_port_reload_restart_and_stop(
         # Every worker serves: sessions in parallel until each pid logged one
         # (those that overlap get [IN-USE]: one account, one session at a time).
         def served() -> set[int]:
-            assert set(devices.sessions(12, parallel=6)) <= {0, None}
+            assert set(devices.sessions(12, parallel=4)) <= {0, None}
             return pids_that_logged(gateway.log_text(), "pop3 session device=printer")
 
         seen = wait_until(

@@ -24,6 +24,7 @@ from gateway.workers import sockets
 from gateway.workers.role import WorkerRole, every_address
 from gateway.workers.sockets import InheritedSocket, bind_listening, server_endpoint
 from gateway.workers.supervisor import (
+    EX_CONFIG,
     RESTART_FIRST,
     STABLE_AFTER,
     STOP_TIMEOUT,
@@ -125,7 +126,7 @@ class Harness:
         self.reactor = MemoryReactorClock()
         self.spawned: list[FakeProcess] = []
         self.events: list[dict[str, Any]] = []
-        self.exits = 0
+        self.exits: list[int] = []
         self.supervisor = WorkerSupervisor(
             config,
             self.reactor,
@@ -140,8 +141,8 @@ class Harness:
         proto.makeConnection(process)  # type: ignore[arg-type]
         return process
 
-    def exit_failed(self) -> None:
-        self.exits += 1
+    def exit_failed(self, status: int) -> None:
+        self.exits.append(status)
 
     def begin(self) -> None:
         """Start the supervisor as twistd does, then run the reactor's start hooks."""
@@ -245,13 +246,23 @@ def test_a_dead_worker_is_restarted_with_a_growing_pause(harness: Harness) -> No
     third.end(ProcessTerminated(signal=9))
     harness.reactor.advance(RESTART_FIRST)
     assert harness.live(1) is not third
-    assert harness.exits == 0 and harness.live(0) is harness.spawned[0]
+    assert harness.exits == [] and harness.live(0) is harness.spawned[0]
 
 
 def test_a_worker_failing_its_first_start_stops_the_gateway(harness: Harness) -> None:
     harness.begin()
     harness.spawned[0].end(ProcessTerminated(exitCode=1))
-    assert harness.exits == 1
+    assert harness.exits == [1]
+    harness.reactor.advance(RESTART_FIRST * 10)
+    assert len(harness.spawned) == 2
+
+
+def test_a_worker_with_a_configuration_problem_is_not_restarted(harness: Harness) -> None:
+    """EX_CONFIG (78): a wrong state schema found after start, say."""
+    harness.start()
+    harness.reactor.advance(STABLE_AFTER)
+    harness.spawned[1].end(ProcessTerminated(exitCode=EX_CONFIG))
+    assert harness.exits == [EX_CONFIG]
     harness.reactor.advance(RESTART_FIRST * 10)
     assert len(harness.spawned) == 2
 
