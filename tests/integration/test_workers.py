@@ -6,6 +6,7 @@ worker's events with "worker N pid P" in the line's system field.
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import re
@@ -162,15 +163,19 @@ def test_workers_share_one_port_reload_restart_and_stop(
         )
         assert seen == set(workers.values())
 
-        # SIGHUP reaches every worker: each logs the new device.
+        # SIGHUP reaches every worker: each logs the new device and reads
+        # the certificate again (a renewal reaches every worker).
         gateway.config.write_text(text + "\n" + device("copier", "alice"))
         gateway.process.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: pids_that_logged(gateway.log_text(), "devices +copier"),
-            15,
-            lambda pids: f"reloaded in {pids}, workers {workers}:\n{gateway.log_text()[-3000:]}",
-            done=lambda pids: pids == set(workers.values()),
-        )
+        for needle in ("devices +copier", "tls certificate reloaded from"):
+            wait_until(
+                lambda needle=needle: pids_that_logged(gateway.log_text(), needle),
+                15,
+                lambda pids: (
+                    f"reloaded in {pids}, workers {workers}:\n{gateway.log_text()[-3000:]}"
+                ),
+                done=lambda pids: pids == set(workers.values()),
+            )
 
         # A worker killed with -9 is started again; the port serves throughout.
         os.kill(workers[1], signal.SIGKILL)
@@ -246,20 +251,25 @@ def test_metrics_count_every_workers_sessions(
         tls_upstream,
         tls_gateway,
         workers=2,
-        extra=("[admin]", f'address = "127.0.0.1"\nport = {admin}'),
+        extra=("[admin]", f'address = "127.0.0.1"\nport = {admin}', "[log]", 'format = "json"'),
     )
+
+    def sessions_logged() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in gateway.log_text().splitlines() if line]
+        return [line for line in lines if line["message"].startswith("pop3 session ")]
+
     with GatewayProcess(tmp_path / "gw", text, [devices.port, admin]) as gateway:
-        workers = wait_for_workers(gateway, 2)
         wait_until(
-            lambda: (devices.sessions(8, parallel=4), gateway.log_text())[1],
+            lambda: (devices.sessions(8, parallel=4), sessions_logged())[1],
             60,
-            lambda log: f"sessions not served by both workers {workers}:\n{log[-3000:]}",
-            done=lambda log: pids_that_logged(log, "pop3 session ") == set(workers.values()),
+            lambda logged: f"sessions not served by both workers:\n{logged}",
+            done=lambda logged: {line["worker"] for line in logged} == {0, 1},
         )
+        assert all(isinstance(line["worker_pid"], int) for line in sessions_logged())
         # Served by worker 0 (the admin listener's) and by worker 1: all counted
         # (the last session's line may follow its client's QUIT by a moment).
         wait_until(
-            lambda: (pop3_sessions_counted(admin), gateway.log_text().count("pop3 session ")),
+            lambda: (pop3_sessions_counted(admin), len(sessions_logged())),
             10,
             lambda both: f"metrics count {both[0]} pop3 sessions, the log {both[1]}",
             done=lambda both: both[0] == both[1] >= 8,
