@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from zope.interface import implementer
 
@@ -47,10 +48,14 @@ class InheritedSocket:
 
 
 _inherited: dict[tuple[str, int], InheritedSocket] = {}
+# Set in a worker process: it listens only on sockets its parent bound.
+_in_worker = False
 
 
 def inherit(sockets: list[InheritedSocket]) -> None:
     """Use these sockets for the listeners at their addresses (a worker, at start)."""
+    global _in_worker
+    _in_worker = True
     for each in sockets:
         _inherited[(each.address, each.port)] = each
 
@@ -85,11 +90,31 @@ class AdoptedEndpoint:
         return succeed(port)
 
 
+@implementer(IStreamServerEndpoint)
+class NotInherited:
+    """A listener a worker has no socket for: one added to the file after the
+    gateway started (a worker restarted since reads the current file). Binding
+    it here would race the other workers for it, unprivileged; it stays
+    unbound (the admin listener's /readyz says so) until a restart."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self._where = f"{address}:{port}"
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return fail(
+            CannotListenError(
+                self._where, 0, "added after the gateway started: restart the gateway to listen"
+            )
+        )
+
+
 def server_endpoint(reactor: Any, address: str, port: int) -> IStreamServerEndpoint:
     """The endpoint a listener on `address:port` listens with in this process."""
     found = _inherited.get((address, port))
     if found is not None:
         return AdoptedEndpoint(reactor, found)
+    if _in_worker:
+        return NotInherited(address, port)
     if family_of(address) == socket.AF_INET6:
         return TCP6ServerEndpoint(reactor, port, interface=address)
     return TCP4ServerEndpoint(reactor, port, interface=address)

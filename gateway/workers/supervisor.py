@@ -89,8 +89,10 @@ def worker_environment() -> dict[str, str]:
     """The parent's environment, with the directory `gateway` was imported
     from first on PYTHONPATH, so the worker runs the same code."""
     env = dict(os.environ)
-    root = str(Path(gateway.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    root = Path(gateway.__file__).resolve().parents[1]
+    if root.name not in ("site-packages", "dist-packages"):
+        # A checkout run in place (installed, the interpreter finds it anyway).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     return env
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -322,7 +322,11 @@ def test_worker_events_are_logged_marked_and_counted_by_worker_0(
 def test_server_endpoint_adopts_an_inherited_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     from twisted.internet import reactor
 
+    # One process (nothing inherited): plain TCP endpoints, as before workers.
+    assert type(server_endpoint(reactor, "127.0.0.1", 995)).__name__ == "TCP4ServerEndpoint"
+    assert type(server_endpoint(reactor, "::1", 995)).__name__ == "TCP6ServerEndpoint"
     monkeypatch.setattr(sockets, "_inherited", {})
+    monkeypatch.setattr(sockets, "_in_worker", False)
     port = free_port()
     listening = bind_listening("127.0.0.1", port)
     try:
@@ -338,9 +342,13 @@ def test_server_endpoint_adopts_an_inherited_socket(monkeypatch: pytest.MonkeyPa
         assert listening.getsockname() == ("127.0.0.1", port)
     finally:
         listening.close()
-    other = server_endpoint(reactor, "127.0.0.1", free_port())
-    assert type(other).__name__ == "TCP4ServerEndpoint"
-    assert type(server_endpoint(reactor, "::1", 1234)).__name__ == "TCP6ServerEndpoint"
+    # A listener the parent did not bind is not bound by a worker either.
+    failed: list[Failure] = []
+    server_endpoint(reactor, "127.0.0.1", free_port()).listen(
+        Factory.forProtocol(Protocol)
+    ).addErrback(failed.append)
+    assert failed and failed[0].check(CannotListenError)
+    assert "restart the gateway" in str(failed[0].value)
 
 
 def test_inherited_socket_names_round_trip() -> None:
