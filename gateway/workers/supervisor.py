@@ -152,13 +152,24 @@ class Worker:
         self.started = False
         self.launches += 1
         self.started_at = supervisor.reactor.seconds()
-        self.process = supervisor.spawn(
-            WorkerOutput(self),
-            sys.executable,
-            worker_command(supervisor.config_path, self.role, sockets),
-            env=worker_environment(),
-            childFDs=child_fds,
-        )
+        try:
+            self.process = supervisor.spawn(
+                WorkerOutput(self),
+                sys.executable,
+                worker_command(supervisor.config_path, self.role, sockets),
+                env=worker_environment(),
+                childFDs=child_fds,
+            )
+        except OSError as e:
+            # The interpreter cannot be run as the user twistd switched to, say.
+            log.critical(
+                "worker {worker} cannot be started ({executable}): {error}",
+                worker=self.role.index,
+                executable=sys.executable,
+                error=str(e),
+            )
+            self._failed_start()
+            return
         self.pid = self.process.pid
         log.info(
             "worker {worker} of {workers} starting, pid {pid}",
@@ -188,6 +199,8 @@ class Worker:
         try:
             event = eventFromJSON(line.decode("utf-8", "replace"))
         except ValueError:
+            event = None
+        if not isinstance(event, dict):
             self.stderr_line(line)
             return
         event["worker"] = self.role.index
@@ -239,7 +252,7 @@ class Worker:
             supervisor.give_up(status if isinstance(status, int) and status > 0 else 1)
             return
         self.deaths = 0 if lived >= STABLE_AFTER else self.deaths + 1
-        delay = min(RESTART_MAX, RESTART_FIRST * 2 ** max(0, self.deaths - 1))
+        delay = self._restart_later()
         log.error(
             "worker {worker} pid {pid} died after {lived:.1f}s ({how}); restarting in {delay}s",
             worker=self.role.index,
@@ -248,7 +261,18 @@ class Worker:
             how=how,
             delay=delay,
         )
-        self.restart = supervisor.reactor.callLater(delay, self.spawn)
+
+    def _restart_later(self) -> float:
+        delay: float = min(RESTART_MAX, RESTART_FIRST * 2.0 ** max(0, self.deaths - 1))
+        self.restart = self.supervisor.reactor.callLater(delay, self.spawn)
+        return delay
+
+    def _failed_start(self) -> None:
+        if self.launches == 1:
+            self.supervisor.give_up(1)
+        elif not self.supervisor.stopping:
+            self.deaths += 1
+            self._restart_later()
 
 
 def leave(status: int) -> None:

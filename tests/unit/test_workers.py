@@ -257,6 +257,38 @@ def test_a_worker_failing_its_first_start_stops_the_gateway(harness: Harness) ->
     assert len(harness.spawned) == 2
 
 
+def test_a_worker_that_cannot_be_spawned_stops_the_gateway_or_is_retried(
+    harness: Harness,
+) -> None:
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    spawn, harness.supervisor.spawn = harness.supervisor.spawn, refuse
+    harness.begin()
+    assert harness.exits == [1]
+    # Later (a restart): retried after the pause, not given up.
+    harness.exits.clear()
+    harness.supervisor.failed = False
+    harness.supervisor.spawn = spawn
+    harness.supervisor.workers[1].spawn()
+    harness.supervisor.spawn = refuse
+    harness.live(1).end(ProcessTerminated(signal=9))
+    harness.reactor.advance(RESTART_FIRST)
+    harness.supervisor.spawn = spawn
+    harness.reactor.advance(RESTART_FIRST * 2)
+    assert harness.exits == [] and harness.supervisor.workers[1].running
+
+
+def test_a_line_that_is_not_an_event_is_logged_as_output(harness: Harness) -> None:
+    harness.start()
+    with captured_log() as lines:
+        harness.spawned[1].proto.outReceived(b"123\nnot json\n")
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        f"worker 1 pid {harness.spawned[1].pid}: 123\n",
+        f"worker 1 pid {harness.spawned[1].pid}: not json\n",
+    ]
+
+
 def test_a_worker_with_a_configuration_problem_is_not_restarted(harness: Harness) -> None:
     """EX_CONFIG (78): a wrong state schema found after start, say."""
     harness.start()
