@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -111,6 +112,10 @@ def log_to_parent() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Until the service tree listens for it (ReloadOnHangup), a SIGHUP must
+    # not end the worker (its default action); the supervisor sends it again
+    # once the worker has said it started.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     log_to_parent()
     from twisted.internet import reactor

@@ -134,6 +134,7 @@ class Worker:
         self.pid: int | None = None
         self.started_at = 0.0
         self.started = False
+        self.reload_pending = False
         self.launches = 0
         self.deaths = 0
         self.restart: IDelayedCall | None = None
@@ -150,6 +151,8 @@ class Worker:
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({each.fd: each.fd for each in sockets})
         self.started = False
+        # A new process reads the file as it is now.
+        self.reload_pending = False
         self.launches += 1
         self.started_at = supervisor.reactor.seconds()
         try:
@@ -177,6 +180,15 @@ class Worker:
             workers=self.role.count,
             pid=self.pid,
         )
+
+    def reload(self) -> bool:
+        """SIGHUP now if the worker has started, else once it has."""
+        if self.process is None:
+            return False
+        if not self.started:
+            self.reload_pending = True
+            return False
+        return self.signal("HUP")
 
     def signal(self, name: str) -> bool:
         if self.process is None:
@@ -212,9 +224,12 @@ class Worker:
             worker=self.role.index,
             pid=self.pid,
         )
+        self.supervisor.publish(event)
         if event.get(STARTED_KEY):
             self.started = True
-        self.supervisor.publish(event)
+            if self.reload_pending:
+                self.reload_pending = False
+                self.signal("HUP")
         if self.role.index != 0:
             self.supervisor.to_metrics(line, event)
 
@@ -374,8 +389,11 @@ class WorkerSupervisor(MultiService):
             sink.write(line + b"\n")
 
     def reload(self) -> None:
-        """SIGHUP: every worker re-reads the configuration and the certificate."""
-        sent = [w.pid for w in self.workers if w.signal("HUP")]
+        """SIGHUP: every worker re-reads the configuration and the certificate.
+
+        A worker still starting may have read the file before the change and
+        not yet listen for SIGHUP: it gets its SIGHUP once it has started."""
+        sent = [w.pid for w in self.workers if w.reload()]
         log.info("reload: SIGHUP sent to {count} workers (pids {pids})", count=len(sent), pids=sent)
 
     def give_up(self, status: int) -> None:

@@ -316,6 +316,16 @@ def test_sighup_goes_to_every_worker_and_stop_waits_for_all(harness: Harness) ->
     assert len(harness.spawned) == 2 and not harness.supervisor._sockets
 
 
+def test_a_worker_still_starting_gets_its_sighup_once_started(harness: Harness) -> None:
+    harness.begin()
+    first, second = harness.spawned
+    first.log(started_line(first))
+    harness.supervisor.reload()
+    assert (first.signals, second.signals) == (["HUP"], [])
+    second.log(started_line(second))
+    assert second.signals == ["HUP"]
+
+
 def test_workers_that_do_not_stop_in_time_are_killed(harness: Harness) -> None:
     harness.start()
     harness.supervisor.stopService()
