@@ -469,8 +469,8 @@ class Config:
     # `workers = "auto"` means one per core. One by default: exactly the
     # single process of before, which a site of printers polling each minute
     # never takes past a fraction of one core; more is an informed choice
-    # (memory per worker, and the workers share the embedded state through
-    # file locks).
+    # (a process's memory per worker, and state the workers must share
+    # through gateway.state).
     workers: int = 1
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
