@@ -30,7 +30,14 @@ RECENT = "10 minutes"
 
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
-STATUS_QUERIES: dict[str, StatusQuery] = {}
+STATUS_QUERIES: dict[str, StatusQuery] = {
+    "locks held": (
+        "gateway_mailbox_locks",
+        # Only live holders: a dead process's rows are free for the taking.
+        "SELECT p.node, count(*) FROM gateway_mailbox_locks JOIN gateway_processes p"
+        " USING (process) WHERE p.lease_until > now() GROUP BY 1 ORDER BY 1",
+    ),
+}
 
 
 def register(commands: Commands) -> None:
