@@ -3,7 +3,9 @@ three workers on one port, against the session Dovecot."""
 
 from __future__ import annotations
 
+import os
 import poplib
+import signal
 import ssl
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess, free_port
-from tests.helpers.pop3 import device
+from tests.helpers.pop3 import device, message
 from tests.helpers.waiting import wait_until
 from tests.integration.test_workers import (
     config_text,
@@ -77,3 +79,74 @@ def test_in_use_holds_across_workers(
             client.user("copier")
             client.pass_("copier-pw")
             client.quit()
+
+
+def serving_pid(candidates: list[int], client_port: int, server_port: int) -> int:
+    """Which of `candidates` holds the server side of the loopback connection
+    from `client_port` to `server_port` (from /proc: the socket's inode)."""
+    wanted = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for row in table.read().splitlines()[1:]:
+            fields = row.split()
+            if (fields[1], fields[2]) == wanted:
+                inode = fields[9]
+    assert inode is not None, f"no connection {wanted} in /proc/net/tcp"
+    for pid in candidates:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except FileNotFoundError:
+                continue
+    raise AssertionError(f"no worker of {candidates} holds socket {inode}")
+
+
+def test_a_worker_killed_in_a_session_frees_the_mailbox_and_deletes_nothing(
+    tmp_path: Path,
+    clean_mailboxes: Dovecot,
+    tls_upstream: TLSMaterial,
+    tls_gateway: TLSMaterial,
+) -> None:
+    dovecot = clean_mailboxes
+    dovecot.deliver("alice", message(1))
+    dovecot.deliver("alice", message(2))
+    port = free_port()
+    text = config_text(
+        tmp_path / "state",
+        port,
+        dovecot,
+        tls_upstream,
+        tls_gateway,
+        workers=2,
+        extra=(device("copier", "alice"),),
+    )
+    ctx = ssl.create_default_context(cafile=str(tls_gateway.ca_file))
+    with GatewayProcess(tmp_path / "gw", text, [port]) as gateway:
+        workers = wait_for_workers(gateway, 2)
+        holder = poplib.POP3_SSL("localhost", port, context=ctx, timeout=20)
+        holder.user("printer")
+        holder.pass_("printer-pw")
+        holder.dele(1)
+        victim = serving_pid(list(workers.values()), holder.sock.getsockname()[1], port)
+        os.kill(victim, signal.SIGKILL)
+
+        def copier_login() -> int | None:
+            client = poplib.POP3_SSL("localhost", port, context=ctx, timeout=20)
+            try:
+                client.user("copier")
+                client.pass_("copier-pw")
+                count, _size = client.stat()
+            except poplib.error_proto:
+                return None
+            finally:
+                client.quit()
+            return count
+
+        # The kernel released the dead worker's lock: a login gets in (in the
+        # other worker, or the restarted one) and sees both messages: the
+        # DELE of a session that never reached QUIT was not applied.
+        assert wait_until(copier_login, 15, "the mailbox stayed locked") == 2
+        holder.sock.close()
+    assert len(dovecot.messages("alice")) == 2
