@@ -13,6 +13,7 @@ nobody supervises.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -37,13 +38,15 @@ from gateway.service import make_service
 from gateway.tls import TLSSetupError
 from gateway.workers.role import WorkerRole
 from gateway.workers.sockets import InheritedSocket, inherit
-from gateway.workers.supervisor import EX_CONFIG, STARTED_KEY
+from gateway.workers.supervisor import EX_TEMPFAIL, STARTED_KEY
 
 log = Logger(namespace="gateway.workers")
 
-# A worker that cannot start for its configuration (the file, the TLS
-# files) exits with EX_CONFIG: the supervisor then stops instead of retrying.
-EXIT_CANNOT_START = EX_CONFIG
+# A worker that cannot read its configuration (the file, the TLS files)
+# exits with EX_TEMPFAIL: at the gateway's start the supervisor stops (with
+# EX_CONFIG); at a restart it tries again later, while the other workers
+# serve on, as one process keeps its configuration when a reload fails.
+EXIT_CANNOT_START = EX_TEMPFAIL
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -127,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     events = LogPublisher()
     globalLogPublisher.addObserver(events)
     try:
-        config = load_config(args.config)
+        # `workers` is read at start only: the supervisor's count stands.
+        config = dataclasses.replace(load_config(args.config), workers=role.count)
         service = make_service(config, reactor, worker=role, metrics_events=events)
     except ConfigError as e:
         for problem in e.problems:

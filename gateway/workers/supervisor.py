@@ -66,6 +66,9 @@ METRICS_NAMESPACES = (
 # sysexits.h EX_CONFIG: a worker that exits with it (a configuration or
 # state schema problem) would fail the same way again: not restarted.
 EX_CONFIG = 78
+# sysexits.h EX_TEMPFAIL: a worker that could not read the configuration
+# file; retried, unless at the gateway's start (then: EX_CONFIG).
+EX_TEMPFAIL = 75
 # The log event a worker writes when its services have started.
 STARTED_KEY = "worker_started"
 
@@ -257,6 +260,8 @@ class Worker:
             )
             return
         status = getattr(reason.value, "exitCode", None)
+        if status == EX_TEMPFAIL and self.launches == 1:
+            status = EX_CONFIG
         if status == EX_CONFIG or (not self.started and self.launches == 1):
             log.critical(
                 "worker {worker} pid {pid} could not start ({how}); stopping the gateway",

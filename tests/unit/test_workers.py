@@ -25,6 +25,7 @@ from gateway.workers.role import WorkerRole, every_address
 from gateway.workers.sockets import InheritedSocket, bind_listening, server_endpoint
 from gateway.workers.supervisor import (
     EX_CONFIG,
+    EX_TEMPFAIL,
     RESTART_FIRST,
     STABLE_AFTER,
     STOP_TIMEOUT,
@@ -287,6 +288,24 @@ def test_a_line_that_is_not_an_event_is_logged_as_output(harness: Harness) -> No
         f"worker 1 pid {harness.spawned[1].pid}: 123\n",
         f"worker 1 pid {harness.spawned[1].pid}: not json\n",
     ]
+
+
+def test_a_configuration_file_unreadable_at_a_restart_is_retried(harness: Harness) -> None:
+    """EX_TEMPFAIL: the file got a typo since the start; the worker retries
+    (the others serve on); at the gateway's first start it stops it (78)."""
+    harness.start()
+    harness.live(1).end(ProcessTerminated(signal=9))
+    harness.reactor.advance(RESTART_FIRST)
+    harness.live(1).end(ProcessTerminated(exitCode=EX_TEMPFAIL))
+    assert harness.exits == []
+    harness.reactor.advance(RESTART_FIRST * 2)
+    assert harness.supervisor.workers[1].running and len(harness.spawned) == 4
+
+
+def test_a_configuration_file_unreadable_at_start_stops_with_78(harness: Harness) -> None:
+    harness.begin()
+    harness.spawned[0].end(ProcessTerminated(exitCode=EX_TEMPFAIL))
+    assert harness.exits == [EX_CONFIG]
 
 
 def test_a_worker_with_a_configuration_problem_is_not_restarted(harness: Harness) -> None:
