@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -33,8 +34,8 @@ from gateway.model import Config
 from gateway.oauth.admin import CommandFailed
 from gateway.oauth.errors import OAuthError
 from gateway.sessions import log_value
-from gateway.smtp.spool import Spool
 from gateway.smtp.spool_records import valid_id
+from gateway.smtp.spool_store import SpoolStore as Spool
 
 log = Logger(namespace="gateway.admin.console")
 
@@ -236,11 +237,21 @@ class Console:
         )
 
     @app.route("/queue", methods=["GET"])
-    def queue(self, request: Request) -> bytes:
+    def queue(self, request: Request) -> bytes | Deferred[bytes]:
         session = self._admin(request)
         if session is None:
             return b""
-        rows = views.queue(self.state.spool, self.state.clock.seconds())
+        # The embedded spool answers at once; PostgreSQL's listing waits.
+        return Deferred.fromCoroutine(self._queue_page(request, session))
+
+    async def _queue_page(self, request: Request, session: Session) -> bytes:
+        spool = self.state.spool
+        try:
+            entries = await spool.listing() if spool is not None else None
+        except OSError as e:
+            entries = None
+            session.notices.append(f"the spool cannot be read now: {e}")
+        rows = views.queue(entries, self.state.clock.seconds())
         return self._render(
             request, "queue.html", session, messages=rows, spool=self.state.spool is not None
         )
@@ -248,7 +259,7 @@ class Console:
     # -- actions ---------------------------------------------------------------
 
     @app.route("/queue/<message_id>/<verb>", methods=["POST"])
-    def queue_action(self, request: Request, message_id: str, verb: str) -> bytes:
+    def queue_action(self, request: Request, message_id: str, verb: str) -> bytes | Deferred[bytes]:
         session = self._admin(request, post=True)
         if session is None:
             return b"forbidden\n"
@@ -257,12 +268,22 @@ class Console:
         if verb not in ("retry", "delete") or not valid_id(message_id) or spool is None:
             request.setResponseCode(404)
             return b"no such action\n"
-        if message_id not in spool.entries:
-            session.notices.append(f"no message {message_id} (already delivered or deleted?)")
-        else:
+        return Deferred.fromCoroutine(self._queue_action(request, session, spool, message_id, verb))
+
+    async def _queue_action(
+        self, request: Request, session: Session, spool: Spool, message_id: str, verb: str
+    ) -> bytes:
+        assert session.admin is not None
+        try:
             # What `gateway queue retry|delete` does while the gateway runs:
-            # a request file the relay carries out within seconds.
-            spool.dir.request("retry" if verb == "retry" else "delete", message_id)
+            # a request the relay (of whichever process) carries out within seconds.
+            known = await spool.request("retry" if verb == "retry" else "delete", message_id)
+        except OSError as e:
+            session.notices.append(f"{message_id}: {verb} failed: {e}")
+            known = None
+        if known is False:
+            session.notices.append(f"no message {message_id} (already delivered or deleted?)")
+        elif known:
             audit(f"queue-{verb}", session.admin, message_id)
             session.notices.append(f"{message_id}: {verb} requested; carried out within seconds")
         _redirect(request, f"{PREFIX}/queue")
