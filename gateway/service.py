@@ -9,8 +9,8 @@ configuration and the listeners' certificate (gateway.reload).
 
 With `workers` above one, what twistd runs is the supervisor of the worker
 processes instead (gateway.workers.supervisor), and each worker builds the
-tree here for its `WorkerRole`: POP3 in every worker, the SMTP spool,
-relay and listeners and the admin listener in worker 0 only.
+tree here for its `WorkerRole`: POP3, SMTP and the shared spool's relay in
+every worker, the admin listener in worker 0 only.
 """
 
 from __future__ import annotations

@@ -11,12 +11,13 @@ from gateway.model import Config, Listener
 class WorkerRole:
     """Worker `index` of `count`: which parts of the gateway it runs.
 
-    Every worker serves the POP3 listeners. The SMTP spool is still one
-    process's (its lock file says "one gateway per state dir"), so worker 0
-    alone runs the spool, its relay and the SMTP listeners. The admin
-    listener is worker 0's too: its console and readiness read that worker's
-    live spool, token manager and listeners, which the parent (a supervisor
-    that only holds sockets) does not have.
+    Every worker serves POP3 and SMTP and runs the spool's relay: the spool
+    is shared by the workers (gateway.smtp.spool: its lock taken shared, a
+    claim per message being delivered). The admin listener is worker 0's
+    alone: its console and readiness read that worker's live spool, token
+    manager and listeners, which the parent (a supervisor that only holds
+    sockets) does not have; the other workers' events reach its metrics
+    through the supervisor.
     """
 
     index: int
@@ -24,7 +25,7 @@ class WorkerRole:
 
     @property
     def smtp(self) -> bool:
-        return self.index == 0
+        return True
 
     @property
     def admin(self) -> bool:

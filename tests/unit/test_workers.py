@@ -20,6 +20,7 @@ from gateway.config import ConfigError, load_config
 from gateway.config.workers import cores
 from gateway.model import Config
 from gateway.service import make_service
+from gateway.smtp.service import SpoolService
 from gateway.workers import sockets
 from gateway.workers.role import WorkerRole, every_address
 from gateway.workers.sockets import InheritedSocket, bind_listening, server_endpoint
@@ -71,13 +72,16 @@ def test_a_bad_workers_value_is_a_problem(tmp_path: Path, line: str, message: st
 # -- what each worker serves --------------------------------------------------------
 
 
-def test_worker_0_alone_runs_smtp_and_admin(tmp_path: Path) -> None:
-    config = load_config(with_workers(tmp_path, "workers = 2"))
+def test_every_worker_serves_pop3_and_smtp_worker_0_alone_admin(tmp_path: Path) -> None:
+    path = with_workers(tmp_path, "workers = 2")
+    path.write_text(path.read_text() + "\n[admin]\nport = 9925\n")
+    config = load_config(path)
     first, second = WorkerRole(0, 2), WorkerRole(1, 2)
-    assert first.addresses(config) == [("0.0.0.0", 9950), ("0.0.0.0", 5870)]
-    assert second.addresses(config) == [("0.0.0.0", 9950)]
+    devices = [("0.0.0.0", 9950), ("0.0.0.0", 5870)]
+    assert first.addresses(config) == [*devices, ("127.0.0.1", 9925)]
+    assert second.addresses(config) == devices
     assert every_address(config) == first.addresses(config)
-    assert (first.describe(), second.describe()) == ("pop3+smtp+spool+admin", "pop3")
+    assert (first.describe(), second.describe()) == ("pop3+smtp+spool+admin", "pop3+smtp+spool")
 
 
 def test_make_service_returns_the_supervisor_only_above_one_worker(tmp_path: Path) -> None:
@@ -90,11 +94,18 @@ def test_make_service_returns_the_supervisor_only_above_one_worker(tmp_path: Pat
     assert "pop3-implicit-0.0.0.0-9950" in names and "smtp-spool" in names
 
 
-def test_worker_1_builds_no_spool_and_no_smtp_listener(tmp_path: Path) -> None:
-    config = load_config(with_workers(tmp_path, "workers = 2"))
-    names = [s.name for s in make_service(config, MemoryReactorClock(), worker=WorkerRole(1, 2))]
-    assert "pop3-implicit-0.0.0.0-9950" in names
-    assert not [n for n in names if n and n.startswith("smtp")]
+def test_worker_1_builds_the_shared_spool_and_no_admin_listener(tmp_path: Path) -> None:
+    path = with_workers(tmp_path, "workers = 2")
+    path.write_text(path.read_text() + "\n[admin]\nport = 9925\n")
+    config = load_config(path)
+    tree = make_service(config, MemoryReactorClock(), worker=WorkerRole(1, 2))
+    names = [s.name for s in tree]
+    assert {"pop3-implicit-0.0.0.0-9950", "smtp-starttls-0.0.0.0-5870", "smtp-spool"} <= set(names)
+    assert "admin" not in names
+    spool = next(s for s in tree if isinstance(s, SpoolService))
+    assert spool.spool.shared  # type: ignore[attr-defined]
+    worker_0 = [s.name for s in make_service(config, MemoryReactorClock(), worker=WorkerRole(0, 2))]
+    assert "admin" in worker_0
 
 
 # -- the supervisor -------------------------------------------------------------------
@@ -207,7 +218,7 @@ def test_workers_get_their_sockets_as_file_descriptors(harness: Harness) -> None
     first, second = harness.spawned
     assert "--index" in first.args and first.args[first.args.index("--index") + 1] == "0"
     socket_args = [first.args[i + 1] for i, a in enumerate(first.args) if a == "--socket"]
-    assert len(socket_args) == 2 and len(second.args) == len(first.args) - 2
+    assert len(socket_args) == 2 and second.args.count("--socket") == 2
     for text in socket_args:
         inherited = InheritedSocket.parse(text)
         assert first.fds[inherited.fd] == inherited.fd
