@@ -37,6 +37,11 @@ STATUS_QUERIES: dict[str, StatusQuery] = {
         "SELECT p.node, count(*) FROM gateway_mailbox_locks JOIN gateway_processes p"
         " USING (process) WHERE p.lease_until > now() GROUP BY 1 ORDER BY 1",
     ),
+    "oauth tokens": (
+        "gateway_oauth_tokens",
+        "SELECT state || CASE WHEN refresh_until > now() THEN ' (refreshing)' ELSE '' END,"
+        " count(*) FROM gateway_oauth_tokens GROUP BY 1 ORDER BY 1",
+    ),
     "spool depth": (
         "gateway_spool",
         # By the node holding it (delivering), else the node that accepted it.
