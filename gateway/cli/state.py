@@ -31,6 +31,10 @@ RECENT = "10 minutes"
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
 STATUS_QUERIES: dict[str, StatusQuery] = {
+    "uidl maps": (
+        "gateway_uidl_mailboxes",
+        "SELECT 'accounts', count(*) FROM gateway_uidl_mailboxes",
+    ),
     "locks held": (
         "gateway_mailbox_locks",
         # Only live holders: a dead process's rows are free for the taking.
