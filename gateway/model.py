@@ -465,6 +465,13 @@ class Config:
     limits: LimitSettings = field(default_factory=LimitSettings)
     penalties: PenaltySettings = field(default_factory=PenaltySettings)
     state: StateSettings = field(default_factory=StateSettings)
+    # Reactor processes serving the listeners (gateway.workers); the file's
+    # `workers = "auto"` means one per core. One by default: exactly the
+    # single process of before, which a site of printers polling each minute
+    # never takes past a fraction of one core; more is an informed choice
+    # (a process's memory per worker, and state the workers must share
+    # through gateway.state).
+    workers: int = 1
     providers: dict[str, Provider] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)

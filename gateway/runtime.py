@@ -11,7 +11,6 @@ Listening happens inside services so that twistd binds low ports (110, 995,
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -44,6 +42,7 @@ from gateway.state.backend import StateBackend, open_state_backend
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
 from gateway.upstream.credentials import TokenSource
 from gateway.upstream.graph import GraphTokens, TokenSourceGraphTokens
+from gateway.workers.sockets import server_endpoint
 
 log = Logger(namespace="gateway.service")
 
@@ -176,9 +175,8 @@ class Runtime:
 
 
 def listen_endpoint(reactor: Any, listener: Listener) -> IStreamServerEndpoint:
-    address = ipaddress.ip_address(listener.address)
-    endpoint = TCP6ServerEndpoint if address.version == 6 else TCP4ServerEndpoint
-    return endpoint(reactor, listener.port, interface=listener.address)
+    # A worker process adopts the socket its parent bound (gateway.workers).
+    return server_endpoint(reactor, listener.address, listener.port)
 
 
 def listener_service(runtime: Runtime, listener: Listener, make_factory: MakeFactory) -> IService:

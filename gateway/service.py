@@ -6,13 +6,19 @@ manager, the POP3 listeners (gateway.pop3.service), the SMTP spool, relay
 and listeners (gateway.smtp.service), the admin listener with metrics and
 health (gateway.admin.service), and the SIGHUP handler that reloads the
 configuration and the listeners' certificate (gateway.reload).
+
+With `workers` above one, what twistd runs is the supervisor of the worker
+processes instead (gateway.workers.supervisor), and each worker builds the
+tree here for its `WorkerRole`: POP3, SMTP and the shared spool's relay in
+every worker, the admin listener in worker 0 only.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
+from twisted.logger import LogPublisher, globalLogPublisher
 
 from gateway.admin.service import admin_services
 from gateway.devices import DeviceAuthenticator
@@ -25,6 +31,8 @@ from gateway.runtime import Runtime
 from gateway.smtp.service import smtp_services
 from gateway.state.backend import StateBackend, StateService, open_state_backend
 from gateway.tls import load_server_identity
+from gateway.workers.role import WorkerRole
+from gateway.workers.supervisor import WorkerSupervisor
 
 
 def token_manager(
@@ -36,7 +44,22 @@ def token_manager(
     return TokenManager(config, clock=reactor, reactor=reactor, state=state)
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
+def make_service(
+    config: Config,
+    reactor: Any,
+    worker: WorkerRole | None = None,
+    metrics_events: LogPublisher | None = None,
+) -> MultiService:
+    """The gateway's service tree.
+
+    In a worker process, `worker` says what it serves and `metrics_events`
+    carries the log events its admin metrics count (every worker's)."""
+    if worker is None and config.workers > 1:
+        if config.tls is not None:
+            # A certificate that cannot be used stops the start here, with
+            # the same message as with one process (each worker reads it too).
+            load_server_identity(config.tls)
+        return WorkerSupervisor(config, reactor)
     top = MultiService()
     top.setName("gateway")
     state = open_state_backend(config.state, reactor)
@@ -59,9 +82,15 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         tokens.setServiceParent(top)
         runtime.tokens = tokens
         reloader.follow_tokens(tokens)
-    services = pop3_services(runtime) + smtp_services(runtime)
+    services = pop3_services(runtime)
+    if worker is None or worker.smtp:
+        services += smtp_services(runtime)
     # The admin listener (if configured) watches the services built above.
-    for service in services + admin_services(runtime, services):
+    admin: list[IService] = []
+    if worker is None or worker.admin:
+        publisher = globalLogPublisher if metrics_events is None else metrics_events
+        admin = admin_services(runtime, services, publisher=publisher)
+    for service in services + admin:
         service.setServiceParent(top)
     ReloadOnHangup(reactor, reloader.reload).setServiceParent(top)
     return top

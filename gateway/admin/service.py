@@ -9,13 +9,11 @@ that serves the admin site and feeds log events to the metrics. Without an
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -40,6 +38,7 @@ from gateway.runtime import Runtime
 from gateway.smtp.service import SpoolService
 from gateway.state import StateError, ensure_dir
 from gateway.tls import ReloadableServerTLS
+from gateway.workers.sockets import server_endpoint
 
 log = Logger(namespace="gateway.admin")
 
@@ -142,9 +141,8 @@ def admin_services(
 
 
 def _endpoint(runtime: Runtime, settings: AdminSettings) -> object:
-    version = ipaddress.ip_address(settings.address).version
-    endpoint = TCP6ServerEndpoint if version == 6 else TCP4ServerEndpoint
-    return endpoint(runtime.reactor, settings.port, interface=settings.address)
+    # A worker process adopts the socket its parent bound (gateway.workers).
+    return server_endpoint(runtime.reactor, settings.address, settings.port)
 
 
 def _with_tls(runtime: Runtime, settings: AdminSettings, site: AdminSite) -> IProtocolFactory:

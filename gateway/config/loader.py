@@ -34,6 +34,7 @@ from gateway.config.settings import (
     smtp_section,
 )
 from gateway.config.state import state_section
+from gateway.config.workers import workers_setting
 from gateway.model import DEFAULT_STATE_DIR, DEVICE_PROTOCOLS, Config
 
 T = TypeVar("T")
@@ -63,6 +64,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     oauth = oauth_section(root.table("oauth"))
     limits = limits_section(root.table("limits"))
     state = state_section(root.table("state"))
+    workers = workers_setting(root)
     providers, provider_names = _named_section(root.table("providers"), provider)
     accounts, account_names = _named_section(
         root.table("accounts"), lambda name, table: account(name, table, provider_names)
@@ -95,6 +97,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         limits=limits,
         penalties=penalties,
         state=state,
+        workers=workers,
         providers=providers,
         accounts=accounts,
         devices=devices,

@@ -24,13 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def twistd_command(config: Path, logfile: Path | None) -> list[str]:
-    twistd = Path(sys.executable).with_name("twistd")
+def twistd_command(
+    config: Path,
+    logfile: Path | None,
+    twistd_args: list[str] | None = None,
+    twistd: list[str] | None = None,
+) -> list[str]:
+    """`twistd`: how to run twistd, if not the one beside this interpreter."""
+    beside = Path(sys.executable).with_name("twistd")
     return [
-        str(twistd) if twistd.exists() else "twistd",
+        *(twistd or [str(beside) if beside.exists() else "twistd"]),
         "-n",
         "--pidfile=",
         f"--logfile={logfile}" if logfile else "--logfile=-",
+        *(twistd_args or []),
         "gateway",
         "--config",
         str(config),
@@ -40,8 +47,22 @@ def twistd_command(config: Path, logfile: Path | None) -> list[str]:
 class GatewayProcess:
     """A gateway child process with its own config file and log file."""
 
-    def __init__(self, base_dir: Path, config_text: str, ports: list[int]) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        config_text: str,
+        ports: list[int],
+        *,
+        twistd_args: list[str] | None = None,
+        twistd: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`twistd_args`: more of twistd's own options (`--uid`, `--gid`);
+        `twistd`: the command that runs twistd; `env`: more environment."""
         self.base_dir = base_dir
+        self.twistd_args = twistd_args
+        self.twistd = twistd
+        self.extra_env = env or {}
         self.config = base_dir / "gateway.toml"
         self.logfile = base_dir / "gateway.log"
         self.config_text = config_text
@@ -52,12 +73,13 @@ class GatewayProcess:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.config_text)
         env = dict(os.environ)
+        env.update(self.extra_env)
         # twistd finds plugins in every twisted/plugins directory on sys.path.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         self.process = subprocess.Popen(
-            twistd_command(self.config, self.logfile),
+            twistd_command(self.config, self.logfile, self.twistd_args, self.twistd),
             cwd=self.base_dir,
             env=env,
             stdout=subprocess.PIPE,
