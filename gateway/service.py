@@ -45,7 +45,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         reactor=reactor,
         identity=load_server_identity(config.tls) if config.tls else None,
         authenticator=DeviceAuthenticator(
-            config.devices, penalties=penalty_book(config.penalties, reactor), clock=reactor
+            config.devices,
+            penalties=penalty_book(config.penalties, reactor, state),
+            clock=reactor,
         ),
         state_backend=state,
     )

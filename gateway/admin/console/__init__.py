@@ -40,7 +40,7 @@ def console_resource(
     def config() -> Config:
         return runtime.config
 
-    penalties = penalty_book(runtime.config.penalties, reactor)
+    penalties = penalty_book(runtime.config.penalties, reactor, runtime.state, book="console")
     logins = AdminLogins(
         settings.users,
         DeviceAuthenticator({}, penalties=penalties, clock=reactor),
