@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -183,8 +183,23 @@ class SharedPenaltyBook:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        return self.written()
+
+    def written(self) -> Deferred[None]:
+        """Fires once the events seen so far are written, or failed to be."""
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
         self._flush()
-        return self._writing if self._writing is not None else succeed(None)
+        while self._writing is not None:
+            writing, done = self._writing, Deferred[None]()
+
+            def fire(result: None, done: Deferred[None] = done) -> None:
+                done.callback(None)
+                return result
+
+            writing.addBoth(fire)
+            await done
 
     def refresh(self) -> Deferred[None]:
         """One look at the other processes' events (and a write of ours that
