@@ -3,7 +3,8 @@
 `/healthz` says only that the process runs and its reactor answers: a load
 balancer or systemd restarts what fails it. `/readyz` says whether the
 gateway can do its work now: every listener bound, the state directory
-writable, the spool held by this process, the token store usable. A
+writable, the spool held by this process, the token store usable, the
+state database reached (PostgreSQL backend). A
 proxy (HAProxy's `option httpchk GET /readyz`) sends devices elsewhere
 while it fails; each check says what is wrong, in words for the admin.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from gateway.admin.listeners import ListenerWatch
 from gateway.oauth.manager import TokenManager
 from gateway.smtp.spool import SpoolDir
+from gateway.state.backend import StateBackend
 
 # What a check returns: None when all is well, else what is wrong.
 Check = Callable[[], str | None]
@@ -99,5 +101,20 @@ def token_store_usable(manager: TokenManager) -> Check:
         except OSError as e:
             return f"token store {directory}: {e.strerror or e}"
         return None
+
+    return check
+
+
+def state_database_reachable(backend: StateBackend) -> Check:
+    """PostgreSQL backend: this process holds its lease, so the schema was
+    checked and the database answered within the last lease time. A node
+    that cannot reach it refuses devices with "try again later": the load
+    balancer should send them to one that can."""
+
+    def check() -> str | None:
+        lease = backend.lease
+        if lease is None or lease.alive:
+            return None
+        return "state database not reached within the lease time (see the log)"
 
     return check

@@ -28,6 +28,7 @@ from gateway.admin.health import (
     directory_writable,
     listeners_bound,
     spool_open,
+    state_database_reachable,
     token_store_usable,
 )
 from gateway.admin.listeners import ListenerWatch
@@ -106,6 +107,8 @@ def admin_services(
         "listeners": listeners_bound(lambda: watches),
         "state_dir": directory_writable(config.state_dir),
     }
+    if runtime.state.shared:
+        checks["state_database"] = state_database_reachable(runtime.state)
     spool = next((s for s in services if isinstance(s, SpoolService)), None)
     if spool is not None:
         metrics.registry.register(SpoolCollector(spool.spool, now))

@@ -15,6 +15,7 @@ expect.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ log = Logger(namespace="gateway.state")
 
 # Seconds between attempts to reach a database that was down at start.
 START_RETRY = 2.0
+# sysexits.h: a configuration error; not worth restarting.
+EX_CONFIG = 78
 
 
 @dataclass
@@ -119,6 +122,9 @@ class StateService(Service):
                 log.critical("state database unusable: {error}", error=failure.getErrorMessage())
             else:
                 log.failure("state database check failed", failure)
+            # Exit status 78 (EX_CONFIG): systemd's RestartPreventExitStatus=78
+            # keeps it from restarting a node that would fail the same way.
+            self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, EX_CONFIG)
             self._reactor.stop()
             return None
 

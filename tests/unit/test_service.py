@@ -65,6 +65,7 @@ def test_the_service_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert IServiceCollection.providedBy(top)
     names = [service.name for service in top]
     assert names == [
+        "state",  # first: started before, stopped after, what uses it
         "imap-kept-connections",
         "pop3-implicit-0.0.0.0-9950",
         "smtp-hostname",
