@@ -78,8 +78,9 @@ class SessionStore(Protocol):
         """Have the session's next page say `text` once."""
         ...
 
-    def shown(self, session: Session, count: int) -> None:
-        """The first `count` notices were shown (on the page being sent)."""
+    def shown(self, session: Session, count: int) -> Deferred[None]:
+        """The first `count` notices were shown (on the page being sent); the
+        page need not wait for this, and it never fails."""
         ...
 
 
@@ -138,9 +139,9 @@ class Sessions:
         session.notices.append(text)
         return succeed(None)
 
-    def shown(self, session: Session, count: int) -> None:
+    def shown(self, session: Session, count: int) -> Deferred[None]:
         # The page took them from the session object itself, which is ours.
-        return None
+        return succeed(None)
 
 
 def digest(session_id: str) -> bytes:
@@ -228,11 +229,11 @@ class PostgresSessions:
 
         return self._database.run(work)
 
-    def shown(self, session: Session, count: int) -> None:
+    def shown(self, session: Session, count: int) -> Deferred[None]:
         """Dropped in the background: at worst a notice shows twice, if the
         next page is asked for before the database has forgotten it."""
         if count <= 0:
-            return
+            return succeed(None)
         key = digest(session.id)
 
         def work(connection: Connection) -> None:
@@ -242,7 +243,7 @@ class PostgresSessions:
                 (count + 1, key),
             )
 
-        self._database.run(work).addErrback(lambda _: None)
+        return self._database.run(work).addErrback(lambda _: None)
 
 
 def session_store(database: Database | None, clock: IReactorTime, idle: float) -> SessionStore:
