@@ -30,7 +30,18 @@ RECENT = "10 minutes"
 
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
-STATUS_QUERIES: dict[str, StatusQuery] = {}
+STATUS_QUERIES: dict[str, StatusQuery] = {
+    "penalty_lockouts": (
+        "gateway_penalty_events",
+        "SELECT book, count(DISTINCT network) FROM gateway_penalty_events"
+        " WHERE kind = 'lockout' AND until > extract(epoch FROM now()) GROUP BY book",
+    ),
+    "console_sessions": (
+        "gateway_console_sessions",
+        "SELECT 'logged in, used in the last hour', count(*) FROM gateway_console_sessions"
+        " WHERE admin IS NOT NULL AND last_seen > extract(epoch FROM now()) - 3600",
+    ),
+}
 
 
 def register(commands: Commands) -> None:

@@ -4,7 +4,12 @@ attacker once, and a database that is down never stops a login."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +26,7 @@ from gateway.state.database import Database
 from gateway.state.processes import ProcessIdentity
 from tests.harness.postgres import PostgresCluster
 from tests.helpers.log_lines import captured_log
-from tests.helpers.state import backend_for, migrated_database, postgres_settings
+from tests.helpers.state import backend_for, migrated_database, postgres_settings, state_toml
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +244,25 @@ async def test_the_database_down_leaves_penalties_local_and_catches_up() -> None
             assert b.locked(ATTACKER)
         finally:
             await made.close()
+
+
+@ensureDeferred
+async def test_state_status_counts_the_addresses_locked_out(
+    shared: Books, state_dsn: str, tmp_path: Path
+) -> None:
+    a = shared.book(PenaltySettings(lockout_after=2, lockout_time=3600))
+    shared.clock.advance(time.time() - shared.clock.seconds())  # `status` reads now()
+    for n in range(2):
+        a.failed(ATTACKER, "printer", b"%d" % n)
+    await settle(a)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n' + state_toml(state_dsn))
+    config.chmod(0o600)
+    status = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--config", str(config), "state", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout)["penalty_lockouts"] == {"devices": 1}
