@@ -5,11 +5,10 @@ name (None before the login), a CSRF token, when it was last used (a session
 unused for `idle` seconds is over) and the notices its next page shows.
 
 - `Sessions` (the embedded backend): in this process's memory, so a restart
-  logs everyone out. With several worker processes on one host each would
-  have its own, and a browser whose request lands on another worker would
-  be sent to the login form again: a console served by several workers
-  needs the PostgreSQL store (or a file store in `state_dir`, not written
-  yet).
+  logs everyone out. Enough with worker processes too: the admin listener,
+  and so the console, is served by one worker of a host (worker 0, see
+  `gateway.workers`); were it served by several, each would have its own
+  sessions and a browser landing on another would be sent to the login form.
 - `PostgresSessions` (`[state] backend = "postgresql"`, schema
   migrations/0004_console_sessions.sql): shared by every node, so a login on
   one node behind HAProxy holds on the others and survives a restart. The
