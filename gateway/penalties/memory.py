@@ -29,9 +29,10 @@ address) penalty. Trusted networks are never penalized.
 
 `PenaltyBook` is the whole interface the authenticator uses;
 `gateway.penalties.shared` shares a `MemoryPenaltyBook` between processes
-(PostgreSQL). In memory, every table is bounded (`max_entries`, oldest dropped first) and
-entries expire on the injected clock: guessed device names and rotating
-addresses cannot grow the process.
+(nodes through PostgreSQL, a host's workers through SQLite). In memory,
+every table is bounded (`max_entries`, oldest dropped first) and entries
+expire on the injected clock: guessed device names and rotating addresses
+cannot grow the process.
 """
 
 from __future__ import annotations
