@@ -27,7 +27,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from gateway.devices import DeviceAuthenticator
 from gateway.holder import ConfigHolder
 from gateway.limits import ConnectionLimits
-from gateway.locks import AccountLocks
+from gateway.locks import MailboxLocks
+from gateway.locks.choose import mailbox_locks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
 from gateway.maildrop.graph import open_graph_maildrop
 from gateway.maildrop.graph_sizes import GraphSizeStore
@@ -59,7 +60,6 @@ class Runtime:
     reactor: Any
     identity: ServerIdentity | None
     authenticator: DeviceAuthenticator
-    locks: AccountLocks = field(default_factory=AccountLocks)
     tokens: TokenSource | None = None
     services: list[IService] = field(default_factory=list)
     # Every listener's TLS settings, so SIGHUP can give them a renewed certificate.
@@ -80,9 +80,12 @@ class Runtime:
     # by `make_service`; built from `config.state` when left out.
     state_backend: InitVar[StateBackend | None] = None
     state: StateBackend = field(init=False)
+    # [IN-USE] across this host's workers (embedded) or every node (PostgreSQL).
+    locks: MailboxLocks = field(init=False)
 
     def __post_init__(self, state_backend: StateBackend | None) -> None:
         self.state = state_backend or open_state_backend(self.config.state, self.reactor)
+        self.locks = mailbox_locks(self.state, self.config.state_dir, self.reactor)
         self.holder = ConfigHolder(self.config)
         self.imap_keeper = IMAPKeeper(self.reactor)
         self.limits = ConnectionLimits(lambda: self.config.limits)

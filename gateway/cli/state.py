@@ -31,12 +31,18 @@ RECENT = "10 minutes"
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
 STATUS_QUERIES: dict[str, StatusQuery] = {
-    "penalty_lockouts": (
+    "locks held": (
+        "gateway_mailbox_locks",
+        # Only live holders: a dead process's rows are free for the taking.
+        "SELECT p.node, count(*) FROM gateway_mailbox_locks JOIN gateway_processes p"
+        " USING (process) WHERE p.lease_until > now() GROUP BY 1 ORDER BY 1",
+    ),
+    "login lockouts": (
         "gateway_penalty_events",
         "SELECT book, count(DISTINCT network) FROM gateway_penalty_events"
         " WHERE kind = 'lockout' AND until > extract(epoch FROM now()) GROUP BY book",
     ),
-    "console_sessions": (
+    "console sessions": (
         "gateway_console_sessions",
         "SELECT 'logged in, used in the last hour', count(*) FROM gateway_console_sessions"
         " WHERE admin IS NOT NULL AND last_seen > extract(epoch FROM now()) - 3600",

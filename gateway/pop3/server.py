@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from gateway.command_queue import EMPTY, CommandQueue, IDeviceTransport, Step, Work
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.limits import LIFETIME_EXCEEDED, ConnectionLimits, Slot
-from gateway.locks import AccountLocks, mailbox_key
+from gateway.locks import MailboxLease, MailboxLocks
+from gateway.locks.login import lock_mailbox
 from gateway.maildrop import (
     Maildrop,
     MaildropError,
@@ -89,7 +90,7 @@ class POP3Server(Protocol):
         self._user: str | None = None
         self._sasl_pending = False
         self._maildrop: Maildrop | None = None
-        self._mailbox_lock: str | None = None
+        self._mailbox_lock: MailboxLease | None = None
         self._deleted: set[int] = set()
         self.record = SessionRecord(peer="-", started=0.0)
 
@@ -323,17 +324,23 @@ class POP3Server(Protocol):
         self.record.device, self.record.account = device.name, account.name
         if (over := self._slot.login(device.name)) is not None:
             return self._close_for(over)
-        lock = mailbox_key(account)
-        if not factory.locks.acquire(lock, device.name):
-            log.info(
-                "pop3 device {device} from {peer}: account {account} is in use by {holder}",
-                device=log_value(device.name),
-                peer=log_value(self.record.peer),
-                account=log_value(account.name),
-                holder=log_value(factory.locks.holder(lock) or "-"),
-            )
-            return self._err("mailbox in use by another session", "IN-USE")
+        lock = await lock_mailbox(factory.locks, account, device.name, self.record.peer)
+        if not isinstance(lock, MailboxLease):
+            return self._err(*lock) if self._connected else None
         self._mailbox_lock = lock
+        if not self._connected:
+            return self._release_maildrop(abort=False)
+
+        def lock_lost() -> None:
+            # The state lease lapsed: a drop, never QUIT, so nothing is
+            # deleted; a QUIT being carried out (UPDATE) is let finish.
+            if self._connected and self.phase is not Phase.UPDATE:
+                if self._queue.busy:  # no -ERR inside a half-sent reply
+                    self.record.outcome = "mailbox lock lost"
+                    return self.transport.abortConnection()
+                self._close_for("mailbox lock lost")
+
+        lock.on_lost(lock_lost)
         try:
             maildrop = await factory.open_maildrop(account)
         except MaildropError as e:
@@ -573,7 +580,7 @@ class POP3ServerFactory(Factory[POP3Server]):
     authenticator: DeviceAuthenticator
     accounts: Mapping[str, Account]
     open_maildrop: MaildropOpener
-    locks: AccountLocks
+    locks: MailboxLocks
     clock: IReactorTime
     idle_timeout: float = 600.0
     stall_timeout: float = 120.0

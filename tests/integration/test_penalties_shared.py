@@ -286,4 +286,4 @@ async def test_state_status_counts_the_addresses_locked_out(
     )
     await shared.close()
     assert status.returncode == 0, status.stdout + status.stderr
-    assert json.loads(status.stdout)["penalty_lockouts"] == {"devices": 1}
+    assert json.loads(status.stdout)["login lockouts"] == {"devices": 1}
