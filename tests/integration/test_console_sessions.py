@@ -5,7 +5,7 @@ database never holds the cookie's id."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from gateway.admin.console.sessions import (
     session_store,
 )
 from gateway.state.database import Database
+from tests.helpers.log_lines import captured_log
 from tests.helpers.state import postgres_settings
 from tests.unit.test_console import console, request
 
@@ -171,7 +172,7 @@ async def test_sessions_are_bounded_oldest_first(state_dsn: str) -> None:
 
 
 async def _page(answer: Any) -> bytes:
-    if isinstance(answer, Deferred):
+    if isinstance(answer, Deferred | Coroutine):
         answer = await answer
     assert isinstance(answer, bytes)
     return answer
@@ -222,3 +223,27 @@ async def test_a_login_on_one_node_holds_on_the_other(tmp_path: Path, state_dsn:
         assert r.responseCode == 303
     finally:
         await stores.close()
+
+
+@ensureDeferred
+async def test_the_database_down_answers_503_not_a_traceback(tmp_path: Path) -> None:
+    database = Database(
+        postgres_settings("host=127.0.0.1 port=9 user=gw dbname=none", timeout=1.0), reactor
+    )
+    try:
+        c, _ = console(tmp_path)
+        c.sessions = PostgresSessions(database, Clock(), IDLE)
+        with captured_log() as lines:
+            for path, method, handler in [
+                (b"queue", b"GET", c.queue),
+                (b"login", b"GET", c.login_form),
+                (b"login", b"POST", c.login),
+            ]:
+                r = request(path, method, csrf="x", name="root", password="admin-pw")
+                r.received_cookies[COOKIE] = b"some-session"
+                page = await _page(handler(r))
+                assert r.responseCode == 503 and b"try again" in page
+        failed = [line for line in lines if "sessions unavailable" in line]
+        assert len(failed) == 3 and not any("Traceback" in line for line in lines)
+    finally:
+        await database.stop()

@@ -38,6 +38,7 @@ from gateway.oauth.errors import OAuthError
 from gateway.sessions import log_value
 from gateway.smtp.spool import Spool
 from gateway.smtp.spool_records import valid_id
+from gateway.state.database import StateUnavailable
 
 log = Logger(namespace="gateway.admin.console")
 
@@ -150,7 +151,7 @@ class Console:
 
     @app.route("/login", methods=["GET"])
     def login_form(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(self._login_form(request))
+        return _answer(request, self._login_form(request))
 
     async def _login_form(self, request: Request) -> bytes:
         _headers(request)
@@ -165,6 +166,9 @@ class Console:
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: Request) -> bytes:
+        return await _unless_unavailable(request, self._login(request))
+
+    async def _login(self, request: Request) -> bytes:
         _headers(request)
         session = await self._session(request)
         if session is None or not session.csrf_ok(_field(request, "csrf")):
@@ -190,7 +194,7 @@ class Console:
 
     @app.route("/logout", methods=["POST"])
     def logout(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(self._logout(request))
+        return _answer(request, self._logout(request))
 
     async def _logout(self, request: Request) -> bytes:
         session = await self._admin(request, post=True)
@@ -206,7 +210,7 @@ class Console:
 
     @app.route("/", methods=["GET"])
     def overview(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(self._overview(request))
+        return _answer(request, self._overview(request))
 
     async def _overview(self, request: Request) -> bytes:
         session = await self._admin(request)
@@ -218,7 +222,7 @@ class Console:
 
     @app.route("/devices", methods=["GET"])
     def devices(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(self._devices(request))
+        return _answer(request, self._devices(request))
 
     async def _devices(self, request: Request) -> bytes:
         session = await self._admin(request)
@@ -229,7 +233,7 @@ class Console:
 
     @app.route("/accounts", methods=["GET"])
     def accounts(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(self._accounts(request))
+        return _answer(request, self._accounts(request))
 
     async def _accounts(self, request: Request) -> bytes:
         session = await self._admin(request)
@@ -256,7 +260,7 @@ class Console:
 
     @app.route("/queue", methods=["GET"])
     def queue(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(self._queue(request))
+        return _answer(request, self._queue(request))
 
     async def _queue(self, request: Request) -> bytes:
         session = await self._admin(request)
@@ -271,7 +275,7 @@ class Console:
 
     @app.route("/queue/<message_id>/<verb>", methods=["POST"])
     def queue_action(self, request: Request, message_id: str, verb: str) -> bytes | Deferred[bytes]:
-        return _answer(self._queue_action(request, message_id, verb))
+        return _answer(request, self._queue_action(request, message_id, verb))
 
     async def _queue_action(self, request: Request, message_id: str, verb: str) -> bytes:
         session = await self._admin(request, post=True)
@@ -299,6 +303,9 @@ class Console:
 
     @app.route("/accounts/<name>/<verb>", methods=["POST"])
     async def account_action(self, request: Request, name: str, verb: str) -> bytes:
+        return await _unless_unavailable(request, self._account_action(request, name, verb))
+
+    async def _account_action(self, request: Request, name: str, verb: str) -> bytes:
         session = await self._admin(request, post=True)
         if session is None:
             return b"forbidden\n"
@@ -346,11 +353,11 @@ class Console:
         )
 
 
-def _answer(page: Coroutine[Any, Any, bytes]) -> bytes | Deferred[bytes]:
+def _answer(request: Request, page: Coroutine[Any, Any, bytes]) -> bytes | Deferred[bytes]:
     """The page itself if it is ready at once (sessions in memory), else a
     Deferred of it (Klein waits for either): a page needs no reactor turn
     unless its session is looked up in the database."""
-    answer = Deferred.fromCoroutine(page)
+    answer = Deferred.fromCoroutine(_unless_unavailable(request, page))
     if not answer.called:
         return answer
     outcome: list[bytes | Failure] = []
@@ -359,6 +366,19 @@ def _answer(page: Coroutine[Any, Any, bytes]) -> bytes | Deferred[bytes]:
     if isinstance(result, Failure):
         result.raiseException()
     return result
+
+
+async def _unless_unavailable(request: Request, page: Coroutine[Any, Any, bytes]) -> bytes:
+    """The page, or 503 when the sessions' database cannot be reached (one
+    log line; the browser may simply reload)."""
+    try:
+        return await page
+    except StateUnavailable as e:
+        log.warn("console: sessions unavailable, the state database failed: {error}", error=str(e))
+        _headers(request)
+        request.setResponseCode(503)
+        request.setHeader(b"retry-after", b"5")
+        return b"the console's session store is unreachable: try again in a few seconds\n"
 
 
 def _headers(request: Request) -> None:
