@@ -37,6 +37,7 @@ T = TypeVar("T")
 Work = Callable[[psycopg.Connection[Any]], T]
 
 APPLICATION_NAME = "mail-gateway"
+RECONNECT_GIVE_UP = 8.0
 
 
 class StateUnavailable(Exception):
@@ -93,6 +94,10 @@ class Database:
             max_size=settings.pool_size,
             timeout=settings.timeout,
             check=ConnectionPool.check_connection,
+            # The pool retries a lost server with a doubling pause; giving up
+            # after this long lets the next request start again at once, so
+            # a restarted server is used within seconds, not minutes.
+            reconnect_timeout=RECONNECT_GIVE_UP,
             open=False,
             name="gateway-state",
         )
