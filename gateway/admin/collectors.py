@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from gateway.admin.listeners import ListenerWatch
 from gateway.oauth.status import TokenStatus
-from gateway.smtp.spool import Spool
+from gateway.smtp.spool_store import SpoolStore as Spool
 
 TOKEN_STATES = ("ok", "needs_reauth", "failed", "revoked", "unauthorised", "unreadable", "unusable")
 

@@ -9,6 +9,12 @@ every two), so a message is never changed under the relay's feet while it is
 being delivered.
 
 Run it as the user the gateway runs as: spool files are 0600.
+
+With `[state] backend = "postgresql"` the command works on the shared
+`gateway_spool` table: `retry` and `delete` are done at once in one
+transaction, unless a live gateway process is delivering the message right
+now; then they are left on its row for that process, which carries them out
+when its attempt ends.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from gateway.cli.common import add_command, config_location
 from gateway.config import ConfigError, load_config
 from gateway.model import Config
 from gateway.smtp.spool import QueueEntry, SpoolDir, valid_id
+from gateway.smtp.spool_pg import change, list_entries
+from gateway.state.database import StateUnavailable, connect
 from gateway.units import short_duration, short_size
 
 if TYPE_CHECKING:
@@ -87,6 +95,21 @@ def _run(args: argparse.Namespace, work: Any) -> int:
     except OSError as e:
         print(f"gateway queue: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
+    except StateUnavailable as e:
+        print(f"gateway queue: state database unreachable: {e}", file=sys.stderr)
+        return 1
+
+
+_PG_SPOOL = "PostgreSQL table gateway_spool"
+
+
+def _shared(config: Config) -> bool:
+    return config.state.backend == "postgresql"
+
+
+def _pg_entries(config: Config) -> list[QueueEntry]:
+    with connect(config.state) as connection:
+        return list_entries(connection)
 
 
 # -- list ------------------------------------------------------------------------
@@ -97,20 +120,24 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    _, spool = _load(args)
-    entries = spool.scan(clean=False) if spool.queue.is_dir() else []
+    config, spool = _load(args)
+    if _shared(config):
+        where, entries = _PG_SPOOL, _pg_entries(config)
+    else:
+        where = str(spool.root)
+        entries = spool.scan(clean=False) if spool.queue.is_dir() else []
     now = time.time()
     if args.json:
-        document = {"spool": str(spool.root), "messages": [entry_json(e) for e in entries]}
+        document = {"spool": where, "messages": [entry_json(e) for e in entries]}
         print(json.dumps(document, indent=2))
         return 0
     if not entries:
-        print(f"{spool.root}: no messages")
+        print(f"{where}: no messages")
         return 0
     for entry in entries:
         print(describe(entry, now))
     queued = sum(1 for e in entries if e.status == "queued")
-    print(f"{queued} queued, {len(entries) - queued} dead letter(s) in {spool.root}")
+    print(f"{queued} queued, {len(entries) - queued} dead letter(s) in {where}")
     return 0
 
 
@@ -170,7 +197,9 @@ def _change(args: argparse.Namespace) -> int:
     verb, message_id = args.verb, args.id
     if not valid_id(message_id):
         raise CommandFailed(f"{message_id!r} is not a queue id (see `gateway queue list`)")
-    _, spool = _load(args)
+    config, spool = _load(args)
+    if _shared(config):
+        return _change_shared(args, config, verb, message_id)
     if not spool.queue.is_dir():
         raise CommandFailed(f"no message {message_id} ({spool.root} has no spool yet)")
     with spool.offline() as offline:
@@ -191,4 +220,21 @@ def _change(args: argparse.Namespace) -> int:
         print(json.dumps({"id": message_id, "action": verb, "gateway_running": not offline}))
     else:
         print(f"{message_id}: {done}")
+    return 0
+
+
+def _change_shared(args: argparse.Namespace, config: Config, verb: str, message_id: str) -> int:
+    with connect(config.state) as connection:
+        outcome = change(
+            connection, "delete" if verb == "delete" else "retry", message_id, time.time()
+        )
+    if outcome is None:
+        raise CommandFailed(f"no message {message_id} in the {_PG_SPOOL}")
+    held = outcome == "requested"
+    if args.json:
+        print(json.dumps({"id": message_id, "action": verb, "gateway_running": held}))
+    elif held:
+        print(f"{message_id}: {verb} requested; the gateway delivering it carries it out")
+    else:
+        print(f"{message_id}: {'deleted' if verb == 'delete' else 'will be tried at once'}")
     return 0

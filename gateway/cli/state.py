@@ -37,6 +37,12 @@ STATUS_QUERIES: dict[str, StatusQuery] = {
         "SELECT p.node, count(*) FROM gateway_mailbox_locks JOIN gateway_processes p"
         " USING (process) WHERE p.lease_until > now() GROUP BY 1 ORDER BY 1",
     ),
+    "spool depth": (
+        "gateway_spool",
+        # By the node holding it (delivering), else the node that accepted it.
+        "SELECT state || ' on ' || coalesce(split_part(lease_holder, ':', 1), node),"
+        " count(*) FROM gateway_spool GROUP BY 1 ORDER BY 1",
+    ),
     "login lockouts": (
         "gateway_penalty_events",
         "SELECT book, count(DISTINCT network) FROM gateway_penalty_events"

@@ -23,8 +23,12 @@ Once no recipient is left to try and some failed, the sender gets a bounce
 the null sender, and the message always becomes a dead letter (spool/dead/,
 listed by `gateway queue list`) with an error line in the log.
 
-`gateway queue retry|delete` from another process leaves a request file in
-spool/control/; the relay looks there every `control_interval` seconds.
+Every `control_interval` seconds the relay asks the spool for messages other
+processes accepted or left behind (`SpoolStore.refresh`: other workers' files,
+or due rows in PostgreSQL nobody alive holds) and carries out the requests
+`gateway queue retry|delete` left in spool/control/. Before each attempt a
+message is claimed (`SpoolStore.claim`), so however many processes list it,
+one delivers it; a claim held elsewhere skips the message until the next look.
 
 Each outcome's log event carries a `delivery` field ("delivered",
 "deferred", "expired", "dead_letter"): the metrics count those, and JSON
@@ -38,20 +42,21 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure as TwistedFailure
 
 from gateway.model import Account, Provider
 from gateway.smtp import dsn
 from gateway.smtp.policy import account_address
+from gateway.smtp.relay_lane import Lane, cancel_call
 from gateway.smtp.relay_session import Session, SessionDeferred, transmit
 from gateway.smtp.relay_trouble import UpstreamTrouble
-from gateway.smtp.spool import QueueEntry, Spool, new_id
+from gateway.smtp.spool_records import QueueEntry, new_id
+from gateway.smtp.spool_store import SpoolStore
 from gateway.timing import timed_step
-from gateway.upstream.smtp import Reply, SMTPClient, SMTPUpstreamError
+from gateway.upstream.smtp import Reply, SMTPUpstreamError
 
 log = Logger(namespace="gateway.smtp.relay")
 
@@ -76,7 +81,7 @@ class Relay(Service):
     def __init__(
         self,
         *,
-        spool: Spool,
+        spool: SpoolStore,
         accounts: Mapping[str, Account],
         providers: Mapping[str, Provider],
         open_session: OpenSession,
@@ -102,6 +107,10 @@ class Relay(Service):
         self.stop_grace = stop_grace
         self.control_interval = control_interval
         self.workers: dict[str, AccountWorker] = {}
+        # Messages whose claim another process held at our last try: left
+        # alone until the next look.
+        self.busy: set[str] = set()
+        self.claim_error: str | None = None
         self._control: LoopingCall | None = None
         self._control_error: str | None = None
         self._stopping = False
@@ -172,12 +181,29 @@ class Relay(Service):
                 self.worker(name).wake()
 
     def check_requests(self) -> Deferred[None]:
-        """Carry out `gateway queue retry|delete` requests left in spool/control/."""
-        return Deferred.fromCoroutine(self._check_requests())
+        """Look for others' messages, then carry out `gateway queue retry|delete`
+        requests left in spool/control/."""
+        return Deferred.fromCoroutine(self._look())
+
+    async def _look(self) -> None:
+        try:
+            found = await self.spool.refresh(self.clock.seconds())
+        except (OSError, ValueError) as e:
+            log.error("smtp spool: looking for messages failed: {error}", error=e)
+            found = []
+        busy, self.busy = self.busy, set()
+        accounts = {e.envelope.account for e in found}
+        accounts |= {
+            self.spool.entries[i].envelope.account for i in busy if i in self.spool.entries
+        }
+        for name in sorted(accounts):
+            if not self._stopping and name in self.accounts:
+                self.worker(name).wake()
+        await self._check_requests()
 
     async def _check_requests(self) -> None:
         try:
-            requests = self.spool.dir.requests()
+            requests = self.spool.requests()
         except OSError as e:
             # Once per distinct error, not every `control_interval`.
             if str(e) != self._control_error:
@@ -189,23 +215,38 @@ class Relay(Service):
             log.info("smtp queue control directory readable again")
         for verb, message_id in requests:
             try:
-                await self._carry_out(verb, message_id)
+                done = await self._carry_out(verb, message_id)
             except OSError as e:
                 log.error(
                     "smtp queue {verb} {id} failed: {error}", verb=verb, id=message_id, error=e
                 )
-            self.spool.dir.request_done(verb, message_id)
+                done = True
+            if done:
+                self.spool.request_done(verb, message_id)
 
-    async def _carry_out(self, verb: str, message_id: str) -> None:
+    async def _carry_out(self, verb: str, message_id: str) -> bool:
+        """False when another process holds the message: asked again later."""
         entry = self.spool.entries.get(message_id)
         if entry is None:
             log.warn("smtp queue {verb} {id}: no such message", verb=verb, id=message_id)
-            return
+            return True
         worker = self.worker(entry.envelope.account)
         if entry.id in worker.in_flight:
             # Being delivered right now: decide when the attempt is over.
             worker.after_attempt[entry.id] = verb
-            return
+            return True
+        if await self.spool.claim(entry) is None:
+            return entry.id not in self.spool.entries
+        try:
+            await self._change(verb, entry)
+        finally:
+            await self.spool.release(entry)
+        if verb == "retry":
+            self.submitted(entry)
+        return True
+
+    async def _change(self, verb: str, entry: QueueEntry) -> None:
+        message_id = entry.id
         if verb == "delete":
             await self.spool.remove(entry)
             log.info(
@@ -216,7 +257,6 @@ class Relay(Service):
         else:
             await self.spool.retry_now(entry, self.clock.seconds())
             log.info("smtp queue: retry of message {id} requested by the admin", id=message_id)
-            self.submitted(entry)
 
 
 class AccountWorker:
@@ -250,8 +290,13 @@ class AccountWorker:
             return []  # removed by a config reload: its messages wait
         now = self.relay.clock.seconds()
         found: list[QueueEntry] = []
+        busy = self.relay.busy
         for entry in self.relay.spool.iter_queued(self.account):
-            if entry.state.next_attempt <= now and entry.id not in self.in_flight:
+            if (
+                entry.state.next_attempt <= now
+                and entry.id not in self.in_flight
+                and entry.id not in busy
+            ):
                 found.append(entry)
                 if limit is not None and len(found) >= limit:
                     break
@@ -277,7 +322,10 @@ class AccountWorker:
             return
         if self.account not in self.relay.accounts:
             return
-        waiting = [e.state.next_attempt for e in self.relay.spool.iter_queued(self.account)]
+        # Those another process holds are looked at again at the next look.
+        busy = self.relay.busy
+        queued = self.relay.spool.iter_queued(self.account)
+        waiting = [e.state.next_attempt for e in queued if e.id not in busy]
         if waiting and self._timer is None:
             delay = max(0.0, min(waiting) - self.relay.clock.seconds())
             self._timer = self.relay.clock.callLater(delay, self.wake)
@@ -288,10 +336,7 @@ class AccountWorker:
         self._timer = None
         return DeferredList([lane.stop() for lane in self.lanes])
 
-    @staticmethod
-    def _cancel(call: IDelayedCall | None) -> None:
-        if call is not None and call.active():
-            call.cancel()
+    _cancel = staticmethod(cancel_call)
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -304,49 +349,91 @@ class AccountWorker:
         self.in_flight.update((e.id, e) for e in entries)
         for entry in entries:
             try:
-                await self._attempt_failed(entry, dict.fromkeys(entry.pending), error.detail)
+                if await self._claim(entry):
+                    try:
+                        await self._attempt_failed(
+                            entry, dict.fromkeys(entry.pending), error.detail
+                        )
+                    finally:
+                        await self.relay.spool.release(entry)
             finally:
                 del self.in_flight[entry.id]
                 await self._after_attempt(entry)
 
+    async def _claim(self, entry: QueueEntry) -> bool:
+        """Hold `entry` for an attempt, if no other process does and it is
+        still due (another process may have tried it meanwhile)."""
+        spool = self.relay.spool
+        try:
+            claimed = await spool.claim(entry)
+        except (OSError, ValueError) as e:
+            # Once per distinct error (a database down fails every claim).
+            if str(e) != self.relay.claim_error:
+                self.relay.claim_error = str(e)
+                log.error("smtp spool: cannot claim message {id}: {error}", id=entry.id, error=e)
+            claimed = None
+        if claimed is None:
+            if entry.id in spool.entries:
+                self.relay.busy.add(entry.id)
+            return False
+        self.relay.claim_error = None
+        if entry.status == "queued" and entry.state.next_attempt <= self.relay.clock.seconds():
+            return True
+        await spool.release(entry)
+        return False
+
     async def deliver(self, lane: Lane, client: Session, entry: QueueEntry) -> None:
         self.in_flight[entry.id] = entry
+        claimed = False
         try:
-            envelope = entry.envelope
-            recipients = entry.pending
-            try:
-                with self.relay.spool.dir.open_message(entry) as source:
-                    sending = transmit(
-                        client,
-                        sender=envelope.sender,
-                        recipients=recipients,
-                        source=source,
-                        size=envelope.size,
-                        eight_bit=envelope.eight_bit or envelope.body == "8BITMIME",
-                    )
-                    provider = self.relay.accounts[self.account].provider
-                    replies = await timed_step("smtp", provider, "send", sending)
-            except SMTPUpstreamError as e:
-                lane.client = None
-                self.trouble.failed(e)
-                not_before = e.retry_after if isinstance(e, SessionDeferred) else None
-                await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail, not_before)
-                return
-            except Exception as e:
-                # A spool file gone or unreadable, or a bug: back off like any
-                # failed attempt instead of retrying in a tight loop.
-                log.failure("smtp relay of {id} failed", id=entry.id)
-                client.abort("internal error")
-                lane.client = None
-                await self._attempt_failed(
-                    entry, dict.fromkeys(recipients), f"internal error: {type(e).__name__}: {e}"
-                )
-                return
-            self.trouble.logged_in()
-            await self._judge(entry, replies, client.peer)
+            claimed = await self._claim(entry)
         finally:
-            del self.in_flight[entry.id]
-            await self._after_attempt(entry)
+            if not claimed:
+                del self.in_flight[entry.id]
+        if not claimed:
+            return
+        try:
+            await self._attempt(lane, client, entry)
+        finally:
+            try:
+                await self.relay.spool.release(entry)
+            finally:
+                del self.in_flight[entry.id]
+                await self._after_attempt(entry)
+
+    async def _attempt(self, lane: Lane, client: Session, entry: QueueEntry) -> None:
+        envelope = entry.envelope
+        recipients = entry.pending
+        try:
+            with await self.relay.spool.open_message(entry) as source:
+                sending = transmit(
+                    client,
+                    sender=envelope.sender,
+                    recipients=recipients,
+                    source=source,
+                    size=envelope.size,
+                    eight_bit=envelope.eight_bit or envelope.body == "8BITMIME",
+                )
+                provider = self.relay.accounts[self.account].provider
+                replies = await timed_step("smtp", provider, "send", sending)
+        except SMTPUpstreamError as e:
+            lane.client = None
+            self.trouble.failed(e)
+            not_before = e.retry_after if isinstance(e, SessionDeferred) else None
+            await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail, not_before)
+            return
+        except Exception as e:
+            # A spool file gone or unreadable, or a bug: back off like any
+            # failed attempt instead of retrying in a tight loop.
+            log.failure("smtp relay of {id} failed", id=entry.id)
+            client.abort("internal error")
+            lane.client = None
+            await self._attempt_failed(
+                entry, dict.fromkeys(recipients), f"internal error: {type(e).__name__}: {e}"
+            )
+            return
+        self.trouble.logged_in()
+        await self._judge(entry, replies, client.peer)
 
     async def _judge(self, entry: QueueEntry, replies: Mapping[str, Reply], peer: str) -> None:
         state = entry.state
@@ -459,7 +546,7 @@ class AccountWorker:
         if not envelope.original_sender:
             return "not bounced (null sender)"
         failures = {r: dsn.Failure(_status(why), why) for r, why in entry.state.failed.items()}
-        with self.relay.spool.dir.open_message(entry) as f:
+        with await self.relay.spool.open_message(entry) as f:
             head = f.read(min(envelope.size, dsn.MAX_ORIGINAL_HEADERS))
         now = self.relay.clock.seconds()
         message = dsn.build_bounce(
@@ -491,93 +578,6 @@ class AccountWorker:
         verb = self.after_attempt.pop(entry.id, None)
         if verb is not None and entry.id in self.relay.spool.entries:
             await self.relay._carry_out(verb, entry.id)
-
-class Lane:
-    """One upstream connection of an account, reused while messages keep coming
-    and closed with QUIT after `keepalive` idle seconds."""
-
-    def __init__(self, worker: AccountWorker, number: int) -> None:
-        self.worker = worker
-        self.number = number
-        self.client: Session | None = None
-        self.running: Deferred[None] | None = None
-        self._idle: IDelayedCall | None = None
-
-    def start(self) -> None:
-        self.worker._cancel(self._idle)
-        self._idle = None
-        self.running = Deferred.fromCoroutine(self._run())
-        self.running.addErrback(self._crashed)
-        self.running.addBoth(self._finished)
-
-    async def _run(self) -> None:
-        worker, relay = self.worker, self.worker.relay
-        while not relay._stopping:
-            if not worker.due(limit=1):
-                return
-            try:
-                client = await self._session()
-            except SMTPUpstreamError as e:
-                await worker.connection_failed(e)
-                continue
-            due = worker.due(limit=1)  # others may have taken it meanwhile
-            if due:
-                await worker.deliver(self, client, due[0])
-
-    async def _session(self) -> Session:
-        if self.client is not None and not self.client.ended:
-            return self.client
-        self.client = None
-        relay = self.worker.relay
-        account = relay.accounts[self.worker.account]
-        self.client = await relay.open_session(account, relay.providers[account.provider])
-        if isinstance(self.client, SMTPClient):
-            # Logged in; a Graph session proves nothing before its first send.
-            self.worker.trouble.logged_in()
-        return self.client
-
-    def _crashed(self, failure: TwistedFailure) -> None:
-        log.failure(
-            "smtp relay worker for account {account} failed", failure, account=self.worker.account
-        )
-
-    def _finished(self, _: object) -> None:
-        self.running = None
-        if self.worker.relay._stopping:
-            return
-        if self.client is not None and self._idle is None:
-            self._idle = self.worker.relay.clock.callLater(
-                self.worker.relay.keepalive, self._close_idle
-            )
-        self.worker.lane_finished()
-
-    def _close_idle(self) -> None:
-        self._idle = None
-        client, self.client = self.client, None
-        if client is not None and not client.ended:
-            client.quit().addErrback(lambda _: None)
-
-    def stop(self) -> Deferred[None]:
-        self.worker._cancel(self._idle)
-        self._idle = None
-        running = self.running
-        if running is None:
-            self._close_idle()
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        grace = self.worker.relay.clock.callLater(self.worker.relay.stop_grace, self._abort)
-
-        def finished(_: object) -> None:
-            self.worker._cancel(grace)
-            self._close_idle()
-            done.callback(None)
-
-        running.addBoth(finished)
-        return done
-
-    def _abort(self) -> None:
-        if self.client is not None:
-            self.client.abort("the gateway is stopping")
 
 
 def _status(why: str) -> str:

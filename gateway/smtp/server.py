@@ -56,7 +56,7 @@ from gateway.smtp.policy import (
 from gateway.smtp.record import LINE as session_line
 from gateway.smtp.record import SessionRecord
 from gateway.smtp.relay_path import can_relay, device_size_limit
-from gateway.smtp.spool import QueueEntry, Spool
+from gateway.smtp.spool_store import QueueEntry, SpoolStore
 
 log = Logger(namespace="gateway.smtp")
 
@@ -581,7 +581,7 @@ class SMTPServerFactory(Factory[SMTPServer]):
     devices: Mapping[str, Device]
     accounts: Mapping[str, Account]
     providers: Mapping[str, Provider]
-    spool: Spool
+    spool: SpoolStore
     on_queued: Callable[[QueueEntry], None]
     clock: IReactorTime
     hostname: str

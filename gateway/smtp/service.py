@@ -1,10 +1,13 @@
 """The SMTP relay as Twisted services: the spool with its relay, and the listeners.
 
-The spool is opened (directories made, lock taken, crash leftovers cleaned,
-queue loaded) in `startService`, which twistd runs after it has dropped
-privileges, so every spool file belongs to the user the gateway runs as. The
-spool service comes before the listeners in the parent, so it is ready before
-the first device connects.
+The spool is the state backend's (`runtime.state`): files under
+`state_dir/spool` (embedded) or the `gateway_spool` table (PostgreSQL, with
+`state_dir/spool-pg/tmp` for large messages being received). It is opened
+(directories made, lock taken, crash leftovers cleaned, queue loaded) in
+`startService`, which twistd runs after it has dropped privileges, so every
+spool file belongs to the user the gateway runs as. The spool service comes
+before the listeners in the parent, so it is ready before the first device
+connects.
 
 The name the gateway gives itself (greeting, EHLO reply, HELO upstream,
 bounces) starts as `socket.gethostname()`, which asks the kernel and never
@@ -35,6 +38,8 @@ from gateway.smtp.relay_path import relays_via_graph
 from gateway.smtp.relay_session import Session
 from gateway.smtp.server import SMTPServerFactory
 from gateway.smtp.spool import Spool, SpoolDir
+from gateway.smtp.spool_pg import PgSpool
+from gateway.smtp.spool_store import SpoolStore
 from gateway.state import StateError
 from gateway.tls import ReloadableServerTLS
 from gateway.upstream.smtp import open_session
@@ -49,7 +54,7 @@ class Named(Protocol):
 class SpoolService(MultiService):
     """Opens the spool, then runs the relay (its child) over it."""
 
-    def __init__(self, spool: Spool, relay: Relay) -> None:
+    def __init__(self, spool: SpoolStore, relay: Relay) -> None:
         super().__init__()
         self.setName("smtp-spool")
         self.spool = spool
@@ -57,11 +62,8 @@ class SpoolService(MultiService):
         relay.setServiceParent(self)
 
     def startService(self) -> None:
-        directory = self.spool.dir
         try:
-            directory.prepare()
-            directory.lock()
-            found = self.spool.load()
+            found = self.spool.open()
         except (StateError, OSError) as e:
             # Before the reactor runs: refuse to start, as for a bad config.
             log.critical("smtp spool cannot be used: {error}", error=str(e))
@@ -70,7 +72,7 @@ class SpoolService(MultiService):
         queued = sum(1 for e in found if e.status == "queued")
         log.info(
             "smtp spool {path}: {queued} queued, {dead} dead letter(s)",
-            path=str(directory.root),
+            path=self.spool.location,
             queued=queued,
             dead=len(found) - queued,
         )
@@ -78,7 +80,7 @@ class SpoolService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[Any] = maybeDeferred(super().stopService)
-        d.addBoth(lambda _: self.spool.dir.unlock())
+        d.addBoth(lambda _: self.spool.close())
         return d
 
 
@@ -129,6 +131,29 @@ def log_ignored(network: NetworkDevices) -> None:
         )
 
 
+def spool_shared(config: Config) -> bool:
+    """Whether worker processes share the embedded spool (issue 14's
+    `workers`): then each takes the spool's lock shared and delivers
+    through per-message claims."""
+    return int(getattr(config, "workers", 1) or 1) > 1
+
+
+def open_spool(runtime: Runtime) -> SpoolStore:
+    """The spool of the state backend this process uses."""
+    config, state = runtime.config, runtime.state
+    if state.database is None:
+        return Spool(SpoolDir(config.state_dir / "spool"), shared=spool_shared(config))
+    spool = PgSpool(
+        state,
+        SpoolDir(config.state_dir / "spool-pg"),
+        clock=runtime.reactor,
+        accounts=runtime.holder.accounts,
+    )
+    if state.lease is not None:
+        state.lease.on_lapse(spool.lapsed)
+    return spool
+
+
 def smtp_services(runtime: Runtime) -> list[IService]:
     """The spool service and one service per `[[smtp.listen]]`; none without listeners."""
     config = runtime.config
@@ -137,7 +162,7 @@ def smtp_services(runtime: Runtime) -> list[IService]:
         return []
     hostname = socket.gethostname()
     reactor = runtime.reactor
-    spool = Spool(SpoolDir(config.state_dir / "spool"))
+    spool = open_spool(runtime)
 
     async def connect_as(account: Account, provider: Provider) -> Session:
         if relays_via_graph(account, provider):

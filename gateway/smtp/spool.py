@@ -1,56 +1,28 @@
-"""The durable SMTP spool: nothing is acknowledged before it is on disk.
+"""The embedded spool: files under ``state_dir/spool`` (`gateway.smtp.spool_files`)
+with an index in memory, shared safely by the worker processes of one host.
 
-Layout under ``state_dir/spool``::
-
-    tmp/       messages being received; whatever is here at start is junk
-    queue/     ID.msg: the message, then its envelope (JSON), then a trailer
-               ID.state: delivery progress (attempts, next try, recipients done)
-    dead/      the same two files for dead letters, with the reason
-    control/   requests from `gateway queue` (retry.ID, delete.ID)
-    lock       flock()ed by the running gateway
-
-One file holds a message and its envelope, written while DATA streams in, so
-accepting a message costs two fsyncs: the file, then the directory after the
-rename from tmp/ to queue/. The rename is the commit point; `250` is sent only
-after both fsyncs. A crash before it leaves a file in tmp/ (the client got no
-`250` and will resend); after it the message is in queue/ and is delivered
-after the restart. The envelope is a trailer (JSON, then a fixed-size line with
-its length) rather than a header because its size and flags are known only at
-the end of DATA, and a header would mean copying the message.
-
-Delivery progress lives in a separate small ID.state file, replaced atomically
-(`gateway.state.atomic_write`), so the message file is never rewritten. A
-delivered message is removed by unlinking ID.msg (then ID.state) and fsyncing
-the directory; an ID.state without its ID.msg is junk from a crash in between.
-
-The exactly-once window: the upstream has the message once it answered `250`
-to the end of DATA; until the unlink of ID.msg is on disk (one unlink and one
-fsync, well under a millisecond here), a crash means the message is sent again
-after the restart. The same holds for a connection lost after the final "."
-but before the upstream's `250` arrived (RFC 1047). Both are duplicates, never
-losses, and both need a crash or a network failure at that exact moment.
-
-`SpoolDir` is the synchronous file layer, shared by the gateway (through a
-thread, so fsync never blocks the reactor) and the `gateway queue` command.
+A lone gateway locks the spool exclusively, as it always did; the workers of
+one gateway lock it shared and each delivers a message only while it holds
+that message's claim (`gateway.smtp.spool_claims`): a `flock` the kernel
+frees when the worker dies, so a worker killed with -9 loses nothing and
+another worker delivers what it had in hand. Each worker looks for the
+messages the others accepted every `control_interval` (`refresh`), and
+re-reads a message's delivery state when it claims it, so attempts counted
+by another worker are not forgotten.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
-from pathlib import Path
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from typing import BinaryIO
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from gateway.smtp.spool_control import ControlRequests, Verb
+from gateway.smtp.spool_claims import Claim
+from gateway.smtp.spool_commit import GroupCommit, RunInThread
+from gateway.smtp.spool_control import Verb
+from gateway.smtp.spool_files import IncomingMessage, SpoolDir, read_envelope
 from gateway.smtp.spool_records import (
     DeliveryState,
     Envelope,
@@ -60,7 +32,6 @@ from gateway.smtp.spool_records import (
     new_id,
     valid_id,
 )
-from gateway.state import atomic_write, ensure_dir, fsync_dir
 
 __all__ = [
     "DeliveryState",
@@ -79,346 +50,9 @@ __all__ = [
 
 log = Logger(namespace="gateway.smtp.spool")
 
-_MAGIC = b"GWSPOOL1 "
-_TRAILER = len(_MAGIC) + 10 + 1  # magic, ten digits, LF
-
-
-class IncomingMessage:
-    """A message being received; becomes a queue entry at commit.
-
-    Up to `SPILL` bytes stay in memory and the file is created at commit, in
-    the spool's thread, so a typical message costs the reactor no blocking
-    file system call at all; a larger one goes to tmp/ as it streams in.
-    """
-
-    SPILL = 256 * 1024
-
-    def __init__(self, spool: SpoolDir, message_id: str) -> None:
-        self.id = message_id
-        self.path = spool.tmp / f"{message_id}.msg"
-        self._buffer = bytearray()
-        self._file: BinaryIO | None = None
-        self._open = True
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        if not self._open or not data:
-            return
-        self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)  # page cache only; the fsync is at commit
-            return
-        self._buffer += data
-        if len(self._buffer) > self.SPILL:
-            self._file = self._create()
-            self._file.write(self._buffer)
-            self._buffer = bytearray()
-
-    def _create(self) -> BinaryIO:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return os.fdopen(fd, "wb")
-
-    def finish(self, envelope: Envelope) -> None:
-        """Write what is left and the envelope trailer, and fsync (spool thread)."""
-        assert self._open
-        self._open = False
-        f = self._file if self._file is not None else self._create()
-        self._file = None
-        try:
-            blob = envelope.to_json()
-            f.write(bytes(self._buffer) + blob + b"\n" + _MAGIC + b"%010d\n" % len(blob))
-            self._buffer = bytearray()
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            f.close()
-
-    def abort(self) -> None:
-        """Drop the partial message (no 250 was sent for it)."""
-        self._open = False
-        self._buffer = bytearray()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-class SpoolDir:
-    """The spool's files: every operation is synchronous and crash-safe."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.tmp = self.root / "tmp"
-        self.queue = self.root / "queue"
-        self.dead = self.root / "dead"
-        self.control = self.root / "control"
-        self.requests_dir = ControlRequests(self.control)
-        self._lock_fd: int | None = None
-
-    def prepare(self) -> SpoolDir:
-        for path in (self.root, self.tmp, self.queue, self.dead, self.control):
-            ensure_dir(path)
-        return self
-
-    # -- the running gateway's lock ----------------------------------------
-
-    def lock(self, timeout: float = 3.0) -> None:
-        """Take the spool for this process; refuse a second gateway on it."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise SpoolError(
-                        f"spool {self.root} is in use by another gateway process"
-                    ) from None
-                time.sleep(0.05)
-        self._lock_fd = fd
-
-    @property
-    def locked(self) -> bool:
-        """Whether this process holds the spool (readiness)."""
-        return self._lock_fd is not None
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    @contextlib.contextmanager
-    def offline(self) -> Iterator[bool]:
-        """For `gateway queue`: yields True, holding the lock, when no gateway
-        runs (the command may change files itself); False when one does (the
-        command leaves a request in control/ for it)."""
-        path = self.root / "lock"
-        if not path.exists():
-            yield True
-            return
-        fd = os.open(path, os.O_RDWR)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
-
-    # -- receiving -----------------------------------------------------------
-
-    def incoming(self, message_id: str) -> IncomingMessage:
-        return IncomingMessage(self, message_id)
-
-    def commit(self, incoming: IncomingMessage, envelope: Envelope) -> QueueEntry:
-        """fsync the message, move it into queue/, fsync the directory."""
-        [result] = self.commit_many([(incoming, envelope)])
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def commit_many(
-        self, items: list[tuple[IncomingMessage, Envelope]]
-    ) -> list[QueueEntry | OSError]:
-        """Group commit: each message fsynced and renamed, then one directory fsync.
-
-        A message that failed (disk full) is reported alone; if the final
-        directory fsync fails, none of them is committed.
-        """
-        results: list[QueueEntry | OSError] = []
-        for incoming, envelope in items:
-            try:
-                incoming.finish(envelope)
-                os.rename(incoming.path, self.queue / f"{envelope.id}.msg")
-            except OSError as e:
-                incoming.abort()
-                results.append(e)
-            else:
-                results.append(QueueEntry(envelope, DeliveryState()))
-        if any(isinstance(r, QueueEntry) for r in results):
-            try:
-                fsync_dir(self.queue)
-            except OSError as e:
-                return [e] * len(items)
-        return results
-
-    def add(self, envelope: Envelope, message: bytes) -> QueueEntry:
-        """Spool a message the gateway wrote itself (a bounce)."""
-        incoming = self.incoming(envelope.id)
-        try:
-            incoming.write(message)
-        except BaseException:
-            incoming.abort()
-            raise
-        return self.commit(incoming, replace(envelope, size=len(message)))
-
-    # -- reading ---------------------------------------------------------------
-
-    def message_path(self, entry: QueueEntry) -> Path:
-        return (self.queue if entry.status == "queued" else self.dead) / f"{entry.id}.msg"
-
-    def open_message(self, entry: QueueEntry) -> BinaryIO:
-        """The spooled file; the message is its first `envelope.size` bytes."""
-        return open(self.message_path(entry), "rb")
-
-    def scan(self, *, clean: bool = True) -> list[QueueEntry]:
-        """Every queued and dead entry, oldest first.
-
-        With `clean` (only the gateway, at start, holding the lock) crash junk
-        goes first: partial messages in tmp/, a state file whose message was
-        already removed or moved, temp files of an interrupted state update.
-        `gateway queue list` reads with `clean=False` while the gateway runs.
-        """
-        if clean:
-            for junk in self.tmp.iterdir():
-                junk.unlink()
-        entries: list[QueueEntry] = []
-        for directory, status in self._directories():
-            names = {p.name for p in directory.iterdir()}
-            for name in sorted(names):
-                stem, _, suffix = name.partition(".")
-                if suffix == "msg":
-                    try:
-                        entries.append(self._read(directory, stem, status))
-                    except SpoolError as e:
-                        # Left where it is for the admin; one bad file must
-                        # not keep every other message from going out.
-                        if clean:
-                            log.error("smtp spool: skipping {problem}", problem=str(e))
-                elif clean and (
-                    (suffix == "state" and f"{stem}.msg" not in names)
-                    or (name.startswith(".") and name.endswith(".tmp"))
-                ):
-                    (directory / name).unlink()
-        return sorted(entries, key=lambda e: e.id)
-
-    def _directories(self) -> tuple[tuple[Path, Status], ...]:
-        return ((self.queue, "queued"), (self.dead, "dead"))
-
-    def read(self, message_id: str) -> QueueEntry | None:
-        for directory, status in self._directories():
-            if (directory / f"{message_id}.msg").exists():
-                return self._read(directory, message_id, status)
-        return None
-
-    def _read(self, directory: Path, message_id: str, status: Status) -> QueueEntry:
-        path = directory / f"{message_id}.msg"
-        try:
-            envelope = read_envelope(path)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise SpoolError(f"spool file {path} is damaged: {e}") from None
-        state_path = directory / f"{message_id}.state"
-        try:
-            state = DeliveryState.from_json(state_path.read_bytes())
-        except FileNotFoundError:
-            state = DeliveryState()
-        except (ValueError, TypeError) as e:
-            raise SpoolError(f"spool file {state_path} is damaged: {e}") from None
-        return QueueEntry(envelope, state, status)
-
-    # -- progress ----------------------------------------------------------------
-
-    def save_state(self, entry: QueueEntry) -> None:
-        directory = self.queue if entry.status == "queued" else self.dead
-        atomic_write(directory / f"{entry.id}.state", entry.state.to_json())
-
-    def remove(self, entry: QueueEntry) -> None:
-        """Delivered or deleted: the unlink of ID.msg is the commit."""
-        [result] = self.remove_many([entry])
-        if result is not None:
-            raise result
-
-    def remove_many(self, entries: list[QueueEntry]) -> list[OSError | None]:
-        """Unlink each message, fsync the directories once, then the state files."""
-        directories = set()
-        for entry in entries:
-            directory = self.queue if entry.status == "queued" else self.dead
-            directories.add(directory)
-            with contextlib.suppress(FileNotFoundError):
-                (directory / f"{entry.id}.msg").unlink()
-        try:
-            for directory in directories:
-                fsync_dir(directory)
-        except OSError as e:
-            return [e] * len(entries)
-        for entry in entries:
-            directory = self.queue if entry.status == "queued" else self.dead
-            with contextlib.suppress(FileNotFoundError):
-                (directory / f"{entry.id}.state").unlink()
-        return [None] * len(entries)
-
-    def bury(self, entry: QueueEntry, reason: str) -> None:
-        """Move a queued entry to dead/, keeping the message and why it died."""
-        entry.state.dead_reason = reason
-        atomic_write(self.dead / f"{entry.id}.state", entry.state.to_json())
-        os.rename(self.queue / f"{entry.id}.msg", self.dead / f"{entry.id}.msg")
-        fsync_dir(self.dead)
-        fsync_dir(self.queue)
-        with contextlib.suppress(FileNotFoundError):
-            (self.queue / f"{entry.id}.state").unlink()
-        entry.status = "dead"
-
-    def revive(self, entry: QueueEntry, now: float) -> None:
-        """Queue a dead letter again (admin retry); recipients already served stay so."""
-        entry.state = DeliveryState(
-            retry_base=now, next_attempt=now, delivered=list(entry.state.delivered)
-        )
-        atomic_write(self.queue / f"{entry.id}.state", entry.state.to_json())
-        os.rename(self.dead / f"{entry.id}.msg", self.queue / f"{entry.id}.msg")
-        fsync_dir(self.queue)
-        fsync_dir(self.dead)
-        with contextlib.suppress(FileNotFoundError):
-            (self.dead / f"{entry.id}.state").unlink()
-        entry.status = "queued"
-
-    def retry_now(self, entry: QueueEntry, now: float) -> None:
-        """Admin retry of a queued entry: try at once, lifetime restarts now."""
-        if entry.status == "dead":
-            self.revive(entry, now)
-            return
-        entry.state.next_attempt = now
-        entry.state.retry_base = now
-        self.save_state(entry)
-
-    # -- requests from `gateway queue` while the gateway runs ---------------------
-
-    def request(self, verb: Verb, message_id: str) -> None:
-        self.requests_dir.request(verb, message_id)
-
-    def requests(self) -> list[tuple[Verb, str]]:
-        return self.requests_dir.pending()
-
-    def request_done(self, verb: str, message_id: str) -> None:
-        self.requests_dir.done(verb, message_id)
-
-
-def read_envelope(path: Path) -> Envelope:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        total = f.tell()
-        if total < _TRAILER:
-            raise ValueError("no envelope trailer")
-        f.seek(total - _TRAILER)
-        trailer = f.read(_TRAILER)
-        if not trailer.startswith(_MAGIC) or not trailer.endswith(b"\n"):
-            raise ValueError("no envelope trailer")
-        length = int(trailer[len(_MAGIC) : -1])
-        start = total - _TRAILER - 1 - length
-        if start < 0:
-            raise ValueError("envelope length out of range")
-        f.seek(start)
-        envelope = Envelope.from_json(f.read(length))
-    if envelope.size != start:
-        raise ValueError(f"message size {start} does not match the envelope's {envelope.size}")
-    return envelope
-
-
-RunInThread = Callable[..., "Deferred[Any]"]
+# With workers sharing the spool, crash junk younger than this may be a
+# message another worker is receiving right now.
+SHARED_JUNK_AGE = 3600.0
 
 
 class Spool:
@@ -429,22 +63,58 @@ class Spool:
     its next message costs the size of its own queue, not the whole spool's.
     """
 
-    def __init__(self, directory: SpoolDir, *, run_in_thread: RunInThread = deferToThread) -> None:
+    def __init__(
+        self,
+        directory: SpoolDir,
+        *,
+        run_in_thread: RunInThread = deferToThread,
+        shared: bool = False,
+    ) -> None:
         self.dir = directory
         self._run = run_in_thread
+        self.shared = shared
         self.entries: dict[str, QueueEntry] = {}
         self._queued: dict[str, dict[str, QueueEntry]] = {}
         self._commits = GroupCommit(directory.commit_many, run_in_thread)
         self._removals = GroupCommit(directory.remove_many, run_in_thread)
+        self._held: dict[str, Claim] = {}
+
+    # -- opening -----------------------------------------------------------------
+
+    def open(self) -> list[QueueEntry]:
+        """Directories made, lock taken, crash leftovers cleaned, queue loaded."""
+        self.dir.prepare()
+        self.dir.lock(shared=self.shared)
+        return self.load()
+
+    def close(self) -> None:
+        for claim in self._held.values():
+            claim.release()
+        self._held = {}
+        self.dir.unlock()
+
+    @property
+    def location(self) -> str:
+        return str(self.dir.root)
+
+    @property
+    def usable(self) -> str | None:
+        if not self.dir.locked:
+            return f"spool {self.dir.root} is not open (not locked by this process)"
+        if not self.dir.queue.is_dir():
+            return f"spool queue {self.dir.queue} is missing"
+        return None
 
     def load(self) -> list[QueueEntry]:
         """At start, before any listener: what a previous run left behind."""
-        found = self.dir.scan()
+        found = self.dir.scan(junk_age=SHARED_JUNK_AGE if self.shared else 0.0)
         self.entries = {}
         self._queued = {}
         for entry in found:
             self.track(entry)
         return found
+
+    # -- the index ---------------------------------------------------------------
 
     def track(self, entry: QueueEntry) -> None:
         """Put an entry (new, or changed status) into the index."""
@@ -460,6 +130,16 @@ class Spool:
         self.entries.pop(entry.id, None)
         self._queued.get(entry.envelope.account, {}).pop(entry.id, None)
 
+    def queued(self, account: str) -> list[QueueEntry]:
+        """The account's queued entries, oldest first."""
+        return list(self._queued.get(account, {}).values())
+
+    def iter_queued(self, account: str) -> Iterator[QueueEntry]:
+        """The same without a copy: only for loops that do not wait."""
+        return iter(self._queued.get(account, {}).values())
+
+    # -- receiving ---------------------------------------------------------------
+
     def incoming(self, now: float) -> IncomingMessage:
         return self.dir.incoming(new_id(now))
 
@@ -474,11 +154,52 @@ class Spool:
         self.track(entry)
         return entry
 
+    # -- delivering ----------------------------------------------------------------
+
+    async def claim(self, entry: QueueEntry) -> QueueEntry | None:
+        claim: Claim | None = await self._run(self._claim, entry)
+        if claim is None:
+            return None
+        if claim.gone:
+            claim.release()
+            self.forget(entry)
+            return None
+        self._held[entry.id] = claim
+        self.track(entry)  # its status may have changed in another process
+        return entry
+
+    def _claim(self, entry: QueueEntry) -> Claim | None:
+        claim = self.dir.claims.take(entry.id)
+        if claim is None or claim.gone:
+            return claim
+        try:
+            # A file gone without a "done" mark was removed behind the
+            # gateway's back: the attempt reports it, as it always did.
+            self.dir.reread(entry)
+        except BaseException:
+            claim.release()
+            raise
+        return claim
+
+    async def release(self, entry: QueueEntry) -> None:
+        claim = self._held.pop(entry.id, None)
+        if claim is not None:
+            claim.release()
+
+    async def open_message(self, entry: QueueEntry) -> BinaryIO:
+        return self.dir.open_message(entry)
+
     async def save(self, entry: QueueEntry) -> None:
         await self._run(self.dir.save_state, entry)
 
     async def remove(self, entry: QueueEntry) -> None:
         await self._removals.submit(entry)
+        claim = self._held.get(entry.id)
+        if claim is not None:
+            if self.shared:
+                claim.mark_removed()  # for the other workers' indexes
+            else:
+                self.dir.claims.discard(claim)
         self.forget(entry)
 
     async def bury(self, entry: QueueEntry, reason: str) -> None:
@@ -489,57 +210,54 @@ class Spool:
         await self._run(self.dir.retry_now, entry, now)
         self.track(entry)
 
-    def queued(self, account: str) -> list[QueueEntry]:
-        """The account's queued entries, oldest first."""
-        return list(self._queued.get(account, {}).values())
+    async def refresh(self, now: float) -> list[QueueEntry]:
+        """With workers sharing the spool: the messages the others accepted
+        (or a dead one left), and those they removed dropped from the index."""
+        if not self.shared:
+            return []
+        # Only what was indexed before the listing: a message committed
+        # meanwhile may be missing from it.
+        before = set(self.entries)
+        present: dict[str, Status] = await self._run(self.dir.names)
+        for message_id in [i for i in before if i not in present and i in self.entries]:
+            if message_id not in self._held:
+                self.forget(self.entries[message_id])
+        new = [i for i in present if i not in self.entries]
+        found: list[QueueEntry] = await self._run(self._read_new, new, set(present))
+        for entry in found:
+            self.track(entry)
+        return found
 
-    def iter_queued(self, account: str) -> Iterator[QueueEntry]:
-        """The same without a copy: only for loops that do not wait."""
-        return iter(self._queued.get(account, {}).values())
+    def _read_new(self, ids: list[str], present: set[str]) -> list[QueueEntry]:
+        found = []
+        for message_id in ids:
+            try:
+                entry = self.dir.read(message_id)
+            except SpoolError:
+                continue  # being written or damaged; the next look tells
+            if entry is not None:
+                found.append(entry)
+        self.dir.claims.sweep(present)
+        return found
 
+    async def listing(self) -> list[QueueEntry]:
+        if self.shared:  # other workers' messages too, as they are on disk
+            found: list[QueueEntry] = await self._run(self.dir.scan, clean=False)
+            return found
+        return sorted(self.entries.values(), key=lambda e: e.id)
 
-class GroupCommit:
-    """Runs one kind of file work in batches in the spool's thread.
+    # -- admin requests ---------------------------------------------------------------
 
-    What is submitted while a batch is in the thread waits and goes with the
-    next batch, so under load many messages share one thread hand-off and one
-    directory fsync (group commit), and an idle gateway still commits each
-    message at once. `work` gets a list of items and returns one result per
-    item: the value, or an exception to raise to that item's waiter.
-    """
+    async def request(self, verb: Verb, message_id: str) -> bool:
+        """What `gateway queue retry|delete` does while the gateway runs: a
+        request file the relay (of whichever worker) carries out within seconds."""
+        if message_id not in self.entries:
+            return False
+        self.dir.request(verb, message_id)
+        return True
 
-    def __init__(self, work: Callable[[list[Any]], list[Any]], run_in_thread: RunInThread) -> None:
-        self._work = work
-        self._run = run_in_thread
-        self._pending: list[tuple[Any, Deferred[Any]]] = []
-        self._busy = False
+    def requests(self) -> list[tuple[Verb, str]]:
+        return self.dir.requests()
 
-    def submit(self, item: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self._pending.append((item, d))
-        self._kick()
-        return d
-
-    def _kick(self) -> None:
-        if self._busy or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        self._busy = True
-        done = self._run(self._work, [item for item, _ in batch])
-
-        def finished(results: list[Any]) -> None:
-            self._busy = False
-            for (_, d), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    d.errback(Failure(result))
-                else:
-                    d.callback(result)
-            self._kick()
-
-        def failed(failure: Failure) -> None:
-            self._busy = False
-            for _, d in batch:
-                d.errback(failure)
-            self._kick()
-
-        done.addCallbacks(finished, failed)
+    def request_done(self, verb: str, message_id: str) -> None:
+        self.dir.request_done(verb, message_id)

@@ -40,13 +40,20 @@ def migrations() -> list[Migration]:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StateError(f"migration files are not numbered 1..n: {versions}")
+    if len(set(versions)) != len(versions):
+        raise StateError(f"two migration files share a number: {versions}")
     return found
 
 
 def latest_version() -> int:
-    return len(migrations())
+    return max((m.version for m in migrations()), default=0)
+
+
+def applied_versions(connection: psycopg.Connection[Any]) -> set[int]:
+    row = connection.execute("SELECT to_regclass('gateway_schema') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return set()
+    return {int(v) for (v,) in connection.execute("SELECT version FROM gateway_schema")}
 
 
 def _ensure_table(connection: psycopg.Connection[Any]) -> None:
@@ -68,8 +75,10 @@ def current_version(connection: psycopg.Connection[Any]) -> int:
 
 
 def migrate(connection: psycopg.Connection[Any]) -> list[Migration]:
-    """Apply every missing migration, each in its own transaction; return
-    those applied. `connection` must be in autocommit mode."""
+    """Apply every missing migration, in order, each in its own transaction;
+    return those applied. "Missing" is by number, not "above the highest":
+    files are numbered as the pieces of state were written, not always in
+    the order they land. `connection` must be in autocommit mode."""
     applied = []
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -77,7 +86,7 @@ def migrate(connection: psycopg.Connection[Any]) -> list[Migration]:
     for migration in migrations():
         with connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            if current_version(connection) >= migration.version:
+            if migration.version in applied_versions(connection):
                 continue
             connection.execute(migration.sql.encode())
             connection.execute(
@@ -91,7 +100,8 @@ def migrate(connection: psycopg.Connection[Any]) -> list[Migration]:
 def check(connection: psycopg.Connection[Any]) -> int:
     """The schema version, if it is the one this gateway needs; else why not."""
     have, want = current_version(connection), latest_version()
-    if have < want:
+    missing = {m.version for m in migrations()} - applied_versions(connection)
+    if missing:
         raise StateError(
             f"the state database has schema version {have}, this gateway needs {want}:"
             " run `gateway state migrate`"

@@ -24,7 +24,7 @@ from gateway.model import AdminSettings, Config
 from gateway.oauth.http import TreqPoster
 from gateway.penalties import penalty_book
 from gateway.runtime import Runtime
-from gateway.smtp.spool import Spool
+from gateway.smtp.spool_store import SpoolStore as Spool
 
 __all__ = ["Console", "console_resource"]
 

@@ -36,8 +36,8 @@ from gateway.model import Config
 from gateway.oauth.admin import CommandFailed
 from gateway.oauth.errors import OAuthError
 from gateway.sessions import log_value
-from gateway.smtp.spool import Spool
 from gateway.smtp.spool_records import valid_id
+from gateway.smtp.spool_store import SpoolStore as Spool
 from gateway.state.database import StateUnavailable
 
 log = Logger(namespace="gateway.admin.console")
@@ -266,7 +266,17 @@ class Console:
         session = await self._admin(request)
         if session is None:
             return b""
-        rows = views.queue(self.state.spool, self.state.clock.seconds())
+        # The embedded spool answers at once; PostgreSQL's listing waits.
+        return await self._queue_page(request, session)
+
+    async def _queue_page(self, request: Request, session: Session) -> bytes:
+        spool = self.state.spool
+        try:
+            entries = await spool.listing() if spool is not None else None
+        except OSError as e:
+            entries = None
+            session.notices.append(f"the spool cannot be read now: {e}")
+        rows = views.queue(entries, self.state.clock.seconds())
         return self._render(
             request, "queue.html", session, messages=rows, spool=self.state.spool is not None
         )
@@ -286,14 +296,18 @@ class Console:
         if verb not in ("retry", "delete") or not valid_id(message_id) or spool is None:
             request.setResponseCode(404)
             return b"no such action\n"
-        if message_id not in spool.entries:
+        try:
+            # What `gateway queue retry|delete` does while the gateway runs:
+            # a request the relay (of whichever process) carries out within seconds.
+            known = await spool.request("retry" if verb == "retry" else "delete", message_id)
+        except OSError as e:
+            await self.sessions.note(session, f"{message_id}: {verb} failed: {e}")
+            known = None
+        if known is False:
             await self.sessions.note(
                 session, f"no message {message_id} (already delivered or deleted?)"
             )
-        else:
-            # What `gateway queue retry|delete` does while the gateway runs:
-            # a request file the relay carries out within seconds.
-            spool.dir.request("retry" if verb == "retry" else "delete", message_id)
+        elif known:
             audit(f"queue-{verb}", session.admin, message_id)
             await self.sessions.note(
                 session, f"{message_id}: {verb} requested; carried out within seconds"

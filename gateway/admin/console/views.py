@@ -20,7 +20,8 @@ from gateway.admin.metrics import GatewayMetrics
 from gateway.model import Config
 from gateway.oauth.admin import status_report
 from gateway.oauth.refusal import KINDS_BY_NAME
-from gateway.smtp.spool import Spool
+from gateway.smtp.spool_store import QueueEntry
+from gateway.smtp.spool_store import SpoolStore as Spool
 from gateway.units import short_duration
 
 # Token states (as `gateway oauth status` names them) that need the admin.
@@ -172,11 +173,12 @@ def token_report(
     return {entry["account"]: entry for entry in report}, None
 
 
-def queue(spool: Spool | None, now: float) -> list[dict[str, Any]]:
-    if spool is None:
+def queue(entries: Iterable[QueueEntry] | None, now: float) -> list[dict[str, Any]]:
+    """`entries`: the spool's `listing()` (every node's, on PostgreSQL)."""
+    if entries is None:
         return []
     rows = []
-    for entry in sorted(spool.entries.values(), key=lambda e: e.id):
+    for entry in sorted(entries, key=lambda e: e.id):
         env, state = entry.envelope, entry.state
         rows.append(
             {
