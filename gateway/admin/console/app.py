@@ -259,8 +259,9 @@ class Console:
         )
 
     @app.route("/queue", methods=["GET"])
-    def queue(self, request: Request) -> bytes | Deferred[bytes]:
-        return _answer(request, self._queue(request))
+    def queue(self, request: Request) -> Deferred[bytes]:
+        # Always a Deferred: the spool's listing may wait (PostgreSQL).
+        return Deferred.fromCoroutine(_unless_unavailable(request, self._queue(request)))
 
     async def _queue(self, request: Request) -> bytes:
         session = await self._admin(request)
@@ -284,8 +285,10 @@ class Console:
     # -- actions ---------------------------------------------------------------
 
     @app.route("/queue/<message_id>/<verb>", methods=["POST"])
-    def queue_action(self, request: Request, message_id: str, verb: str) -> bytes | Deferred[bytes]:
-        return _answer(request, self._queue_action(request, message_id, verb))
+    def queue_action(self, request: Request, message_id: str, verb: str) -> Deferred[bytes]:
+        # Always a Deferred: the spool's request may wait (PostgreSQL).
+        page = self._queue_action(request, message_id, verb)
+        return Deferred.fromCoroutine(_unless_unavailable(request, page))
 
     async def _queue_action(self, request: Request, message_id: str, verb: str) -> bytes:
         session = await self._admin(request, post=True)
