@@ -31,11 +31,12 @@ from gateway.locks import MailboxLocks
 from gateway.locks.choose import mailbox_locks
 from gateway.maildrop import Maildrop, UpstreamUnavailable
 from gateway.maildrop.graph import open_graph_maildrop
-from gateway.maildrop.graph_sizes import GraphSizeStore
+from gateway.maildrop.graph_sizes import GraphSizeStore, PostgresSizeStore, SizeMap
 from gateway.maildrop.imap import open_imap_maildrop
 from gateway.maildrop.imap_keeper import IMAPKeeper
 from gateway.maildrop.pop3 import open_pop3_maildrop
-from gateway.maildrop.uidl_map import UIDStore
+from gateway.maildrop.uidl_map import UIDLMap, UIDStore
+from gateway.maildrop.uidl_map_pg import PostgresUIDLMap
 from gateway.model import Account, Config, Listener
 from gateway.proxy_protocol import ProxyProtocolFactory
 from gateway.state import StateError
@@ -66,9 +67,10 @@ class Runtime:
     listener_tls: list[ReloadableServerTLS] = field(default_factory=list)
     # The UIDL map of IMAP-backed accounts; opened at the first IMAP login,
     # after twistd has dropped privileges, so the file belongs to the gateway.
-    uid_store: UIDStore | None = None
+    # In the state database with the postgresql backend.
+    uid_store: UIDLMap | None = None
     # Exact sizes of Graph-backed accounts' messages; opened like `uid_store`.
-    graph_sizes: GraphSizeStore | None = None
+    graph_sizes: SizeMap | None = None
     # The upstream IMAP connections kept per account between device sessions.
     imap_keeper: IMAPKeeper = field(init=False)
     # What reads the configuration subscribes here, or reads its live mappings.
@@ -120,16 +122,22 @@ class Runtime:
             expiry=identity.certificate.to_cryptography().not_valid_after_utc.isoformat(),
         )
 
-    def imap_uid_store(self) -> UIDStore:
+    def imap_uid_store(self) -> UIDLMap:
         if self.uid_store is None:
+            if self.state.database is not None:
+                self.uid_store = PostgresUIDLMap(self.state.database)
+                return self.uid_store
             try:
                 self.uid_store = UIDStore.in_state_dir(self.config.state_dir)
             except StateError as e:
                 raise UpstreamUnavailable(str(e)) from None
         return self.uid_store
 
-    def graph_size_store(self) -> GraphSizeStore:
+    def graph_size_store(self) -> SizeMap:
         if self.graph_sizes is None:
+            if self.state.database is not None:
+                self.graph_sizes = PostgresSizeStore(self.state.database)
+                return self.graph_sizes
             try:
                 self.graph_sizes = GraphSizeStore.in_state_dir(self.config.state_dir)
             except StateError as e:

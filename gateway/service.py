@@ -23,15 +23,17 @@ from gateway.pop3.service import pop3_services
 from gateway.reload import Reloader, ReloadOnHangup
 from gateway.runtime import Runtime
 from gateway.smtp.service import smtp_services
-from gateway.state.backend import StateService, open_state_backend
+from gateway.state.backend import StateBackend, StateService, open_state_backend
 from gateway.tls import load_server_identity
 
 
-def token_manager(config: Config, reactor: Any) -> TokenManager | None:
+def token_manager(
+    config: Config, reactor: Any, state: StateBackend | None = None
+) -> TokenManager | None:
     """The OAuth2 token manager, if any account needs one (none: no key is created)."""
     if not any(account.auth == "oauth2" for account in config.accounts.values()):
         return None
-    return TokenManager(config, clock=reactor, reactor=reactor)
+    return TokenManager(config, clock=reactor, reactor=reactor, state=state)
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
@@ -51,8 +53,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         ),
         state_backend=state,
     )
-    reloader = Reloader(runtime, parent=top, make_tokens=lambda c: token_manager(c, reactor))
-    tokens = token_manager(config, reactor)
+    reloader = Reloader(runtime, parent=top, make_tokens=lambda c: token_manager(c, reactor, state))
+    tokens = token_manager(config, reactor, state)
     if tokens is not None:
         # Before the listeners: it loads the store when started (after twistd
         # has dropped privileges), ahead of the first device login.

@@ -92,9 +92,12 @@ def token_store_usable(manager: TokenManager) -> Check:
         problem = manager.store_problem
         if problem is not None:
             return problem
-        if manager.store is None:
+        store = manager.store
+        if store is None:
             return "token store not opened yet"
-        directory = manager.store.directory
+        directory = getattr(store, "directory", None)
+        if directory is None:
+            return store.problem()
         try:
             with os.scandir(directory):
                 pass

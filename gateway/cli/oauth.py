@@ -4,7 +4,8 @@
   authorization code with PKCE; for app-only client credentials and service
   account grants, which the gateway runs by itself anyway, it proves the
   set-up) and stores the tokens, encrypted, in the gateway's state
-  directory. A running gateway picks them up by itself (it notices the file
+  directory (with ``[state] backend = "postgresql"``: in the shared
+  database). A running gateway picks them up by itself (it notices the
   change); no restart.
 - ``gateway oauth status [ACCOUNT...]``: per account, its state, token expiry,
   last refresh and last error, as the running gateway last recorded them.
@@ -45,6 +46,7 @@ from gateway.oauth.errors import AuthorizationFailed, OAuthError
 from gateway.oauth.http import TreqPoster
 from gateway.oauth.keys import KEY_ENV, encode_key, new_key
 from gateway.state import StateError
+from gateway.state.database import StateUnavailable
 
 if TYPE_CHECKING:
     from gateway.cli.common import Commands
@@ -160,7 +162,7 @@ def _run_authorize(args: argparse.Namespace) -> int:
         refusal = getattr(e, "refusal", None)
         advice = f" [{refusal.for_account(args.account)}]" if refusal is not None else ""
         return fail("oauth authorize", f"{e}{advice}")
-    except (CommandFailed, StateError, NoOAuthClient) as e:
+    except (CommandFailed, StateError, StateUnavailable, NoOAuthClient) as e:
         return fail("oauth authorize", str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -175,7 +177,7 @@ def _run_status(args: argparse.Namespace) -> int:
         return 1
     try:
         report = status_report(config, args.accounts, now=time.time())
-    except (CommandFailed, StateError) as e:
+    except (CommandFailed, StateError, StateUnavailable) as e:
         return fail("oauth status", str(e))
     if args.json:
         emit_json({"accounts": report})
@@ -200,14 +202,14 @@ def _run_revoke(args: argparse.Namespace) -> int:
         provider_outcome = (
             run_on_reactor(at_provider) if has_revocation(config, args.account) else "no_endpoint"
         )
-    except (CommandFailed, StateError) as e:
+    except (CommandFailed, StateError, StateUnavailable) as e:
         return fail("oauth revoke", str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     try:
         result = revoke_account(config, args.account, now=time.time())
-    except (CommandFailed, StateError) as e:
+    except (CommandFailed, StateError, StateUnavailable) as e:
         return fail("oauth revoke", str(e))
     result["provider_revocation"] = provider_outcome
     _print_result(args, result, _describe_revoked(args.account, provider_outcome))

@@ -31,11 +31,20 @@ RECENT = "10 minutes"
 # name -> (table that must exist, query returning rows of (label, count)).
 StatusQuery = tuple[str, str]
 STATUS_QUERIES: dict[str, StatusQuery] = {
+    "uidl maps": (
+        "gateway_uidl_mailboxes",
+        "SELECT 'accounts', count(*) FROM gateway_uidl_mailboxes",
+    ),
     "locks held": (
         "gateway_mailbox_locks",
         # Only live holders: a dead process's rows are free for the taking.
         "SELECT p.node, count(*) FROM gateway_mailbox_locks JOIN gateway_processes p"
         " USING (process) WHERE p.lease_until > now() GROUP BY 1 ORDER BY 1",
+    ),
+    "oauth tokens": (
+        "gateway_oauth_tokens",
+        "SELECT state || CASE WHEN refresh_until > now() THEN ' (refreshing)' ELSE '' END,"
+        " count(*) FROM gateway_oauth_tokens GROUP BY 1 ORDER BY 1",
     ),
     "spool depth": (
         "gateway_spool",

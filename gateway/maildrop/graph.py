@@ -46,10 +46,11 @@ from gateway.maildrop import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from gateway.maildrop.graph_sizes import GraphSizeStore
+from gateway.maildrop.graph_sizes import SizeMap
 from gateway.maildrop.graph_wire import CRLFLines, WireCounter
 from gateway.maildrop.imap_writers import TopWriter
 from gateway.state import StateError
+from gateway.state.database import StateUnavailable
 from gateway.timing import timed_step
 from gateway.tls import TLSSetupError, load_trust_root
 from gateway.upstream.graph import (
@@ -102,7 +103,7 @@ class GraphMaildrop:
         account: Account,
         messages: Sequence[GraphMessage],
         *,
-        sizes: GraphSizeStore | None,
+        sizes: SizeMap | None,
         pool: HTTPConnectionPool | None = None,
     ) -> None:
         self.mailbox = mailbox
@@ -186,10 +187,8 @@ class GraphMaildrop:
             size=message.size,
         )
         if self._store is not None:
-            try:
-                self._store.record(self._account.name, {message.id: actual}, ())
-            except StateError as e:
-                log.warn("{error}", error=str(e))
+            recorded = self._store.record_sizes(self._account.name, {message.id: actual}, ())
+            recorded.addErrback(_warn_store_failure)
 
     # -- QUIT
 
@@ -295,7 +294,7 @@ async def open_graph_maildrop(
     *,
     reactor: Any,
     tokens: GraphTokens | None,
-    sizes: GraphSizeStore | None,
+    sizes: SizeMap | None,
     http: HTTPClient | None = None,
     slots: MailboxSlots = SHARED_SLOTS,
     measure_limit: int = MEASURE_PER_LOGIN,
@@ -343,7 +342,7 @@ async def open_graph_maildrop(
 
 
 async def _snapshot(
-    mailbox: GraphMailbox, account: Account, store: GraphSizeStore | None, limit: int
+    mailbox: GraphMailbox, account: Account, store: SizeMap | None, limit: int
 ) -> list[GraphMessage]:
     folder = await mailbox.folder_id(account.folder)
     listed = await mailbox.list_messages(folder, LIST_FIELDS)
@@ -357,14 +356,14 @@ async def _snapshot(
             visible.append((str(item.get("receivedDateTime") or ""), index, mid, categories))
     visible.sort()
     ids = [mid for _, _, mid, _ in visible]
-    known = _known(store, account, ids)
+    known = await _known(store, account, ids)
     measured = await _measure(mailbox, [mid for mid in ids if mid not in known][:limit])
     known.update(measured)
     if store is not None:
         try:
-            store.record(account.name, measured, ids)
-        except StateError as e:
-            log.warn("{error}", error=str(e))
+            await store.record_sizes(account.name, measured, ids)
+        except (StateError, StateUnavailable) as e:
+            log.warn("{error}", error=_store_error(e))
     held = sum(1 for mid in ids if mid not in known)
     if held:
         log.info(
@@ -376,14 +375,25 @@ async def _snapshot(
     return [GraphMessage(mid, known[mid], cats) for _, _, mid, cats in visible if mid in known]
 
 
-def _known(store: GraphSizeStore | None, account: Account, ids: list[str]) -> dict[str, int]:
+async def _known(store: SizeMap | None, account: Account, ids: list[str]) -> dict[str, int]:
     if store is None:
         return {}
     try:
-        return store.known(account.name, ids)
-    except StateError as e:
-        log.warn("{error}; measuring again", error=str(e))
+        return await store.known_sizes(account.name, ids)
+    except (StateError, StateUnavailable) as e:
+        log.warn("{error}; measuring again", error=_store_error(e))
         return {}
+
+
+def _warn_store_failure(failure: Failure) -> None:
+    error = failure.trap(StateError, StateUnavailable) and failure.value
+    if isinstance(error, StateError | StateUnavailable):
+        log.warn("{error}", error=_store_error(error))
+
+
+def _store_error(error: StateError | StateUnavailable) -> str:
+    """The embedded store's errors name it already; the database's do not."""
+    return str(error) if isinstance(error, StateError) else f"Graph size store: {error}"
 
 
 async def _measure(mailbox: GraphMailbox, ids: list[str]) -> dict[str, int]:

@@ -51,15 +51,9 @@ from gateway.maildrop.imap_snapshot import (
 )
 from gateway.maildrop.imap_writers import MessageWriter, TopWriter
 from gateway.maildrop.opening import at_open
-from gateway.maildrop.uidl_map import (
-    MailboxState,
-    MessageKey,
-    UIDStore,
-    assign_new,
-    natural_uidl,
-    rematch,
-)
+from gateway.maildrop.uidl_map import SETTLE_ROUNDS, MailboxState, MessageKey, UIDLMap, natural_uidl
 from gateway.state import StateError
+from gateway.state.database import StateUnavailable
 from gateway.timing import timed_step
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.credentials import note_refused, note_succeeded
@@ -111,7 +105,7 @@ class IMAPMaildrop:
         account: Account,
         snapshot: Snapshot,
         *,
-        uid_store: UIDStore | None,
+        uid_store: UIDLMap | None,
         release: Release | None = None,
     ) -> None:
         self._client = client
@@ -142,35 +136,32 @@ class IMAPMaildrop:
         if self._uidls is None:
             try:
                 self._uidls = await self._resolve_uidls()
-            except StateError as e:
+            except (StateError, StateUnavailable) as e:
+                # The embedded store's errors name it already; the database's do not.
+                what = str(e) if isinstance(e, StateError) else f"UIDL map: {e}"
                 raise UpstreamUnavailable(
-                    f"account {self._account.name}: {e}", "unique ids are unavailable"
+                    f"account {self._account.name}: {what}", "unique ids are unavailable"
                 ) from None
         return self._uidls
 
     async def _resolve_uidls(self) -> tuple[str, ...]:
+        """Settle the map for this snapshot; fetch the keys of the messages it
+        lacks (new ones, or all after a change) and settle again."""
         snap = self._snapshot
         if self._store is None:
             return tuple(natural_uidl(snap.uidvalidity, uid) for uid in snap.uids)
         name = self._account.name
         here = MailboxState(snap.folder, snap.uidvalidity)
-        before = self._store.mailbox(name)
-        if before == here:
-            known = self._store.known(name, snap.uids)
-            missing = [uid for uid in snap.uids if uid not in known]
-            new = []
-            if missing:
-                keys = await self._message_keys(missing)
-                new = assign_new(snap.uidvalidity, keys, self._store.taken(name))
-                known.update((e.uid, e.uidl) for e in new)
-            self._store.add(name, here, new, snap.uids)
-            return tuple(known[uid] for uid in snap.uids)
-        keys = await self._message_keys(list(snap.uids))
-        old = self._store.entries(name) if before is not None else []
-        entries = rematch(old, keys, snap.uidvalidity)
-        self._store.replace(name, here, entries)
+        keys: dict[int, MessageKey] = {}
+        for _ in range(SETTLE_ROUNDS):
+            settled = await self._store.settle(name, here, snap.uids, keys)
+            if not settled.missing:
+                break
+            keys.update(await self._message_keys(settled.missing))
+        else:
+            raise StateError(f"UIDL map of {name} kept changing while this session settled it")
+        before = settled.remapped_from
         if before is not None:
-            kept = sum(1 for e in entries if not e.uidl.startswith(f"{snap.uidvalidity}."))
             log.info(
                 "account {account}: folder {folder} changed (UIDVALIDITY {old} -> {new}, "
                 "folder {old_folder!r}); {kept} of {count} messages keep their UIDL",
@@ -179,13 +170,12 @@ class IMAPMaildrop:
                 old=before.uidvalidity,
                 new=snap.uidvalidity,
                 old_folder=before.folder,
-                kept=kept,
-                count=len(entries),
+                kept=settled.kept,
+                count=len(settled.uidls),
             )
-        by_uid = {e.uid: e.uidl for e in entries}
-        return tuple(by_uid[uid] for uid in snap.uids)
+        return tuple(settled.uidls[uid] for uid in snap.uids)
 
-    async def _message_keys(self, uids: Sequence[int]) -> list[tuple[int, MessageKey]]:
+    async def _message_keys(self, uids: Sequence[int]) -> dict[int, MessageKey]:
         """Message-ID and INTERNALDATE of `uids` (one pipelined FETCH per UID set)."""
         sizes = dict(zip(self._snapshot.uids, self._snapshot.sizes, strict=True))
         found: dict[int, tuple[str, str]] = {}
@@ -215,12 +205,12 @@ class IMAPMaildrop:
             for uid_set in uid_sets(uids)
         ]
         await self._all(steps)
-        keys: list[tuple[int, MessageKey]] = []
+        keys: dict[int, MessageKey] = {}
         for uid in uids:
             # A message expunged meanwhile by another client has no answer:
             # its key is its size alone, which is all that is left of it.
             mid, date = found.get(uid, ("", ""))
-            keys.append((uid, MessageKey(mid, sizes[uid], date)))
+            keys[uid] = MessageKey(mid, sizes[uid], date)
         return keys
 
     # -- RETR / TOP
@@ -503,7 +493,7 @@ async def open_imap_maildrop(
     provider: Provider,
     *,
     reactor: Any,
-    uid_store: UIDStore | None,
+    uid_store: UIDLMap | None,
     tokens: TokenSource | None = None,
     endpoint_factory: EndpointFactory = hostname_endpoint,
 ) -> IMAPMaildrop:

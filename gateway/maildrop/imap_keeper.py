@@ -70,7 +70,7 @@ from gateway.upstream.imap import (
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
-    from gateway.maildrop.uidl_map import UIDStore
+    from gateway.maildrop.uidl_map import UIDLMap
     from gateway.model import Account, Provider
     from gateway.upstream.credentials import TokenSource
 
@@ -129,7 +129,7 @@ class IMAPKeeper:
         account: Account,
         provider: Provider,
         *,
-        uid_store: UIDStore | None,
+        uid_store: UIDLMap | None,
         tokens: TokenSource | None = None,
     ) -> IMAPMaildrop:
         """A maildrop for a device session: on the kept connection when it is

@@ -1,4 +1,4 @@
-"""The gateway-owned UIDL map of IMAP-backed accounts, in the state directory.
+"""The gateway-owned UIDL map of IMAP-backed accounts, kept by the state backend.
 
 A POP3 device remembers which messages it has already downloaded by their
 UIDL. For an IMAP folder the natural UIDL is "UIDVALIDITY.UID", but a folder
@@ -9,11 +9,23 @@ message independently of IMAP numbering: its Message-ID, its size and its
 INTERNALDATE. When the UIDVALIDITY (or the folder) changes, messages that
 match an entry keep their old UIDL; only the others get new ones.
 
-Storage is one SQLite file (WAL mode). Every change is one transaction, so a
-crash leaves the old map or the new one. Losing the last transaction to a
-power cut is harmless: the same session would compute the same UIDLs again.
-Calls are synchronous and short (an indexed lookup or one batched write per
-POP3 UIDL command), which is cheaper than handing them to a thread.
+Every node and worker must give a message the same UIDL, also when several
+notice a UIDVALIDITY change at once. So the map is changed only by `settle`,
+one transaction that locks the account's map, looks at it as it is now and
+either completes it (new messages get their UIDL, messages gone are
+forgotten) or remaps it after a change, using what the caller fetched from
+IMAP; whoever comes second finds the first one's result and keeps it. A
+transaction never waits for IMAP: when it lacks the keys of some messages it
+changes nothing and names them, the caller fetches them and settles again.
+
+Two stores implement `UIDLMap`: `UIDStore` here (embedded: one SQLite file
+in WAL mode, shared by the worker processes of a host; BEGIN IMMEDIATE
+serialises writers, `busy_timeout` makes the others wait briefly instead of
+failing) and `gateway.maildrop.uidl_map_pg.PostgresUIDLMap` (all nodes). A
+crash leaves the old map or the new one; losing the last transaction to a
+power cut is harmless, the same session would compute the same UIDLs again.
+SQLite calls are synchronous and short (an indexed lookup or one batched
+write per POP3 UIDL command), which is cheaper than handing them to a thread.
 """
 
 from __future__ import annotations
@@ -22,10 +34,12 @@ import functools
 import os
 import sqlite3
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
 
 from gateway.state import StateError, ensure_dir
 
@@ -52,6 +66,10 @@ CREATE TABLE IF NOT EXISTS message (
 );
 """
 _VERSION = 1
+# Seconds a worker waits for another one's write before giving up (StateError).
+BUSY_TIMEOUT = 5.0
+# Rounds of "fetch the keys the map still lacks, settle again" before giving up.
+SETTLE_ROUNDS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +141,88 @@ def rematch(
     return sorted(kept + assign_new(uidvalidity, unmatched, taken), key=lambda e: e.uid)
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What `settle` found: the UIDLs of the snapshot, or the UIDs it lacks keys for."""
+
+    uidls: Mapping[int, str] = field(default_factory=dict)
+    # Non-empty: nothing was written; fetch these messages' keys and settle again.
+    missing: tuple[int, ...] = ()
+    # Set when this call remapped the account after a folder or UIDVALIDITY change.
+    remapped_from: MailboxState | None = None
+    kept: int = 0
+
+
+class MapTransaction(Protocol):
+    """One account's map inside a transaction that holds it exclusively."""
+
+    def mailbox(self) -> MailboxState | None: ...
+    def uidls(self) -> dict[int, str]: ...
+    def entries(self) -> list[Entry]: ...
+    def set_mailbox(self, mailbox: MailboxState) -> None: ...
+    def delete(self, uids: Collection[int]) -> None: ...
+    def delete_all(self) -> None: ...
+    def insert(self, entries: Sequence[Entry]) -> None: ...
+
+
+class UIDLMap(Protocol):
+    """Where the UIDL maps of IMAP-backed accounts are kept (embedded or shared)."""
+
+    def settle(
+        self,
+        account: str,
+        here: MailboxState,
+        present: Sequence[int],
+        keys: Mapping[int, MessageKey],
+    ) -> Deferred[Settled]:
+        """The UIDLs of the `present` UIDs of `here`, in one transaction (see `settle`).
+        Fails with StateError (or StateUnavailable) when the store cannot be used."""
+        ...
+
+
+def settle(
+    tx: MapTransaction,
+    here: MailboxState,
+    present: Sequence[int],
+    keys: Mapping[int, MessageKey],
+) -> Settled:
+    """Complete or remap the map of one account for a snapshot of `here`.
+
+    Runs inside the transaction: what it reads is what it writes over. When
+    the map is of `here`, messages it does not hold get new UIDLs and
+    messages no longer `present` are forgotten; otherwise (first login, or
+    a folder/UIDVALIDITY change) the whole map is remapped with `rematch`.
+    Either needs the keys of the messages involved: without all of them it
+    writes nothing and returns them as `missing`.
+    """
+    before = tx.mailbox()
+    if before == here:
+        known = tx.uidls()
+        need = [uid for uid in present if uid not in known]
+        unkeyed = tuple(uid for uid in need if uid not in keys)
+        if unkeyed:
+            return Settled(missing=unkeyed)
+        new = assign_new(here.uidvalidity, [(uid, keys[uid]) for uid in need], set(known.values()))
+        keep = set(present)
+        stale = [uid for uid in known if uid not in keep]
+        if stale:
+            tx.delete(stale)
+        if new:
+            tx.insert(new)
+        known.update((e.uid, e.uidl) for e in new)
+        return Settled({uid: known[uid] for uid in present})
+    unkeyed = tuple(uid for uid in present if uid not in keys)
+    if unkeyed:
+        return Settled(missing=unkeyed)
+    old = tx.entries() if before is not None else []
+    entries = rematch(old, [(uid, keys[uid]) for uid in present], here.uidvalidity)
+    tx.set_mailbox(here)
+    tx.delete_all()
+    tx.insert(entries)
+    kept = sum(1 for e in entries if not e.uidl.startswith(f"{here.uidvalidity}."))
+    return Settled({e.uid: e.uidl for e in entries}, remapped_from=before, kept=kept)
+
+
 def _guarded(method: Callable[P, R]) -> Callable[P, R]:
     """Report SQLite failures (disk full, file replaced) as StateError."""
 
@@ -137,9 +237,10 @@ def _guarded(method: Callable[P, R]) -> Callable[P, R]:
 
 
 class UIDStore:
-    """The UIDL map of every IMAP-backed account of one gateway.
+    """The UIDL map of every IMAP-backed account of one host (the embedded backend).
 
-    Every public method raises StateError when the file cannot be used.
+    Every public method raises StateError when the file cannot be used;
+    `settle` fails its Deferred with it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -149,7 +250,8 @@ class UIDStore:
             # Created private before SQLite opens it; SQLite gives its WAL and
             # shared-memory files the same mode.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -171,36 +273,55 @@ class UIDStore:
     def close(self) -> None:
         self._db.close()
 
+    # -- the UIDLMap interface
+
+    def settle(
+        self,
+        account: str,
+        here: MailboxState,
+        present: Sequence[int],
+        keys: Mapping[int, MessageKey],
+    ) -> Deferred[Settled]:
+        try:
+            return succeed(self.settle_now(account, here, present, keys))
+        except StateError:
+            return fail()
+
+    @_guarded
+    def settle_now(
+        self,
+        account: str,
+        here: MailboxState,
+        present: Sequence[int],
+        keys: Mapping[int, MessageKey],
+    ) -> Settled:
+        """`settle`, answered synchronously (BEGIN IMMEDIATE: one writer at a time)."""
+        with self._transaction():
+            return settle(_SQLiteMap(self._db, account), here, present, keys)
+
     # -- reading
 
     @_guarded
     def mailbox(self, account: str) -> MailboxState | None:
-        row = self._db.execute(
-            "SELECT folder, uidvalidity FROM mailbox WHERE account = ?", (account,)
-        ).fetchone()
-        return None if row is None else MailboxState(row[0], row[1])
+        return _SQLiteMap(self._db, account).mailbox()
 
     @_guarded
     def known(self, account: str, uids: Iterable[int]) -> dict[int, str]:
         """UID -> UIDL for those of `uids` the map holds (current UIDVALIDITY only)."""
         wanted = set(uids)
-        rows = self._db.execute("SELECT uid, uidl FROM message WHERE account = ?", (account,))
-        return {uid: uidl for uid, uidl in rows if uid in wanted}
+        return {
+            uid: uidl
+            for uid, uidl in _SQLiteMap(self._db, account).uidls().items()
+            if uid in wanted
+        }
 
     @_guarded
     def entries(self, account: str) -> list[Entry]:
-        rows = self._db.execute(
-            "SELECT uid, uidl, message_id, size, internaldate FROM message WHERE account = ?",
-            (account,),
-        )
-        return [
-            Entry(uid, uidl, MessageKey(mid, size, date)) for uid, uidl, mid, size, date in rows
-        ]
+        return _SQLiteMap(self._db, account).entries()
 
     @_guarded
     def taken(self, account: str) -> set[str]:
-        rows = self._db.execute("SELECT uidl FROM message WHERE account = ?", (account,))
-        return {uidl for (uidl,) in rows}
+        return set(_SQLiteMap(self._db, account).uidls().values())
 
     # -- writing
 
@@ -214,46 +335,77 @@ class UIDStore:
         account is new): the UIDs of both are of one UIDVALIDITY.
         """
         keep = set(present)
+        tx = _SQLiteMap(self._db, account)
         with self._transaction():
-            self._set_mailbox(account, mailbox)
-            stale = [
-                (account, uid)
-                for (uid,) in self._db.execute(
-                    "SELECT uid FROM message WHERE account = ?", (account,)
-                )
-                if uid not in keep
-            ]
-            self._db.executemany("DELETE FROM message WHERE account = ? AND uid = ?", stale)
-            self._insert(account, entries)
+            tx.set_mailbox(mailbox)
+            tx.delete([uid for uid in tx.uidls() if uid not in keep])
+            tx.insert(entries)
 
     @_guarded
     def replace(self, account: str, mailbox: MailboxState, entries: Sequence[Entry]) -> None:
         """Replace the account's whole map (after a UIDVALIDITY or folder change)."""
+        tx = _SQLiteMap(self._db, account)
         with self._transaction():
-            self._set_mailbox(account, mailbox)
-            self._db.execute("DELETE FROM message WHERE account = ?", (account,))
-            self._insert(account, entries)
+            tx.set_mailbox(mailbox)
+            tx.delete_all()
+            tx.insert(entries)
 
-    def _set_mailbox(self, account: str, mailbox: MailboxState) -> None:
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _SQLiteMap:
+    """`MapTransaction` on the SQLite file, for one account."""
+
+    def __init__(self, db: sqlite3.Connection, account: str) -> None:
+        self._db = db
+        self._account = account
+
+    def mailbox(self) -> MailboxState | None:
+        row = self._db.execute(
+            "SELECT folder, uidvalidity FROM mailbox WHERE account = ?", (self._account,)
+        ).fetchone()
+        return None if row is None else MailboxState(row[0], row[1])
+
+    def uidls(self) -> dict[int, str]:
+        rows = self._db.execute("SELECT uid, uidl FROM message WHERE account = ?", (self._account,))
+        return dict(rows)
+
+    def entries(self) -> list[Entry]:
+        rows = self._db.execute(
+            "SELECT uid, uidl, message_id, size, internaldate FROM message WHERE account = ?",
+            (self._account,),
+        )
+        return [
+            Entry(uid, uidl, MessageKey(mid, size, date)) for uid, uidl, mid, size, date in rows
+        ]
+
+    def set_mailbox(self, mailbox: MailboxState) -> None:
         self._db.execute(
             "INSERT INTO mailbox (account, folder, uidvalidity) VALUES (?, ?, ?) "
             "ON CONFLICT (account) DO UPDATE SET folder = excluded.folder, "
             "uidvalidity = excluded.uidvalidity",
-            (account, mailbox.folder, mailbox.uidvalidity),
+            (self._account, mailbox.folder, mailbox.uidvalidity),
         )
 
-    def _insert(self, account: str, entries: Sequence[Entry]) -> None:
+    def delete(self, uids: Collection[int]) -> None:
+        self._db.executemany(
+            "DELETE FROM message WHERE account = ? AND uid = ?",
+            [(self._account, uid) for uid in uids],
+        )
+
+    def delete_all(self) -> None:
+        self._db.execute("DELETE FROM message WHERE account = ?", (self._account,))
+
+    def insert(self, entries: Sequence[Entry]) -> None:
         self._db.executemany(
             "INSERT INTO message (account, uid, uidl, message_id, size, internaldate) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (account, e.uid, e.uidl, e.key.message_id, e.key.size, e.key.internaldate)
+                (self._account, e.uid, e.uidl, e.key.message_id, e.key.size, e.key.internaldate)
                 for e in entries
             ],
         )
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
 
 
 class _Transaction:

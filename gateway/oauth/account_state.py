@@ -16,8 +16,9 @@ from typing import Literal
 from twisted.internet.defer import Deferred, DeferredLock
 
 from gateway.model import Account
+from gateway.oauth.backend import RefreshClaim
 from gateway.oauth.endpoint import TokenEndpoint
-from gateway.oauth.store import Signature, TokenRecord
+from gateway.oauth.record import TokenRecord
 from gateway.oauth.tokens import Tokens
 
 Resource = Literal["mail", "graph"]
@@ -35,6 +36,8 @@ BACKOFF_MAX = 300.0
 # The background timer looks at the store at least this often, so a token
 # written by `gateway oauth authorize` is seen even with no device activity.
 MAX_SLEEP = 60.0
+# How soon a result the store could not take is offered to it again.
+UNSAVED_RETRY = 2.0
 
 
 @dataclass(eq=False)
@@ -45,8 +48,16 @@ class AccountState:
     endpoint: TokenEndpoint | None
     setup_error: str | None = None
     record: TokenRecord | None = None
-    signature: Signature | None = None
+    # The store's stamp of the record last read (`TokenBackend.stamp`).
+    signature: object = None
     loaded: bool = False
+    # The lineage of a result only memory holds: the store could not be written.
+    unsaved: str | None = None
+    # The refresh claim kept while `unsaved`: no other process refreshes
+    # with the stored (maybe already rotated away) refresh token meanwhile.
+    claim: RefreshClaim | None = None
+    # The store could not be reached at the last look (logged once).
+    store_down: bool = False
     unreadable: str | None = None
     # The lineage whose refresh the provider refused in this process.
     blocked_lineage: str | None = None

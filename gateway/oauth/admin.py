@@ -6,7 +6,10 @@ authorization server, and any front end (the `gateway` command today) can
 call them; `gateway.cli.oauth` wires them to argparse and a reactor.
 
 Run them as the user the gateway runs as: the token files are created 0600
-for whoever writes them.
+for whoever writes them. With ``[state] backend = "postgresql"`` they work on
+the shared `gateway_oauth_tokens` table instead (`open_store`), through a
+blocking connection: the store's Deferreds have fired when they are returned,
+which is what lets the plain functions here read their results at once.
 """
 
 from __future__ import annotations
@@ -14,21 +17,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from gateway.model import APP_ONLY_GRANTS, Account, Config
+from gateway.oauth.backend import TokenBackend, open_command_backend
 from gateway.oauth.code_flow import LoopbackListener, run_code_flow
 from gateway.oauth.device_flow import run_device_flow
 from gateway.oauth.endpoint import DeviceAuthorization, TokenEndpoint
 from gateway.oauth.errors import OAuthError
 from gateway.oauth.http import FormPoster
 from gateway.oauth.keys import KEY_ENV, GatewayKeyError, key_path, load_key
+from gateway.oauth.record import StoreUnreadable, TokenRecord, TokenStoreError
 from gateway.oauth.refusal import KINDS_BY_NAME
-from gateway.oauth.store import StoreUnreadable, TokenRecord, TokenStore, TokenStoreError
 from gateway.oauth.tokens import Tokens
+
+T = TypeVar("T")
 
 GRANT_NAMES = {
     "device_code": "device code grant",
@@ -55,10 +62,25 @@ def oauth_account(config: Config, name: str) -> Account:
     return account
 
 
+def fired(d: Deferred[T]) -> T:
+    """The result of a store Deferred that has fired (the command's stores
+    answer at once); its exception if it failed."""
+    results: list[T | Failure] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("the token store did not answer at once")
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    assert not isinstance(result, Failure)
+    return result
+
+
 def open_store(
     config: Config, *, create_key: bool, environ: Mapping[str, str] = os.environ
-) -> TokenStore | None:
-    """The token store, or None if no key exists yet and `create_key` is False."""
+) -> TokenBackend | None:
+    """The token store of the configured state backend (blocking calls), or
+    None if no key exists yet and `create_key` is False."""
     try:
         key = load_key(config.oauth, config.state_dir, environ=environ, create=create_key)
     except GatewayKeyError:
@@ -70,7 +92,7 @@ def open_store(
             return None
         raise
     try:
-        return TokenStore.open(config.state_dir, key)
+        return open_command_backend(config, key)
     except PermissionError as e:
         raise CommandFailed(f"{e}; run this command as the user the gateway runs as") from None
 
@@ -127,7 +149,7 @@ async def authorize_account(
         tokens = await endpoint.client_credentials()
     now = clock.seconds()
     record = TokenRecord.authorized(name, grant, tokens, now)
-    store.update(name, lambda _current: record, replace_unreadable=True)
+    await store.change(name, lambda _current: record, replace_unreadable=True)
     return {
         "account": name,
         "grant": grant,
@@ -136,7 +158,7 @@ async def authorize_account(
         "expires_in": round(tokens.expires_at - now),
         "refresh_token": tokens.refresh_token is not None,
         "scope": tokens.scope,
-        "store": str(store.path_for(name)),
+        "store": store.describe(name),
     }
 
 
@@ -195,7 +217,7 @@ def status_report(
         unreadable: str | None = None
         if store is not None:
             try:
-                record = store.load(account.name)
+                record = fired(store.fetch(account.name))
             except StoreUnreadable as e:
                 unreadable = e.reason
         report.append(_account_status(account, _grant(config, account), record, unreadable, now))
@@ -296,9 +318,16 @@ def format_status(report: list[dict[str, Any]]) -> list[str]:
 def revoke_account(
     config: Config, name: str, *, now: float, environ: Mapping[str, str] = os.environ
 ) -> dict[str, Any]:
-    account = oauth_account(config, name)
     store = open_store(config, create_key=True, environ=environ)
     assert store is not None
+    return fired(ensureDeferred(forget_tokens(config, name, store, now=now)))
+
+
+async def forget_tokens(
+    config: Config, name: str, store: TokenBackend, *, now: float
+) -> dict[str, Any]:
+    """Mark the account's tokens revoked in `store` (the gateway stops using them)."""
+    account = oauth_account(config, name)
 
     def revoke(current: TokenRecord | None) -> TokenRecord:
         if current is None:
@@ -306,7 +335,7 @@ def revoke_account(
         return current.revoked(now)
 
     try:
-        store.update(name, revoke, replace_unreadable=True)
+        await store.change(name, revoke, replace_unreadable=True)
     except (StoreUnreadable, TokenStoreError) as e:
         raise CommandFailed(str(e)) from None
     return {"account": name, "state": "revoked"}
@@ -326,6 +355,7 @@ async def revoke_at_provider(
     poster: FormPoster,
     clock: IReactorTime,
     environ: Mapping[str, str] = os.environ,
+    store: TokenBackend | None = None,
 ) -> str:
     """Ask the provider to revoke the account's grant (RFC 7009), before the
     tokens are forgotten here. Returns what happened, for the admin:
@@ -336,9 +366,10 @@ async def revoke_at_provider(
     provider = config.providers[account.provider]
     if provider.oauth is None or provider.oauth.revocation_url is None:
         return "no_endpoint"
-    store = open_store(config, create_key=False, environ=environ)
+    if store is None:
+        store = open_store(config, create_key=False, environ=environ)
     try:
-        record = store.load(name) if store is not None else None
+        record = await store.fetch(name) if store is not None else None
     except StoreUnreadable:
         record = None
     tokens = record.tokens if record is not None else None

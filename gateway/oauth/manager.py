@@ -3,12 +3,17 @@
 Device logins must never wait for an authorization server when it can be
 avoided, and must never cause a second refresh while one is running, so:
 
-- `access_token()` is a dictionary lookup plus one `stat` of the account's
-  store file (to notice tokens a `gateway oauth authorize` in another process
-  just wrote). Only when no usable token is left does a login wait for a
-  refresh, and then it joins the one in flight.
+- `access_token()` is a dictionary lookup plus a look at the store's stamp
+  of the account (one `stat` of its file; with PostgreSQL a small query at
+  most every couple of seconds) to notice tokens another process just wrote.
+  Only when no usable token is left does a login wait for a refresh, and
+  then it joins the one in flight.
 - Refreshes are single-flight per account: logins, a forced refresh after an
-  upstream 401, and the background timer all wait on the same request.
+  upstream 401, and the background timer all wait on the same request; and
+  across processes, a refresh runs only under the account's refresh claim
+  (`gateway.oauth.claims`), after re-reading the store: a process that waited
+  for another's refresh uses the tokens it stored instead of refreshing, and
+  always refreshes with the latest (rotated) refresh token.
 - A background timer refreshes each account `refresh_margin` before its
   token expires, and at least every `idle_refresh_interval` for accounts with
   a refresh token (Microsoft expires refresh tokens unused for 90 days), and
@@ -39,9 +44,13 @@ Graph's `.default`. Each resource has its own single flight, and the two
 take turns at the token endpoint (`AccountState.lock`), since each refresh
 rotates the refresh token they share.
 
-The record-keeping of outcomes is `gateway.oauth.outcomes`, the timer's
-rules `gateway.oauth.schedule`, the per-account memory
-`gateway.oauth.account_state`.
+Helpers: `outcomes` (record-keeping), `schedule` (the timer's rules),
+`account_state` (per-account memory), `store_sync`, `claims`.
+
+The store is a `TokenBackend` (`gateway.oauth.backend`): the encrypted files
+of the embedded state backend, or PostgreSQL's `gateway_oauth_tokens`. A
+store that cannot be reached costs the logins that need a new token a
+temporary failure (SYS/TEMP), like an unreachable token endpoint.
 
 The clock and the HTTP client (`FormPoster`) are injected, so the unit tests
 run all of this on a `MemoryReactorClock` with requests answered by hand.
@@ -54,7 +63,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,11 +76,14 @@ from gateway.oauth.account_state import (
     GRAPH,
     MAIL,
     MAX_SLEEP,
+    UNSAVED_RETRY,
     AccountState,
     Resource,
     skew,
     tokens_of,
 )
+from gateway.oauth.backend import TokenBackend, open_token_backend
+from gateway.oauth.claims import claim_for, refreshed_elsewhere, settle
 from gateway.oauth.endpoint import NoOAuthClient, TokenEndpoint
 from gateway.oauth.errors import InsecureEndpoint, OAuthEndpointError, OAuthUnavailable
 from gateway.oauth.grants import graph_scopes, request_tokens
@@ -82,13 +94,16 @@ from gateway.oauth.outcomes import (
     DEVICE_TEXT_UNAUTHORISED,
     PermanentFailure,
 )
+from gateway.oauth.record import TokenRecord, TokenStoreError
 from gateway.oauth.refusal import Refusal
 from gateway.oauth.schedule import due, sleep_for
 from gateway.oauth.startup_log import log_loaded
 from gateway.oauth.status import TokenStatus, token_status
-from gateway.oauth.store import StoreUnreadable, TokenStore, TokenStoreError
+from gateway.oauth.store_sync import apply_loaded, reachable, sync_failed
 from gateway.oauth.tokens import Tokens
 from gateway.state import StateError
+from gateway.state.backend import StateBackend, open_state_backend
+from gateway.state.database import StateUnavailable
 from gateway.upstream.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = ["BACKOFF_FIRST", "MAX_SLEEP", "TokenManager", "graph_scopes"]
@@ -109,13 +124,18 @@ class TokenManager(Service):
         clock: IReactorTime,
         poster: FormPoster | None = None,
         reactor: Any = None,
-        store: TokenStore | None = None,
+        store: TokenBackend | None = None,
         environ: Mapping[str, str] = os.environ,
+        state: StateBackend | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
+        self._reactor = reactor or clock
         self._poster = poster or TreqPoster(reactor or clock, clock=clock)
         self._store = store
+        # Which state backend holds the tokens (`runtime.state`); None: built
+        # from the configuration when the store is opened.
+        self._state_backend = state
         self._environ = environ
         self._broken: str | None = None
         self._timer: IDelayedCall | None = None
@@ -145,15 +165,19 @@ class TokenManager(Service):
                 continue
             state = self._states.get(account.name)
             provider = config.providers.get(account.provider)
-            if state is None or state.account != account or (
-                old.providers.get(account.provider) != provider
+            if (
+                state is None
+                or state.account != account
+                or (old.providers.get(account.provider) != provider)
             ):
                 state = self._new_state(account)
                 if self.running:
-                    self._sync(state)
-                    self._log_start(state, now)
-                    if state.record is not None and state.record.state == "needs_reauth":
-                        state.blocked_lineage = state.record.lineage
+                    self._sync(state).addCallbacks(
+                        self._started,
+                        sync_failed,
+                        callbackArgs=(state, now, False),
+                        errbackArgs=(state,),
+                    )
             states[account.name] = state
         self._states = states
         if self.running:
@@ -173,7 +197,10 @@ class TokenManager(Service):
             key: GatewayKey = load_key(
                 self._config.oauth, self._config.state_dir, environ=self._environ
             )
-            self._store = TokenStore.open(self._config.state_dir, key)
+            state = self._state_backend
+            if state is None:
+                state = self._state_backend = open_state_backend(self._config.state, self._reactor)
+            self._store = open_token_backend(self._config, key, state, self._clock)
         except (GatewayKeyError, TokenStoreError, StateError) as e:
             self._broken = str(e)
             log.error(
@@ -182,10 +209,10 @@ class TokenManager(Service):
             )
 
     @property
-    def store(self) -> TokenStore | None:
+    def store(self) -> TokenBackend | None:
         return self._store
 
-    def _opened(self) -> TokenStore:
+    def _opened(self) -> TokenBackend:
         assert self._store is not None
         return self._store
 
@@ -193,19 +220,27 @@ class TokenManager(Service):
         self.open()
         now = self._clock.seconds()
         for state in self._states.values():
-            self._sync(state)
-            self._log_start(state, now)
-            record = state.record
-            # App-only accounts retry after a restart: their fix (consent, a
-            # new secret) is made at the provider or in the configuration.
-            if (
-                record is not None
-                and record.state == "needs_reauth"
-                and state.account.grant not in APP_ONLY_GRANTS
-            ):
-                state.blocked_lineage = record.lineage
+            self._sync(state, quiet=True).addCallbacks(
+                self._started,
+                sync_failed,
+                callbackArgs=(state, now, True),
+                errbackArgs=(state,),
+            )
         super().startService()
         self._reschedule()
+
+    def _started(self, _: object, state: AccountState, now: float, app_only_retry: bool) -> None:
+        """An account's record, first read: log it, block a refused lineage."""
+        self._log_start(state, now)
+        record = state.record
+        # App-only accounts retry after a restart: their fix (consent, a
+        # new secret) is made at the provider or in the configuration.
+        if (
+            record is not None
+            and record.state == "needs_reauth"
+            and not (app_only_retry and state.account.grant in APP_ONLY_GRANTS)
+        ):
+            state.blocked_lineage = record.lineage
 
     def stopService(self) -> Deferred[None] | None:
         if self._timer is not None and self._timer.active():
@@ -230,7 +265,7 @@ class TokenManager(Service):
         return await self._token(account, GRAPH, force_refresh)
 
     async def _token(self, account: Account, resource: Resource, force_refresh: bool) -> str:
-        state = self._state_for(account)
+        state = await self._state_for(account)
         now = self._clock.seconds()
         record = state.record
         tokens = tokens_of(record, resource)
@@ -258,9 +293,14 @@ class TokenManager(Service):
             raise UpstreamUnavailable(
                 f"account {account.name}: {what} and the refresh failed: {e}"
             ) from None
+        except (StateUnavailable, TokenStoreError) as e:
+            what = "a fresh token is needed" if usable else "no valid access token is left"
+            raise UpstreamUnavailable(
+                f"account {account.name}: {what} and the token store is unavailable: {e}"
+            ) from None
         return fresh.access_token.reveal()
 
-    def _state_for(self, account: Account) -> AccountState:
+    async def _state_for(self, account: Account) -> AccountState:
         state = self._states.get(account.name)
         if state is None:
             raise UpstreamRejected(f"account {account.name} is not an OAuth2 account")
@@ -272,7 +312,25 @@ class TokenManager(Service):
                 f"account {account.name}: token store unusable: {self._broken}",
                 DEVICE_TEXT_BROKEN,
             )
-        self._sync(state)
+        # A shared store's stamp may be a few seconds old; not when memory has
+        # no usable token to offer (an authorisation just stored elsewhere).
+        record = state.record
+        stale = (
+            record is None
+            or record.state != "ok"
+            or record.tokens is None
+            or not record.tokens.valid_at(self._clock.seconds())
+        )
+        try:
+            await self._sync(state, fresh=stale)
+        except StateUnavailable as e:
+            # The tokens in memory serve while they are valid; a login that
+            # needs a new one fails as temporary (`_token`).
+            sync_failed(Failure(), state)
+            if not state.loaded:
+                raise UpstreamUnavailable(
+                    f"account {account.name}: the token store is unavailable: {e}"
+                ) from None
         if state.unreadable is not None:
             raise UpstreamRejected(
                 f"account {account.name}: {state.unreadable}; fix the key or run "
@@ -281,7 +339,7 @@ class TokenManager(Service):
             )
         record = state.record
         if record is None and account.grant in APP_ONLY_GRANTS:
-            record = outcomes.first_app_only_record(self._opened(), state)
+            record = await outcomes.first_app_only_record(self._opened(), state)
         if record is None:
             raise UpstreamRejected(
                 f"account {account.name} is not authorised yet: run "
@@ -304,52 +362,65 @@ class TokenManager(Service):
         state = self._states.get(account.name)
         if state is None or self._store is None:
             return
-        outcomes.login_refused(self._store, state, refusal, self._clock.seconds())
+        d = ensureDeferred(
+            outcomes.login_refused(self._store, state, refusal, self._clock.seconds())
+        )
+        d.addErrback(sync_failed, state)
 
     def login_succeeded(self, account: Account) -> None:
         """Clear a refusal a login recorded; a memory check at every login."""
         state = self._states.get(account.name)
         if state is None or self._store is None:
             return
-        outcomes.login_succeeded(self._store, state)
+        ensureDeferred(outcomes.login_succeeded(self._store, state)).addErrback(sync_failed, state)
 
     # -- the store, as other processes change it --------------------------------
 
-    def _sync(self, state: AccountState) -> None:
-        """Reload the account's record if its file changed since we last read it."""
+    def _sync(
+        self, state: AccountState, *, fresh: bool = False, quiet: bool = False
+    ) -> Deferred[None]:
+        """Reload the account's record if the store's copy changed since we
+        last read it. Fails with `StateUnavailable` if the store cannot be
+        reached (memory is left as it was)."""
         store = self._store
         if store is None:
-            return
-        name = state.account.name
-        signature = store.signature(name)
-        if state.loaded and signature == state.signature:
-            return
-        state.loaded = True
-        state.signature = signature
-        previous = state.record
-        try:
-            state.record = store.load(name)
-            state.unreadable = None
-        except StoreUnreadable as e:
-            if state.unreadable != e.reason:
-                log.error("oauth account {account}: {reason}", account=name, reason=e.reason)
-            state.record = None
-            state.unreadable = e.reason
-            return
+            return succeed(None)
+
+        def compare(signature: object) -> Deferred[None] | None:
+            reachable(state)
+            if state.loaded and signature == state.signature:
+                return None
+            if state.unsaved is not None:
+                # Our newer result is not stored yet: write it rather than
+                # read the older one over it.
+                return ensureDeferred(outcomes.save_unsaved(store, state))
+            d = store.fetch(state.account.name)
+            return d.addBoth(self._loaded, state, signature, quiet)
+
+        return store.stamp(state.account.name, fresh=fresh).addCallback(compare)
+
+    def _loaded(
+        self,
+        result: TokenRecord | Failure | None,
+        state: AccountState,
+        signature: object,
+        quiet: bool,
+    ) -> Failure | None:
+        previous = apply_loaded(result, state, signature)
+        if isinstance(previous, Failure):
+            return previous
         record = state.record
-        if record is not None and (previous is None or previous.lineage != record.lineage):
-            # A new authorisation (or a revocation) from `gateway oauth`.
-            state.failures = 0
-            state.retry_at = 0.0
-            state.refreshed_at.clear()
-            if previous is not None or self.running:
-                log.info(
-                    "oauth account {account}: new tokens from the store (state {state})",
-                    account=name,
-                    state=record.state,
-                )
-            if self.running:
-                self._reschedule()
+        if record is None or previous is record:
+            return None
+        if previous is not None or (self.running and not quiet):
+            log.info(
+                "oauth account {account}: new tokens from the store (state {state})",
+                account=state.account.name,
+                state=record.state,
+            )
+        if self.running:
+            self._reschedule()
+        return None
 
     # -- refreshing --------------------------------------------------------------
 
@@ -371,7 +442,21 @@ class TokenManager(Service):
         # for it, then use the one it saved.
         await state.lock.acquire()
         try:
-            return await self._do_refresh(state, resource)
+            before = tokens_of(state.record, resource)
+            # Other processes: one refresh at a time per account, each
+            # starting from what the last one stored.
+            claim = await claim_for(state, self._opened(), self._clock)
+            try:
+                if state.unsaved is not None:
+                    await outcomes.save_unsaved(self._opened(), state)
+                await self._sync(state, fresh=True)
+                theirs = refreshed_elsewhere(state, resource, before, self._clock.seconds())
+                if theirs is not None:
+                    state.refreshed_at[resource] = self._clock.seconds()
+                    return theirs
+                return await self._do_refresh(state, resource)
+            finally:
+                await settle(state, claim)
         finally:
             state.lock.release()
 
@@ -407,26 +492,29 @@ class TokenManager(Service):
             tokens = await request_tokens(endpoint, record, state.account, resource)
         except (OAuthEndpointError, NoOAuthClient, InsecureEndpoint) as e:
             state.refresh_outcomes["refused"] += 1
-            outcomes.permanent_failure(store, state, lineage, e, self._clock.seconds())
+            await outcomes.permanent_failure(store, state, lineage, e, self._clock.seconds())
             raise PermanentFailure() from None
         except OAuthUnavailable as e:
             state.refresh_outcomes["failed"] += 1
-            outcomes.transient_failure(store, state, lineage, e, self._clock.seconds())
+            await outcomes.transient_failure(store, state, lineage, e, self._clock.seconds())
             raise
         except Exception as e:
             state.refresh_outcomes["failed"] += 1
             # A bug must cost a retry, not the device session or the timer.
             log.failure("oauth account {account}: unexpected error while refreshing", account=name)
             failure = OAuthUnavailable(f"unexpected {type(e).__name__}")
-            outcomes.transient_failure(store, state, lineage, failure, self._clock.seconds())
+            await outcomes.transient_failure(store, state, lineage, failure, self._clock.seconds())
             raise failure from None
         now = self._clock.seconds()
         previous = record.tokens.refresh_token if record.tokens is not None else None
         rotated = previous is not None and tokens.refresh_token not in (None, previous)
+        # Stored (a rotated refresh token committed) before anyone uses it.
         if resource == GRAPH:
-            saved = outcomes.save(store, state, lineage, lambda c: c.graph_refreshed(tokens, now))
+            saved = await outcomes.save(
+                store, state, lineage, lambda c: c.graph_refreshed(tokens, now)
+            )
         else:
-            saved = outcomes.save(store, state, lineage, lambda c: c.refreshed(tokens, now))
+            saved = await outcomes.save(store, state, lineage, lambda c: c.refreshed(tokens, now))
         state.failures = 0
         state.retry_at = 0.0
         state.refreshed_at[resource] = now
@@ -455,17 +543,24 @@ class TokenManager(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         delay = sleep_for(self._states.values(), self._config.oauth, self._clock.seconds())
+        if any(state.unsaved is not None for state in self._states.values()):
+            delay = min(delay, UNSAVED_RETRY)
         self._timer = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
-        now = self._clock.seconds()
         for state in self._states.values():
-            self._sync(state)
-            if due(state, self._config.oauth, now, MAIL):
-                self._background_refresh(state)
+            self._sync(state).addCallbacks(
+                self._tick_account, sync_failed, callbackArgs=(state,), errbackArgs=(state,)
+            )
         if self.running and self._timer is None:
             self._reschedule()
+
+    def _tick_account(self, _: object, state: AccountState) -> None:
+        if state.unsaved is not None and self._store is not None:
+            ensureDeferred(outcomes.save_unsaved(self._store, state))
+        if due(state, self._config.oauth, self._clock.seconds(), MAIL):
+            self._background_refresh(state)
 
     # -- reporting ----------------------------------------------------------------------
 

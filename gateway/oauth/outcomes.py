@@ -2,8 +2,10 @@
 an account: the record in the store, the log, and what devices are told.
 
 Every write goes through `save`, under the store's lineage guard: a result
-is saved only if the authorisation it belongs to is still the one on disk,
-so nothing here can overwrite tokens an admin has just (re-)authorised.
+is saved only if the authorisation it belongs to is still the one stored,
+so nothing here can overwrite tokens an admin has just (re-)authorised. A
+store that cannot be written (a full disk, an unreachable database) costs
+the write, not the result: it is kept in memory, and the next write retries.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from twisted.logger import Logger
 
 from gateway.model import APP_ONLY_GRANTS
 from gateway.oauth.account_state import BACKOFF_FIRST, BACKOFF_MAX, AccountState
+from gateway.oauth.backend import TokenBackend
 from gateway.oauth.errors import refusal_of
+from gateway.oauth.record import State, StoreUnreadable, TokenRecord, TokenStoreError
 from gateway.oauth.refusal import Refusal, RefusalKind, network_refusal
-from gateway.oauth.store import State, StoreUnreadable, TokenRecord, TokenStore, TokenStoreError
+from gateway.state.database import StateUnavailable
 from gateway.upstream.errors import UpstreamRejected, UpstreamUnavailable
 
 log = Logger(namespace="gateway.oauth")
@@ -33,8 +37,8 @@ class PermanentFailure(Exception):
     """A refresh the provider refused; only an admin can help."""
 
 
-def save(
-    store: TokenStore, state: AccountState, lineage: str, change: Change
+async def save(
+    store: TokenBackend, state: AccountState, lineage: str, change: Change
 ) -> TokenRecord | None:
     """Apply `change` to the stored record if it still has `lineage`; keep memory in step."""
 
@@ -43,9 +47,11 @@ def save(
             return current
         return change(current)
 
+    name = state.account.name
     try:
-        saved = store.update(state.account.name, guarded)
-    except (StoreUnreadable, TokenStoreError) as e:
+        saved = await store.change(name, guarded)
+        state.signature = await store.stamp(name)
+    except (StoreUnreadable, TokenStoreError, StateUnavailable) as e:
         log.error(
             "oauth account {account}: cannot save to the token store ({reason}); "
             "keeping the result in memory only",
@@ -54,23 +60,43 @@ def save(
         )
         if state.record is not None and state.record.lineage == lineage:
             state.record = change(state.record)
+            state.unsaved = lineage
         return state.record
     state.record = saved
-    state.signature = store.signature(state.account.name)
+    state.unsaved = None
     state.unreadable = None
     return saved
 
 
-def first_app_only_record(store: TokenStore, state: AccountState) -> TokenRecord | None:
+async def save_unsaved(store: TokenBackend, state: AccountState) -> None:
+    """Retry writing a result only memory holds (a rotated refresh token must
+    reach the store before another process refreshes with the old one)."""
+    lineage, record = state.unsaved, state.record
+    if lineage is not None and (record is None or record.lineage != lineage):
+        state.unsaved = None
+    elif lineage is not None and record is not None:
+        await save(store, state, lineage, lambda _current: record)
+        if state.unsaved is None:
+            log.info(
+                "oauth account {account}: saved to the token store", account=state.account.name
+            )
+    # A refresh in progress (it holds the lock) releases the claim itself.
+    claim = state.claim
+    if state.unsaved is None and claim is not None and not state.lock.locked:
+        state.claim = None
+        await claim.release()
+
+
+async def first_app_only_record(store: TokenBackend, state: AccountState) -> TokenRecord | None:
     """Start an app-only account's record, so its first token is fetched
     like any refresh (single flight, backoff, refusals recorded)."""
     account = state.account
     assert account.grant is not None
     fresh = TokenRecord.app_only(account.name, account.grant)
     try:
-        state.record = store.update(account.name, lambda current: current or fresh)
-        state.signature = store.signature(account.name)
-    except (StoreUnreadable, TokenStoreError) as e:
+        state.record = await store.change(account.name, lambda current: current or fresh)
+        state.signature = await store.stamp(account.name)
+    except (StoreUnreadable, TokenStoreError, StateUnavailable) as e:
         log.error(
             "oauth account {account}: cannot save to the token store ({reason}); "
             "keeping the result in memory only",
@@ -81,8 +107,8 @@ def first_app_only_record(store: TokenStore, state: AccountState) -> TokenRecord
     return state.record
 
 
-def permanent_failure(
-    store: TokenStore, state: AccountState, lineage: str, error: Exception, now: float
+async def permanent_failure(
+    store: TokenBackend, state: AccountState, lineage: str, error: Exception, now: float
 ) -> None:
     """The provider refused the grant or the set-up: block this lineage, record why."""
     name = state.account.name
@@ -101,11 +127,11 @@ def permanent_failure(
         action=refusal.advice,
         detail=text,
     )
-    save(store, state, lineage, lambda current: current.failed(kind, text, now, refusal))
+    await save(store, state, lineage, lambda current: current.failed(kind, text, now, refusal))
 
 
-def transient_failure(
-    store: TokenStore, state: AccountState, lineage: str, error: Exception, now: float
+async def transient_failure(
+    store: TokenBackend, state: AccountState, lineage: str, error: Exception, now: float
 ) -> None:
     """Network, timeout, 5xx, 429: back off exponentially and record the error."""
     state.failures += 1
@@ -121,7 +147,7 @@ def transient_failure(
     )
     text = f"temporary: {error}"
     refusal = getattr(error, "refusal", None) or network_refusal()
-    save(
+    await save(
         store,
         state,
         lineage,
@@ -165,7 +191,9 @@ def rejected(state: AccountState) -> UpstreamRejected:
     )
 
 
-def login_refused(store: TokenStore, state: AccountState, refusal: Refusal, now: float) -> None:
+async def login_refused(
+    store: TokenBackend, state: AccountState, refusal: Refusal, now: float
+) -> None:
     """Record a mail server's refusal, once per code: logins must not write
     the store at every attempt."""
     record = state.record
@@ -178,12 +206,14 @@ def login_refused(store: TokenStore, state: AccountState, refusal: Refusal, now:
     ):
         return
     text = f"login refused by the mail server: {refusal.code}"
-    save(store, state, record.lineage, lambda current: current.login_failed(text, now, refusal))
+    await save(
+        store, state, record.lineage, lambda current: current.login_failed(text, now, refusal)
+    )
 
 
-def login_succeeded(store: TokenStore, state: AccountState) -> None:
+async def login_succeeded(store: TokenBackend, state: AccountState) -> None:
     """Clear a refusal recorded from a login; a memory check when there is none."""
     record = state.record
     if record is None or not record.error_from_login:
         return
-    save(store, state, record.lineage, TokenRecord.login_cleared)
+    await save(store, state, record.lineage, TokenRecord.login_cleared)

@@ -4,8 +4,7 @@ A worker delivers its account's due messages oldest first over up to
 `connections` upstream connections (logged in as the account), each reused
 for as long as messages keep coming and closed with QUIT after `keepalive`
 seconds without one. Accounts are independent: one provider being down delays
-only its own accounts. An account that relays through Microsoft Graph gets a
-`GraphSession` (`gateway.smtp.graph_delivery`) instead of an SMTP connection.
+only its own accounts. A Graph account gets a `GraphSession` (gateway.smtp.graph_delivery).
 
 What happens after an attempt:
 
@@ -54,7 +53,7 @@ from gateway.smtp.relay_lane import Lane, cancel_call
 from gateway.smtp.relay_session import Session, SessionDeferred, transmit
 from gateway.smtp.relay_trouble import UpstreamTrouble
 from gateway.smtp.spool_records import QueueEntry, new_id
-from gateway.smtp.spool_store import SpoolStore
+from gateway.smtp.spool_store import SpoolStore, SpoolUnavailable
 from gateway.timing import timed_step
 from gateway.upstream.smtp import Reply, SMTPUpstreamError
 
@@ -350,15 +349,26 @@ class AccountWorker:
         for entry in entries:
             try:
                 if await self._claim(entry):
+                    failed = dict.fromkeys(entry.pending)
                     try:
-                        await self._attempt_failed(
-                            entry, dict.fromkeys(entry.pending), error.detail
+                        await self._recorded(
+                            entry, self._attempt_failed(entry, failed, error.detail)
                         )
                     finally:
-                        await self.relay.spool.release(entry)
+                        await self._recorded(entry, self.relay.spool.release(entry))
             finally:
                 del self.in_flight[entry.id]
                 await self._after_attempt(entry)
+
+    async def _recorded(self, entry: QueueEntry, step: Awaitable[None]) -> None:
+        """Run `step`; if the spool's database went away meanwhile, what the
+        attempt did is not recorded: look at `entry` again at the next sweep
+        (a delivered one may go out again, the window spool_pg states)."""
+        try:
+            await step
+        except SpoolUnavailable as e:
+            self.relay.busy.add(entry.id)
+            log.warn("smtp spool: attempt on {id} not recorded: {error}", id=entry.id, error=e)
 
     async def _claim(self, entry: QueueEntry) -> bool:
         """Hold `entry` for an attempt, if no other process does and it is
@@ -393,10 +403,10 @@ class AccountWorker:
         if not claimed:
             return
         try:
-            await self._attempt(lane, client, entry)
+            await self._recorded(entry, self._attempt(lane, client, entry))
         finally:
             try:
-                await self.relay.spool.release(entry)
+                await self._recorded(entry, self.relay.spool.release(entry))
             finally:
                 del self.in_flight[entry.id]
                 await self._after_attempt(entry)

@@ -20,6 +20,7 @@ dead one, and the gateway recovers without being restarted.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,6 +38,14 @@ T = TypeVar("T")
 Work = Callable[[psycopg.Connection[Any]], T]
 
 APPLICATION_NAME = "mail-gateway"
+
+# psycopg_pool reports every failed connection attempt through the standard
+# library's logging, which (with no handler configured) Python prints on
+# stderr and twistd logs as errors, several per second during an outage. The
+# gateway's own lines say once what failed and what the device was told.
+_pool_log = logging.getLogger("psycopg.pool")
+_pool_log.addHandler(logging.NullHandler())
+_pool_log.propagate = False
 RECONNECT_GIVE_UP = 8.0
 
 

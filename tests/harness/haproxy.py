@@ -6,10 +6,18 @@ binary in front of it: one frontend per route, on a free loopback port, each
 forwarding to one gateway port with ``send-proxy`` (v1) or ``send-proxy-v2``.
 It runs in the foreground (``-db``) from a generated configuration under one
 directory and is stopped by the PID of the process started here.
+
+A `Balanced` frontend spreads its clients over several gateway nodes
+(round robin, ``send-proxy-v2``), each checked with ``option httpchk GET
+/readyz`` against the node's admin port, the way the README's two-node set-up
+runs; `server_states` reads HAProxy's own view (its stats socket), so a test
+can wait for a killed node to be taken out instead of sleeping.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 import socket
 import subprocess
@@ -45,31 +53,66 @@ class Route:
     health_check: bool = False
 
 
+@dataclass
+class Server:
+    """One node behind a `Balanced` frontend: its device port and the admin
+    port its `/readyz` health check goes to (None: no check)."""
+
+    name: str
+    port: int
+    check_port: int | None = None
+
+
+@dataclass
+class Balanced:
+    """One frontend spread over `servers` in turn, each sent a PROXY header
+    of `version`. A server failing `health_path` twice is taken out; a
+    connection that cannot reach a server goes to the next one."""
+
+    name: str
+    servers: list[Server]
+    version: ProxyVersion = "v2"
+    front_port: int = field(default_factory=free_port)
+    health_path: str = "/readyz"
+    check_interval_ms: int = 300
+
+
 class HAProxy:
     def __init__(
         self,
         base_dir: Path,
         routes: list[Route],
         *,
+        balanced: list[Balanced] | None = None,
         backend_host: str = "127.0.0.1",
         startup_timeout: float = 10.0,
     ) -> None:
         self.base_dir = Path(base_dir).absolute()
         self.routes = {route.name: route for route in routes}
+        self.balanced = {each.name: each for each in balanced or []}
         self.backend_host = backend_host
         self.startup_timeout = startup_timeout
         self.config_file = self.base_dir / "haproxy.cfg"
         self.output_file = self.base_dir / "haproxy.out"
+        self.stats_socket = self.base_dir / "stats.sock"
         self._process: subprocess.Popen[bytes] | None = None
 
     def port(self, name: str) -> int:
+        if name in self.balanced:
+            return self.balanced[name].front_port
         return self.routes[name].front_port
+
+    def _front_ports(self) -> list[int]:
+        return [r.front_port for r in self.routes.values()] + [
+            b.front_port for b in self.balanced.values()
+        ]
 
     def render_config(self) -> str:
         lines = [
             "global",
             "  maxconn 200",
             "  nbthread 1",
+            f"  stats socket {self.stats_socket} mode 600 level admin",
             "defaults",
             "  mode tcp",
             "  timeout connect 5s",
@@ -86,7 +129,51 @@ class HAProxy:
                 + _SERVER_OPTION[route.version]
                 + (" check check-send-proxy inter 500ms" if route.health_check else ""),
             ]
+        for each in self.balanced.values():
+            lines += [
+                f"frontend front_{each.name}",
+                f"  bind 127.0.0.1:{each.front_port}",
+                f"  default_backend back_{each.name}",
+                f"backend back_{each.name}",
+                "  balance roundrobin",
+                "  retries 2",
+                "  option redispatch 1",
+                f"  option httpchk GET {each.health_path}",
+                "  http-check expect status 200",
+            ]
+            for server in each.servers:
+                check = (
+                    f" check port {server.check_port} inter {each.check_interval_ms}ms"
+                    " fall 2 rise 1"
+                    if server.check_port is not None
+                    else ""
+                )
+                lines.append(
+                    f"  server {server.name} {self.backend_host}:{server.port} "
+                    + _SERVER_OPTION[each.version]
+                    + check
+                )
         return "\n".join(lines) + "\n"
+
+    def server_states(self, balanced: str) -> dict[str, str]:
+        """Server name -> HAProxy's status ("UP", "DOWN", "UP 1/2", ...) in
+        the backend of a `Balanced` frontend, from the stats socket."""
+        chunks = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            try:
+                client.connect(str(self.stats_socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return {}  # HAProxy has not opened its socket yet
+            client.sendall(b"show stat\n")
+            while chunk := client.recv(65536):
+                chunks.append(chunk)
+        text = b"".join(chunks).decode().lstrip("# ")
+        return {
+            row["svname"]: row["status"]
+            for row in csv.DictReader(io.StringIO(text))
+            if row.get("pxname") == f"back_{balanced}" and row["svname"] != "BACKEND"
+        }
 
     def start(self) -> HAProxy:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +203,7 @@ class HAProxy:
         may or may not pass on to the backend: no test counts those."""
         assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
-        pending = [route.front_port for route in self.routes.values()]
+        pending = self._front_ports()
         while pending:
             if self._process.poll() is not None:
                 raise HAProxyError(

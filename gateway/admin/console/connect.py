@@ -9,7 +9,9 @@ code is exchanged at the token endpoint; the device grant runs
 `run_device_flow` while the page shows the code and reloads itself. Tokens
 are stored as the command stores them (`open_store` + `TokenRecord.authorized`
 under the store's lock), so the running gateway and the command see the same
-thing. *Forget tokens* is `gateway oauth revoke`; *Check* is `gateway check`.
+thing; with PostgreSQL the console uses the gateway's own (asynchronous)
+store, so no blocking connection is made on the reactor thread. *Forget
+tokens* is `gateway oauth revoke`; *Check* is `gateway check`.
 
 The callback needs no console cookie (a `SameSite=Strict` cookie does not
 come with the provider's cross-site redirect): its `state`, random, single
@@ -34,18 +36,20 @@ from gateway.check import check_account
 from gateway.model import Config
 from gateway.oauth.admin import (
     CommandFailed,
+    forget_tokens,
     oauth_account,
     open_store,
-    revoke_account,
     revoke_at_provider,
 )
+from gateway.oauth.backend import TokenBackend
 from gateway.oauth.code_flow import PKCE, authorization_url, code_from_redirect
 from gateway.oauth.device_flow import run_device_flow
 from gateway.oauth.endpoint import DeviceAuthorization, TokenEndpoint
 from gateway.oauth.errors import OAuthError
 from gateway.oauth.http import FormPoster
-from gateway.oauth.store import TokenRecord
+from gateway.oauth.record import TokenRecord
 from gateway.oauth.tokens import Tokens
+from gateway.state.database import StateUnavailable
 from gateway.upstream.credentials import TokenSource
 
 log = Logger(namespace="gateway.admin.console")
@@ -155,8 +159,8 @@ class AccountActions:
 
     def _run(self, flow: Flow, work: Any) -> None:
         d: Deferred[Tokens] = ensureDeferred(work)
-        flow.running = d.addCallbacks(
-            lambda tokens: self._store(flow, tokens), lambda f: self._failed(flow, f)
+        flow.running = d.addCallback(lambda tokens: self._store(flow, tokens)).addErrback(
+            lambda f: self._failed(flow, f)
         )
 
     def _failed(self, flow: Flow, failure: Failure) -> None:
@@ -166,23 +170,41 @@ class AccountActions:
         error = failure.value
         flow.message = (
             str(error)
-            if isinstance(error, OAuthError | CommandFailed)
+            if isinstance(error, OAuthError | CommandFailed | StateUnavailable)
             else (f"unexpected error: {type(error).__name__}")
         )
-        if not isinstance(error, OAuthError | CommandFailed):
+        if not isinstance(error, OAuthError | CommandFailed | StateUnavailable):
             log.failure("console: sign-in of {account} failed", failure, account=flow.account)
         self._audit("connect-failed", flow.admin, flow.account)
 
-    def _store(self, flow: Flow, tokens: Tokens) -> None:
+    def _token_store(self) -> TokenBackend:
+        """The gateway's own store if it is shared (PostgreSQL), else the
+        command's (the embedded files, which answer at once)."""
+        store = getattr(self._tokens(), "store", None)
+        if store is not None and store.shared:
+            shared: TokenBackend = store
+            return shared
+        config = self._config()
+        if config.state.backend == "postgresql":
+            # Never a blocking connection on the reactor thread.
+            raise CommandFailed("the gateway's token store is not open yet; try again")
+        opened = open_store(config, create_key=True, environ=self._environ)
+        assert opened is not None
+        return opened
+
+    def _store(self, flow: Flow, tokens: Tokens) -> Deferred[None] | None:
         if self._flows.get(flow.account) is not flow:
-            return  # superseded by a newer sign-in
-        store = open_store(self._config(), create_key=True, environ=self._environ)
-        assert store is not None
+            return None  # superseded by a newer sign-in
+        store = self._token_store()
         record = TokenRecord.authorized(flow.account, flow.grant, tokens, self._clock.seconds())
-        store.update(flow.account, lambda _current: record, replace_unreadable=True)
-        flow.status = "done"
-        flow.message = "connected: tokens stored"
-        self._audit("connected", flow.admin, flow.account)
+
+        def stored(_: object) -> None:
+            flow.status = "done"
+            flow.message = "connected: tokens stored"
+            self._audit("connected", flow.admin, flow.account)
+
+        d = store.change(flow.account, lambda _current: record, replace_unreadable=True)
+        return d.addCallback(stored)
 
     def code_callback(self, query: str, state: str) -> Deferred[Flow | None]:
         """Finish the code grant the redirect's `state` belongs to; None if none does."""
@@ -207,16 +229,15 @@ class AccountActions:
             code = code_from_redirect(query, state)
             return await endpoint.exchange_code(code, flow.pkce.verifier, flow.redirect_uri)
 
-        def stored(tokens: Tokens) -> Flow:
-            self._store(flow, tokens)
-            return flow
+        def stored(tokens: Tokens) -> Deferred[None] | None:
+            return self._store(flow, tokens)
 
         def failed(failure: Failure) -> Flow:
             self._failed(flow, failure)
             return flow
 
         d: Deferred[Any] = ensureDeferred(finish())
-        return d.addCallbacks(stored, failed)
+        return d.addCallback(stored).addCallbacks(lambda _: flow, failed)
 
     def forget(self, name: str, admin: str) -> Deferred[str]:
         """`gateway oauth revoke`: revoke at the provider where it can, then
@@ -226,10 +247,16 @@ class AccountActions:
         self._drop(name)
 
         async def forget() -> str:
+            store = self._token_store()
             at_provider = await revoke_at_provider(
-                config, name, poster=self._poster, clock=self._clock, environ=self._environ
+                config,
+                name,
+                poster=self._poster,
+                clock=self._clock,
+                environ=self._environ,
+                store=store,
             )
-            revoke_account(config, name, now=self._clock.seconds(), environ=self._environ)
+            await forget_tokens(config, name, store, now=self._clock.seconds())
             self._audit("forget-tokens", admin, name)
             return at_provider
 
