@@ -70,7 +70,9 @@ def make_service(
         reactor=reactor,
         identity=load_server_identity(config.tls) if config.tls else None,
         authenticator=DeviceAuthenticator(
-            config.devices, penalties=penalty_book(config.penalties, reactor), clock=reactor
+            config.devices,
+            penalties=penalty_book(config.penalties, reactor, state),
+            clock=reactor,
         ),
         state_backend=state,
     )

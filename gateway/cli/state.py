@@ -52,6 +52,16 @@ STATUS_QUERIES: dict[str, StatusQuery] = {
         "SELECT state || ' on ' || coalesce(split_part(lease_holder, ':', 1), node),"
         " count(*) FROM gateway_spool GROUP BY 1 ORDER BY 1",
     ),
+    "login lockouts": (
+        "gateway_penalty_events",
+        "SELECT book, count(DISTINCT network) FROM gateway_penalty_events"
+        " WHERE kind = 'lockout' AND until > extract(epoch FROM now()) GROUP BY book",
+    ),
+    "console sessions": (
+        "gateway_console_sessions",
+        "SELECT 'logged in, used in the last hour', count(*) FROM gateway_console_sessions"
+        " WHERE admin IS NOT NULL AND last_seen > extract(epoch FROM now()) - 3600",
+    ),
 }
 
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from twisted.web.resource import IResource
 
 from gateway.admin.console.app import Console, ConsoleState, audit
-from gateway.admin.console.auth import AdminLogins, Sessions
+from gateway.admin.console.auth import AdminLogins
 from gateway.admin.console.connect import AccountActions
+from gateway.admin.console.sessions import session_store
 from gateway.admin.listeners import ListenerWatch
 from gateway.admin.metrics import GatewayMetrics
 from gateway.devices import DeviceAuthenticator
@@ -40,13 +41,13 @@ def console_resource(
     def config() -> Config:
         return runtime.config
 
-    penalties = penalty_book(runtime.config.penalties, reactor)
+    penalties = penalty_book(runtime.config.penalties, reactor, runtime.state, book="console")
     logins = AdminLogins(
         settings.users,
         DeviceAuthenticator({}, penalties=penalties, clock=reactor),
         reactor,
     )
-    sessions = Sessions(reactor, settings.session_idle)
+    sessions = session_store(runtime.state.database, reactor, settings.session_idle)
 
     def reconfigure(new: Config) -> None:
         if new.admin is not None:

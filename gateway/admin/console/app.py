@@ -13,7 +13,7 @@ JavaScript (the device-code page reloads itself with a meta refresh).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -23,11 +23,13 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from gateway.admin.console import views
-from gateway.admin.console.auth import AdminLogins, Session, Sessions
+from gateway.admin.console.auth import AdminLogins
 from gateway.admin.console.connect import AccountActions
+from gateway.admin.console.sessions import Session, SessionStore
 from gateway.admin.listeners import ListenerWatch
 from gateway.admin.metrics import GatewayMetrics
 from gateway.model import Config
@@ -36,6 +38,7 @@ from gateway.oauth.errors import OAuthError
 from gateway.sessions import log_value
 from gateway.smtp.spool_records import valid_id
 from gateway.smtp.spool_store import SpoolStore as Spool
+from gateway.state.database import StateUnavailable
 
 log = Logger(namespace="gateway.admin.console")
 
@@ -82,7 +85,7 @@ class Console:
         self,
         state: ConsoleState,
         logins: AdminLogins,
-        sessions: Sessions,
+        sessions: SessionStore,
         actions: AccountActions,
     ) -> None:
         self.state = state
@@ -96,9 +99,9 @@ class Console:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _session(self, request: Request) -> Session | None:
+    def _session(self, request: Request) -> Deferred[Session | None]:
         raw = request.getCookie(COOKIE)
-        return self.sessions.get(raw.decode("ascii", "replace") if raw else None)
+        return self.sessions.find(raw.decode("ascii", "replace") if raw else None)
 
     def _set_cookie(self, request: Request, session: Session) -> None:
         request.addCookie(
@@ -110,10 +113,10 @@ class Console:
             sameSite="strict",
         )
 
-    def _admin(self, request: Request, *, post: bool = False) -> Session | None:
+    async def _admin(self, request: Request, *, post: bool = False) -> Session | None:
         """The logged-in session, or None after answering (redirect or 403)."""
         _headers(request)
-        session = self._session(request)
+        session = await self._session(request)
         if session is None or session.admin is None:
             if post:
                 request.setResponseCode(403)
@@ -132,6 +135,7 @@ class Console:
         notices: list[str] = []
         if session is not None:
             notices, session.notices = session.notices, []
+            self.sessions.shown(session, len(notices))
         page = self.templates.get_template(template).render(
             prefix=PREFIX,
             admin=session.admin if session is not None else None,
@@ -146,21 +150,27 @@ class Console:
     # -- login -----------------------------------------------------------------
 
     @app.route("/login", methods=["GET"])
-    def login_form(self, request: Request) -> bytes:
+    def login_form(self, request: Request) -> bytes | Deferred[bytes]:
+        return _answer(request, self._login_form(request))
+
+    async def _login_form(self, request: Request) -> bytes:
         _headers(request)
-        session = self._session(request)
+        session = await self._session(request)
         if session is not None and session.admin is not None:
             _redirect(request, f"{PREFIX}/")
             return b""
         if session is None:
-            session = self.sessions.new()
+            session = await self.sessions.open()
             self._set_cookie(request, session)
         return self._render(request, "login.html", session, error=None)
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: Request) -> bytes:
+        return await _unless_unavailable(request, self._login(request))
+
+    async def _login(self, request: Request) -> bytes:
         _headers(request)
-        session = self._session(request)
+        session = await self._session(request)
         if session is None or not session.csrf_ok(_field(request, "csrf")):
             request.setResponseCode(403)
             return b"expired or forged form: reload the login page\n"
@@ -175,19 +185,22 @@ class Console:
                 request, "login.html", session, error="wrong name or password", name=name
             )
         # A fresh id once logged in: an id seen before the login is worth nothing.
-        self.sessions.end(session)
-        session = self.sessions.new(admin)
+        await self.sessions.close(session)
+        session = await self.sessions.open(admin)
         self._set_cookie(request, session)
         audit("login", admin, peer)
         _redirect(request, f"{PREFIX}/")
         return b""
 
     @app.route("/logout", methods=["POST"])
-    def logout(self, request: Request) -> bytes:
-        session = self._admin(request, post=True)
+    def logout(self, request: Request) -> bytes | Deferred[bytes]:
+        return _answer(request, self._logout(request))
+
+    async def _logout(self, request: Request) -> bytes:
+        session = await self._admin(request, post=True)
         if session is None:
             return b"forbidden\n"
-        self.sessions.end(session)
+        await self.sessions.close(session)
         assert session.admin is not None
         audit("logout", session.admin, "-")
         _redirect(request, f"{PREFIX}/login")
@@ -196,8 +209,11 @@ class Console:
     # -- pages -----------------------------------------------------------------
 
     @app.route("/", methods=["GET"])
-    def overview(self, request: Request) -> bytes:
-        session = self._admin(request)
+    def overview(self, request: Request) -> bytes | Deferred[bytes]:
+        return _answer(request, self._overview(request))
+
+    async def _overview(self, request: Request) -> bytes:
+        session = await self._admin(request)
         if session is None:
             return b""
         s = self.state
@@ -205,16 +221,22 @@ class Console:
         return self._render(request, "overview.html", session, **data)
 
     @app.route("/devices", methods=["GET"])
-    def devices(self, request: Request) -> bytes:
-        session = self._admin(request)
+    def devices(self, request: Request) -> bytes | Deferred[bytes]:
+        return _answer(request, self._devices(request))
+
+    async def _devices(self, request: Request) -> bytes:
+        session = await self._admin(request)
         if session is None:
             return b""
         rows = views.devices(self.state.config(), self.state.metrics)
         return self._render(request, "devices.html", session, devices=rows)
 
     @app.route("/accounts", methods=["GET"])
-    def accounts(self, request: Request) -> bytes:
-        session = self._admin(request)
+    def accounts(self, request: Request) -> bytes | Deferred[bytes]:
+        return _answer(request, self._accounts(request))
+
+    async def _accounts(self, request: Request) -> bytes:
+        session = await self._admin(request)
         if session is None:
             return b""
         rows = views.accounts(
@@ -237,12 +259,16 @@ class Console:
         )
 
     @app.route("/queue", methods=["GET"])
-    def queue(self, request: Request) -> bytes | Deferred[bytes]:
-        session = self._admin(request)
+    def queue(self, request: Request) -> Deferred[bytes]:
+        # Always a Deferred: the spool's listing may wait (PostgreSQL).
+        return Deferred.fromCoroutine(_unless_unavailable(request, self._queue(request)))
+
+    async def _queue(self, request: Request) -> bytes:
+        session = await self._admin(request)
         if session is None:
             return b""
         # The embedded spool answers at once; PostgreSQL's listing waits.
-        return Deferred.fromCoroutine(self._queue_page(request, session))
+        return await self._queue_page(request, session)
 
     async def _queue_page(self, request: Request, session: Session) -> bytes:
         spool = self.state.spool
@@ -259,8 +285,13 @@ class Console:
     # -- actions ---------------------------------------------------------------
 
     @app.route("/queue/<message_id>/<verb>", methods=["POST"])
-    def queue_action(self, request: Request, message_id: str, verb: str) -> bytes | Deferred[bytes]:
-        session = self._admin(request, post=True)
+    def queue_action(self, request: Request, message_id: str, verb: str) -> Deferred[bytes]:
+        # Always a Deferred: the spool's request may wait (PostgreSQL).
+        page = self._queue_action(request, message_id, verb)
+        return Deferred.fromCoroutine(_unless_unavailable(request, page))
+
+    async def _queue_action(self, request: Request, message_id: str, verb: str) -> bytes:
+        session = await self._admin(request, post=True)
         if session is None:
             return b"forbidden\n"
         assert session.admin is not None
@@ -268,30 +299,31 @@ class Console:
         if verb not in ("retry", "delete") or not valid_id(message_id) or spool is None:
             request.setResponseCode(404)
             return b"no such action\n"
-        return Deferred.fromCoroutine(self._queue_action(request, session, spool, message_id, verb))
-
-    async def _queue_action(
-        self, request: Request, session: Session, spool: Spool, message_id: str, verb: str
-    ) -> bytes:
-        assert session.admin is not None
         try:
             # What `gateway queue retry|delete` does while the gateway runs:
             # a request the relay (of whichever process) carries out within seconds.
             known = await spool.request("retry" if verb == "retry" else "delete", message_id)
         except OSError as e:
-            session.notices.append(f"{message_id}: {verb} failed: {e}")
+            await self.sessions.note(session, f"{message_id}: {verb} failed: {e}")
             known = None
         if known is False:
-            session.notices.append(f"no message {message_id} (already delivered or deleted?)")
+            await self.sessions.note(
+                session, f"no message {message_id} (already delivered or deleted?)"
+            )
         elif known:
             audit(f"queue-{verb}", session.admin, message_id)
-            session.notices.append(f"{message_id}: {verb} requested; carried out within seconds")
+            await self.sessions.note(
+                session, f"{message_id}: {verb} requested; carried out within seconds"
+            )
         _redirect(request, f"{PREFIX}/queue")
         return b""
 
     @app.route("/accounts/<name>/<verb>", methods=["POST"])
     async def account_action(self, request: Request, name: str, verb: str) -> bytes:
-        session = self._admin(request, post=True)
+        return await _unless_unavailable(request, self._account_action(request, name, verb))
+
+    async def _account_action(self, request: Request, name: str, verb: str) -> bytes:
+        session = await self._admin(request, post=True)
         if session is None:
             return b"forbidden\n"
         admin = session.admin
@@ -308,11 +340,12 @@ class Console:
                     return b""
             elif verb == "forget":
                 outcome = await self.actions.forget(name, admin)
-                session.notices.append(f"{name}: tokens forgotten (at the provider: {outcome})")
+                notice = f"{name}: tokens forgotten (at the provider: {outcome})"
+                await self.sessions.note(session, notice)
             else:
                 self.actions.check(name, admin)
         except (CommandFailed, OAuthError) as e:
-            session.notices.append(f"{name}: {e}")
+            await self.sessions.note(session, f"{name}: {e}")
         _redirect(request, f"{PREFIX}/accounts#account-{quote(name)}")
         return b""
 
@@ -335,6 +368,34 @@ class Console:
             refresh_seconds=1,
             refresh_url=f"{PREFIX}/accounts#account-{quote(flow.account)}",
         )
+
+
+def _answer(request: Request, page: Coroutine[Any, Any, bytes]) -> bytes | Deferred[bytes]:
+    """The page itself if it is ready at once (sessions in memory), else a
+    Deferred of it (Klein waits for either): a page needs no reactor turn
+    unless its session is looked up in the database."""
+    answer = Deferred.fromCoroutine(_unless_unavailable(request, page))
+    if not answer.called:
+        return answer
+    outcome: list[bytes | Failure] = []
+    answer.addBoth(outcome.append)
+    [result] = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+async def _unless_unavailable(request: Request, page: Coroutine[Any, Any, bytes]) -> bytes:
+    """The page, or 503 when the sessions' database cannot be reached (one
+    log line; the browser may simply reload)."""
+    try:
+        return await page
+    except StateUnavailable as e:
+        log.warn("console: sessions unavailable, the state database failed: {error}", error=str(e))
+        _headers(request)
+        request.setResponseCode(503)
+        request.setHeader(b"retry-after", b"5")
+        return b"the console's session store is unreachable: try again in a few seconds\n"
 
 
 def _headers(request: Request) -> None:

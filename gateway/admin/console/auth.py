@@ -12,22 +12,20 @@ admin logins keep their own penalty book, so an admin mistyping from the
 office network never slows the printers there, nor the reverse.
 
 A session is a random id in a cookie (`HttpOnly`, `SameSite=Strict`, `Secure`
-on TLS) that maps to the admin's name and a CSRF token in memory; nothing is
-derived from it, so a restart logs everyone out, and a session unused for
-`idle` seconds is over.
+on TLS) that maps to the admin's name and a CSRF token; nothing is derived
+from it, and a session unused for `idle` seconds is over. Where sessions are
+kept (this process's memory, or the state database shared by every node):
+`gateway.admin.console.sessions`, re-exported here.
 """
 
 from __future__ import annotations
 
-import hmac
-import secrets
-from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
+from gateway.admin.console.sessions import MAX_SESSIONS, Session, Sessions, SessionStore
 from gateway.devices import AuthFailed, DeviceAuthenticator
 from gateway.model import AdminUser, Device
 from gateway.sessions import log_penalty
@@ -36,9 +34,7 @@ from gateway.sessions import log_penalty
 CONSOLE = "console"
 # A refusal's least pause, as for a device (`POP3ServerFactory.auth_failure_delay`).
 REFUSAL_DELAY = 1.0
-# Sessions kept at most (the oldest go first): a flood of login pages must
-# not grow memory without bound.
-MAX_SESSIONS = 2000
+__all__ = ["MAX_SESSIONS", "AdminLogins", "Session", "SessionStore", "Sessions"]
 
 
 class AdminLogins:
@@ -85,55 +81,3 @@ class AdminLogins:
             await deferLater(self._clock, pause, lambda: None)
             return None
         return user.name
-
-
-@dataclass
-class Session:
-    """One browser's: `admin` is None until it logs in (the login form's CSRF)."""
-
-    id: str
-    csrf: str
-    admin: str | None
-    last_used: float
-    # What the next page says once (the outcome of an action).
-    notices: list[str] = field(default_factory=list)
-
-    def csrf_ok(self, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(token.encode(), self.csrf.encode())
-
-
-class Sessions:
-    def __init__(self, clock: IReactorTime, idle: float) -> None:
-        self._clock = clock
-        self.idle = idle
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
-
-    def new(self, admin: str | None = None) -> Session:
-        session = Session(
-            id=secrets.token_urlsafe(32),
-            csrf=secrets.token_urlsafe(32),
-            admin=admin,
-            last_used=self._clock.seconds(),
-        )
-        self._sessions[session.id] = session
-        while len(self._sessions) > MAX_SESSIONS:
-            self._sessions.popitem(last=False)
-        return session
-
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session (its idle timer restarted), or None."""
-        if not session_id:
-            return None
-        session = self._sessions.get(session_id)
-        if session is None:
-            return None
-        now = self._clock.seconds()
-        if now - session.last_used > self.idle:
-            del self._sessions[session_id]
-            return None
-        session.last_used = now
-        self._sessions.move_to_end(session_id)
-        return session
-
-    def end(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)

@@ -27,15 +27,17 @@ password keeps polling with the same wrong one and would otherwise lock
 its own address. A successful login clears its address's and its (device,
 address) penalty. Trusted networks are never penalized.
 
-`PenaltyBook` is the whole interface the authenticator uses, so a shared
-store (PostgreSQL, for several gateways) can replace `MemoryPenaltyBook`.
-In memory, every table is bounded (`max_entries`, oldest dropped first) and
-entries expire on the injected clock: guessed device names and rotating
-addresses cannot grow the process.
+`PenaltyBook` is the whole interface the authenticator uses;
+`gateway.penalties.shared` shares a `MemoryPenaltyBook` between processes
+(nodes through PostgreSQL, a host's workers through SQLite). In memory,
+every table is bounded (`max_entries`, oldest dropped first) and entries
+expire on the injected clock: guessed device names and rotating addresses
+cannot grow the process.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import ipaddress
 from collections import OrderedDict, deque
@@ -113,6 +115,15 @@ class NoPenalties:
         return False
 
 
+@dataclass(frozen=True)
+class Counted:
+    """What one failure did: whether it counted (not a repeated attempt) at
+    its address, and the penalties it started."""
+
+    counted: bool
+    penalized: tuple[Penalized, ...]
+
+
 @dataclass
 class _Tally:
     """Failures of one key: their times within the window, recent attempts."""
@@ -132,7 +143,14 @@ class _Tally:
             return False
         if attempt:
             self.repeats.append(attempt)
-        self.failures.append(when)
+        if self.failures and when < self.failures[-1]:
+            # Another process's failure, arriving after later ones: in order,
+            # so that `count` keeps dropping the oldest first.
+            if len(self.failures) == self.failures.maxlen:
+                self.failures.popleft()
+            bisect.insort(self.failures, when)
+        else:
+            self.failures.append(when)
         return True
 
 
@@ -187,6 +205,9 @@ class _Deadlines:
         self._entries[key] = when
         while len(self._entries) > self._limit:
             self._entries.popitem(last=False)
+
+    def until(self, key: str) -> float | None:
+        return self._entries.get(key)
 
     def after(self, key: str, now: float) -> bool:
         """Whether `key` holds a time later than `now` (an ended one is forgotten)."""
@@ -269,14 +290,28 @@ class MemoryPenaltyBook:
         network = self.network(address)
         if network is None:
             return ()
+        return self.count_failure(network, device, self._clock.seconds(), attempt).penalized
+
+    def count_failure(
+        self, network: str, device: str, when: float, attempt: bytes = b"", *, remote: bool = False
+    ) -> Counted:
+        """Count a failure under the address key `network` at `when`.
+
+        `remote`: another process saw it (a shared book replays it here); it
+        is counted at its own time and starts no penalty here: the process
+        that saw it decided and said so, and the next failure seen here
+        decides with it counted."""
         s = self.settings
         now = self._clock.seconds()
         since = now - s.lockout_window
+        if when <= since:
+            return Counted(False, ())
         self._expire(now)
         name = name_key(device)
         started: list[Penalized] = []
         at_address = self._addresses.touch(network, now)
-        if at_address.add(now, attempt):
+        counted = at_address.add(when, attempt)
+        if counted and not remote:
             failures = at_address.count(since)
             if failures >= s.lockout_after and not self._locks.after(network, now):
                 self._locks.set(network, now + s.lockout_time)
@@ -285,12 +320,45 @@ class MemoryPenaltyBook:
                 self._addresses.drop(network)
                 window, seconds = s.lockout_window, s.lockout_time
                 started.append(Penalized("lockout", device, network, failures, window, seconds))
-        self._pairs.touch(_pair(name, network), now).add(now, attempt)
+        self._pairs.touch(_pair(name, network), now).add(when, attempt)
         for_name = self._names.touch(name, now)
-        if for_name.add(now, attempt) and for_name.count(since) == s.device_slow_after:
+        if (
+            for_name.add(when, attempt)
+            and not remote
+            and for_name.count(since) == s.device_slow_after
+        ):
             failures, window = s.device_slow_after, s.lockout_window
             started.append(Penalized("device_slowdown", device, "", failures, window, s.max_delay))
-        return tuple(started)
+        return Counted(counted, tuple(started))
+
+    def absorb_lockout(self, network: str, until: float) -> None:
+        """Another process locked `network` out until `until`."""
+        current = self._locks.until(network)
+        if until > self._clock.seconds() and (current is None or current < until):
+            self._locks.set(network, until)
+            self._addresses.drop(network)
+
+    def absorb_success(self, network: str, device: str, known_until: float | None) -> None:
+        """Another process logged `device` in from `network`."""
+        self._addresses.drop(network)
+        self._pairs.drop(_pair(name_key(device), network))
+        self.absorb_known(network, device, known_until)
+
+    def absorb_known(self, network: str, device: str, until: float | None) -> None:
+        """`device` logged in from `network` elsewhere: known there until `until`."""
+        pair = _pair(name_key(device), network)
+        if until is not None and until > (self._known.until(pair) or 0.0):
+            self._known.set(pair, until)
+
+    def holds(self, network: str, device: str) -> bool:
+        """Whether a success would clear something here (failures of the
+        address or of the pair)."""
+        pair = _pair(name_key(device), network)
+        return self._addresses.get(network) is not None or self._pairs.get(pair) is not None
+
+    def known_until(self, network: str, device: str) -> float | None:
+        """Until when `device` counts as known at `network` (None: not known)."""
+        return self._known.until(_pair(name_key(device), network))
 
     def succeeded(self, address: str, device: str) -> None:
         network = self.network(address)
@@ -326,10 +394,3 @@ def _pair(name: str, network: str) -> str:
 def _count(table: _Table, key: str, since: float) -> int:
     entry = table.get(key)
     return 0 if entry is None else entry.count(since)
-
-
-def penalty_book(settings: PenaltySettings, clock: IReactorTime) -> PenaltyBook:
-    """The book `[penalties]` asks for."""
-    if not settings.enabled:
-        return NoPenalties()
-    return MemoryPenaltyBook(settings, clock)
