@@ -71,7 +71,13 @@ def make_service(
         identity=load_server_identity(config.tls) if config.tls else None,
         authenticator=DeviceAuthenticator(
             config.devices,
-            penalties=penalty_book(config.penalties, reactor, state),
+            penalties=penalty_book(
+                config.penalties,
+                reactor,
+                state,
+                # Worker processes count an attacker's guesses once, together.
+                shared_dir=config.state_dir if config.workers > 1 else None,
+            ),
             clock=reactor,
         ),
         state_backend=state,

@@ -29,9 +29,8 @@ or due rows in PostgreSQL nobody alive holds) and carries out the requests
 message is claimed (`SpoolStore.claim`), so however many processes list it,
 one delivers it; a claim held elsewhere skips the message until the next look.
 
-Each outcome's log event carries a `delivery` field ("delivered",
-"deferred", "expired", "dead_letter"): the metrics count those, and JSON
-logs can be filtered on it.
+Each outcome's log event carries a `delivery` field ("delivered", "deferred",
+"expired", "dead_letter"): the metrics count those, JSON logs filter on it.
 """
 
 from __future__ import annotations
@@ -361,12 +360,12 @@ class AccountWorker:
                 await self._after_attempt(entry)
 
     async def _recorded(self, entry: QueueEntry, step: Awaitable[None]) -> None:
-        """Run `step`; if the spool's database went away meanwhile, what the
-        attempt did is not recorded: look at `entry` again at the next sweep
-        (a delivered one may go out again, the window spool_pg states)."""
+        """Run `step`; if the spool's database went away (the attempt is not
+        recorded: a delivered message may go out again, as spool_pg states) or
+        another process took `entry` over and finished it, look again later."""
         try:
             await step
-        except SpoolUnavailable as e:
+        except (SpoolUnavailable, FileNotFoundError) as e:
             self.relay.busy.add(entry.id)
             log.warn("smtp spool: attempt on {id} not recorded: {error}", id=entry.id, error=e)
 
@@ -432,9 +431,10 @@ class AccountWorker:
             not_before = e.retry_after if isinstance(e, SessionDeferred) else None
             await self._attempt_failed(entry, dict.fromkeys(recipients), e.detail, not_before)
             return
+        except SpoolUnavailable:
+            raise  # not an attempt: `_recorded` logs it and looks again later
         except Exception as e:
-            # A spool file gone or unreadable, or a bug: back off like any
-            # failed attempt instead of retrying in a tight loop.
+            # A spool file unreadable, or a bug: back off, no tight loop.
             log.failure("smtp relay of {id} failed", id=entry.id)
             client.abort("internal error")
             lane.client = None

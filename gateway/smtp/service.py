@@ -135,7 +135,7 @@ def spool_shared(config: Config) -> bool:
     """Whether worker processes share the embedded spool (issue 14's
     `workers`): then each takes the spool's lock shared and delivers
     through per-message claims."""
-    return int(getattr(config, "workers", 1) or 1) > 1
+    return config.workers > 1
 
 
 def open_spool(runtime: Runtime) -> SpoolStore:
