@@ -13,7 +13,6 @@ by another worker are not forgotten.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from twisted.internet.threads import deferToThread
@@ -27,6 +26,7 @@ from gateway.smtp.spool_records import (
     DeliveryState,
     Envelope,
     QueueEntry,
+    QueueIndex,
     SpoolError,
     Status,
     new_id,
@@ -55,7 +55,7 @@ log = Logger(namespace="gateway.smtp.spool")
 SHARED_JUNK_AGE = 3600.0
 
 
-class Spool:
+class Spool(QueueIndex):
     """The gateway's view of the spool: an index in memory, file work in a thread.
 
     `entries` holds every entry (queued and dead) by id; the queued ones are
@@ -73,8 +73,7 @@ class Spool:
         self.dir = directory
         self._run = run_in_thread
         self.shared = shared
-        self.entries: dict[str, QueueEntry] = {}
-        self._queued: dict[str, dict[str, QueueEntry]] = {}
+        QueueIndex.__init__(self)
         self._commits = GroupCommit(directory.commit_many, run_in_thread)
         self._removals = GroupCommit(directory.remove_many, run_in_thread)
         self._held: dict[str, Claim] = {}
@@ -115,28 +114,6 @@ class Spool:
         return found
 
     # -- the index ---------------------------------------------------------------
-
-    def track(self, entry: QueueEntry) -> None:
-        """Put an entry (new, or changed status) into the index."""
-        self.entries[entry.id] = entry
-        account = self._queued.setdefault(entry.envelope.account, {})
-        if entry.status == "queued":
-            account[entry.id] = entry
-        else:
-            account.pop(entry.id, None)
-
-    def forget(self, entry: QueueEntry) -> None:
-        """Drop an entry from the index (its files are gone)."""
-        self.entries.pop(entry.id, None)
-        self._queued.get(entry.envelope.account, {}).pop(entry.id, None)
-
-    def queued(self, account: str) -> list[QueueEntry]:
-        """The account's queued entries, oldest first."""
-        return list(self._queued.get(account, {}).values())
-
-    def iter_queued(self, account: str) -> Iterator[QueueEntry]:
-        """The same without a copy: only for loops that do not wait."""
-        return iter(self._queued.get(account, {}).values())
 
     # -- receiving ---------------------------------------------------------------
 

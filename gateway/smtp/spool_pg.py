@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, BinaryIO, TypeVar
 
@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from gateway.smtp.spool_commit import GroupCommit
 from gateway.smtp.spool_control import Verb
 from gateway.smtp.spool_files import IncomingMessage, SpoolDir
-from gateway.smtp.spool_records import DeliveryState, Envelope, QueueEntry, new_id
+from gateway.smtp.spool_records import DeliveryState, Envelope, QueueEntry, QueueIndex, new_id
 from gateway.smtp.spool_store import SpoolUnavailable
 from gateway.state.backend import StateBackend
 from gateway.state.database import Database, StateUnavailable, describe
@@ -105,7 +105,7 @@ class PgIncoming(IncomingMessage):
         return data
 
 
-class PgSpool:
+class PgSpool(QueueIndex):
     def __init__(
         self,
         backend: StateBackend,
@@ -123,8 +123,7 @@ class PgSpool:
         self.dir = files  # tmp/ for large messages being received; its lock for readiness
         self.clock = clock
         self.accounts = accounts
-        self.entries: dict[str, QueueEntry] = {}
-        self._queued: dict[str, dict[str, QueueEntry]] = {}
+        QueueIndex.__init__(self)
         self._commits = GroupCommit(self._insert_many, self._in_transaction)
         self._refresh_error: str | None = None
 
@@ -168,24 +167,6 @@ class PgSpool:
             raise SpoolUnavailable(f"state database: {describe(e)}") from None
 
     # -- the index (what this process holds) ------------------------------------
-
-    def track(self, entry: QueueEntry) -> None:
-        self.entries[entry.id] = entry
-        account = self._queued.setdefault(entry.envelope.account, {})
-        if entry.status == "queued":
-            account[entry.id] = entry
-        else:
-            account.pop(entry.id, None)
-
-    def forget(self, entry: QueueEntry) -> None:
-        self.entries.pop(entry.id, None)
-        self._queued.get(entry.envelope.account, {}).pop(entry.id, None)
-
-    def queued(self, account: str) -> list[QueueEntry]:
-        return list(self._queued.get(account, {}).values())
-
-    def iter_queued(self, account: str) -> Iterator[QueueEntry]:
-        return iter(self._queued.get(account, {}).values())
 
     # -- receiving ---------------------------------------------------------------
 

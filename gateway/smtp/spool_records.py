@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -108,3 +109,35 @@ def valid_id(text: str) -> bool:
 def new_id(now: float) -> str:
     """Sortable by arrival, unique without coordination, safe as a file name."""
     return time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(4)
+
+
+class QueueIndex:
+    """The spool's in-memory index, the same for both backends: every entry
+    by id, and each account's queued entries oldest first (a dict keeps the
+    order they were tracked in), which the relay walks without a copy."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, QueueEntry] = {}
+        self._queued: dict[str, dict[str, QueueEntry]] = {}
+
+    def track(self, entry: QueueEntry) -> None:
+        """Put an entry (new, or changed status) into the index."""
+        self.entries[entry.id] = entry
+        account = self._queued.setdefault(entry.envelope.account, {})
+        if entry.status == "queued":
+            account[entry.id] = entry
+        else:
+            account.pop(entry.id, None)
+
+    def forget(self, entry: QueueEntry) -> None:
+        """Drop an entry from the index (delivered, deleted, or gone)."""
+        self.entries.pop(entry.id, None)
+        self._queued.get(entry.envelope.account, {}).pop(entry.id, None)
+
+    def queued(self, account: str) -> list[QueueEntry]:
+        """The account's queued entries, oldest first."""
+        return list(self._queued.get(account, {}).values())
+
+    def iter_queued(self, account: str) -> Iterator[QueueEntry]:
+        """The same without a copy: only for loops that do not wait."""
+        return iter(self._queued.get(account, {}).values())
