@@ -18,9 +18,11 @@ import pytest
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_process import GatewayProcess, free_port
+from tests.harness.postgres import PostgresCluster
 from tests.harness.smtp_sink import read_messages
 from tests.helpers.pop3 import device, message
 from tests.helpers.smtp_gateway import SMTPPorts, smtp_gateway_config, smtps_sink
+from tests.helpers.state import state_toml
 from tests.helpers.waiting import wait_until
 from tests.integration.test_workers import (
     config_text,
@@ -34,15 +36,25 @@ pytestmark = pytest.mark.integration
 # -- locks -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["embedded", "postgresql"])
 def test_in_use_holds_across_workers(
     tmp_path: Path,
     clean_mailboxes: Dovecot,
     tls_upstream: TLSMaterial,
     tls_gateway: TLSMaterial,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """One device holds alice's mailbox in one worker; logins of another device
-    of alice's account get [IN-USE] in every worker (seen from >= 2 pids)."""
+    of alice's account get [IN-USE] in every worker (seen from >= 2 pids).
+    A node is any number of workers on either backend: with PostgreSQL each
+    worker is a process of its own in the database's locks."""
     port = free_port()
+    extra = [device("copier", "alice")]
+    dsn = None
+    if backend == "postgresql":
+        dsn = request.getfixturevalue("state_dsn")
+        extra.append(state_toml(dsn))
     text = config_text(
         tmp_path / "state",
         port,
@@ -50,11 +62,19 @@ def test_in_use_holds_across_workers(
         tls_upstream,
         tls_gateway,
         workers=3,
-        extra=(device("copier", "alice"),),
+        extra=tuple(extra),
     )
     ctx = ssl.create_default_context(cafile=str(tls_gateway.ca_file))
     with GatewayProcess(tmp_path / "gw", text, [port]) as gateway:
         workers = wait_for_workers(gateway, 3)
+        if dsn is not None:
+            cluster: PostgresCluster = request.getfixturevalue("postgres")
+            wait_until(
+                lambda: cluster.query(dsn, "SELECT pid FROM gateway_processes"),
+                20,
+                lambda rows: f"worker processes in the database: {rows}",
+                done=lambda rows: {pid for (pid,) in rows} == set(workers.values()),
+            )
         holder = poplib.POP3_SSL("localhost", port, context=ctx, timeout=20)
         holder.user("printer")
         holder.pass_("printer-pw")
