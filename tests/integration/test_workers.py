@@ -317,7 +317,7 @@ def low_free_port() -> int:
             except OSError:
                 continue
             return port
-    pytest.skip("no free port below 1024")
+    pytest.fail("no free port below 1024 to test privilege dropping with")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 needs root")
@@ -382,7 +382,7 @@ def readable_interpreter(uid: int, gid: int) -> dict[str, Any]:
     The workers are started after twistd dropped privileges, so they run the
     interpreter as that user: a deployment's system-wide Python. The test's
     own may sit where that user cannot reach (a root-only pyenv), so take the
-    system's of the same version with this one's packages, or skip."""
+    system's of the same version with this one's packages, or fail."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     packages = sysconfig.get_paths()["purelib"]
     repo = str(Path(__file__).resolve().parents[2])
@@ -405,7 +405,7 @@ def readable_interpreter(uid: int, gid: int) -> dict[str, Any]:
                 "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
             )
             return {"twistd": [python, "-c", run], "env": env}
-    pytest.skip(f"no {version} interpreter the unprivileged user can run with these packages")
+    pytest.fail(f"no {version} interpreter the unprivileged user can run with these packages")
 
 
 def _copy_readable(source: Path, base: Path, uid: int) -> Path:
