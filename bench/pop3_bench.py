@@ -51,7 +51,6 @@ import signal
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -73,8 +72,11 @@ from argon2 import PasswordHasher  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH_LIMITS,
     PeakRSS,
+    find_py_spy,
+    hotspots,
     make_message,
     proc_status,
+    record_profile,
     wire_form,
 )
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
@@ -565,61 +567,6 @@ def process_group_pss(pgid: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------
 # Profiling (optional: --profile DIR, needs py-spy)
 
-_IDLE_LEAVES = ("Condition.wait", "_worker (concurrent", "Thread._bootstrap")
-
-
-def hotspots(collapsed: Path, top: int = 15) -> list[str]:
-    """Self and inclusive hotspots of a py-spy "raw" (collapsed stacks) profile,
-    as shares of the samples where the gateway was not idle; idle = thread-pool
-    workers waiting and the reactor in epoll_wait (doPoll as the leaf frame)."""
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    busy = idle = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
-        leaf = frames[-1]
-        if leaf.startswith("untilConcludes") and len(frames) > 1:
-            # Twisted wraps its socket calls: name the syscall, not the wrapper.
-            caller = frames[-2].split(" ", 1)[0]
-            leaf = frames[-1] = f"syscall in {caller} (send/recv)"
-        if leaf.startswith(_IDLE_LEAVES) or leaf.startswith("EPollReactor.doPoll"):
-            idle += n
-            continue
-        busy += n
-        own[leaf] = own.get(leaf, 0) + n
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + n
-    if not busy:
-        return ["no busy samples"]
-    lines = [f"{busy} busy samples ({idle} idle); self time:"]
-    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * n / busy:5.1f}%  {frame}")
-    lines.append("inclusive time of gateway code and a few Twisted/pyOpenSSL entry points:")
-    watch = (
-        "gateway/",
-        "do_handshake",
-        "Logger.emit",
-        "_makeContext",
-        "HostnameEndpoint.connect",
-        "writeSomeData",
-        "_flushReceiveBIO",
-        "_flushSendBIO",
-    )
-    picked = [kv for kv in inclusive.items() if any(w in kv[0] for w in watch)]
-    for frame, n in sorted(picked, key=lambda kv: -kv[1])[: top * 2]:
-        lines.append(f"  {100 * n / busy:5.1f}%  {frame}")
-    return lines
-
-
-def find_py_spy(explicit: str | None) -> str | None:
-    candidates = [explicit, shutil.which("py-spy"), str(Path(sys.executable).with_name("py-spy"))]
-    return next((c for c in candidates if c and Path(c).exists()), None)
-
-
 # --------------------------------------------------------------------------
 # Setup
 
@@ -1021,29 +968,11 @@ class Bench:
         runs = (("retr_1m", retr_loop), (f"sessions_c{self.profile_clients}", sessions))
         for name, action in runs:
             target = out_dir / f"gateway-{name}.collapsed.txt"
-            spy = subprocess.Popen(
-                [
-                    py_spy,
-                    "record",
-                    "--pid",
-                    str(self.gateway_pid),
-                    "--rate",
-                    "250",
-                    "--format",
-                    "raw",
-                    *([] if self.one_process else ["--subprocesses"]),
-                    "--output",
-                    str(target),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+            error = record_profile(
+                py_spy, self.gateway_pid, target, action, subprocesses=not self.one_process
             )
-            time.sleep(1.0)  # attach
-            action()
-            spy.send_signal(signal.SIGINT)
-            _, err = spy.communicate(timeout=60)
-            if not target.exists():
-                log(f"  py-spy failed: {err.decode(errors='replace')[-500:]}")
+            if error:
+                log(f"  py-spy failed: {error}")
                 continue
             report[name] = hotspots(target)
             log(f"profile of the gateway during {name} ({target}):")
