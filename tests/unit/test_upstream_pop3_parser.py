@@ -279,6 +279,48 @@ def test_body_streams_without_accumulating() -> None:
     assert total + len(last.data) == 64 * 65536 + 2
 
 
+def test_a_chunk_goes_on_uncopied() -> None:
+    """A chunk that cannot end in the start of a terminator is passed on as it came."""
+    parser = ResponseParser()
+    parser.feed(b"+OK\r\n")
+    assert parser.next_event(Expect.MULTI) == Status(True, None, b"")
+    for chunk in (b"first line\r\nsecond", b" half\r\nthird line", b"\r\n.x\r\n" * 1000 + b"y"):
+        parser.feed(chunk)
+        event = parser.next_event(Expect.MULTI)
+        assert isinstance(event, BodyChunk)
+        assert event.data is chunk
+        assert parser.next_event(Expect.MULTI) is None
+
+
+@pytest.mark.parametrize(
+    ("tail", "held"),
+    [
+        (b"x", b""),
+        (b"\r", b"\r"),
+        (b"\r\n", b"\r\n"),
+        (b"\r\n.", b"\r\n."),
+        (b"\r\n.\r", b"\r\n.\r"),
+        (b"\n", b""),
+        (b"\r\nx", b""),
+        (b".\r", b"\r"),
+        (b"\r\n..", b""),
+        (b"\r\n\r", b"\r"),
+    ],
+)
+def test_only_what_may_begin_a_terminator_is_held(tail: bytes, held: bytes) -> None:
+    parser = ResponseParser()
+    parser.feed(b"+OK\r\nsome text" + tail)
+    assert parser.next_event(Expect.MULTI) == Status(True, None, b"")
+    event = parser.next_event(Expect.MULTI)
+    assert event == BodyChunk((b"some text" + tail)[: 9 + len(tail) - len(held)], False)
+    # Whatever was held still ends up in the body, or in the terminator.
+    parser.feed(b"\r\n.\r\n")
+    wire = b"some text" + tail + b"\r\n.\r\n"
+    assert isinstance(event, BodyChunk)
+    rest, done = body_of(drain(parser, Expect.MULTI))
+    assert (event.data + rest, done) == (wire[: wire.find(b"\r\n.\r\n") + 2], True)
+
+
 def test_lf_only_lines_are_not_terminators() -> None:
     """Only CRLF.CRLF ends a body: a server speaking bare LF never ends early."""
     events = run_chunks([b"+OK\r\na\n.\nb\r\n.\r\n"])
