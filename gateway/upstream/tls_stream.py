@@ -39,7 +39,7 @@ RECORD_READ = 2**15
 # What one read from the upstream socket may return (Twisted's default is 64
 # KiB). It bounds what one `dataReceived` carries, so what the device's TLS
 # transport holds before it pushes back on the upstream stays near this.
-SOCKET_READ = 2**18
+SOCKET_READ = int(__import__("os").environ.get("RETR_SOCKET_READ", 2**18))  # TEMP
 
 __all__ = ["RECORD_READ", "SOCKET_READ", "GatheringTLSProtocol", "wrap_client_tls"]
 

@@ -16,6 +16,7 @@ from gateway.upstream.pop3.parser import (
     Status,
     parse_status,
 )
+from gateway.upstream.pop3.parser import _find_terminator as find_terminator
 
 
 def stuff(raw: bytes) -> bytes:
@@ -340,6 +341,55 @@ def test_property_any_message_any_chunking(raw: bytes, cuts: list[int]) -> None:
     chunks = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
     parser, events = feed_one_response(chunks)
     assert events[0] == Status(True, None, b"message follows")
+    assert body_of(events[1:]) == (body, True)
+    assert parser.next_event(Expect.SINGLE) == Status(True, None, b"next")
+
+
+_blocks = st.sampled_from(
+    [
+        b"x" * 700,
+        b"y" * 1500,
+        b"z" * 3000,
+        b".",
+        b"..",
+        b"\r\n",
+        b"\r\n.",
+        b"\r\n..",
+        b"\r\n.\r\n",
+        b"a.b.c.d.",
+        b"\r\n.\r",
+        b"\n.\r\n",
+        b"w",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(buf=st.lists(_blocks, max_size=40).map(b"".join))
+def test_terminator_search_is_bytes_find(buf: bytes) -> None:
+    """The search that skips from dot to dot finds what `bytes.find` finds,
+    where dots are sparse (memchr), dense (the fallback) or both."""
+    assert find_terminator(buf) == buf.find(b"\r\n.\r\n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from(["base64", "text", "stuffed"]), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=300_000), max_size=8),
+)
+def test_property_large_bodies_in_large_chunks(parts: list[str], cuts: list[int]) -> None:
+    """Bodies of tens of KiB, as a relay sees them: sparse and dense dots."""
+    lines = {
+        "base64": b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAx\r\n"
+        * 300,
+        "text": b"A sentence. Another one... And a last one.\r\n" * 200,
+        "stuffed": b".\r\n..\r\n.x\r\n" * 50,
+    }
+    body = stuff(b"".join(lines[p] for p in parts))
+    wire = b"+OK\r\n" + body + b".\r\n+OK next\r\n"
+    points = sorted({min(c, len(wire)) for c in cuts})
+    chunks = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+    parser, events = feed_one_response(chunks)
     assert body_of(events[1:]) == (body, True)
     assert parser.next_event(Expect.SINGLE) == Status(True, None, b"next")
 
