@@ -23,22 +23,25 @@ from typing import Any
 
 sys.path.insert(0, os.environ.get("PYTHONPATH", ".").split(":")[0])
 
-import trustme  # noqa: E402
-from twisted.internet.protocol import Factory, Protocol  # noqa: E402
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS  # noqa: E402
-from twisted.internet.task import Clock  # noqa: E402
-from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
-from twisted.test.iosim import connectedServerAndClient  # noqa: E402
+import trustme
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 
-from bench.common import make_message, wire_form  # noqa: E402
-from gateway.command_queue import OutputFlow  # noqa: E402
-from gateway.pop3.sink import MessageSink  # noqa: E402
-from gateway.upstream.pop3 import POP3Client  # noqa: E402
+from bench.common import make_message, wire_form
+from gateway.command_queue import OutputFlow
+from gateway.pop3.sink import MessageSink
+from gateway.upstream.pop3 import POP3Client
 
+ClientTLS: type[TLSMemoryBIOFactory]
 try:
-    from gateway.upstream.tls_stream import GatheringTLSFactory as ClientTLS
+    from gateway.upstream.tls_stream import GatheringTLSFactory
+
+    ClientTLS = GatheringTLSFactory
 except ImportError:  # the code before the gathering layer
-    ClientTLS = TLSMemoryBIOFactory  # type: ignore[misc]
+    ClientTLS = TLSMemoryBIOFactory
 
 MIB = 1024 * 1024
 
@@ -56,19 +59,27 @@ def one_run(body: bytes, read: int, clock: Clock) -> tuple[float, int]:
     server_opts, client_opts = _options()
     # Upstream leg: a TLS server that answers what we make it write, and the client.
     client = POP3Client(clock, 60.0, peer="bench")
-    up_server_f = TLSMemoryBIOFactory(server_opts, False, Factory.forProtocol(Protocol), clock=clock)
+    up_server_f = TLSMemoryBIOFactory(
+        server_opts, False, Factory.forProtocol(Protocol), clock=clock
+    )
     up_client_f = ClientTLS(client_opts, True, Factory.forProtocol(lambda: client), clock=clock)
     _, up_server, up_pump = connectedServerAndClient(
-        lambda: up_server_f.buildProtocol(None), lambda: up_client_f.buildProtocol(None), clock=clock
+        lambda: up_server_f.buildProtocol(None),
+        lambda: up_client_f.buildProtocol(None),
+        clock=clock,
     )
     up_pump.flush()
     # Device leg: the gateway's TLS server and a device client (never read in the timing).
     dev_server_f = TLSMemoryBIOFactory(
         server_opts, False, Factory.forProtocol(Protocol), clock=clock
     )
-    dev_client_f = TLSMemoryBIOFactory(client_opts, True, Factory.forProtocol(Protocol), clock=clock)
+    dev_client_f = TLSMemoryBIOFactory(
+        client_opts, True, Factory.forProtocol(Protocol), clock=clock
+    )
     _, dev_server, dev_pump = connectedServerAndClient(
-        lambda: dev_server_f.buildProtocol(None), lambda: dev_client_f.buildProtocol(None), clock=clock
+        lambda: dev_server_f.buildProtocol(None),
+        lambda: dev_client_f.buildProtocol(None),
+        clock=clock,
     )
     dev_pump.flush()
 
@@ -76,14 +87,16 @@ def one_run(body: bytes, read: int, clock: Clock) -> tuple[float, int]:
     clock.advance(0)
     up_pump.flush()
     flow = OutputFlow(lambda: None, lambda: None)
-    sink = MessageSink(dev_server, flow)
+    device: Any = dev_server
+    sink = MessageSink(device, flow)
     done = client.retrieve(b"RETR 1", sink)
     up_pump.flush()
     up_server.write(b"+OK\r\n" + body)
     clock.advance(0)
-    cipher = up_server.transport.getOutBuffer()
-    tls = client.transport
-    dev_out = dev_server.transport
+    up_out: Any = up_server.transport
+    cipher = up_out.getOutBuffer()
+    tls: Any = client.transport
+    dev_out: Any = dev_server.transport
     relayed = 0
     start = time.process_time()
     for at in range(0, len(cipher), read):
