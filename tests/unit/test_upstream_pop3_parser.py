@@ -372,6 +372,21 @@ def test_terminator_search_is_bytes_find(buf: bytes) -> None:
     assert find_terminator(buf) == buf.find(b"\r\n.\r\n")
 
 
+@pytest.mark.parametrize(
+    "buf",
+    [
+        b"a." * 5000 + b"\r\n.\r\n",  # dense dots: bytes.find takes over
+        b"x" * 100_000 + b"\r\n.\r\n" + b"a." * 100,  # sparse: dot to dot
+        b"\r\n..\r\n" * 40 + b"y" * 50_000 + b"\r\n.\r\n",  # dense first, sparse after
+        b"z" * 50_000 + b"a." * 1000 + b"\r\n.\r\n",  # sparse first, dense after
+        b"." * 70 + b"\r\n.\r\n",  # over the dots let through, then found at once
+        b"a." * 5000,
+    ],
+)
+def test_terminator_search_sparse_and_dense(buf: bytes) -> None:
+    assert find_terminator(buf) == buf.find(b"\r\n.\r\n")
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     parts=st.lists(st.sampled_from(["base64", "text", "stuffed"]), min_size=1, max_size=12),

@@ -195,6 +195,10 @@ class ResponseParser:
         return BodyChunk(_span(held, buf, start, end), last)
 
 
+# Dots `_find_terminator` checks one by one before it counts how dense they are.
+_DOTS_FREE = 32
+
+
 def _find_terminator(buf: bytes) -> int:
     """`buf.find(TERMINATOR)`, about five times faster where dots are sparse.
 
@@ -203,7 +207,8 @@ def _find_terminator(buf: bytes) -> int:
     middle, and a single byte is found with `memchr` at many times that
     speed; base64 (most of a large message) has no dots at all. Each dot
     found costs a Python loop turn, so once dots come more often than one
-    per KiB (text), the rest of `buf` goes to `bytes.find`.
+    per KiB (text; a few dozen are let through first, as stuffed lines
+    come in pairs of dots), the rest of `buf` goes to `bytes.find`.
     """
     seen = 0
     dot = buf.find(b".")
@@ -211,7 +216,7 @@ def _find_terminator(buf: bytes) -> int:
         if dot >= 2 and buf.startswith(TERMINATOR, dot - 2):
             return dot - 2
         seen += 1
-        if seen << 10 > dot:
+        if seen > _DOTS_FREE + (dot >> 10):
             # Every dot up to here was checked: a terminator still to find
             # has its dot further on, so it starts after dot - 2.
             return buf.find(TERMINATOR, max(dot - 1, 0))
