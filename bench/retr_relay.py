@@ -27,7 +27,7 @@ import trustme
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 
 from bench.common import make_message, wire_form
@@ -35,13 +35,13 @@ from gateway.command_queue import OutputFlow
 from gateway.pop3.sink import MessageSink
 from gateway.upstream.pop3 import POP3Client
 
-ClientTLS: type[TLSMemoryBIOFactory]
+ClientTLS: type[BufferingTLSTransport]
 try:
-    from gateway.upstream.tls_stream import GatheringTLSFactory
+    from gateway.upstream.tls_stream import GatheringTLSProtocol
 
-    ClientTLS = GatheringTLSFactory
+    ClientTLS = GatheringTLSProtocol
 except ImportError:  # the code before the gathering layer
-    ClientTLS = TLSMemoryBIOFactory
+    ClientTLS = BufferingTLSTransport
 
 MIB = 1024 * 1024
 
@@ -62,7 +62,10 @@ def one_run(body: bytes, read: int, clock: Clock) -> tuple[float, int]:
     up_server_f = TLSMemoryBIOFactory(
         server_opts, False, Factory.forProtocol(Protocol), clock=clock
     )
-    up_client_f = ClientTLS(client_opts, True, Factory.forProtocol(lambda: client), clock=clock)
+    up_client_f = TLSMemoryBIOFactory(
+        client_opts, True, Factory.forProtocol(lambda: client), clock=clock
+    )
+    up_client_f.protocol = ClientTLS
     _, up_server, up_pump = connectedServerAndClient(
         lambda: up_server_f.buildProtocol(None),
         lambda: up_client_f.buildProtocol(None),

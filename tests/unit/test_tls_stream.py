@@ -27,8 +27,8 @@ from zope.interface import implementer
 
 from gateway.upstream.tls_stream import (
     SOCKET_READ,
-    GatheringTLSFactory,
     GatheringTLSProtocol,
+    gathering_tls_factory,
     wrap_client_tls,
 )
 
@@ -50,7 +50,7 @@ class Recorder(Protocol):
         self.lost = reason
 
 
-def _pair(client_factory: type[TLSMemoryBIOFactory]) -> tuple[Recorder, Any, IOPump, Clock]:
+def _pair(*, gathering: bool) -> tuple[Recorder, Any, IOPump, Clock]:
     """(client application, server TLS protocol, pump, clock) after the handshake."""
     clock = Clock()
     ca = trustme.CA()
@@ -63,7 +63,12 @@ def _pair(client_factory: type[TLSMemoryBIOFactory]) -> tuple[Recorder, Any, IOP
     server_tls = TLSMemoryBIOFactory(
         server_options.options(), False, Factory.forProtocol(Protocol), clock=clock
     )
-    client_tls = client_factory(client_options, True, Factory.forProtocol(lambda: app), clock=clock)
+    wrapped = Factory.forProtocol(lambda: app)
+    client_tls = (
+        gathering_tls_factory(client_options, wrapped, clock)
+        if gathering
+        else TLSMemoryBIOFactory(client_options, True, wrapped, clock=clock)
+    )
     _, server, pump = connectedServerAndClient(
         lambda: server_tls.buildProtocol(None),
         lambda: client_tls.buildProtocol(None),
@@ -86,7 +91,7 @@ def test_twisted_method_replaced_is_unchanged() -> None:
 
 
 def test_the_attributes_the_override_uses_exist() -> None:
-    app, _server, _pump, _clock = _pair(GatheringTLSFactory)
+    app, _server, _pump, _clock = _pair(gathering=True)
     client = app.transport
     assert isinstance(client, GatheringTLSProtocol)
     for name in ("_tlsConnection", "_lostTLSConnection", "_aborted"):
@@ -97,7 +102,7 @@ def test_the_attributes_the_override_uses_exist() -> None:
 
 def test_twisted_delivers_one_record_at_a_time() -> None:
     """What the override exists for: without it, 100 KiB arrive in 7 pieces."""
-    app, server, pump, clock = _pair(TLSMemoryBIOFactory)
+    app, server, pump, clock = _pair(gathering=False)
     data = bytes(range(256)) * 400
     _send(server, pump, clock, data)
     assert b"".join(app.pieces) == data
@@ -105,7 +110,7 @@ def test_twisted_delivers_one_record_at_a_time() -> None:
 
 
 def test_one_read_is_one_delivery() -> None:
-    app, server, pump, clock = _pair(GatheringTLSFactory)
+    app, server, pump, clock = _pair(gathering=True)
     data = bytes(range(256)) * 400
     _send(server, pump, clock, data)
     assert app.pieces == [data]
@@ -114,7 +119,7 @@ def test_one_read_is_one_delivery() -> None:
 
 
 def test_data_before_close_notify_comes_first_then_a_clean_close() -> None:
-    app, server, pump, _clock = _pair(GatheringTLSFactory)
+    app, server, pump, _clock = _pair(gathering=True)
     data = b"x" * 50_000
     server.write(data)
     server.loseConnection()  # flushes, then sends close_notify
@@ -125,7 +130,7 @@ def test_data_before_close_notify_comes_first_then_a_clean_close() -> None:
 
 
 def test_data_before_a_broken_record_comes_first_then_the_error() -> None:
-    app, server, _pump, clock = _pair(GatheringTLSFactory)
+    app, server, _pump, clock = _pair(gathering=True)
     server.write(b"y" * 20_000)
     clock.advance(0)
     wire = server.transport.getOutBuffer()
@@ -147,7 +152,7 @@ def test_the_socket_is_read_in_larger_pieces() -> None:
     transport.bufferSize = 2**16  # type: ignore[attr-defined]  # as a TCP transport has
     clock = Clock()
     options = optionsForClientTLS("localhost")
-    factory = GatheringTLSFactory(options, True, Factory.forProtocol(Protocol), clock=clock)
+    factory = gathering_tls_factory(options, Factory.forProtocol(Protocol), clock)
     protocol = factory.buildProtocol(None)
     assert protocol is not None
     protocol.makeConnection(transport)
@@ -171,5 +176,6 @@ def test_wrap_client_tls_connects_through_the_gathering_layer() -> None:
     endpoint = wrap_client_tls(optionsForClientTLS("localhost"), inner, Clock())
     connected: list[Any] = []
     endpoint.connect(Factory.forProtocol(lambda: app)).addCallback(connected.append)
-    assert isinstance(inner.factory, GatheringTLSFactory)
+    assert isinstance(inner.factory, TLSMemoryBIOFactory)
+    assert inner.factory.protocol is GatheringTLSProtocol
     assert connected == [app]
