@@ -103,7 +103,7 @@ class ResponseParser:
     follow a complete response wait here for the next expectation.
 
     Multi-line bodies are not split into lines: each `next_event()` in a body
-    looks for the terminator in the new chunk with one `bytes.find` (and
+    looks for the terminator in the new chunk (`_find_terminator`, and
     across the seam with the few held bytes) and passes everything on but a
     tail that may begin a terminator, so throughput does not depend on line
     lengths and a line of megabytes passes like any other. A chunk is not
