@@ -19,7 +19,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -33,6 +32,7 @@ from gateway.timing import protocol_of, timed_step
 from gateway.tls import TLSSetupError, client_options
 from gateway.upstream.errors import UpstreamError, UpstreamUnavailable, describe_error
 from gateway.upstream.pipeline import PipelinedClient
+from gateway.upstream.tls_stream import wrap_client_tls
 
 EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
 ErrorFactory: TypeAlias = Callable[[str], Exception]
@@ -101,7 +101,7 @@ async def open_connection(
         raise (setup_error or error)(f"provider {provider.name}: {e}") from None
     endpoint = endpoint_factory(reactor, server.host, server.port, provider.timeout)
     if server.tls == "implicit":
-        endpoint = wrapClientTLS(tls, endpoint, clock=reactor)
+        endpoint = wrap_client_tls(tls, endpoint, reactor)
 
     built: list[_Client] = []
 

@@ -16,6 +16,7 @@ from gateway.upstream.pop3.parser import (
     Status,
     parse_status,
 )
+from gateway.upstream.pop3.parser import _find_terminator as find_terminator
 
 
 def stuff(raw: bytes) -> bytes:
@@ -279,6 +280,48 @@ def test_body_streams_without_accumulating() -> None:
     assert total + len(last.data) == 64 * 65536 + 2
 
 
+def test_a_chunk_goes_on_uncopied() -> None:
+    """A chunk that cannot end in the start of a terminator is passed on as it came."""
+    parser = ResponseParser()
+    parser.feed(b"+OK\r\n")
+    assert parser.next_event(Expect.MULTI) == Status(True, None, b"")
+    for chunk in (b"first line\r\nsecond", b" half\r\nthird line", b"\r\n.x\r\n" * 1000 + b"y"):
+        parser.feed(chunk)
+        event = parser.next_event(Expect.MULTI)
+        assert isinstance(event, BodyChunk)
+        assert event.data is chunk
+        assert parser.next_event(Expect.MULTI) is None
+
+
+@pytest.mark.parametrize(
+    ("tail", "held"),
+    [
+        (b"x", b""),
+        (b"\r", b"\r"),
+        (b"\r\n", b"\r\n"),
+        (b"\r\n.", b"\r\n."),
+        (b"\r\n.\r", b"\r\n.\r"),
+        (b"\n", b""),
+        (b"\r\nx", b""),
+        (b".\r", b"\r"),
+        (b"\r\n..", b""),
+        (b"\r\n\r", b"\r"),
+    ],
+)
+def test_only_what_may_begin_a_terminator_is_held(tail: bytes, held: bytes) -> None:
+    parser = ResponseParser()
+    parser.feed(b"+OK\r\nsome text" + tail)
+    assert parser.next_event(Expect.MULTI) == Status(True, None, b"")
+    event = parser.next_event(Expect.MULTI)
+    assert event == BodyChunk((b"some text" + tail)[: 9 + len(tail) - len(held)], False)
+    # Whatever was held still ends up in the body, or in the terminator.
+    parser.feed(b"\r\n.\r\n")
+    wire = b"some text" + tail + b"\r\n.\r\n"
+    assert isinstance(event, BodyChunk)
+    rest, done = body_of(drain(parser, Expect.MULTI))
+    assert (event.data + rest, done) == (wire[: wire.find(b"\r\n.\r\n") + 2], True)
+
+
 def test_lf_only_lines_are_not_terminators() -> None:
     """Only CRLF.CRLF ends a body: a server speaking bare LF never ends early."""
     events = run_chunks([b"+OK\r\na\n.\nb\r\n.\r\n"])
@@ -298,6 +341,70 @@ def test_property_any_message_any_chunking(raw: bytes, cuts: list[int]) -> None:
     chunks = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
     parser, events = feed_one_response(chunks)
     assert events[0] == Status(True, None, b"message follows")
+    assert body_of(events[1:]) == (body, True)
+    assert parser.next_event(Expect.SINGLE) == Status(True, None, b"next")
+
+
+_blocks = st.sampled_from(
+    [
+        b"x" * 700,
+        b"y" * 1500,
+        b"z" * 3000,
+        b".",
+        b"..",
+        b"\r\n",
+        b"\r\n.",
+        b"\r\n..",
+        b"\r\n.\r\n",
+        b"a.b.c.d.",
+        b"\r\n.\r",
+        b"\n.\r\n",
+        b"w",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(buf=st.lists(_blocks, max_size=40).map(b"".join))
+def test_terminator_search_is_bytes_find(buf: bytes) -> None:
+    """The search that skips from dot to dot finds what `bytes.find` finds,
+    where dots are sparse (memchr), dense (the fallback) or both."""
+    assert find_terminator(buf) == buf.find(b"\r\n.\r\n")
+
+
+@pytest.mark.parametrize(
+    "buf",
+    [
+        b"a." * 5000 + b"\r\n.\r\n",  # dense dots: bytes.find takes over
+        b"x" * 100_000 + b"\r\n.\r\n" + b"a." * 100,  # sparse: dot to dot
+        b"\r\n..\r\n" * 40 + b"y" * 50_000 + b"\r\n.\r\n",  # dense first, sparse after
+        b"z" * 50_000 + b"a." * 1000 + b"\r\n.\r\n",  # sparse first, dense after
+        b"." * 70 + b"\r\n.\r\n",  # over the dots let through, then found at once
+        b"a." * 5000,
+    ],
+)
+def test_terminator_search_sparse_and_dense(buf: bytes) -> None:
+    assert find_terminator(buf) == buf.find(b"\r\n.\r\n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from(["base64", "text", "stuffed"]), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=300_000), max_size=8),
+)
+def test_property_large_bodies_in_large_chunks(parts: list[str], cuts: list[int]) -> None:
+    """Bodies of tens of KiB, as a relay sees them: sparse and dense dots."""
+    lines = {
+        "base64": b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAx\r\n"
+        * 300,
+        "text": b"A sentence. Another one... And a last one.\r\n" * 200,
+        "stuffed": b".\r\n..\r\n.x\r\n" * 50,
+    }
+    body = stuff(b"".join(lines[p] for p in parts))
+    wire = b"+OK\r\n" + body + b".\r\n+OK next\r\n"
+    points = sorted({min(c, len(wire)) for c in cuts})
+    chunks = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+    parser, events = feed_one_response(chunks)
     assert body_of(events[1:]) == (body, True)
     assert parser.next_event(Expect.SINGLE) == Status(True, None, b"next")
 

@@ -18,8 +18,9 @@ from gateway.upstream.errors import printable
 MAX_LINE = 64 * 1024
 
 TERMINATOR = b"\r\n.\r\n"
-# Bytes held back at the end of a chunk: one short of a whole terminator, so
-# a terminator split across chunks is still found by one `find` on the join.
+# The most bytes held back at the end of a chunk: one short of a whole
+# terminator. Only bytes that may begin one are held (usually none), so a
+# chunk usually goes on as the very object that was received.
 _HOLD = len(TERMINATOR) - 1
 
 
@@ -102,9 +103,11 @@ class ResponseParser:
     follow a complete response wait here for the next expectation.
 
     Multi-line bodies are not split into lines: each `next_event()` in a body
-    looks for the terminator in (held bytes + new chunk) with one `bytes.find`
-    and passes everything before the last 4 bytes on, so throughput does not
-    depend on line lengths and a line of megabytes passes like any other.
+    looks for the terminator in the new chunk (`_find_terminator`, and
+    across the seam with the few held bytes) and passes everything on but a
+    tail that may begin a terminator, so throughput does not depend on line
+    lengths and a line of megabytes passes like any other. A chunk is not
+    copied unless bytes were held before it or are held after it.
     """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
@@ -161,32 +164,82 @@ class ResponseParser:
         raise POP3ProtocolError(f"not a POP3 response: {printable(line[:80])!r}")
 
     def _body_event(self) -> BodyChunk | None:
-        if not self._buf:
+        buf = self._buf
+        if not buf:
             return None
-        data = self._held + self._buf if self._held else self._buf
         self._buf = b""
-        at = data.find(TERMINATOR)
+        held = self._held
+        h = len(held)
+        # Positions below are in (held + buf), which is never built: a
+        # terminator that starts in the held bytes ends in the first 4 new ones.
+        at = (held + buf[:_HOLD]).find(TERMINATOR) if h else -1
+        if at < 0:
+            at = _find_terminator(buf)
+            if at >= 0:
+                at += h
         if at >= 0:
-            body = data[: at + 2]
-            self._buf = data[at + len(TERMINATOR) :]
+            end = at + 2
+            self._buf = buf[at + len(TERMINATOR) - h :]
             self._held = b""
             self._in_body = False
             last = True
-        elif len(data) > _HOLD:
-            body = data[:-_HOLD]
-            self._held = data[-_HOLD:]
-            last = False
         else:
-            self._held = data
-            body = b""
+            keep = _partial_terminator(held[-_HOLD:] + buf[-_HOLD:] if h else buf[-_HOLD:])
+            end = h + len(buf) - keep
+            self._held = _span(held, buf, end, h + len(buf))
             last = False
-        if self._virtual:
-            cut = min(self._virtual, len(body))
-            body = body[cut:]
-            self._virtual -= cut
-        if not body and not last:
+        start = min(self._virtual, end)
+        self._virtual -= start
+        if start == end and not last:
             return None
-        return BodyChunk(body, last)
+        return BodyChunk(_span(held, buf, start, end), last)
+
+
+# Dots `_find_terminator` checks one by one before it counts how dense they are.
+_DOTS_FREE = 32
+
+
+def _find_terminator(buf: bytes) -> int:
+    """`buf.find(TERMINATOR)`, about five times faster where dots are sparse.
+
+    `bytes.find` of a five-byte needle scans at about 2 GB/s, the largest
+    cost of relaying a body once TLS is paid. A terminator has a dot in the
+    middle, and a single byte is found with `memchr` at many times that
+    speed; base64 (most of a large message) has no dots at all. Each dot
+    found costs a Python loop turn, so once dots come more often than one
+    per KiB (text; a few dozen are let through first, as stuffed lines
+    come in pairs of dots), the rest of `buf` goes to `bytes.find`.
+    """
+    seen = 0
+    dot = buf.find(b".")
+    while dot >= 0:
+        if dot >= 2 and buf.startswith(TERMINATOR, dot - 2):
+            return dot - 2
+        seen += 1
+        if seen > _DOTS_FREE + (dot >> 10):
+            # Every dot up to here was checked: a terminator still to find
+            # has its dot further on, so it starts after dot - 2.
+            return buf.find(TERMINATOR, max(dot - 1, 0))
+        dot = buf.find(b".", dot + 1)
+    return -1
+
+
+def _partial_terminator(tail: bytes) -> int:
+    """How many bytes at the end of `tail` may begin a terminator (0 to 4)."""
+    for n in range(_HOLD, 0, -1):
+        if tail.endswith(TERMINATOR[:n]):
+            return n
+    return 0
+
+
+def _span(held: bytes, buf: bytes, start: int, end: int) -> bytes:
+    """(held + buf)[start:end], copying only when it spans both; usually `buf` itself."""
+    h = len(held)
+    if start >= h:
+        return buf[start - h : end - h]
+    if end <= h:
+        return held[start:end]
+    return held[start:] + buf[: end - h]
 
 
 @dataclass(frozen=True)
