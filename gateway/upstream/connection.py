@@ -9,18 +9,12 @@ exception a failure must become (a `MaildropError` for the maildrop clients,
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
@@ -33,6 +27,7 @@ from gateway.timing import protocol_of, timed_step
 from gateway.tls import TLSSetupError, client_options
 from gateway.upstream.errors import UpstreamError, UpstreamUnavailable, describe_error
 from gateway.upstream.pipeline import PipelinedClient
+from gateway.upstream.resolve import CachedHostEndpoint, cache_for
 
 EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
 ErrorFactory: TypeAlias = Callable[[str], Exception]
@@ -56,17 +51,12 @@ class ClientFactory(TypingProtocol[_Client]):
 
 
 def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """The default: name resolution plus happy eyeballs over IPv4 and IPv6.
+    """The default: the host's addresses from a per-reactor cache (`gateway.upstream.resolve`).
 
-    An IP address is connected to directly: resolving it would cost a thread
-    hand-off on every login for nothing.
+    A name is resolved off the reactor thread at most once a minute rather
+    than on every login; an IP address is connected to directly.
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    return endpoint(reactor, host, port, timeout=timeout)
+    return CachedHostEndpoint(reactor, host, port, timeout, cache_for(reactor))
 
 
 async def open_connection(
