@@ -23,7 +23,13 @@ from gateway.timing import timed_step
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.credentials import note_succeeded
 from gateway.upstream.pipeline import outcomes
-from gateway.upstream.pop3 import Expect, Listing, POP3Client, ServerError, open_session
+from gateway.upstream.pop3 import (
+    Expect,
+    Listing,
+    POP3Client,
+    ServerError,
+    open_session_then,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
@@ -171,19 +177,31 @@ async def open_pop3_maildrop(
     name resolution; `endpoint_factory(reactor, host, port, timeout)` lets
     tests connect in memory. Raises a `MaildropError`.
     """
-    client = await open_session(
-        account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
+    client, sent = await open_session_then(
+        account,
+        provider,
+        reactor=reactor,
+        endpoint_factory=endpoint_factory,
+        tokens=tokens,
+        then=_send_list,
     )
-    listing = timed_step("pop3", provider.name, "open", _list(client))
+    assert sent is not None
+    listing = timed_step("pop3", provider.name, "open", _list(client, sent))
     sizes = await at_open(client, listing, "LIST at login failed")
     note_succeeded(tokens, account)
     return POP3Maildrop(client, sizes, account=account.name, provider=provider.name)
 
 
-async def _list(client: POP3Client) -> tuple[int, ...]:
+def _send_list(client: POP3Client) -> Deferred[Listing]:
+    """LIST, pipelined behind the login where the server allows it."""
+    listing: Deferred[Listing] = client.command(b"LIST", expect=Expect.MULTI, pipelinable=True)
+    return listing
+
+
+async def _list(client: POP3Client, sent: Deferred[Listing]) -> tuple[int, ...]:
     """LIST: the sizes of the snapshot, fixed for the session (RFC 1939)."""
     try:
-        listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
+        listing = await sent
     except ServerError as e:
         raise UpstreamUnavailable(f"{client.peer} refused LIST: {e.status.describe()}") from None
     return parse_list(listing.body, client.peer)

@@ -274,9 +274,7 @@ class _Attempts:
         self._stop()
 
 
-def cached_endpoint(
-    reactor: Any, host: str, port: int, timeout: float
-) -> IStreamClientEndpoint:
+def cached_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
     """The default `EndpointFactory`: `CachedHostEndpoint` with the reactor's cache."""
     return CachedHostEndpoint(reactor, host, port, timeout, cache_for(reactor))
 
