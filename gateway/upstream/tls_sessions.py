@@ -20,9 +20,10 @@ Verification stays as strict as a full handshake:
 - a chain is verified afresh at least every `MAX_AGE` seconds per endpoint
   (a resumed connection's new ticket inherits the age of the handshake it
   descends from), so an expired or replaced certificate is noticed;
-- only the session of a connection we shut down with close_notify is kept:
-  OpenSSL marks the session of a connection dropped without one as not
-  resumable, and a session that broke is not worth offering.
+- only the session of a connection whose TLS layer we shut down (close_notify
+  sent: at QUIT/LOGOUT, and on an abort, where Twisted sends one too) is
+  kept; a connection that broke at the TLS layer never is (OpenSSL marks
+  such a session not resumable anyway).
 
 TLS 1.3 tickets arrive after the handshake, so the session is taken when the
 connection closes (at QUIT/LOGOUT), not when it opens. A server that does not
@@ -126,7 +127,7 @@ class ResumingTLS:
 
         Raises `VerificationError` (service_identity's) if it does not match.
         """
-        if connection not in self._offered or not session_reused(connection):
+        if not session_reused(connection):
             return
         certificate_host = ip_literal(self._host)
         if certificate_host is None:

@@ -44,7 +44,7 @@ class Upstream(ScriptedUpstream):
     client = POP3Client
     port = 995
 
-    def open(self, method: str = "auto", account: Account = ACCOUNT) -> Deferred[Any]:
+    def open(self, method: Any = "auto", account: Account = ACCOUNT) -> Deferred[Any]:
         provider = Provider(
             "example", pop3=Endpoint("pop.example.test", 995, "starttls"), pop3_auth=method
         )

@@ -74,9 +74,9 @@ def attempts(reactor: Reactor) -> list[str]:
 def connect_attempt(reactor: Reactor, index: int) -> Protocol:
     """The attempt `index` connects."""
     _, _, factory, _, _ = reactor.tcpClients[index]
-    protocol = factory.buildProtocol(None)
+    protocol: Protocol = factory.buildProtocol(None)
     protocol.makeConnection(StringTransport())
-    return protocol  # type: ignore[no-any-return]
+    return protocol
 
 
 def refuse_attempt(reactor: Reactor, index: int) -> None:
