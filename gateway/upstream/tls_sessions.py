@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -55,21 +55,31 @@ from gateway.upstream.resolve import ip_literal
 MAX_AGE = 3600.0
 
 
-def session_reused(connection: SSL.Connection) -> bool:
-    """Whether the handshake of `connection` resumed a session.
-
-    pyOpenSSL does not wrap SSL_session_reused; its binding does. Where that
-    is missing the answer is True, so the host name is checked once more.
-    """
-    method = getattr(connection, "session_reused", None)
-    if callable(method):
-        return bool(method())
+def _binding_session_reused() -> Callable[[SSL.Connection], bool] | None:
+    # pyOpenSSL does not wrap SSL_session_reused (newer versions may, as a
+    # method); the binding it is built on has it.
     try:
         from OpenSSL._util import lib
+    except ImportError:
+        return None
+    reused = getattr(lib, "SSL_session_reused", None)
+    if reused is None:
+        return None
+    return lambda connection: bool(reused(connection._ssl))
 
-        return bool(lib.SSL_session_reused(connection._ssl))
-    except (ImportError, AttributeError):
-        return True
+
+_session_reused = _binding_session_reused()
+
+
+def session_reused(connection: SSL.Connection) -> bool:
+    """Whether the handshake of `connection` resumed a session (True when
+    that cannot be told, so the host name is checked once more)."""
+    method = getattr(SSL.Connection, "session_reused", None)
+    if method is not None:
+        return bool(method(connection))
+    if _session_reused is not None:
+        return _session_reused(connection)
+    return True
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -90,6 +100,8 @@ class ResumingTLS:
         self._max_age = max_age
         self._session: SSL.Session | None = None
         self._verified_at = 0.0
+        # The certificate (DER) a resumed connection last passed `check_resumed` with.
+        self._checked: bytes | None = None
         # Connections offered a session -> when that session was verified.
         self._offered: WeakKeyDictionary[SSL.Connection, float] = WeakKeyDictionary()
 
@@ -129,11 +141,16 @@ class ResumingTLS:
         """
         if not session_reused(connection):
             return
-        certificate_host = ip_literal(self._host)
-        if certificate_host is None:
+        certificate = connection.get_peer_certificate()
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) if certificate else None
+        if der is not None and der == self._checked:
+            # This very certificate passed the same check for this name before.
+            return
+        if ip_literal(self._host) is None:
             verify_hostname(connection, self._host)
         else:
             verify_ip_address(connection, self._host)
+        self._checked = der
 
     def keep(self, connection: SSL.Connection) -> None:
         """The connection is over: keep its session if it ended cleanly."""
