@@ -15,10 +15,15 @@ import contextlib
 import os
 import platform
 import random
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from argon2 import PasswordHasher
@@ -155,3 +160,93 @@ def poll_ms(session: Callable[[], POP3Session], samples: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         client.close()
     return {"value": 1000 * statistics.median(times), "samples_ms": times}
+
+
+# -- profiles (py-spy) ----------------------------------------------------------------------
+
+
+_IDLE_LEAVES = ("Condition.wait", "_worker (concurrent", "Thread._bootstrap")
+
+
+def hotspots(collapsed: Path, top: int = 15) -> list[str]:
+    """Self and inclusive hotspots of a py-spy "raw" (collapsed stacks) profile,
+    as shares of the samples where the gateway was not idle; idle = thread-pool
+    workers waiting and the reactor in epoll_wait (doPoll as the leaf frame)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    busy = idle = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
+        leaf = frames[-1]
+        if leaf.startswith("untilConcludes") and len(frames) > 1:
+            # Twisted wraps its socket calls: name the syscall, not the wrapper.
+            caller = frames[-2].split(" ", 1)[0]
+            leaf = frames[-1] = f"syscall in {caller} (send/recv)"
+        if leaf.startswith(_IDLE_LEAVES) or leaf.startswith("EPollReactor.doPoll"):
+            idle += n
+            continue
+        busy += n
+        own[leaf] = own.get(leaf, 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    if not busy:
+        return ["no busy samples"]
+    lines = [f"{busy} busy samples ({idle} idle); self time:"]
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / busy:5.1f}%  {frame}")
+    lines.append("inclusive time of gateway code and a few Twisted/pyOpenSSL entry points:")
+    watch = (
+        "gateway/",
+        "do_handshake",
+        "Logger.emit",
+        "_makeContext",
+        "HostnameEndpoint.connect",
+        "writeSomeData",
+        "_flushReceiveBIO",
+        "_flushSendBIO",
+    )
+    picked = [kv for kv in inclusive.items() if any(w in kv[0] for w in watch)]
+    for frame, n in sorted(picked, key=lambda kv: -kv[1])[: top * 2]:
+        lines.append(f"  {100 * n / busy:5.1f}%  {frame}")
+    return lines
+
+
+def find_py_spy(explicit: str | None) -> str | None:
+    candidates = [explicit, shutil.which("py-spy"), str(Path(sys.executable).with_name("py-spy"))]
+    return next((c for c in candidates if c and Path(c).exists()), None)
+
+
+def record_profile(
+    py_spy: str, pid: int, target: Path, action: Callable[[], object], *, subprocesses: bool
+) -> str | None:
+    """py-spy samples process `pid` (and its worker processes) while `action()`
+    runs; the collapsed stacks go to `target`. None, or what py-spy said when
+    it failed. py-spy slows the process down: profiled runs are not measured."""
+    spy = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(target),
+            *(["--subprocesses"] if subprocesses else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)  # attach
+    action()
+    spy.send_signal(signal.SIGINT)
+    _, err = spy.communicate(timeout=60)
+    if not target.exists():
+        return err.decode(errors="replace")[-500:]
+    return None

@@ -72,10 +72,14 @@ POLL_TARGET = 2.0
 def _emulator_main(conn: Connection, introspect: str, boxes: dict[str, list[bytes]]) -> None:
     from tests.harness.graph_emulator import GraphEmulator, IntrospectedTokens
 
-    emulator = GraphEmulator(IntrospectedTokens(
-        # The gateway's Graph token: Graph's scopes on the host of graph_url.
-        introspect, scope="https://127.0.0.1/Mail.ReadWrite", cache_seconds=3600
-    ))
+    emulator = GraphEmulator(
+        IntrospectedTokens(
+            # The gateway's Graph token: Graph's scopes on the host of graph_url.
+            introspect,
+            scope="https://127.0.0.1/Mail.ReadWrite",
+            cache_seconds=3600,
+        )
+    )
     for user, messages in boxes.items():
         box = emulator.mailbox(user)
         for m in messages:

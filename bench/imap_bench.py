@@ -66,9 +66,12 @@ from bench.common import (  # noqa: E402
     MIB,
     PeakRSS,
     device_password_hash,
+    find_py_spy,
+    hotspots,
     log,
     make_message,
     poll_ms,
+    record_profile,
     run_info,
     wire_form,
 )
@@ -264,6 +267,8 @@ class Bench:
         self.rounds = 1 if self.quick else args.rounds
         self.big = (8 if self.quick else 50) * MIB
         self.folder_size = 1000
+        self.profile: Path | None = args.profile
+        self.py_spy: str | None = args.py_spy
         self.results: dict[str, Any] = {"rounds": {}, "info": {}}
 
     def run(self, base: Path) -> dict[str, Any]:
@@ -461,13 +466,17 @@ class Bench:
         first.close()
         before, cpu0 = logins(), cpu_seconds()
         samples = []
-        for _ in range(polls):
+
+        def poll() -> None:
             t0 = time.perf_counter()
             client = self.session("gateway", "folder")
             client.command(b"STAT")
             client.command(b"QUIT")
             samples.append(time.perf_counter() - t0)
             client.close()
+
+        for _ in range(polls):
+            poll()
         cpu = cpu_seconds() - cpu0
         out = {
             "polls": polls,
@@ -476,11 +485,36 @@ class Bench:
             "gateway_cpu_ms_per_poll": 1000 * cpu / polls,
         }
         self.results["kept_polls_1000"] = out
+        if self.profile is not None:
+            self.profile_polls(poll, polls)
         log(
             f"kept_polls_1000: {out['upstream_logins_per_1000_polls']:.0f} upstream logins "
             f"per 1,000 polls, poll {out['poll_ms_median']:.1f} ms, gateway CPU "
             f"{out['gateway_cpu_ms_per_poll']:.2f} ms per poll (incl. the device's TLS)"
         )
+
+    def profile_polls(self, poll: Callable[[], None], polls: int) -> None:
+        """py-spy on the gateway during more polls, not measured (py-spy slows it)."""
+        assert self.profile is not None
+        py_spy = find_py_spy(self.py_spy)
+        if py_spy is None:
+            log("--profile: py-spy not found (pip install py-spy, or pass --py-spy)")
+            return
+        self.profile.mkdir(parents=True, exist_ok=True)
+        target = self.profile / "gateway-kept-polls.collapsed.txt"
+
+        def polling() -> None:
+            for _ in range(polls):
+                poll()
+
+        error = record_profile(py_spy, self.gateway_pid, target, polling, subprocesses=False)
+        if error:
+            log(f"  py-spy failed: {error}")
+            return
+        self.results["profile_kept_polls"] = hotspots(target)
+        log(f"profile of the gateway during kept polls ({target}):")
+        for line in self.results["profile_kept_polls"]:
+            log("  " + line)
 
     def summarise(self) -> None:
         summary: dict[str, Any] = {}
@@ -519,6 +553,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after measuring, profile the gateway with py-spy during more kept polls",
+    )
+    parser.add_argument("--py-spy", help="path of the py-spy binary (default: on PATH)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="imap-bench-"))
     try:

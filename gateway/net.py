@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_peer_address(address: str) -> IPAddress | None:
     """The peer's IP address, an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
     what a dual-stack listener reports for IPv4 clients) folded to IPv4 so
-    IPv4 networks in the config match it; None when `address` is not an IP."""
+    IPv4 networks in the config match it; None when `address` is not an IP.
+
+    Remembered for the last few thousand addresses: each login asks several
+    times (limits, allow_from, penalties), devices come back from the same
+    addresses, and `ipaddress` parsing costs more than what it is asked for."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

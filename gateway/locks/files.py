@@ -82,9 +82,11 @@ class FileMailboxLocks:
                 raise LockUnavailable(f"lock file {path}: {e.strerror or e}") from None
             return holder
         try:
+            # Always the whole record, padded: overwriting blocks the file
+            # already has costs the filesystem far less than truncating it
+            # and writing anew (which frees and allocates a block each login).
             text = f"{label}\n{os.getpid()}\n".encode("utf-8", "replace")[:_LABEL_BYTES]
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, text, 0)
+            os.pwrite(fd, text.ljust(_LABEL_BYTES, b"\0"), 0)
         except OSError:
             pass  # the label is for log lines only; the lock is what counts
         lease = self._held[key] = MailboxLease(key, label, handle=fd)
@@ -106,6 +108,6 @@ def _read_holder(fd: int) -> InUse:
         data = os.pread(fd, _LABEL_BYTES, 0)
     except OSError:
         data = b""
-    label, _, pid = data.decode("utf-8", "replace").partition("\n")
+    label, _, pid = data.rstrip(b"\0").decode("utf-8", "replace").partition("\n")
     # Empty in the instant between the holder's flock and its write.
     return InUse(label or "another process", pid.strip() or None)

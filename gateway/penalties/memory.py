@@ -38,6 +38,7 @@ cannot grow the process.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import ipaddress
 from collections import OrderedDict, deque
@@ -46,7 +47,7 @@ from typing import Literal, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.model import PenaltySettings
+from gateway.model import IPNetwork, PenaltySettings
 from gateway.net import parse_peer_address
 
 # Dovecot's CHECKSUM_VALUE_PTR_COUNT: a failure repeating one of this many
@@ -252,15 +253,7 @@ class MemoryPenaltyBook:
 
     def network(self, address: str) -> str | None:
         """The key penalties of `address` go under; None for a trusted one."""
-        ip = parse_peer_address(address)
-        if ip is None:
-            return address  # no IP (a UNIX socket, a test transport): itself
-        if any(ip.version == net.version and ip in net for net in self.settings.trusted):
-            return None
-        if isinstance(ip, ipaddress.IPv6Address):
-            prefix = self.settings.ipv6_prefix
-            return str(ipaddress.IPv6Network((ip, prefix), strict=False))
-        return str(ip)
+        return penalty_key(address, self.settings.trusted, self.settings.ipv6_prefix)
 
     def sizes(self) -> dict[str, int]:
         """How many entries each table holds (tests, and an admin's curiosity)."""
@@ -394,3 +387,19 @@ def _pair(name: str, network: str) -> str:
 def _count(table: _Table, key: str, since: float) -> int:
     entry = table.get(key)
     return 0 if entry is None else entry.count(since)
+
+
+@functools.lru_cache(maxsize=4096)
+def penalty_key(address: str, trusted: tuple[IPNetwork, ...], ipv6_prefix: int) -> str | None:
+    """What `MemoryPenaltyBook.network` says, remembered: a login asks it several
+    times, and parsing and printing an address with `ipaddress` costs more
+    than the rest of the book's work. A pure function of its arguments, so a
+    reload that changes `trusted` or the prefix simply asks anew."""
+    ip = parse_peer_address(address)
+    if ip is None:
+        return address  # no IP (a UNIX socket, a test transport): itself
+    if any(ip.version == net.version and ip in net for net in trusted):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)

@@ -381,8 +381,8 @@ class POP3Server(Protocol):
 
     def _totals(self) -> tuple[int, int]:
         sizes = self._drop.sizes
-        live = [size for n, size in enumerate(sizes, 1) if n not in self._deleted]
-        return len(live), sum(live)
+        deleted = [sizes[n - 1] for n in self._deleted]
+        return len(sizes) - len(deleted), sum(sizes) - sum(deleted)
 
     def _message(self, arg: str) -> int | None:
         """The message number `arg` names, or None after replying -ERR."""
