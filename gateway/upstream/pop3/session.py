@@ -120,20 +120,31 @@ async def login(
     provider: Provider,
     *,
     tokens: TokenSource | None = None,
-    then: FollowUp | None = None,
-) -> Deferred[Any] | None:
+) -> None:
     """Log in as the account; raise the UpstreamError the device should see.
 
     A refused AUTH PLAIN does not fall back to USER/PASS: a wrong password
     would count twice against the upstream's failed-login penalty. OAuth2
     accounts log in with a bearer token from `tokens` (`bearer_login`). A
     classified refusal is also recorded for `gateway oauth status`.
+    """
+    await login_then(client, account, provider, tokens=tokens)
 
-    `then(client)` sends the command that follows the login and its Deferred
-    is returned: with the login in one write when the server announced
-    PIPELINING (RFC 2449) and the login is one line (AUTH PLAIN with its
-    initial response), which saves a round trip per session; otherwise once
-    the login succeeded. After a refused login its answer is ignored.
+
+async def login_then(
+    client: POP3Client,
+    account: Account,
+    provider: Provider,
+    *,
+    tokens: TokenSource | None = None,
+    then: FollowUp | None = None,
+) -> Deferred[Any] | None:
+    """`login`, and `then(client)` sends the command that follows it; returns its Deferred.
+
+    With the login in one write when the server announced PIPELINING (RFC
+    2449) and the login is one line (AUTH PLAIN with its initial response),
+    which saves a round trip per session; otherwise once the login
+    succeeded. After a refused login its answer is ignored.
     """
     try:
         return await _login(client, account, provider, tokens, then)
@@ -237,7 +248,7 @@ async def open_session_then(
         "pop3",
         provider.name,
         "login",
-        login(client, account, provider, tokens=tokens, then=then),
+        login_then(client, account, provider, tokens=tokens, then=then),
     )
     follow = await or_abort(client, logging_in, "login failed")
     return client, follow
