@@ -40,11 +40,9 @@ work; the load average before and after is recorded with the results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
-import socket
 import ssl
 import statistics
 import sys
@@ -75,11 +73,11 @@ from bench.common import (  # noqa: E402
     run_info,
     wire_form,
 )
+from bench.common import POP3Client as Client  # noqa: E402
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
 from tests.harness.dovecot import Dovecot  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
 
-RECV_SIZE = 1 << 18
 RESULTS = Path(__file__).resolve().with_name("results-imap.json")
 RETR_TARGET = 0.7
 RSS_TARGET_MIB = 5
@@ -113,96 +111,6 @@ class BenchDovecot(Dovecot):
 
     def render_config(self) -> str:
         return super().render_config() + DOVECOT_FAST
-
-
-# -- the benchmark client ---------------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    pass
-
-
-class Client:
-    """A POP3S client on a raw ssl socket (TCP_NODELAY, recv_into a buffer)."""
-
-    def __init__(self, port: int, context: ssl.SSLContext) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=120)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        self.buf = bytearray()
-        self._rbuf = bytearray(RECV_SIZE)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def _fill(self) -> None:
-        n = self.sock.recv_into(self._rbuf)
-        if not n:
-            raise ConnectionError("server closed the connection")
-        self.buf += memoryview(self._rbuf)[:n]
-
-    def readline(self) -> bytes:
-        while (i := self.buf.find(b"\r\n")) < 0:
-            self._fill()
-        line = bytes(self.buf[:i])
-        del self.buf[: i + 2]
-        return line
-
-    def command(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        answer = self.readline()
-        if not answer.startswith(b"+OK"):
-            raise ProtocolError(f"{line.split()[0]!r}: {answer!r}")
-        return answer
-
-    def login(self, user: str, password: str) -> None:
-        if not self.readline().startswith(b"+OK"):
-            raise ProtocolError("no greeting")
-        self.command(b"USER " + user.encode())
-        self.command(b"PASS " + password.encode())
-
-    def multi(self, line: bytes) -> bytes:
-        self.command(line)
-        while not (self.buf.endswith(b"\r\n.\r\n") or self.buf == b".\r\n"):
-            self._fill()
-        body, self.buf = bytes(self.buf), bytearray()
-        return body
-
-    def retr(
-        self,
-        number: int,
-        expected: bytes,
-        stall_after: int = 0,
-        stall: float = 0.0,
-        on_stall: Callable[[], None] | None = None,
-    ) -> None:
-        """RETR into a preallocated buffer and compare with the expected wire bytes."""
-        self.sock.sendall(b"RETR %d\r\n" % number)
-        first = self.readline()
-        if not first.startswith(b"+OK"):
-            raise ProtocolError(f"RETR {number}: {first!r}")
-        capacity = len(expected) + RECV_SIZE
-        target = bytearray(capacity)
-        view = memoryview(target)
-        pos = len(self.buf)
-        view[:pos] = self.buf
-        self.buf = bytearray()
-        stalled = stall_after == 0
-        while pos < 5 or target[pos - 5 : pos] != b"\r\n.\r\n":
-            if pos >= capacity:
-                raise ProtocolError(f"RETR {number}: more than {len(expected)} bytes")
-            if not stalled and pos >= stall_after:
-                stalled = True
-                time.sleep(stall)
-                if on_stall is not None:
-                    on_stall()
-            n = self.sock.recv_into(view[pos:], min(RECV_SIZE, capacity - pos))
-            if not n:
-                raise ConnectionError(f"RETR {number}: closed after {pos} bytes")
-            pos += n
-        if pos != len(expected) or not target.startswith(expected):
-            raise ProtocolError(f"RETR {number}: {pos} bytes, expected {len(expected)}")
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -398,9 +306,9 @@ class Bench:
         client.retr(
             1,
             wire_form(self.fifty[0]),
-            stall_after=MIB,
-            stall=2.0,
-            on_stall=lambda: during.append(probe.added()),
+            pause_after=MIB,
+            pause=2.0,
+            on_pause=lambda: during.append(probe.added()),
         )
         self.results["stalled_reader"] = {
             "peak_rss_added": probe.added(),

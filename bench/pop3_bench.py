@@ -48,7 +48,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import sys
@@ -72,6 +71,8 @@ from argon2 import PasswordHasher  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH_LIMITS,
     PeakRSS,
+    POP3Client,
+    ProtocolError,
     find_py_spy,
     hotspots,
     make_message,
@@ -86,7 +87,6 @@ from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E40
 MB = 1_000_000
 KIB = 1024
 MIB = 1024 * 1024
-RECV_SIZE = 1 << 18
 SESSION_MESSAGES = 10
 DEVICE_PASSWORD = "device-pw"
 UPSTREAM_HOST = ["localhost"]  # --upstream-host
@@ -154,10 +154,6 @@ class BenchDovecot(Dovecot):
 # The benchmark client
 
 
-class ProtocolError(Exception):
-    pass
-
-
 CONTEXTS: dict[str, ssl.SSLContext] = {}  # side -> client context
 CA_FILES: dict[str, Path] = {}  # side -> CA file, for client worker processes
 
@@ -168,113 +164,11 @@ def client_context(ca_file: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_file))
 
 
-_RETR_BUFFERS = threading.local()
-
-
-def _retr_buffer(size: int) -> bytearray:
-    """A per-thread receive buffer, reused so that RETR does not page-fault
-    a fresh 50 MiB allocation in every run."""
-    buffer = getattr(_RETR_BUFFERS, "buffer", None)
-    if buffer is None or len(buffer) < size:
-        buffer = _RETR_BUFFERS.buffer = bytearray(size)
-    return buffer
-
-
-class Client:
-    """A POP3S client on a raw ssl socket."""
+class Client(POP3Client):
+    """The benchmarks' POP3S client, with the TLS context of `side`."""
 
     def __init__(self, port: int, side: str, timeout: float = 60.0) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self.sock = CONTEXTS[side].wrap_socket(raw, server_hostname="localhost")
-        except BaseException:
-            raw.close()
-            raise
-        self.buf = bytearray()
-        self._rbuf = bytearray(RECV_SIZE)
-        self._rview = memoryview(self._rbuf)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def _fill(self) -> None:
-        n = self.sock.recv_into(self._rbuf)
-        if not n:
-            raise ConnectionError("server closed the connection")
-        self.buf += self._rview[:n]
-
-    def readline(self) -> bytes:
-        while True:
-            i = self.buf.find(b"\r\n")
-            if i >= 0:
-                line = bytes(self.buf[:i])
-                del self.buf[: i + 2]
-                return line
-            self._fill()
-
-    def ok(self) -> bytes:
-        line = self.readline()
-        if not line.startswith(b"+OK"):
-            raise ProtocolError(line.decode(errors="replace"))
-        return line
-
-    def command(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        return self.ok()
-
-    def login(self, user: str, password: str) -> None:
-        self.ok()  # greeting
-        self.command(b"USER " + user.encode())
-        self.command(b"PASS " + password.encode())
-
-    def multi(self, line: bytes) -> bytes:
-        """A multi-line command; returns the body with its terminator."""
-        self.command(line)
-        while not (self.buf.endswith(b"\r\n.\r\n") or self.buf == b".\r\n"):
-            self._fill()
-        body, self.buf = bytes(self.buf), bytearray()
-        return body
-
-    def retr(
-        self,
-        number: int,
-        expected: bytes,
-        pause_after: int = 0,
-        pause: float = 0.0,
-        on_pause: Callable[[], None] | None = None,
-    ) -> None:
-        """RETR into a preallocated buffer and compare with the expected wire bytes.
-
-        A stuffed body cannot contain CRLF.CRLF before its end and the server
-        sends nothing after it, so checking the end of the data is enough.
-        """
-        self.sock.sendall(b"RETR %d\r\n" % number)
-        self.ok()
-        capacity = len(expected) + RECV_SIZE
-        target = _retr_buffer(capacity)
-        view = memoryview(target)[:capacity]
-        pos = len(self.buf)
-        view[:pos] = self.buf
-        self.buf = bytearray()
-        paused = pause_after == 0
-        while pos < 5 or target[pos - 5 : pos] != b"\r\n.\r\n":
-            if pos >= capacity:
-                raise ProtocolError(f"RETR {number}: more than {len(expected)} bytes")
-            if not paused and pos >= pause_after:
-                paused = True
-                time.sleep(pause)
-                if on_pause is not None:
-                    on_pause()
-            n = self.sock.recv_into(view[pos:], min(RECV_SIZE, capacity - pos))
-            if not n:
-                raise ConnectionError(f"RETR {number}: closed after {pos} bytes")
-            pos += n
-        if pos != len(expected) or not target.startswith(expected):
-            raise ProtocolError(
-                f"RETR {number}: {pos} bytes differ from the expected {len(expected)}"
-            )
+        super().__init__(port, CONTEXTS[side], timeout)
 
 
 def full_session(port: int, side: str, user: str, password: str) -> None:

@@ -88,7 +88,7 @@ from bench.smtp_bench import ACCOUNT, process_cpu, submit_batch  # noqa: E402
 from gateway.model import Config  # noqa: E402
 from tests.harness.certs import make_tls_material  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
-from tests.harness.haproxy import HAProxy, Route  # noqa: E402
+from tests.harness.haproxy import Balanced, HAProxy, Server  # noqa: E402
 from tests.harness.postgres import PostgresCluster  # noqa: E402
 from tests.helpers.state import migrated_database, state_toml  # noqa: E402
 
@@ -204,6 +204,13 @@ class Node:
         assert self.process.process is not None
         return self.process.process.pid
 
+    def behind_haproxy(self, name: str, kind: str) -> Server:
+        """This node as HAProxy's server `name` for its `kind` ("pop3", "smtp")
+        PROXY-protocol listener."""
+        port = self.pop3_proxy_port if kind == "pop3" else self.smtp_proxy_port
+        assert port is not None, "the node was started without proxied listeners"
+        return Server(name, port)
+
 
 @dataclass
 class Target:
@@ -223,45 +230,6 @@ class Target:
 
     def gateway_pids(self) -> set[int]:
         return descendants([node.pid for node in self.nodes])
-
-
-class BalancingHAProxy(HAProxy):
-    """The harness's HAProxy with each frontend balanced round-robin over
-    several gateway ports (the harness has one backend server per route)."""
-
-    def __init__(self, base_dir: Path, backends: dict[str, list[int]]) -> None:
-        self.backends = backends
-        routes = [Route(name, ports[0], "v2") for name, ports in backends.items()]
-        super().__init__(base_dir, routes)
-
-    def render_config(self) -> str:
-        lines = [
-            "global",
-            "  maxconn 2000",
-            "  nbthread 1",
-            "defaults",
-            "  mode tcp",
-            "  timeout connect 5s",
-            "  timeout client 2m",
-            "  timeout server 2m",
-        ]
-        for route in self.routes.values():
-            lines += [
-                f"frontend front_{route.name}",
-                f"  bind 127.0.0.1:{route.front_port}",
-                f"  default_backend back_{route.name}",
-                f"backend back_{route.name}",
-                "  balance roundrobin",
-            ]
-            lines += [
-                f"  server node{i} 127.0.0.1:{port} send-proxy-v2"
-                for i, port in enumerate(self.backends[route.name], 1)
-            ]
-        return "\n".join(lines) + "\n"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
 
 def listener(kind: str, port: int, tls: str, proxy: bool) -> str:
@@ -285,7 +253,7 @@ class Bench:
         self.users = [f"u{i:04d}" for i in range(POP3_CLIENTS)]
         self.dovecot: BenchDovecot | None = None
         self.postgres: Postgres | None = None
-        self.haproxy: BalancingHAProxy | None = None
+        self.haproxy: HAProxy | None = None
         self.sink: subprocess.Popen[bytes] | None = None
         self.black_hole = socket.socket()
         self.black_hole.bind(("127.0.0.1", 0))
@@ -385,11 +353,17 @@ class Bench:
                 self.start_node(f"node{i}", "postgresql", dsn, proxied=True)
                 for i in range(1, max(PROCESS_COUNTS) + 1)
             ]
-            backends: dict[str, list[int]] = {}
-            for n in PROCESS_COUNTS:
-                backends[f"pop3_{n}"] = [x.pop3_proxy_port for x in nodes[:n]]  # type: ignore[misc]
-                backends[f"smtp_{n}"] = [x.smtp_proxy_port for x in nodes[:n]]  # type: ignore[misc]
-            self.haproxy = BalancingHAProxy(self.base / "haproxy", backends)
+            # Round robin over the first n nodes, no health checks (no node
+            # fails here): HAProxy's cores are counted apart (StateMeter).
+            balanced = [
+                Balanced(
+                    f"{kind}_{n}",
+                    [each.behind_haproxy(f"node{i}", kind) for i, each in enumerate(nodes[:n], 1)],
+                )
+                for n in PROCESS_COUNTS
+                for kind in ("pop3", "smtp")
+            ]
+            self.haproxy = HAProxy(self.base / "haproxy", [], balanced=balanced, maxconn=2000)
             self.haproxy.start()
             self.targets.append(
                 Target(

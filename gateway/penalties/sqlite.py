@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from gateway.penalties.shared import PenaltyEvent
+from gateway.penalties.sql import Cursor, PenaltySQL, SQLPenaltyStore
 from gateway.state.files import ensure_dir
 
 FILENAME = "penalties.sqlite"
@@ -41,8 +41,10 @@ _SCHEMA = (
 )
 
 
-class SQLitePenaltyStore:
+class SQLitePenaltyStore(SQLPenaltyStore):
     """`PenaltyStore` in `state_dir/penalties.sqlite`: one book, this process's name."""
+
+    sql = PenaltySQL.spelled("penalty_events", "penalty_known", param="?", greatest="max")
 
     def __init__(
         self,
@@ -51,9 +53,8 @@ class SQLitePenaltyStore:
         process: str,
         run_in_thread: Callable[..., Deferred[Any]] = deferToThread,
     ) -> None:
+        super().__init__(book, process)
         self.path = path
-        self._book = book
-        self._process = process
         self._run_in_thread = run_in_thread
         self._local = threading.local()
 
@@ -76,79 +77,10 @@ class SQLitePenaltyStore:
             self._local.connection = connection
         return connection
 
-    def _run(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+    def _run(self, work: Callable[[Cursor], T]) -> Deferred[T]:
         def in_thread() -> T:
             connection = self._connection()
             with connection:  # one transaction: committed, or rolled back on error
-                return work(connection)
+                return work(connection.cursor())
 
         return self._run_in_thread(in_thread)
-
-    def record(self, events: Sequence[PenaltyEvent]) -> Deferred[None]:
-        rows = [
-            (self._book, self._process, e.kind, e.at, e.network, e.name, e.until) for e in events
-        ]
-        known = [
-            (self._book, e.name, e.network, e.until)
-            for e in events
-            if e.kind == "success" and e.until is not None
-        ]
-
-        def work(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "INSERT INTO penalty_events (book, process, kind, at, network, name, until)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            connection.executemany(
-                "INSERT INTO penalty_known (book, name, network, until) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (book, name, network)"
-                " DO UPDATE SET until = max(until, excluded.until)",
-                known,
-            )
-
-        return self._run(work)
-
-    def changes(
-        self, after: int, since: float, now: float
-    ) -> Deferred[list[tuple[int, PenaltyEvent]]]:
-        def work(connection: sqlite3.Connection) -> list[tuple[int, PenaltyEvent]]:
-            rows = connection.execute(
-                "SELECT id, kind, at, network, name, until FROM penalty_events"
-                " WHERE book = ? AND id > ? AND process <> ? AND (at > ? OR until > ?)"
-                " ORDER BY id",
-                (self._book, after, self._process, since, now),
-            ).fetchall()
-            return [
-                (int(i), PenaltyEvent(kind, float(at), network, name, until))
-                for i, kind, at, network, name, until in rows
-            ]
-
-        return self._run(work)
-
-    def known(self, now: float, limit: int) -> Deferred[list[PenaltyEvent]]:
-        def work(connection: sqlite3.Connection) -> list[PenaltyEvent]:
-            rows = connection.execute(
-                "SELECT name, network, until FROM penalty_known"
-                " WHERE book = ? AND until > ? ORDER BY until DESC LIMIT ?",
-                (self._book, now, limit),
-            ).fetchall()
-            return [
-                PenaltyEvent("success", now, network, name, float(until))
-                for name, network, until in reversed(rows)
-            ]
-
-        return self._run(work)
-
-    def prune(self, since: float, now: float) -> Deferred[None]:
-        def work(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "DELETE FROM penalty_events WHERE book = ? AND at <= ?"
-                " AND (until IS NULL OR until <= ? OR kind = 'success')",
-                (self._book, since, now),
-            )
-            connection.execute(
-                "DELETE FROM penalty_known WHERE book = ? AND until <= ?", (self._book, now)
-            )
-
-        return self._run(work)

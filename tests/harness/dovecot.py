@@ -550,12 +550,22 @@ class Dovecot:
         self._check_user(user)
         shutil.rmtree(self.maildir(user), ignore_errors=True)
 
-    def kick(self, user: str) -> bool:
+    def kick(self, user: str, *, retry_for: float = 0.0) -> bool:
         """Drop the user's live sessions, as a provider's maintenance would.
 
         Returns False when the user had no session (doveadm exits 68 then).
+        A session is known to doveadm only once its mail process has told
+        Dovecot's anvil, a moment after the client saw its login succeed: a
+        caller that knows a session is open gives `retry_for` seconds, and the
+        kick is tried again (every 50 ms) until it finds one.
         """
-        return self.doveadm("kick", user, ok_codes=(0, _DOVEADM_EX_NOTFOUND)) != ""
+        deadline = time.monotonic() + retry_for
+        while True:
+            if self.doveadm("kick", user, ok_codes=(0, _DOVEADM_EX_NOTFOUND)) != "":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def doveadm(self, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
         """Run doveadm against this instance (never the system one); return its output."""

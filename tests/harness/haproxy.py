@@ -86,12 +86,14 @@ class HAProxy:
         balanced: list[Balanced] | None = None,
         backend_host: str = "127.0.0.1",
         startup_timeout: float = 10.0,
+        maxconn: int = 200,
     ) -> None:
         self.base_dir = Path(base_dir).absolute()
         self.routes = {route.name: route for route in routes}
         self.balanced = {each.name: each for each in balanced or []}
         self.backend_host = backend_host
         self.startup_timeout = startup_timeout
+        self.maxconn = maxconn
         self.config_file = self.base_dir / "haproxy.cfg"
         self.output_file = self.base_dir / "haproxy.out"
         self.stats_socket = self.base_dir / "stats.sock"
@@ -110,7 +112,7 @@ class HAProxy:
     def render_config(self) -> str:
         lines = [
             "global",
-            "  maxconn 200",
+            f"  maxconn {self.maxconn}",
             "  nbthread 1",
             f"  stats socket {self.stats_socket} mode 600 level admin",
             "defaults",
@@ -233,6 +235,10 @@ class HAProxy:
             return self.output_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     @property
     def running(self) -> bool:

@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from gateway.model import Config, OAuthSettings, StateSettings
+from gateway.model import Config, StateSettings
 from gateway.oauth.admin import fired
 from gateway.oauth.backend import TokenBackend, open_command_backend
 from gateway.oauth.http import TreqPoster
@@ -32,7 +32,9 @@ from gateway.oauth.store import TokenStore
 from gateway.oauth.store_postgres import BlockingRunner, PostgresTokenStore
 from gateway.oauth.tokens import parse_token_response
 from gateway.state.backend import StateBackend
+from tests.harness.oauth_server import OAuthServerProcess
 from tests.harness.postgres import PostgresCluster
+from tests.helpers.device_grant import device_grant_tokens
 from tests.helpers.oauth import fresh_key
 from tests.helpers.state import backend_for, migrated_database, postgres_settings
 
@@ -115,8 +117,9 @@ def pg_token_stores(postgres: PostgresCluster, tmp_path: Path) -> Iterator[Token
 
 def command_store(config: Config, key: GatewayKey | None = None) -> TokenBackend:
     """The store `gateway oauth` uses for `config` (its [state] backend),
-    with the key from the state directory unless given."""
-    key = key or load_key(OAuthSettings(), config.state_dir, environ={})
+    with the key `config` names (its `[oauth] key_file`, else the state
+    directory's) unless given."""
+    key = key or load_key(config.oauth, config.state_dir, environ={})
     return open_command_backend(config, key)
 
 
@@ -143,3 +146,14 @@ def seed_answer(
     record = TokenRecord.authorized(account, grant, tokens, now)
     fired(store.change(account, lambda _current: record, replace_unreadable=True))
     return record
+
+
+def seed_expired_grant(
+    store: TokenBackend, account: str, idp: OAuthServerProcess, client_secret: str
+) -> dict[str, Any]:
+    """A device grant completed at `idp`, stored for `account` as if the admin
+    had authorised it two hours ago, while the gateway was down: its access
+    token has expired since. Returns the token endpoint's answer."""
+    answer = device_grant_tokens(idp, client_secret)
+    seed_answer(store, account, answer, issued=time.time() - 7200)
+    return answer

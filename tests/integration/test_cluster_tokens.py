@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import poplib
 import ssl
-import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -19,17 +18,26 @@ import pytest
 
 from gateway.config.loader import load_config
 from gateway.oauth.admin import fired
-from gateway.oauth.backend import TokenBackend, open_command_backend
-from gateway.oauth.keys import generate_key_file, load_key
+from gateway.oauth.backend import TokenBackend
+from gateway.oauth.keys import generate_key_file
 from tests.harness.certs import TLSMaterial
 from tests.harness.cluster import GatewayCluster, Listening
 from tests.harness.dovecot import Dovecot
 from tests.harness.oauth_server import OAuthServerProcess
 from tests.harness.postgres import PostgresCluster
-from tests.helpers.device_grant import device_grant_tokens, post_form
+from tests.helpers.device_grant import post_form
+from tests.helpers.oauth_gateway import (
+    Crowd,
+    idp_fixture,
+    introspecting_dovecot,
+    oauth_account,
+    oauth_provider,
+    pop3_login,
+    secret_file,
+)
 from tests.helpers.pop3 import device
 from tests.helpers.state import migrated_database
-from tests.helpers.token_stores import seed_answer
+from tests.helpers.token_stores import command_store, seed_expired_grant
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,23 +47,8 @@ CROWD = 50
 REFRESH = "token:refresh_token"
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthServerProcess]:
-    with OAuthServerProcess(tmp_path_factory.mktemp("idp"), client_secret=CLIENT_SECRET) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def oauth_dovecot(
-    tmp_path_factory: pytest.TempPathFactory, tls_upstream: TLSMaterial, idp: OAuthServerProcess
-) -> Iterator[Dovecot]:
-    with Dovecot(
-        tmp_path_factory.mktemp("dovecot-oauth"),
-        {"alice": "alice-pw"},
-        tls=tls_upstream,
-        oauth2_introspection_url=f"{idp.url}/introspect",
-    ) as server:
-        yield server
+idp = idp_fixture(CLIENT_SECRET)
+oauth_dovecot = introspecting_dovecot("dovecot-oauth", {"alice": "alice-pw"})
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +61,7 @@ def authorised(
     postgres: PostgresCluster,
 ) -> Iterator[Authorised]:
     base = tmp_path_factory.mktemp("cluster-tokens")
-    secret = base / "client-secret"
-    secret.write_text(CLIENT_SECRET + "\n")
-    secret.chmod(0o600)
+    secret = secret_file(base, CLIENT_SECRET)
     # Every node has the gateway key: the database only sees token blobs.
     key_file = base / "gateway.key"
     generate_key_file(key_file)
@@ -81,17 +72,10 @@ def authorised(
         "idle_refresh_interval = 86400",
         "[limits]",
         f"max_connections_per_address = {CROWD + 10}",
-        "[providers.idp]",
-        f'pop3 = {{ host = "localhost", port = {oauth_dovecot.pop3s_port}, tls = "implicit" }}',
-        f'ca_file = "{tls_upstream.ca_file}"',
-        "timeout = 5",
-        f'oauth = {{ token_url = "{idp.url}/token", '
-        f'device_authorization_url = "{idp.url}/device", '
-        f'authorization_url = "{idp.url}/authorize", client_id = "gateway", '
-        f'client_secret_file = "{secret}", scopes = ["mail", "offline_access"] }}',
-        'sasl = "xoauth2"',
-        "[accounts.scanner]",
-        'provider = "idp"\nusername = "alice"\nauth = "oauth2"\ngrant = "device_code"',
+        *oauth_provider(
+            "idp", idp, oauth_dovecot, tls_upstream, secret, "timeout = 5", 'sasl = "xoauth2"'
+        ),
+        *oauth_account("scanner", "idp", "alice", "device_code"),
         *[device(f"crowd{n:02d}", "scanner") for n in range(CROWD)],
     ]
     cluster = GatewayCluster(
@@ -104,9 +88,8 @@ def authorised(
     )
     # The admin authorised the account (with `gateway oauth authorize` on
     # any node) while the gateway was down: its access token expired since.
-    store = command_store(cluster)
-    granted = device_grant_tokens(idp, CLIENT_SECRET)
-    seed_answer(store, "scanner", granted, issued=time.time() - 7200)
+    store = node_command_store(cluster)
+    granted = seed_expired_grant(store, "scanner", idp, CLIENT_SECRET)
     # The nodes start with the token expired; their refresh waits at the
     # authorization server until the test lets it go.
     idp.control("reset_counts")
@@ -125,22 +108,14 @@ class Authorised:
     granted: dict[str, Any]
 
 
-def command_store(cluster: GatewayCluster) -> TokenBackend:
+def node_command_store(cluster: GatewayCluster) -> TokenBackend:
     """What `gateway oauth` on a node opens: the shared table, the node's key."""
     node = cluster.nodes[0]
     node.base.mkdir(parents=True, exist_ok=True)
     path = node.base / "admin.toml"
     path.write_text(cluster.config_text(node))
     path.chmod(0o600)
-    config = load_config(path)
-    return open_command_backend(config, load_key(config.oauth, config.state_dir, environ={}))
-
-
-def login(port: int, ctx: ssl.SSLContext, name: str) -> poplib.POP3_SSL:
-    client = poplib.POP3_SSL("localhost", port, context=ctx, timeout=30)
-    client.user(name)
-    client.pass_(f"{name}-pw")
-    return client
+    return command_store(load_config(path))
 
 
 def login_within(port: int, ctx: ssl.SSLContext, name: str, seconds: float) -> poplib.POP3_SSL:
@@ -148,7 +123,7 @@ def login_within(port: int, ctx: ssl.SSLContext, name: str, seconds: float) -> p
     deadline = time.monotonic() + seconds
     while True:
         try:
-            return login(port, ctx, name)
+            return pop3_login(port, ctx, name)
         except poplib.error_proto as e:
             if not e.args[0].startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
                 raise
@@ -164,28 +139,14 @@ def test_fifty_logins_over_three_nodes_make_one_refresh_and_keep_the_rotated_tok
     cluster, store, granted = authorised.cluster, authorised.store, authorised.granted
     oauth_dovecot.deliver("alice", b"Message-ID: <1@x>\n\nhello\n")
     port = cluster.port("pop3s")
-    answers: list[str] = []
-    barrier = threading.Barrier(CROWD)
-
-    def one(n: int) -> None:
-        barrier.wait()
-        try:
-            client = login(port, ctx, f"crowd{n:02d}")
-            answers.append("ok")
-            client.quit()
-        except poplib.error_proto as e:
-            answers.append(e.args[0].decode())
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(CROWD)]
-    for thread in threads:
-        thread.start()
+    crowd = Crowd(port, ctx, [f"crowd{n:02d}" for n in range(CROWD)]).start()
+    answers = crowd.answers
     # Everyone else is refused [IN-USE] while the session holding the mailbox
     # waits for the one refresh in flight, held at the server.
     wait_until(lambda: len(answers) >= CROWD - 1, 30, lambda _: f"answers: {set(answers)}")
     assert idp.stats()["held"] == 1
     idp.control("release")
-    for thread in threads:
-        thread.join(60)
+    crowd.join()
     assert len(answers) == CROWD
     # One POP3 session per mailbox across the nodes: the rest are [IN-USE].
     assert "ok" in answers

@@ -137,7 +137,7 @@ def test_wrong_password_fails_without_delay(dovecot: Dovecot, tls_upstream: TLSM
 
 def test_kick_drops_a_live_session(dovecot: Dovecot, tls_upstream: TLSMaterial) -> None:
     client = pop3s_login(dovecot, tls_upstream, user="bob")
-    assert dovecot.kick("bob")
+    assert dovecot.kick("bob", retry_for=5)
     with pytest.raises((poplib.error_proto, OSError)):
         client.noop()
         client.noop()

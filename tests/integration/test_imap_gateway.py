@@ -266,7 +266,7 @@ def test_upstream_kicked_mid_retr_drops_the_device(
     raw.sendall(b"RETR 1\r\n")
     assert reader.readline().startswith(b"+OK")
     assert reader.read(1000)  # the message is streaming: now the provider cuts in
-    assert dovecot.kick("alice")
+    assert dovecot.kick("alice", retry_for=5)
     rest = reader.read()  # until the gateway drops the connection
     raw.close()
     received = 1000 + len(rest)

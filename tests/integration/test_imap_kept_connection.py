@@ -152,7 +152,7 @@ def test_a_kicked_kept_connection_reconnects_at_the_next_poll(
     fill(dovecot, 2)
     assert poll()[0] == 2
     before = logins(dovecot)
-    assert dovecot.kick("alice")
+    assert dovecot.kick("alice", retry_for=5)
     fill(dovecot, 1, start=3)
     assert poll()[0] == 3
     assert logins(dovecot) == before + 1

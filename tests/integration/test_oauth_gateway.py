@@ -9,8 +9,6 @@ import json
 import poplib
 import ssl
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +23,27 @@ from gateway.oauth.tokens import parse_token_response
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_config import config_head, listen
-from tests.harness.gateway_process import REPO_ROOT, GatewayProcess, free_port
+from tests.harness.gateway_process import GatewayProcess, free_port
 from tests.harness.oauth_server import OAuthServerProcess
 from tests.helpers import device_grant
 from tests.helpers.device_grant import store_for
 from tests.helpers.oauth import oauth_config
-from tests.helpers.pop3 import HASHER, crlf, message
+from tests.helpers.oauth_gateway import (
+    Crowd,
+    authorize_on_the_command_line,
+    deliver_one,
+    gateway_command,
+    idp_fixture,
+    introspecting_dovecot,
+    oauth_account,
+    oauth_provider,
+    pop3_login,
+    retrieve_all,
+    running_gateway,
+    secret_file,
+)
+from tests.helpers.pop3 import device
+from tests.helpers.token_stores import seed_answer
 
 pytestmark = pytest.mark.integration
 
@@ -43,29 +56,8 @@ REFRESH = "token:refresh_token"
 # -- fixtures: one auth server, one Dovecot, one gateway for the module --------------------
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthServerProcess]:
-    server = OAuthServerProcess(
-        tmp_path_factory.mktemp("idp"),
-        client_secret=CLIENT_SECRET,
-        device_interval=1,
-        client_credentials_user="bob",
-    )
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def oauth_dovecot(
-    tmp_path_factory: pytest.TempPathFactory, tls_upstream: TLSMaterial, idp: OAuthServerProcess
-) -> Iterator[Dovecot]:
-    with Dovecot(
-        tmp_path_factory.mktemp("dovecot-oauth"),
-        USERS,
-        tls=tls_upstream,
-        oauth2_introspection_url=f"{idp.url}/introspect",
-    ) as server:
-        yield server
+idp = idp_fixture(CLIENT_SECRET, device_interval=1, client_credentials_user="bob")
+oauth_dovecot = introspecting_dovecot("dovecot-oauth", USERS)
 
 
 def config_text(
@@ -76,16 +68,7 @@ def config_text(
     own: TLSMaterial,
     idp: OAuthServerProcess,
 ) -> str:
-    secret = base / "client-secret"
-    secret.write_text(CLIENT_SECRET + "\n")
-    secret.chmod(0o600)
-    oauth = (
-        f'oauth = {{ token_url = "{idp.url}/token", '
-        f'device_authorization_url = "{idp.url}/device", '
-        f'authorization_url = "{idp.url}/authorize", client_id = "gateway", '
-        f'client_secret_file = "{secret}", scopes = ["mail", "offline_access"] }}'
-    )
-    pop3 = f'pop3 = {{ host = "localhost", port = {dovecot.pop3s_port}, tls = "implicit" }}'
+    secret = secret_file(base, CLIENT_SECRET)
     lines = [
         *config_head(base / "state", own),
         *listen("pop3", port, "implicit"),
@@ -98,21 +81,11 @@ def config_text(
     ]
     # Dovecot offers both: "idp" forces XOAUTH2, "idp-bearer" picks OAUTHBEARER itself.
     for name, extra in (("idp", 'sasl = "xoauth2"'), ("idp-bearer", "")):
-        lines += [
-            f"[providers.{name}]",
-            pop3,
-            f'ca_file = "{upstream.ca_file}"',
-            "timeout = 5",
-            oauth,
-            extra,
-        ]
+        lines += oauth_provider(name, idp, dovecot, upstream, secret, "timeout = 5", extra)
     lines += [
-        "[accounts.scanner]",
-        'provider = "idp"\nusername = "alice"\nauth = "oauth2"\ngrant = "device_code"',
-        "[accounts.bearer]",
-        'provider = "idp-bearer"\nusername = "alice"\nauth = "oauth2"',
-        "[accounts.app]",
-        'provider = "idp"\nusername = "bob"\nauth = "oauth2"\ngrant = "client_credentials"',
+        *oauth_account("scanner", "idp", "alice", "device_code"),
+        *oauth_account("bearer", "idp-bearer", "alice"),
+        *oauth_account("app", "idp", "bob", "client_credentials"),
         "[accounts.plain]",
         'provider = "idp"\nusername = "bob"\npassword = "bob-pw"',
     ]
@@ -123,11 +96,7 @@ def config_text(
         ("plain-dev", "plain"),
     ]
     devices += [(f"crowd{n:02d}", "scanner") for n in range(CROWD)]
-    for device, account in devices:
-        lines.append(
-            f'[devices.{device}]\npassword_hash = "{HASHER.hash(device + "-pw")}"\n'
-            f'account = "{account}"\nallow_from = ["127.0.0.0/8"]'
-        )
+    lines += [device(name, account) for name, account in devices]
     return "\n".join(lines) + "\n"
 
 
@@ -142,12 +111,8 @@ def setup(
     base = tmp_path_factory.mktemp("gateway-oauth")
     port = free_port()
     text = config_text(base, port, oauth_dovecot, tls_upstream, tls_gateway, idp)
-    gateway = GatewayProcess(base, text, [port])
-    gateway.start()
-    try:
-        yield {"gateway": gateway, "port": port, "state": base / "state", "base": base}
-    finally:
-        gateway.stop()
+    with running_gateway(base, text, port) as setup:
+        yield setup
 
 
 @pytest.fixture
@@ -162,10 +127,7 @@ def env(setup: dict[str, Any], oauth_dovecot: Dovecot, idp: OAuthServerProcess) 
 
 
 def device_login(port: int, ctx: ssl.SSLContext, device: str = "printer") -> poplib.POP3_SSL:
-    client = poplib.POP3_SSL("localhost", port, context=ctx, timeout=30)
-    client.user(device)
-    client.pass_(f"{device}-pw")
-    return client
+    return pop3_login(port, ctx, device)
 
 
 def refused(port: int, ctx: ssl.SSLContext, device: str = "printer") -> str:
@@ -184,29 +146,12 @@ def authorize_directly(
 ) -> TokenRecord:
     """Store tokens for `account` the way `gateway oauth authorize` does; `expired`
     dates the access token in the past (it expired while the gateway was down)."""
-    now = time.time()
-    tokens = parse_token_response(device_grant_tokens(idp), now - (7200 if expired else 0))
-    record = TokenRecord.authorized(account, "device_code", tokens, now)
-    store_for(state).update(account, lambda _: record, replace_unreadable=True)
-    return record
+    issued = time.time() - 7200 if expired else None
+    return seed_answer(store_for(state), account, device_grant_tokens(idp), issued=issued)
 
 
 def gateway_cli(setup: dict[str, Any], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "--config",
-            str(setup["base"] / "gateway.toml"),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO_ROOT,
-    )
+    return gateway_command(setup["base"] / "gateway.toml", *args)
 
 
 def cli_status(setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -216,34 +161,14 @@ def cli_status(setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["account"]: entry for entry in json.loads(out)["accounts"]}
 
 
-def deliver_one(dovecot: Dovecot, user: str = "alice") -> bytes:
-    dovecot.deliver(user, message(1))
-    return crlf(dovecot.messages(user)[0])
-
-
-def retrieve_all(client: poplib.POP3_SSL) -> list[bytes]:
-    count, _ = client.stat()
-    return [b"\r\n".join(client.retr(i)[1]) + b"\r\n" for i in range(1, count + 1)]
-
-
 # -- the admin's flow, then devices ----------------------------------------------------------
 
 
 def test_admin_authorizes_with_the_cli_then_a_device_fetches_mail(
     env: dict[str, Any], idp: OAuthServerProcess, oauth_dovecot: Dovecot, ctx: ssl.SSLContext
 ) -> None:
-    process = gateway_cli(env, "oauth", "authorize", "scanner")
-    assert process.stdout is not None
-    seen = ""
-    while "enter the code" not in seen:
-        line = process.stdout.readline()
-        assert line, process.communicate()[1]
-        seen += line
-    user_code = seen.split("enter the code")[1].split()[0]
+    seen, out, err = authorize_on_the_command_line(env["base"] / "gateway.toml", idp, "scanner")
     assert f"{idp.url}/verify" in seen
-    idp.control("approve", user_code=user_code, username="alice")  # the admin signs in
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err
     assert "Authorised: tokens for account scanner stored" in out
     assert CLIENT_SECRET not in seen + out + err
 
@@ -332,23 +257,7 @@ def test_fifty_concurrent_logins_with_an_expired_token_one_refresh(
     authorize_directly(env["state"], idp, expired=True)
     idp.control("reset_counts")
     deliver_one(oauth_dovecot)
-    answers: list[str] = []
-    barrier = threading.Barrier(CROWD)
-
-    def login(n: int) -> None:
-        barrier.wait()
-        try:
-            client = device_login(env["port"], ctx, f"crowd{n:02d}")
-            answers.append("ok")
-            client.quit()
-        except poplib.error_proto as e:
-            answers.append(e.args[0].decode())
-
-    threads = [threading.Thread(target=login, args=(n,)) for n in range(CROWD)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    answers = Crowd(env["port"], ctx, [f"crowd{n:02d}" for n in range(CROWD)]).start().join()
     assert len(answers) == CROWD
     assert "ok" in answers
     assert all(a == "ok" or a.startswith("-ERR [IN-USE]") for a in answers), answers

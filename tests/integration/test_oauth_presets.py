@@ -16,7 +16,6 @@ import poplib
 import re
 import ssl
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,9 +27,18 @@ import pytest
 from tests.harness.certs import TLSMaterial
 from tests.harness.dovecot import Dovecot
 from tests.harness.gateway_config import config_head, listen
-from tests.harness.gateway_process import REPO_ROOT, GatewayProcess, free_port
+from tests.harness.gateway_process import free_port
 from tests.harness.oauth_server import OAuthServerProcess
-from tests.helpers.pop3 import HASHER, crlf, message
+from tests.helpers.oauth_gateway import (
+    authorize_on_the_command_line,
+    deliver_one,
+    gateway_command,
+    idp_fixture,
+    introspecting_dovecot,
+    running_gateway,
+    secret_file,
+)
+from tests.helpers.pop3 import HASHER
 from tests.integration.test_oauth_gateway import cli_status, gateway_cli
 
 pytestmark = pytest.mark.integration
@@ -48,39 +56,20 @@ ACCOUNTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthServerProcess]:
-    server = OAuthServerProcess(
-        tmp_path_factory.mktemp("idp-presets"),
-        mode="providers",
-        client_secret=CLIENT_SECRET,
-        device_interval=1,
-        client_credentials_user="bob",
-        consent_user="alice",
-    )
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def presets_dovecot(
-    tmp_path_factory: pytest.TempPathFactory, tls_upstream: TLSMaterial, idp: OAuthServerProcess
-) -> Iterator[Dovecot]:
-    with Dovecot(
-        tmp_path_factory.mktemp("dovecot-presets"),
-        USERS,
-        tls=tls_upstream,
-        oauth2_introspection_url=f"{idp.url}/introspect",
-    ) as server:
-        yield server
+idp = idp_fixture(
+    CLIENT_SECRET,
+    mode="providers",
+    device_interval=1,
+    client_credentials_user="bob",
+    consent_user="alice",
+)
+presets_dovecot = introspecting_dovecot("dovecot-presets", USERS)
 
 
 def config_text(
     base: Path, port: int, dovecot: Dovecot, upstream: TLSMaterial, own: TLSMaterial, idp: Any
 ) -> str:
-    secret = base / "client-secret"
-    secret.write_text(CLIENT_SECRET + "\n")
-    secret.chmod(0o600)
+    secret = secret_file(base, CLIENT_SECRET)
     key = base / "service-account.json"
     key.write_text(
         json.dumps(idp.control("service_account", email=SERVICE_ACCOUNT, mailboxes=["alice"]))
@@ -138,12 +127,8 @@ def setup(
     base = tmp_path_factory.mktemp("gateway-presets")
     port = free_port()
     text = config_text(base, port, presets_dovecot, tls_upstream, tls_gateway, idp)
-    gateway = GatewayProcess(base, text, [port])
-    gateway.start()
-    try:
-        yield {"gateway": gateway, "port": port, "state": base / "state", "base": base}
-    finally:
-        gateway.stop()
+    with running_gateway(base, text, port) as setup:
+        yield setup
 
 
 @pytest.fixture
@@ -163,47 +148,18 @@ def fetch_all(env: dict[str, Any], ctx: ssl.SSLContext, device: str) -> list[byt
     return messages
 
 
-def deliver(dovecot: Dovecot, user: str) -> bytes:
-    dovecot.deliver(user, message(1))
-    return crlf(dovecot.messages(user)[0])
-
-
 def authorize_by_device_code(env: dict[str, Any], idp: OAuthServerProcess, account: str) -> None:
     """`gateway oauth authorize ACCOUNT` with alice approving the device code."""
-    process = gateway_cli(env, "oauth", "authorize", account)
-    assert process.stdout is not None
-    seen = ""
-    while "enter the code" not in seen:
-        line = process.stdout.readline()
-        assert line, process.communicate()[1]
-        seen += line
+    seen, _out, _err = authorize_on_the_command_line(env["base"] / "gateway.toml", idp, account)
     assert "device code grant" in seen
-    user_code = seen.split("enter the code")[1].split()[0]
-    idp.control("approve", user_code=user_code, username="alice")
-    _out, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err
 
 
 def authorize_gmail_by_code_grant(env: dict[str, Any]) -> None:
     """`gateway oauth authorize gmail`, with the browser's part played here."""
     # Standard input stays open: its end would tell the command that nothing
     # will be pasted, and it would stop listening.
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "--config",
-            str(env["base"] / "gateway.toml"),
-            "oauth",
-            "authorize",
-            "gmail",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
+    process = gateway_command(
+        env["base"] / "gateway.toml", "oauth", "authorize", "gmail", stdin=subprocess.PIPE
     )
     assert process.stdout is not None
     seen = ""
@@ -239,7 +195,7 @@ def test_microsoft_device_code_default_as_a_public_client(
 ) -> None:
     before = idp.stats()["counts"]
     authorize_by_device_code(env, idp, account)
-    expected = deliver(presets_dovecot, "alice")
+    expected = deliver_one(presets_dovecot, "alice")
     assert fetch_all(env, ctx, f"{account}-dev") == [expected]
     assert "method=XOAUTH2" in presets_dovecot.log_text()
     counts = idp.stats()["counts"]
@@ -255,7 +211,7 @@ def test_gmail_code_grant_with_the_loopback_ip_redirect(
     env: dict[str, Any], idp: OAuthServerProcess, presets_dovecot: Dovecot, ctx: ssl.SSLContext
 ) -> None:
     authorize_gmail_by_code_grant(env)
-    expected = deliver(presets_dovecot, "alice")
+    expected = deliver_one(presets_dovecot, "alice")
     assert fetch_all(env, ctx, "gmail-dev") == [expected]
     # Google keeps the refresh token and wants the desktop client's secret.
     assert idp.count("secret:authorization_code") >= 1
@@ -282,7 +238,7 @@ def test_app_only_accounts_work_without_authorize(
 ) -> None:
     status = cli_status(env)[account]
     assert status["state"] in ("app_only", "ok")
-    expected = deliver(presets_dovecot, user)
+    expected = deliver_one(presets_dovecot, user)
     assert fetch_all(env, ctx, f"{account}-dev") == [expected]
     assert cli_status(env)[account]["state"] == "ok"
     if account == "gmail-sa":

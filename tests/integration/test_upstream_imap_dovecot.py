@@ -342,7 +342,7 @@ class KickingSink(StringTransport):
         super().write(data)
         if self._dovecot is not None:
             dovecot, self._dovecot = self._dovecot, None
-            assert dovecot.kick("alice")
+            assert dovecot.kick("alice", retry_for=5)
 
 
 @pytest.mark.parametrize("tls", ["implicit", "starttls"])
