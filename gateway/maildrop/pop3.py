@@ -22,8 +22,14 @@ from gateway.maildrop.opening import at_open
 from gateway.timing import timed_step
 from gateway.upstream.connection import EndpointFactory, hostname_endpoint
 from gateway.upstream.credentials import note_succeeded
-from gateway.upstream.pipeline import outcomes
-from gateway.upstream.pop3 import Expect, Listing, POP3Client, ServerError, open_session
+from gateway.upstream.pipeline import outcome, outcomes
+from gateway.upstream.pop3 import (
+    Expect,
+    Listing,
+    POP3Client,
+    ServerError,
+    open_session_then,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
@@ -38,13 +44,22 @@ class POP3Maildrop:
     """One logged-in upstream POP3 session, seen through the `Maildrop` interface."""
 
     def __init__(
-        self, client: POP3Client, sizes: Sequence[int], *, account: str = "", provider: str = ""
+        self,
+        client: POP3Client,
+        sizes: Sequence[int],
+        *,
+        account: str = "",
+        provider: str = "",
+        uidl: Deferred[Listing | Failure] | None = None,
     ) -> None:
         self._provider = provider
         self._client = client
         self._sizes = tuple(sizes)
         self._account = account
         self._uids: tuple[str, ...] | None = None
+        # The answer to a UIDL sent with the LIST at login (`open_pop3_maildrop`).
+        self._uidl = uidl
+        self._asked_uidl = False
 
     @property
     def sizes(self) -> Sequence[int]:
@@ -57,8 +72,18 @@ class POP3Maildrop:
 
     async def unique_ids(self) -> Sequence[str]:
         if self._uids is None:
+            if not self._asked_uidl:
+                self._asked_uidl = True
+                _wants_uidl.add(self._account)
+            sent, self._uidl = self._uidl, None
             try:
-                listing: Listing = await self._client.command(b"UIDL", expect=Expect.MULTI)
+                if sent is None:
+                    listing: Listing = await self._client.command(b"UIDL", expect=Expect.MULTI)
+                else:
+                    answer = await sent
+                    if isinstance(answer, Failure):
+                        answer.raiseException()
+                    listing = answer
             except ServerError as e:
                 raise UpstreamUnavailable(
                     f"{self._client.peer} refused UIDL: {e.status.describe()}",
@@ -90,6 +115,8 @@ class POP3Maildrop:
         deleted messages not removed". The DELEs and QUIT are pipelined when
         the server offers PIPELINING.
         """
+        if not self._asked_uidl:
+            _wants_uidl.discard(self._account)
         numbers = sorted(set(deleted))
         for n in numbers:
             if not 1 <= n <= len(self._sizes):
@@ -171,19 +198,47 @@ async def open_pop3_maildrop(
     name resolution; `endpoint_factory(reactor, host, port, timeout)` lets
     tests connect in memory. Raises a `MaildropError`.
     """
-    client = await open_session(
-        account, provider, reactor=reactor, endpoint_factory=endpoint_factory, tokens=tokens
+    prefetch = account.name in _wants_uidl
+    sent: list[Deferred[Any]] = []
+
+    def take_snapshot(client: POP3Client) -> Deferred[Listing]:
+        listing: Deferred[Listing] = client.command(b"LIST", expect=Expect.MULTI, pipelinable=True)
+        if prefetch and "PIPELINING" in client.capabilities and "UIDL" in client.capabilities:
+            uidl: Deferred[Listing] = client.command(b"UIDL", expect=Expect.MULTI, pipelinable=True)
+            sent.append(Deferred.fromCoroutine(outcome(uidl)))
+        return listing
+
+    client, listed = await open_session_then(
+        account,
+        provider,
+        reactor=reactor,
+        endpoint_factory=endpoint_factory,
+        tokens=tokens,
+        then=take_snapshot,
     )
-    listing = timed_step("pop3", provider.name, "open", _list(client))
+    assert listed is not None
+    listing = timed_step("pop3", provider.name, "open", _list(client, listed))
     sizes = await at_open(client, listing, "LIST at login failed")
     note_succeeded(tokens, account)
-    return POP3Maildrop(client, sizes, account=account.name, provider=provider.name)
+    return POP3Maildrop(
+        client,
+        sizes,
+        account=account.name,
+        provider=provider.name,
+        uidl=sent[0] if sent else None,
+    )
 
 
-async def _list(client: POP3Client) -> tuple[int, ...]:
+# Accounts whose last session asked for UIDL: their next session sends it
+# with the LIST at login (PIPELINING), which saves the device's UIDL a round
+# trip upstream; an account whose session ends without UIDL leaves the set.
+_wants_uidl: set[str] = set()
+
+
+async def _list(client: POP3Client, sent: Deferred[Listing]) -> tuple[int, ...]:
     """LIST: the sizes of the snapshot, fixed for the session (RFC 1939)."""
     try:
-        listing: Listing = await client.command(b"LIST", expect=Expect.MULTI)
+        listing = await sent
     except ServerError as e:
         raise UpstreamUnavailable(f"{client.peer} refused LIST: {e.status.describe()}") from None
     return parse_list(listing.body, client.peer)

@@ -9,17 +9,12 @@ exception a failure must become (a `MaildropError` for the maildrop clients,
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 from typing import Protocol as TypingProtocol
 
+from OpenSSL import SSL
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
@@ -29,9 +24,11 @@ from twisted.internet.protocol import Factory
 
 from gateway.model import Endpoint, Provider
 from gateway.timing import protocol_of, timed_step
-from gateway.tls import TLSSetupError, client_options
+from gateway.tls import TLSSetupError
 from gateway.upstream.errors import UpstreamError, UpstreamUnavailable, describe_error
 from gateway.upstream.pipeline import PipelinedClient
+from gateway.upstream.resolve import CachedHostEndpoint, cache_for
+from gateway.upstream.tls_sessions import ResumingTLS, VerificationError, resuming_options
 from gateway.upstream.tls_stream import wrap_client_tls
 
 EndpointFactory: TypeAlias = Callable[[Any, str, int, float], IStreamClientEndpoint]
@@ -56,17 +53,12 @@ class ClientFactory(TypingProtocol[_Client]):
 
 
 def hostname_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """The default: name resolution plus happy eyeballs over IPv4 and IPv6.
+    """The default: the host's addresses from a per-reactor cache (`gateway.upstream.resolve`).
 
-    An IP address is connected to directly: resolving it would cost a thread
-    hand-off on every login for nothing.
+    A name is resolved off the reactor thread at most once a minute rather
+    than on every login; an IP address is connected to directly.
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    return endpoint(reactor, host, port, timeout=timeout)
+    return CachedHostEndpoint(reactor, host, port, timeout, cache_for(reactor))
 
 
 async def open_connection(
@@ -96,7 +88,7 @@ async def open_connection(
     """
     peer = f"provider {provider.name} ({server.host}:{server.port})"
     try:
-        tls = client_options(server.host, provider.ca_file)
+        tls = resuming_options(server.host, server.port, provider.ca_file)
     except TLSSetupError as e:
         raise (setup_error or error)(f"provider {provider.name}: {e}") from None
     endpoint = endpoint_factory(reactor, server.host, server.port, provider.timeout)
@@ -144,7 +136,29 @@ async def open_connection(
             timer.cancel()
     secured = timed_step(step, provider.name, "tls", secure(connected, server.tls, tls))
     await or_abort(connected, secured, "connection set-up failed")
+    _resume_later(connected, tls, peer, error)
     return connected
+
+
+def _resume_later(
+    client: PipelinedClient[Any], tls: ResumingTLS, peer: str, error: ErrorFactory
+) -> None:
+    """After the handshake: check a resumed session's host name, and keep the
+    connection's session for the next one once it is over (`gateway.upstream.tls_sessions`)."""
+    get_handle = getattr(client.transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    if not isinstance(handle, SSL.Connection):
+        return
+    try:
+        tls.check_resumed(handle)
+    except VerificationError as e:
+        client.abort("the resumed session's certificate does not match")
+        raise error(f"cannot connect to {peer}: certificate verify failed: {e}") from None
+    client.when_closed().addCallback(_keep_session, tls, handle)
+
+
+def _keep_session(_: object, tls: ResumingTLS, handle: SSL.Connection) -> None:
+    tls.keep(handle)
 
 
 async def or_abort(client: Abortable, step: Awaitable[_T], why: str) -> _T:

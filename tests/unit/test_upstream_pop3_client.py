@@ -103,8 +103,14 @@ class Upstream(ScriptedUpstream):
         self.expect(b"CAPA\r\n", b"+OK\r\nSTLS\r\n" + capa + b".\r\n")
         self.expect(b"STLS\r\n", b"+OK Begin TLS negotiation now.\r\n")
         self.expect(b"CAPA\r\n", b"+OK\r\n" + capa + b".\r\n")
-        self.expect(b"AUTH PLAIN " + PLAIN_IR + b"\r\n", b"+OK Logged in.\r\n")
-        self.expect(b"LIST\r\n", b"+OK 3 messages\r\n" + listing + b".\r\n")
+        auth = b"AUTH PLAIN " + PLAIN_IR + b"\r\n"
+        listed = b"+OK 3 messages\r\n" + listing + b".\r\n"
+        if b"PIPELINING" in capa:
+            # RFC 2449: the LIST goes out with the login, in one write.
+            self.expect(auth + b"LIST\r\n", b"+OK Logged in.\r\n" + listed)
+        else:
+            self.expect(auth, b"+OK Logged in.\r\n")
+            self.expect(b"LIST\r\n", listed)
         maildrop = succeeded(d)
         assert isinstance(maildrop, POP3Maildrop)
         return maildrop

@@ -14,7 +14,14 @@ from gateway.upstream.pop3.parser import (
     Status,
     parse_status,
 )
-from gateway.upstream.pop3.session import connect, login, login_method, login_refused, open_session
+from gateway.upstream.pop3.session import (
+    connect,
+    login,
+    login_method,
+    login_refused,
+    open_session,
+    open_session_then,
+)
 
 __all__ = [
     "BodyChunk",
@@ -32,5 +39,6 @@ __all__ = [
     "login_method",
     "login_refused",
     "open_session",
+    "open_session_then",
     "parse_status",
 ]

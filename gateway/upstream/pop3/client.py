@@ -153,8 +153,15 @@ class POP3Client(PipelinedClient[_Command]):
 
         return self._enqueue(b"STLS", on_ok=start)
 
-    def authenticate(self, mechanism: SASLMechanism) -> Deferred[Status]:
-        """AUTH with a SASL mechanism (RFC 5034), answering its challenges."""
+    def authenticate(
+        self, mechanism: SASLMechanism, *, pipelinable: bool = False
+    ) -> Deferred[Status]:
+        """AUTH with a SASL mechanism (RFC 5034), answering its challenges.
+
+        `pipelinable`: commands queued next may go out with it (PIPELINING),
+        for a mechanism done in one line (its initial response); a challenge
+        then ends the session, as the server has read the next line as its answer.
+        """
         name = mechanism.name.encode("ascii")
         line = b"AUTH " + name
         pending: list[bytes] = []
@@ -167,6 +174,9 @@ class POP3Client(PipelinedClient[_Command]):
                 pending.append(encoded)
 
         def answer(payload: bytes) -> None:
+            if pipelinable:
+                self._pipe.end(f"{self.peer} sent a challenge to a pipelined AUTH")
+                return
             if pending and payload.strip() == b"":
                 self._pipe.write(pending.pop() + b"\r\n")
                 return
@@ -178,7 +188,10 @@ class POP3Client(PipelinedClient[_Command]):
                 response = mechanism.respond(challenge)
             self._pipe.write(b"*\r\n" if response is None else base64.b64encode(response) + b"\r\n")
 
-        return self._enqueue(line, expect=Expect.SASL, on_continuation=answer)
+        pipelinable = pipelinable and not pending
+        return self._enqueue(
+            line, expect=Expect.SASL, on_continuation=answer, pipelinable=pipelinable
+        )
 
     async def user_pass(self, username: str, password: Secret) -> Status:
         """RFC 1939 USER/PASS; the password travels only inside the PASS line."""
