@@ -19,7 +19,6 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
@@ -91,12 +90,9 @@ class Browser:
                 self.find(css).click()
                 break
             except (StaleElementReferenceException, WebDriverException) as e:
-                swapped = isinstance(e, StaleElementReferenceException) or (
-                    "does not belong to the document" in str(e)
-                )
-                if not swapped or attempt == 2:
+                if not _swapped(e) or attempt == 2:
                     raise
-        wait.until(staleness_of(old))
+        wait.until(lambda d: _gone(old))
         self.remember()
 
     def wait_until(
@@ -126,6 +122,28 @@ class Browser:
 
     def quit(self) -> None:
         self.driver.quit()
+
+
+def _swapped(error: Exception) -> bool:
+    """Whether a WebDriver error says the element's page was replaced.
+
+    Selenium names that StaleElementReferenceException; Chromium 156 at times
+    answers with an "unknown error" about a node that does not belong to the
+    document instead, which means the same."""
+    return isinstance(error, StaleElementReferenceException) or (
+        isinstance(error, WebDriverException) and "does not belong to the document" in str(error)
+    )
+
+
+def _gone(element: WebElement) -> bool:
+    """Selenium's `staleness_of`, knowing both ways Chromium says so."""
+    try:
+        element.is_enabled()
+    except (StaleElementReferenceException, WebDriverException) as e:
+        if _swapped(e):
+            return True
+        raise
+    return False
 
 
 @contextmanager
