@@ -14,9 +14,11 @@ would leave one of each per session here.
 What Twisted and its dependencies still leave per upstream connection, and
 no gateway object in it (see the README, "Garbage"): the `tcp.Connector` ↔
 `tcp.Client` and `_WrappingFactory` ↔ `tcp.Connector` pairs with the
-endpoint's factories, the class `HostnameEndpoint.connect` defines per call,
-pyOpenSSL's `_VerifyHelper`, zope.interface's `Provides` declarations and the
-thread pool's closure of a name lookup. Those classes are not counted.
+endpoint's factories, pyOpenSSL's `_VerifyHelper` and zope.interface's
+`Provides` declarations. Those classes are not counted. (Upstream hosts are
+resolved once a minute, not per login, and connected to without
+`HostnameEndpoint`, whose per-call class and name-lookup closure used to be
+on that list.)
 """
 
 from __future__ import annotations
