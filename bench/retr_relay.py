@@ -42,8 +42,16 @@ try:
     ClientTLS = GatheringTLSProtocol
 except ImportError:  # the code before the gathering layer
     ClientTLS = BufferingTLSTransport
+DeviceTLS: type[BufferingTLSTransport]
+try:
+    from gateway.tls_layer import LeanTLSTransport
+
+    DeviceTLS = LeanTLSTransport
+except ImportError:  # the code before the lean layer
+    DeviceTLS = BufferingTLSTransport
 
 MIB = 1024 * 1024
+DEVICE_TLS = ["lean"]  # --device-tls
 
 
 def _options() -> tuple[Any, Any]:
@@ -76,6 +84,7 @@ def one_run(body: bytes, read: int, clock: Clock) -> tuple[float, int]:
     dev_server_f = TLSMemoryBIOFactory(
         server_opts, False, Factory.forProtocol(Protocol), clock=clock
     )
+    dev_server_f.protocol = DeviceTLS if DEVICE_TLS[0] == "lean" else BufferingTLSTransport
     dev_client_f = TLSMemoryBIOFactory(
         client_opts, True, Factory.forProtocol(Protocol), clock=clock
     )
@@ -116,7 +125,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=20, help="message size, MiB")
     parser.add_argument("--read", type=int, default=2**16, help="octets per socket read")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument(
+        "--device-tls",
+        choices=("lean", "twisted"),
+        default="lean",
+        help="the device side's TLS layer: the gateway's (gateway.tls_layer) or Twisted's own",
+    )
     args = parser.parse_args()
+    DEVICE_TLS[0] = args.device_tls
     body = wire_form(make_message(1, args.size * MIB))
     clock = Clock()
     runs = [one_run(body, args.read, clock) for _ in range(args.repeat)]

@@ -20,7 +20,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.devices import DeviceAuthenticator
 from gateway.holder import ConfigHolder
@@ -40,6 +39,7 @@ from gateway.proxy_protocol import ProxyProtocolFactory
 from gateway.state import StateError
 from gateway.state.backend import StateBackend, open_state_backend
 from gateway.tls import ReloadableServerTLS, ServerIdentity, TLSSetupError, load_server_identity
+from gateway.tls_layer import lean_tls_factory
 from gateway.upstream.credentials import TokenSource
 from gateway.upstream.graph import GraphTokens, TokenSourceGraphTokens
 from gateway.workers.sockets import server_endpoint
@@ -192,7 +192,7 @@ def listener_service(runtime: Runtime, listener: Listener, make_factory: MakeFac
     runtime.listener_tls.append(tls_options)
     factory = make_factory(tls_options if listener.tls == "starttls" else None)
     if listener.tls == "implicit":
-        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        factory = lean_tls_factory(tls_options, False, factory)
     if listener.proxy_protocol:
         # Outside TLS: the proxy writes its header before the device's
         # ClientHello, and before any greeting on a STARTTLS listener.

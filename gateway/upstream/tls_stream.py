@@ -30,9 +30,11 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from gateway.tls_layer import LeanTLSTransport, lean_tls_factory
 
 # The most `SSL_read` returns at once: one record's plaintext is at most 16 KiB.
 RECORD_READ = 2**15
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 
-class GatheringTLSProtocol(BufferingTLSTransport):
+class GatheringTLSProtocol(LeanTLSTransport):
     """Twisted's TLS layer, delivering all plaintext of one read at once."""
 
     def makeConnection(self, transport: Any) -> None:
@@ -101,7 +103,7 @@ def gathering_tls_factory(
     garbage collection (see the README, "Garbage"), and a factory of a
     gateway class there would count as a gateway object left behind.
     """
-    factory = TLSMemoryBIOFactory(options, True, wrapped, clock=clock)
+    factory = lean_tls_factory(options, True, wrapped, clock=clock)
     factory.protocol = GatheringTLSProtocol
     return factory
 

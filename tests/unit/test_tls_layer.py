@@ -1,0 +1,141 @@
+"""The leaner TLS layer (`gateway.tls_layer`) under the device listeners and upstreams.
+
+It replaces three private methods of Twisted's TLS layer; these tests fail if
+Twisted changes them, and check over real TLS in memory that the result is
+the same connection: the same interfaces declared, every byte delivered in
+order, the handshake and a close still right, only with fewer transport
+writes for a large write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+import trustme
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test.iosim import IOPump, connectedServerAndClient
+from zope.interface import providedBy
+
+from gateway.tls_layer import DRAIN, LeanTLSTransport, lean_tls_factory
+
+# Sources of the Twisted 26.10 methods LeanTLSTransport replaces. If one of
+# these fails, Twisted changed it: compare the new version with the override,
+# port what changed, then record the new digest.
+_TWISTED = {
+    "makeConnection": "c83b193e6cb07f9f9cef7fd04be06e64ede1cfcc17431f51da8cdcead4723ac1",
+    "_write": "b795cc8e83620d7dedbca54820d1388d6df792b760706af7c34954c7cc8d38de",
+    "_flushSendBIO": "c034168e4f0faf2cf4d45d7aa671c0b8b16733067b9f600d5cae8c0c8a743b86",
+}
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+
+def _pair(*, lean: bool) -> tuple[Any, Recorder, IOPump, Clock]:
+    """(server TLS protocol, client application, pump, clock) after the handshake."""
+    clock = Clock()
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    server_options = PrivateCertificate.loadPEM(
+        leaf.private_key_and_cert_chain_pem.bytes()
+    ).options()
+    client_options = optionsForClientTLS(
+        "localhost", trustRoot=Certificate.loadPEM(ca.cert_pem.bytes())
+    )
+    app = Recorder()
+    make = lean_tls_factory if lean else TLSMemoryBIOFactory
+    server_tls = make(server_options, False, Factory.forProtocol(Protocol), clock=clock)
+    client_tls = make(client_options, True, Factory.forProtocol(lambda: app), clock=clock)
+    _client, server, pump = connectedServerAndClient(
+        lambda: server_tls.buildProtocol(None),
+        lambda: client_tls.buildProtocol(None),
+        clock=clock,
+    )
+    pump.flush()
+    return server, app, pump, clock
+
+
+def _count_writes(server: Any) -> list[int]:
+    """Sizes of what the server's TLS layer hands its TCP transport from now on."""
+    sizes: list[int] = []
+    transport = server.transport
+    original = transport.write
+
+    def write(data: bytes) -> None:
+        sizes.append(len(data))
+        original(data)
+
+    transport.write = write
+    return sizes
+
+
+def test_twisted_methods_replaced_are_unchanged() -> None:
+    for name, digest in _TWISTED.items():
+        source = inspect.getsource(getattr(TLSMemoryBIOProtocol, name))
+        assert hashlib.sha256(source.encode()).hexdigest() == digest, name
+
+
+def test_the_attributes_the_overrides_use_exist() -> None:
+    server, _app, _pump, _clock = _pair(lean=True)
+    assert isinstance(server, LeanTLSTransport)
+    for name in ("_tlsConnection", "_lostTLSConnection", "_connectWrapped", "_appSendBuffer"):
+        assert hasattr(server, name), name
+    for name in ("_checkHandshakeStatus", "_bufferedWrite", "_tlsShutdownFinished"):
+        assert callable(getattr(server, name)), name
+
+
+def test_the_same_interfaces_as_twisteds_own_layer() -> None:
+    lean, _, _, _ = _pair(lean=True)
+    plain, _, _, _ = _pair(lean=False)
+    assert set(providedBy(lean)) == set(providedBy(plain))
+    assert ITCPTransport.providedBy(lean)
+
+
+def test_a_large_write_arrives_whole_in_few_transport_writes() -> None:
+    data = bytes(range(256)) * 1024  # 256 KiB: sixteen TLS records
+    for lean in (False, True):
+        server, app, pump, clock = _pair(lean=lean)
+        sizes = _count_writes(server)
+        server.write(data)
+        clock.advance(0)
+        pump.flush()
+        assert b"".join(app.pieces) == data
+        if lean:
+            # All records encrypted first, then the BIO drained into one write.
+            assert len(sizes) == 1, sizes
+        else:
+            assert len(sizes) >= 16, sizes
+
+
+def test_small_writes_and_a_write_of_exactly_one_drain() -> None:
+    server, app, pump, clock = _pair(lean=True)
+    expected = b""
+    for data in (b"+OK hello\r\n", b"x" * (DRAIN - 29), b"y" * DRAIN, b".\r\n"):
+        server.write(data)
+        clock.advance(0)
+        pump.flush()
+        expected += data
+        assert b"".join(app.pieces) == expected
+
+
+def test_a_clean_close_still_reaches_the_peer() -> None:
+    server, app, pump, clock = _pair(lean=True)
+    lost: list[object] = []
+    app.connectionLost = lost.append  # type: ignore[method-assign]
+    server.write(b"bye\r\n")
+    server.loseConnection()
+    clock.advance(0)
+    pump.flush()
+    assert b"".join(app.pieces) == b"bye\r\n"
+    assert lost
