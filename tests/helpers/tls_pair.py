@@ -3,7 +3,8 @@ real TLS layer (TLSMemoryBIOProtocol) on both sides, no sockets."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 import trustme
 from twisted.internet.protocol import Factory, Protocol
@@ -12,6 +13,8 @@ from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
+
+_P = TypeVar("_P", bound=Protocol)
 
 
 class Peer(Protocol):
@@ -32,25 +35,64 @@ class Peer(Protocol):
         return data
 
 
-def tls_pair(server_factory: Factory[Any], clock: Clock) -> tuple[Peer, Any, IOPump]:
+# How a side's TLS factory is made: (options, is_client, wrapped factory, clock).
+TLSFactoryMaker = Callable[[Any, bool, Factory[Any], Clock], TLSMemoryBIOFactory]
+
+
+def twisted_tls(options: Any, is_client: bool, wrapped: Factory[Any], clock: Clock) -> Any:
+    return TLSMemoryBIOFactory(options, is_client, wrapped, clock=clock)
+
+
+@overload
+def tls_pair(
+    server_factory: Factory[Any],
+    clock: Clock,
+    *,
+    peer: None = None,
+    server_tls: TLSFactoryMaker = ...,
+    client_tls: TLSFactoryMaker = ...,
+) -> tuple[Peer, Any, IOPump]: ...
+
+
+@overload
+def tls_pair(
+    server_factory: Factory[Any],
+    clock: Clock,
+    *,
+    peer: _P,
+    server_tls: TLSFactoryMaker = ...,
+    client_tls: TLSFactoryMaker = ...,
+) -> tuple[_P, Any, IOPump]: ...
+
+
+def tls_pair(
+    server_factory: Factory[Any],
+    clock: Clock,
+    *,
+    peer: Protocol | None = None,
+    server_tls: TLSFactoryMaker = twisted_tls,
+    client_tls: TLSFactoryMaker = twisted_tls,
+) -> tuple[Any, Any, IOPump]:
     """(client, server TLS protocol, pump) with the handshake done and the
     greeting delivered. The TLS layers gather small writes until the next
-    reactor turn: the pump's clock (the server's, `clock`) is that reactor."""
+    reactor turn: the pump's clock (the server's, `clock`) is that reactor.
+
+    `peer` is the client's application protocol (a `Peer` by default);
+    `server_tls`/`client_tls` make each side's TLS factory (Twisted's own by
+    default), for tests of the gateway's TLS layers."""
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost")
     server_options = PrivateCertificate.loadPEM(leaf.private_key_and_cert_chain_pem.bytes())
     client_options = optionsForClientTLS(
         "localhost", trustRoot=Certificate.loadPEM(ca.cert_pem.bytes())
     )
-    peer = Peer()
-    server_tls = TLSMemoryBIOFactory(server_options.options(), False, server_factory, clock=clock)
-    client_tls = TLSMemoryBIOFactory(
-        client_options, True, Factory.forProtocol(lambda: peer), clock=clock
-    )
+    client_app: Any = peer if peer is not None else Peer()
+    server_side = server_tls(server_options.options(), False, server_factory, clock)
+    client_side = client_tls(client_options, True, Factory.forProtocol(lambda: client_app), clock)
     _, server, pump = connectedServerAndClient(
-        lambda: server_tls.buildProtocol(None),
-        lambda: client_tls.buildProtocol(None),
+        lambda: server_side.buildProtocol(None),
+        lambda: client_side.buildProtocol(None),
         clock=clock,
     )
     pump.flush()
-    return peer, server, pump
+    return client_app, server, pump

@@ -13,16 +13,15 @@ import hashlib
 import inspect
 from typing import Any
 
-import trustme
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.test.iosim import IOPump
 from zope.interface import providedBy
 
 from gateway.tls_layer import DRAIN, LeanTLSTransport, lean_tls_factory
+from tests.helpers.tls_pair import tls_pair, twisted_tls
 
 # Sources of the Twisted 26.10 methods LeanTLSTransport replaces. If one of
 # these fails, Twisted changed it: compare the new version with the override,
@@ -42,27 +41,17 @@ class Recorder(Protocol):
         self.pieces.append(data)
 
 
+def _lean_tls(options: Any, is_client: bool, wrapped: Any, clock: Clock) -> Any:
+    return lean_tls_factory(options, is_client, wrapped, clock=clock)
+
+
 def _pair(*, lean: bool) -> tuple[Any, Recorder, IOPump, Clock]:
     """(server TLS protocol, client application, pump, clock) after the handshake."""
     clock = Clock()
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost")
-    server_options = PrivateCertificate.loadPEM(
-        leaf.private_key_and_cert_chain_pem.bytes()
-    ).options()
-    client_options = optionsForClientTLS(
-        "localhost", trustRoot=Certificate.loadPEM(ca.cert_pem.bytes())
+    make = _lean_tls if lean else twisted_tls
+    app, server, pump = tls_pair(
+        Factory.forProtocol(Protocol), clock, peer=Recorder(), server_tls=make, client_tls=make
     )
-    app = Recorder()
-    make = lean_tls_factory if lean else TLSMemoryBIOFactory
-    server_tls = make(server_options, False, Factory.forProtocol(Protocol), clock=clock)
-    client_tls = make(client_options, True, Factory.forProtocol(lambda: app), clock=clock)
-    _client, server, pump = connectedServerAndClient(
-        lambda: server_tls.buildProtocol(None),
-        lambda: client_tls.buildProtocol(None),
-        clock=clock,
-    )
-    pump.flush()
     return server, app, pump, clock
 
 

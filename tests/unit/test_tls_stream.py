@@ -11,18 +11,17 @@ import hashlib
 import inspect
 from typing import Any
 
-import trustme
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.test.iosim import IOPump
 from zope.interface import implementer
 
 from gateway.upstream.tls_stream import (
@@ -31,6 +30,7 @@ from gateway.upstream.tls_stream import (
     gathering_tls_factory,
     wrap_client_tls,
 )
+from tests.helpers.tls_pair import tls_pair, twisted_tls
 
 # The source of the Twisted method GatheringTLSProtocol._flushReceiveBIO
 # replaces (Twisted 26.10). If this fails, Twisted changed it: compare the new
@@ -50,31 +50,19 @@ class Recorder(Protocol):
         self.lost = reason
 
 
+def _gathering(options: Any, is_client: bool, wrapped: Any, clock: Clock) -> Any:
+    return gathering_tls_factory(options, wrapped, clock)
+
+
 def _pair(*, gathering: bool) -> tuple[Recorder, Any, IOPump, Clock]:
     """(client application, server TLS protocol, pump, clock) after the handshake."""
     clock = Clock()
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost")
-    server_options = PrivateCertificate.loadPEM(leaf.private_key_and_cert_chain_pem.bytes())
-    client_options = optionsForClientTLS(
-        "localhost", trustRoot=Certificate.loadPEM(ca.cert_pem.bytes())
+    app, server, pump = tls_pair(
+        Factory.forProtocol(Protocol),
+        clock,
+        peer=Recorder(),
+        client_tls=_gathering if gathering else twisted_tls,
     )
-    app = Recorder()
-    server_tls = TLSMemoryBIOFactory(
-        server_options.options(), False, Factory.forProtocol(Protocol), clock=clock
-    )
-    wrapped = Factory.forProtocol(lambda: app)
-    client_tls = (
-        gathering_tls_factory(client_options, wrapped, clock)
-        if gathering
-        else TLSMemoryBIOFactory(client_options, True, wrapped, clock=clock)
-    )
-    _, server, pump = connectedServerAndClient(
-        lambda: server_tls.buildProtocol(None),
-        lambda: client_tls.buildProtocol(None),
-        clock=clock,
-    )
-    pump.flush()
     return app, server, pump, clock
 
 
