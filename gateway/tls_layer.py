@@ -14,7 +14,9 @@ and of RETR (issue 14):
   the memory BIO (`bio_read(2**15)`) and writes to the socket transport: one
   Python round per TLS record. Here every piece is encrypted first and the
   BIO is then drained in 64 KiB reads into one transport write, so a 256 KiB
-  piece of a RETR body costs one pass, not sixteen.
+  piece of a RETR body costs one pass, not sixteen. And what the BIO gives
+  is sent on the socket at once when Twisted has nothing buffered
+  (`send_now`), instead of at the reactor's next turn.
 
 Both are overrides of private methods of Twisted 26.10, kept as close to the
 originals as the change allows; `tests/unit/test_tls_layer.py` fails if the
@@ -29,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError
+from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -40,7 +43,7 @@ RECORD = 2**14
 # pyOpenSSL allocates for it comes from the heap, not from an mmap per read.
 DRAIN = 2**16
 
-__all__ = ["DRAIN", "RECORD", "LeanTLSTransport", "lean_tls_factory"]
+__all__ = ["DRAIN", "RECORD", "LeanTLSTransport", "lean_tls_factory", "send_now"]
 
 
 class LeanTLSTransport(BufferingTLSTransport):
@@ -89,7 +92,38 @@ class LeanTLSTransport(BufferingTLSTransport):
             if len(piece) < DRAIN:
                 break  # a short read emptied the BIO
         if pieces and self.transport is not None:
-            self.transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            send_now(self.transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """Write `data` to `transport`, handing the socket at once what it takes.
+
+    Twisted's TCP `write` only buffers and asks the reactor to say when the
+    socket is writable; the send happens at the next turn, in `doWrite`. A
+    proxied session answers about fifteen commands, so that is fifteen more
+    reactor events, each with two `epoll_ctl` calls. When nothing is waiting
+    in Twisted's buffer (so the order of bytes cannot change), the socket is
+    tried first, and only what it does not take goes through `write`, whose
+    buffering, back-pressure to producers and error handling stay as they
+    are. An error from the socket leaves the data to `write` too, so the
+    connection is lost the way Twisted loses it.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN: the socket is full; anything else: Twisted reports it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def lean_tls_factory(

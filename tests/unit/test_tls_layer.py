@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import socket
+import ssl
 from typing import Any
 
+import pytest
+import pytest_twisted
+import trustme
+from twisted.internet import tcp
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.test.iosim import IOPump
 from zope.interface import providedBy
@@ -128,3 +136,55 @@ def test_a_clean_close_still_reaches_the_peer() -> None:
     pump.flush()
     assert b"".join(app.pieces) == b"bye\r\n"
     assert lost
+
+
+class _Echo(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"+OK hello\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data.upper())
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_real_socket_writes_leave_without_waiting_for_the_reactor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handshake, a greeting and an answer reach a real client, and the TCP
+    transport never had to ask the reactor to tell it when it may write."""
+    from twisted.internet import reactor
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    options = PrivateCertificate.loadPEM(leaf.private_key_and_cert_chain_pem.bytes()).options()
+    registered: list[object] = []
+    plain_start_writing = tcp.Server.startWriting
+
+    def start_writing(transport: tcp.Server) -> None:
+        registered.append(transport)
+        plain_start_writing(transport)
+
+    monkeypatch.setattr(tcp.Server, "startWriting", start_writing)
+    port = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, lean_tls_factory(options, False, Factory.forProtocol(_Echo)), interface="127.0.0.1"
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def client() -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                greeting = tls.recv(100)
+                tls.sendall(b"ping\r\n")
+                answer = tls.recv(100)
+                seen = list(registered)
+                return greeting + answer, repr(seen).encode()
+
+    try:
+        received, seen = await deferToThread(client)
+    finally:
+        await port.stopListening()
+    assert received == b"+OK hello\r\nPING\r\n"
+    assert seen == b"[]", "a write waited for the reactor"
