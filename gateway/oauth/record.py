@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from gateway.model import Secret
 from gateway.oauth.refusal import Refusal, RefusalKind
@@ -34,6 +34,18 @@ class StoreUnreadable(TokenStoreError):
         self.account = account
         self.path = path
         self.reason = reason
+
+
+# The fields of a record's last error, as they are when there is none: a
+# refresh or login that succeeds clears all of them.
+_NO_ERROR: dict[str, Any] = {
+    "last_error": None,
+    "last_error_at": None,
+    "error_kind": None,
+    "error_code": None,
+    "error_advice": None,
+    "error_from_login": False,
+}
 
 
 @dataclass(frozen=True)
@@ -94,12 +106,7 @@ class TokenRecord:
             state="ok",
             tokens=tokens,
             last_refresh=now,
-            last_error=None,
-            last_error_at=None,
-            error_kind=None,
-            error_code=None,
-            error_advice=None,
-            error_from_login=False,
+            **_NO_ERROR,
         )
 
     def graph_refreshed(self, tokens: Tokens, now: float) -> TokenRecord:
@@ -114,12 +121,7 @@ class TokenRecord:
             tokens=main,
             graph_tokens=Tokens(tokens.access_token, tokens.expires_at, None, tokens.scope),
             graph_refresh=now,
-            last_error=None,
-            last_error_at=None,
-            error_kind=None,
-            error_code=None,
-            error_advice=None,
-            error_from_login=False,
+            **_NO_ERROR,
         )
 
     def login_failed(self, error: str, now: float, refusal: Refusal) -> TokenRecord:
@@ -136,12 +138,7 @@ class TokenRecord:
         return replace(
             self,
             state="ok",
-            last_error=None,
-            last_error_at=None,
-            error_kind=None,
-            error_code=None,
-            error_advice=None,
-            error_from_login=False,
+            **_NO_ERROR,
         )
 
     def failed(

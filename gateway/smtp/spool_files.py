@@ -390,15 +390,21 @@ class SpoolDir:
                 (directory / f"{entry.id}.state").unlink()
         return [None] * len(entries)
 
+    def _move(self, entry: QueueEntry, source: Path, target: Path) -> None:
+        """Move an entry between queue/ and dead/: its state written anew in
+        `target`, the message renamed, both directories synced, then the old
+        state removed: the message file says where the entry is."""
+        atomic_write(target / f"{entry.id}.state", entry.state.to_json())
+        os.rename(source / f"{entry.id}.msg", target / f"{entry.id}.msg")
+        fsync_dir(target)
+        fsync_dir(source)
+        with contextlib.suppress(FileNotFoundError):
+            (source / f"{entry.id}.state").unlink()
+
     def bury(self, entry: QueueEntry, reason: str) -> None:
         """Move a queued entry to dead/, keeping the message and why it died."""
         entry.state.dead_reason = reason
-        atomic_write(self.dead / f"{entry.id}.state", entry.state.to_json())
-        os.rename(self.queue / f"{entry.id}.msg", self.dead / f"{entry.id}.msg")
-        fsync_dir(self.dead)
-        fsync_dir(self.queue)
-        with contextlib.suppress(FileNotFoundError):
-            (self.queue / f"{entry.id}.state").unlink()
+        self._move(entry, self.queue, self.dead)
         entry.status = "dead"
 
     def revive(self, entry: QueueEntry, now: float) -> None:
@@ -406,12 +412,7 @@ class SpoolDir:
         entry.state = DeliveryState(
             retry_base=now, next_attempt=now, delivered=list(entry.state.delivered)
         )
-        atomic_write(self.queue / f"{entry.id}.state", entry.state.to_json())
-        os.rename(self.dead / f"{entry.id}.msg", self.queue / f"{entry.id}.msg")
-        fsync_dir(self.queue)
-        fsync_dir(self.dead)
-        with contextlib.suppress(FileNotFoundError):
-            (self.dead / f"{entry.id}.state").unlink()
+        self._move(entry, self.dead, self.queue)
         entry.status = "queued"
 
     def retry_now(self, entry: QueueEntry, now: float) -> None:
