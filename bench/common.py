@@ -371,3 +371,29 @@ def record_profile(
     if not target.exists():
         return err.decode(errors="replace")[-500:]
     return None
+
+
+def discarding_sink(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The suite's aiosmtpd sink (`tests.harness.smtp_sink --discard`) in a child
+    process, as the upstream Dovecot's submission service relays to; returns
+    the process and its port once it listens."""
+    from tests.harness.gateway_process import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.harness.smtp_sink",
+            "--dir",
+            str(directory),
+            "--port",
+            str(port),
+            "--discard",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.readline()  # it says when it listens
+    return process, port

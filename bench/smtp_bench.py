@@ -51,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from bench.common import BENCH_LIMITS  # noqa: E402
+from bench.common import BENCH_LIMITS, discarding_sink  # noqa: E402
 from tests.harness.certs import TLSMaterial, make_tls_material  # noqa: E402
 from tests.harness.dovecot import Dovecot  # noqa: E402
 from tests.harness.gateway_process import GatewayProcess, free_port  # noqa: E402
@@ -127,23 +127,7 @@ class Bench:
     # -- set-up --------------------------------------------------------------------
 
     def start(self) -> None:
-        sink_port = free_port()
-        self.sink_process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.harness.smtp_sink",
-                "--dir",
-                str(self.work / "sink"),
-                "--port",
-                str(sink_port),
-                "--discard",
-            ],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-        )
-        assert self.sink_process.stdout is not None
-        self.sink_process.stdout.readline()
+        self.sink_process, sink_port = discarding_sink(self.work / "sink")
         self.dovecot = Dovecot(
             self.work / "dovecot",
             {ACCOUNT: ACCOUNT_PW},

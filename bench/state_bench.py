@@ -65,7 +65,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import DEVICE_PASSWORD, device_password_hash, log, make_message, run_info  # noqa: E402
+from bench.common import (  # noqa: E402
+    DEVICE_PASSWORD,
+    device_password_hash,
+    discarding_sink,
+    log,
+    make_message,
+    run_info,
+)
 from bench.pop3_bench import (  # noqa: E402
     CA_FILES,
     CONTEXTS,
@@ -269,23 +276,7 @@ class Bench:
         t0 = time.monotonic()
         upstream_tls = make_tls_material(self.base / "tls-upstream")
         gateway_tls = make_tls_material(self.base / "tls-gateway")
-        sink_port = free_port()
-        self.sink = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.harness.smtp_sink",
-                "--dir",
-                str(self.base / "sink"),
-                "--port",
-                str(sink_port),
-                "--discard",
-            ],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-        )
-        assert self.sink.stdout is not None
-        self.sink.stdout.readline()
+        self.sink, sink_port = discarding_sink(self.base / "sink")
         passwords = {u: user_password(u) for u in self.users}
         passwords[SMTP_USER] = user_password(SMTP_USER)
         self.dovecot = BenchDovecot(
